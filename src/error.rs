@@ -1,0 +1,222 @@
+//! The crate's error type.
+//!
+//! Every variant says what failed and on what (a path, a socket, a message type), and
+//! [`std::error::Error::source`] chains the underlying cause. [`Error::code`] maps an
+//! error to the helper protocol's wire error code, so a server can answer with it.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::wire::{self, DecodeError, ErrorCode, ErrorFrame, FrameError};
+
+/// Result alias with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of vmhost.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O operation failed on a path.
+    Io {
+        /// What was being done ("bind", "connect", "write pid file"...).
+        op: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Connecting to a socket did not succeed before the deadline.
+    ConnectTimeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long we tried.
+        waited: std::time::Duration,
+        /// The last error seen.
+        source: io::Error,
+    },
+    /// A socket path is already served by a live process.
+    SocketInUse {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// A socket path does not fit in `sun_path` (107 bytes).
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A frame could not be read or written on a connection.
+    Frame {
+        /// The request being made, or "serve".
+        op: String,
+        /// The cause.
+        source: FrameError,
+    },
+    /// A payload did not decode.
+    Decode {
+        /// The message type whose payload it was.
+        msg: String,
+        /// The cause.
+        source: DecodeError,
+    },
+    /// The peer answered with an Error frame.
+    Remote(ErrorFrame),
+    /// The peer answered with a frame type that does not answer the request.
+    UnexpectedFrame {
+        /// The request.
+        request: String,
+        /// The type that came back.
+        got: u16,
+    },
+    /// The helper binary was not found.
+    HelperNotFound {
+        /// Everywhere we looked, in order.
+        searched: Vec<PathBuf>,
+    },
+    /// The helper process exited before it served its socket.
+    HelperExited {
+        /// Its socket.
+        socket: PathBuf,
+        /// How it exited.
+        status: std::process::ExitStatus,
+    },
+    /// The client was closed.
+    Closed,
+    /// A control-protocol exchange failed.
+    Control {
+        /// The method.
+        method: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A VM lifecycle operation failed.
+    Vm {
+        /// The operation ("stop", "force_stop", ...).
+        op: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An operation did not finish in time.
+    Timeout {
+        /// The operation.
+        op: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// An argument was refused.
+    InvalidArgument {
+        /// The operation.
+        op: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The helper protocol error code that best describes this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Remote(f) => f.code,
+            Error::Io { .. } | Error::Frame { .. } => ErrorCode::Io,
+            Error::Decode { .. } | Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            Error::Timeout { .. } | Error::ConnectTimeout { .. } => ErrorCode::Timeout,
+            Error::Closed => ErrorCode::AlreadyClosed,
+            Error::HelperNotFound { .. } | Error::HelperExited { .. } => {
+                ErrorCode::HypervisorUnavailable
+            }
+            _ => ErrorCode::Unknown,
+        }
+    }
+
+    /// The Error frame a server sends for this error, naming the operation.
+    pub fn to_frame(&self, op: &str) -> ErrorFrame {
+        match self {
+            Error::Remote(f) => f.clone(),
+            Error::Io { path, .. } => ErrorFrame::new(self.code(), op, self.to_string())
+                .with_path(path.display().to_string()),
+            _ => ErrorFrame::new(self.code(), op, self.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
+            Error::ConnectTimeout {
+                path,
+                waited,
+                source,
+            } => write!(
+                f,
+                "connect {}: no answer after {:.1} s ({source}); is the server running?",
+                path.display(),
+                waited.as_secs_f64()
+            ),
+            Error::SocketInUse { path } => write!(
+                f,
+                "socket {} is in use by a live process; stop it or choose another path",
+                path.display()
+            ),
+            Error::SocketPathTooLong { path } => write!(
+                f,
+                "socket path {} is longer than the 107 bytes a Unix socket allows; \
+                 set XDG_RUNTIME_DIR or TMPDIR to a shorter directory",
+                path.display()
+            ),
+            Error::Frame { op, source } => write!(f, "{op}: {source}"),
+            Error::Decode { msg, source } => write!(f, "bad {msg} payload: {source}"),
+            Error::Remote(frame) => write!(f, "{frame}"),
+            Error::UnexpectedFrame { request, got } => write!(
+                f,
+                "{request}: unexpected answer of type {}",
+                wire::type_name(*got)
+            ),
+            Error::HelperNotFound { searched } => {
+                write!(f, "vmhost helper binary not found; looked in:")?;
+                for p in searched {
+                    write!(f, " {}", p.display())?;
+                }
+                write!(f, ". Set VMHOST_HELPER_PATH to the vmhost binary")
+            }
+            Error::HelperExited { socket, status } => write!(
+                f,
+                "helper for {} exited before serving its socket ({status}); see its stderr above",
+                socket.display()
+            ),
+            Error::Closed => write!(f, "the client is closed"),
+            Error::Control { method, message } => write!(f, "control {method}: {message}"),
+            Error::Vm { op, message } => write!(f, "VM {op}: {message}"),
+            Error::Timeout { op, after } => {
+                write!(f, "{op}: timed out after {:.1} s", after.as_secs_f64())
+            }
+            Error::InvalidArgument { op, message } => write!(f, "{op}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } | Error::ConnectTimeout { source, .. } => Some(source),
+            Error::Frame { source, .. } => Some(source),
+            Error::Decode { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<ErrorFrame> for Error {
+    fn from(f: ErrorFrame) -> Error {
+        Error::Remote(f)
+    }
+}

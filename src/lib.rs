@@ -1,0 +1,29 @@
+//! vmhost boots Linux micro-VMs and drives them from ordinary, synchronous Rust
+//! programs: run commands in the guest, move files in and out, open guest listeners,
+//! snapshot guest filesystems, and supervise QEMU over QMP.
+//!
+//! The crate speaks three public protocols byte for byte:
+//!
+//! - the **helper protocol** ([`wire`], [`server`], [`client`]) between a host program
+//!   and the helper process that owns one VM (`vmhost helper --socket PATH`);
+//! - the **control protocol** ([`server::control`]) between a managing daemon and a
+//!   per-VM host process (`vmhost.sock`, one JSON request per connection);
+//! - **QMP** ([`qmp`]) between vmhost and QEMU.
+//!
+//! Everything is blocking std I/O: one thread per connection and per VM, crossbeam
+//! channels between them, no async runtime.
+//!
+//! The full message catalogue of the helper protocol is in `docs/protocol.md`.
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod qmp;
+pub mod server;
+pub mod signals;
+pub mod unix;
+pub mod vm;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,445 @@
+//! The control protocol between a managing daemon and a per-VM host process.
+//!
+//! The host process serves `<vm dir>/vmhost.sock` and writes its PID (decimal, no
+//! newline) to `<vm dir>/vmhost.pid` before listening. Each connection carries exactly
+//! one exchange:
+//!
+//! ```text
+//! -> {"method":"status"|"stop"|"force_stop"|"info","timeout_seconds":N}
+//! <- {"ok":true,"state":"running"}\n                       (status)
+//! <- {"ok":true,"state":"running","ssh_port":2222,"backend":"qemu"}\n   (info)
+//! <- {"ok":true,"state":"stopping"}\n                      (stop, force_stop)
+//! <- {"ok":false,"error":"invalid request: ..."}\n         (bad JSON)
+//! <- {"ok":false,"error":"unknown method: ..."}\n          (anything else)
+//! ```
+//!
+//! `stop` (a timeout <= 0 means 30 s) and `force_stop` answer at once and do the work in
+//! the background; repeating them while one runs is harmless. The server exits when the
+//! VM exits or [`ControlServer::shutdown`] is called, and removes its socket and pid file.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::unix;
+use crate::vm::VmState;
+
+/// Largest request a control server reads.
+pub const MAX_REQUEST: u64 = 64 << 10;
+/// Largest reply a control client reads.
+pub const MAX_REPLY: u64 = 1 << 20;
+/// The client's dial timeout.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The client's deadline for a whole exchange.
+pub const EXCHANGE_DEADLINE: Duration = Duration::from_secs(30);
+/// The stop timeout when the request gives none (or <= 0).
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the server waits for a connected client's request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the control server needs from a VM. Each backend implements it.
+pub trait VmController: Send + Sync + 'static {
+    /// The current lifecycle state.
+    fn state(&self) -> VmState;
+    /// Stops the VM gracefully, escalating within `timeout` per step
+    /// ([`crate::vm::stop::escalate`]).
+    fn stop(&self, timeout: Duration) -> Result<()>;
+    /// Terminates the VM at once (SIGTERM, 1 s, SIGKILL).
+    fn force_stop(&self) -> Result<()>;
+    /// The host port forwarded to the guest's SSH port, 0 for none.
+    fn ssh_port(&self) -> u16;
+    /// The backend name: "qemu" or "kvm".
+    fn backend(&self) -> &str;
+    /// Blocks until the VM exits: `Ok` for a clean exit, an error if it crashed.
+    fn wait(&self) -> Result<()>;
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// status, stop, force_stop or info.
+    pub method: String,
+    /// Stop timeout in seconds (stop only; <= 0 means 30).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_seconds: i64,
+}
+
+/// A control reply.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The VM state.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub state: String,
+    /// The host SSH port (info).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ssh_port: i64,
+    /// The backend (info).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl Response {
+    fn error(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: msg,
+            ..Response::default()
+        }
+    }
+
+    fn state(state: VmState) -> Response {
+        Response {
+            ok: true,
+            state: state.as_str().to_string(),
+            ..Response::default()
+        }
+    }
+
+    /// The reply as one JSON line (with its newline).
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|_| r#"{"ok":false}"#.into());
+        s.push('\n');
+        s
+    }
+}
+
+struct Shared {
+    controller: Arc<dyn VmController>,
+    stopping: AtomicBool,
+    forcing: AtomicBool,
+}
+
+impl Shared {
+    fn answer(self: &Arc<Self>, req: Request) -> Response {
+        let c = &self.controller;
+        match req.method.as_str() {
+            "status" => Response::state(c.state()),
+            "info" => Response {
+                ssh_port: c.ssh_port() as i64,
+                backend: c.backend().to_string(),
+                ..Response::state(c.state())
+            },
+            "stop" => {
+                let timeout = if req.timeout_seconds <= 0 {
+                    DEFAULT_STOP_TIMEOUT
+                } else {
+                    Duration::from_secs(req.timeout_seconds.min(24 * 3600) as u64)
+                };
+                self.background(&self.stopping, "stop", move |c| c.stop(timeout));
+                Response::state(VmState::Stopping)
+            }
+            "force_stop" => {
+                self.background(&self.forcing, "force_stop", |c| c.force_stop());
+                Response::state(VmState::Stopping)
+            }
+            other => Response::error(format!("unknown method: {other}")),
+        }
+    }
+
+    /// Runs `f` on a thread unless one started through the same flag still runs.
+    fn background(
+        self: &Arc<Self>,
+        flag: &AtomicBool,
+        what: &'static str,
+        f: impl FnOnce(&dyn VmController) -> Result<()> + Send + 'static,
+    ) {
+        if flag.swap(true, Ordering::SeqCst) {
+            log::info!("{what} already in progress");
+            return;
+        }
+        let me = self.clone();
+        let is_force = what == "force_stop";
+        let spawned = thread::Builder::new()
+            .name(format!("vmhost-{what}"))
+            .spawn(move || {
+                if let Err(e) = f(me.controller.as_ref()) {
+                    log::error!("{what}: {e}");
+                }
+                let flag = if is_force { &me.forcing } else { &me.stopping };
+                flag.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the {what} thread: {e}");
+            flag.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn serve_conn(self: &Arc<Self>, stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(REQUEST_DEADLINE));
+        let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+        let reply = match read_request(&stream) {
+            Ok(req) => self.answer(req),
+            Err(msg) => Response::error(format!("invalid request: {msg}")),
+        };
+        let mut w = &stream;
+        if let Err(e) = w.write_all(reply.to_line().as_bytes()) {
+            log::debug!("control reply not delivered: {e}");
+        }
+    }
+}
+
+/// Reads one JSON request (up to [`MAX_REQUEST`] bytes) without waiting for EOF.
+fn read_request(stream: &UnixStream) -> std::result::Result<Request, String> {
+    let reader = BufReader::new(stream.take(MAX_REQUEST));
+    let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Request>();
+    match de.next() {
+        Some(Ok(req)) => Ok(req),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("empty request".to_string()),
+    }
+}
+
+/// The control server of one per-VM host process.
+pub struct ControlServer {
+    socket: PathBuf,
+    pid_path: PathBuf,
+    listener: Arc<UnixListener>,
+    shared: Arc<Shared>,
+    done_tx: Sender<()>,
+    done_rx: Receiver<()>,
+    closed: Arc<AtomicBool>,
+}
+
+impl ControlServer {
+    /// Writes the pid file, binds the socket and starts serving in the background.
+    pub fn start(
+        socket: impl AsRef<Path>,
+        pid_path: impl AsRef<Path>,
+        controller: Arc<dyn VmController>,
+    ) -> Result<ControlServer> {
+        let socket = socket.as_ref().to_path_buf();
+        let pid_path = pid_path.as_ref().to_path_buf();
+        unix::check_socket_path(&socket)?;
+        if let Some(dir) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create VM directory", dir, e))?;
+        }
+        std::fs::write(&pid_path, std::process::id().to_string())
+            .map_err(|e| Error::io("write pid file", &pid_path, e))?;
+        let listener = match unix::bind_socket(&socket) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&pid_path);
+                return Err(e);
+            }
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(2);
+        let shared = Arc::new(Shared {
+            controller,
+            stopping: AtomicBool::new(false),
+            forcing: AtomicBool::new(false),
+        });
+        let server = ControlServer {
+            socket,
+            pid_path,
+            listener,
+            shared,
+            done_tx,
+            done_rx,
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        server.spawn_threads()?;
+        Ok(server)
+    }
+
+    fn spawn_threads(&self) -> Result<()> {
+        let (listener, shared, closed) = (
+            self.listener.clone(),
+            self.shared.clone(),
+            self.closed.clone(),
+        );
+        let sock = self.socket.clone();
+        thread::Builder::new()
+            .name("vmhost-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if closed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match conn {
+                        Ok(s) if unix::peer_allowed(&s, "control server") => {
+                            let shared = shared.clone();
+                            let _ = thread::Builder::new()
+                                .name("vmhost-control-conn".into())
+                                .spawn(move || shared.serve_conn(s));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            log::warn!("control accept on {}: {e}", sock.display());
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("start control thread", &self.socket, e))?;
+        let (controller, done) = (self.shared.controller.clone(), self.done_tx.clone());
+        thread::Builder::new()
+            .name("vmhost-control-wait".into())
+            .spawn(move || {
+                match controller.wait() {
+                    Ok(()) => log::info!("VM exited"),
+                    Err(e) => log::error!("VM exited with an error: {e}"),
+                }
+                let _ = done.try_send(());
+            })
+            .map_err(|e| Error::io("start VM wait thread", &self.socket, e))?;
+        Ok(())
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Makes [`ControlServer::run`] return.
+    pub fn shutdown(&self) {
+        let _ = self.done_tx.try_send(());
+    }
+
+    /// A sender that makes [`ControlServer::run`] return (for signal handlers).
+    pub fn shutdown_handle(&self) -> Sender<()> {
+        self.done_tx.clone()
+    }
+
+    /// Blocks until the VM exits or [`ControlServer::shutdown`], then stops serving and
+    /// removes the socket and the pid file.
+    pub fn run(&self) -> Result<()> {
+        let _ = self.done_rx.recv();
+        self.cleanup();
+        Ok(())
+    }
+
+    fn cleanup(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        unix::shutdown_listener(&self.listener);
+        for p in [&self.socket, &self.pid_path] {
+            if let Err(e) = std::fs::remove_file(p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("remove {}: {e}", p.display());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// A client of a host process's control socket: 5 s to connect, 30 s for the exchange.
+///
+/// ```no_run
+/// let c = vmhost::server::control::ControlClient::new("/var/lib/vms/a/vmhost.sock");
+/// let r = c.status()?;
+/// println!("{}", r.state);
+/// # Ok::<(), vmhost::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    socket: PathBuf,
+}
+
+impl ControlClient {
+    /// A client for `socket`.
+    pub fn new(socket: impl AsRef<Path>) -> ControlClient {
+        ControlClient {
+            socket: socket.as_ref().to_path_buf(),
+        }
+    }
+
+    /// Sends one request and reads the reply.
+    pub fn request(&self, req: &Request) -> Result<Response> {
+        let start = Instant::now();
+        let stream = unix::dial(&self.socket, DIAL_TIMEOUT)?;
+        let left = EXCHANGE_DEADLINE
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        let io = |e: std::io::Error| {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                Error::Timeout {
+                    op: format!("control {}", req.method),
+                    after: EXCHANGE_DEADLINE,
+                }
+            } else {
+                Error::io("control exchange", &self.socket, e)
+            }
+        };
+        stream.set_read_timeout(Some(left)).map_err(io)?;
+        stream.set_write_timeout(Some(left)).map_err(io)?;
+        let mut line = serde_json::to_string(req).map_err(|e| Error::Control {
+            method: req.method.clone(),
+            message: e.to_string(),
+        })?;
+        line.push('\n');
+        (&stream).write_all(line.as_bytes()).map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new((&stream).take(MAX_REPLY))
+            .read_line(&mut reply)
+            .map_err(io)?;
+        if reply.is_empty() {
+            return Err(Error::Control {
+                method: req.method.clone(),
+                message: "no reply: the host process closed the connection".into(),
+            });
+        }
+        serde_json::from_str(&reply).map_err(|e| Error::Control {
+            method: req.method.clone(),
+            message: format!("bad reply {:?}: {e}", reply.trim_end()),
+        })
+    }
+
+    fn method(&self, method: &str, timeout_seconds: i64) -> Result<Response> {
+        self.request(&Request {
+            method: method.into(),
+            timeout_seconds,
+        })
+    }
+
+    /// `status`: the VM state.
+    pub fn status(&self) -> Result<Response> {
+        self.method("status", 0)
+    }
+
+    /// `info`: state, SSH port and backend.
+    pub fn info(&self) -> Result<Response> {
+        self.method("info", 0)
+    }
+
+    /// `stop` with a per-step timeout in seconds (<= 0 for the default 30 s).
+    pub fn stop(&self, timeout_seconds: i64) -> Result<Response> {
+        self.method("stop", timeout_seconds)
+    }
+
+    /// `force_stop`.
+    pub fn force_stop(&self) -> Result<Response> {
+        self.method("force_stop", 0)
+    }
+
+    /// Whether the host process answers a status request.
+    pub fn is_alive(&self) -> bool {
+        self.status().is_ok()
+    }
+}

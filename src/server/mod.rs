@@ -1,0 +1,459 @@
+//! The helper-process side of the helper protocol.
+//!
+//! A [`Server`] listens on a Unix socket and runs one thread per connection. On each
+//! connection requests are served one at a time, in order: read a frame, hand it to the
+//! [`Handler`], write the answer. Concurrency comes from several connections (the
+//! [`crate::client::Client`] opens one per concurrent caller), all served against the one
+//! VM the helper owns, so a blocking call on one connection never stalls another.
+//!
+//! A [`Mux`] maps message types to handler functions and is what the helper registers
+//! its messages with ([`helper`]). The control protocol of the per-VM host process lives
+//! in [`control`].
+//!
+//! Failure rules:
+//! - an unknown message type gets an Error frame, code 2, `unknown message type: 0x....`;
+//! - a malformed payload gets an Error frame, code 2, naming the message;
+//! - a handler that panics gets an Error frame, code 99, and the connection goes on;
+//! - a frame over the size bound gets an Error frame, code 2, and the connection is closed
+//!   (its remaining bytes cannot be skipped safely);
+//! - a peer running as another uid (SO_PEERCRED) is dropped before anything is read.
+
+pub mod control;
+pub mod helper;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::unix;
+use crate::wire::{self, msg, DecodeError, Decoder, Encoder, ErrorCode, ErrorFrame, FrameError};
+
+/// Identifies one connection of a server, unique for the server's life.
+pub type ConnId = u64;
+
+/// The answer to one request.
+#[derive(Debug)]
+pub struct Reply {
+    /// Frame type: [`msg::RESPONSE`] or a streaming end type.
+    pub ty: u16,
+    /// Frame payload.
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    /// A Response frame with the OK byte and no fields.
+    pub fn ok() -> Reply {
+        Reply {
+            ty: msg::RESPONSE,
+            payload: vec![0],
+        }
+    }
+
+    /// A Response frame from an encoder made with [`Encoder::response`].
+    pub fn response(enc: Encoder) -> Reply {
+        Reply {
+            ty: msg::RESPONSE,
+            payload: enc.into_bytes(),
+        }
+    }
+
+    /// A Response frame built by `f` after the OK byte.
+    pub fn with(f: impl FnOnce(&mut Encoder)) -> Reply {
+        let mut enc = Encoder::response();
+        f(&mut enc);
+        Reply::response(enc)
+    }
+}
+
+impl From<DecodeError> for ErrorFrame {
+    fn from(e: DecodeError) -> ErrorFrame {
+        ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("bad payload: {e}"))
+    }
+}
+
+/// The outcome of a handler: an answer, or an Error frame.
+pub type HandlerResult = std::result::Result<Reply, ErrorFrame>;
+
+/// The request being served, with a way to send frames before the final answer
+/// (streaming) and who is asking.
+pub struct Call<'a> {
+    conn: ConnId,
+    stream: &'a mut UnixStream,
+    max_frame: u32,
+}
+
+impl Call<'_> {
+    /// The connection the request came on.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Sends a frame ahead of the final answer (e.g. a [`msg::STREAM_CHUNK`]).
+    pub fn send(&mut self, ty: u16, payload: &[u8]) -> std::result::Result<(), FrameError> {
+        wire::write_frame(self.stream, ty, payload, self.max_frame)
+    }
+}
+
+/// Serves requests. Implementations must be thread-safe: every connection thread calls
+/// them.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, call: &mut Call<'_>, ty: u16, payload: &[u8]) -> HandlerResult;
+
+    /// A connection was accepted.
+    fn connected(&self, _conn: ConnId) {}
+
+    /// A connection ended (by either side).
+    fn disconnected(&self, _conn: ConnId) {}
+}
+
+type MuxFn = Box<dyn Fn(&mut Call<'_>, &mut Decoder<'_>) -> HandlerResult + Send + Sync>;
+
+/// Maps message types to handler functions.
+///
+/// A handler decodes its arguments from the [`Decoder`] (decode errors convert with `?`
+/// into an Error frame, code 2) and calls [`Decoder::finish`] before acting, so that a
+/// request with trailing garbage does nothing. An Error frame returned without an `op`
+/// gets the message's name as its op.
+///
+/// ```
+/// use vmhost::server::{Mux, Reply};
+/// use vmhost::wire::msg;
+/// let mut mux = Mux::new();
+/// mux.register(msg::INSTANCE_ID, |_call, dec| {
+///     dec.finish()?;
+///     Ok(Reply::with(|enc| { enc.string("vm-1"); }))
+/// });
+/// ```
+#[derive(Default)]
+pub struct Mux {
+    handlers: HashMap<u16, MuxFn>,
+}
+
+impl Mux {
+    /// An empty mux: every type is unknown.
+    pub fn new() -> Mux {
+        Mux::default()
+    }
+
+    /// Registers (or replaces) the handler of `ty`.
+    pub fn register<F>(&mut self, ty: u16, f: F) -> &mut Self
+    where
+        F: Fn(&mut Call<'_>, &mut Decoder<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.handlers.insert(ty, Box::new(f));
+        self
+    }
+
+    /// Whether `ty` has a handler.
+    pub fn handles(&self, ty: u16) -> bool {
+        self.handlers.contains_key(&ty)
+    }
+}
+
+impl Handler for Mux {
+    fn handle(&self, call: &mut Call<'_>, ty: u16, payload: &[u8]) -> HandlerResult {
+        let Some(f) = self.handlers.get(&ty) else {
+            return Err(ErrorFrame::new(
+                ErrorCode::InvalidArgument,
+                wire::type_name(ty),
+                format!("unknown message type: {ty:#06x}"),
+            ));
+        };
+        let mut dec = Decoder::new(payload);
+        f(call, &mut dec).map_err(|mut e| {
+            if e.op.is_empty() {
+                e.op = wire::type_name(ty);
+            }
+            e
+        })
+    }
+}
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest request payload accepted, in bytes.
+    pub max_frame: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            max_frame: wire::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    listener: UnixListener,
+    handler: Arc<dyn Handler>,
+    opts: ServerOptions,
+    closed: AtomicBool,
+    next_conn: AtomicU64,
+    conns: Mutex<HashMap<ConnId, UnixStream>>,
+}
+
+/// A helper-protocol server on a Unix socket.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use vmhost::server::{Mux, Server};
+/// let server = Server::bind("/tmp/vmhost-doc/helper.sock", Arc::new(Mux::new())).unwrap();
+/// let s2 = server.clone();
+/// std::thread::spawn(move || s2.serve());
+/// // ... later, from any thread:
+/// server.close();
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl Server {
+    /// Binds `path` (see [`crate::unix::bind_socket`] for permissions and stale sockets).
+    pub fn bind(path: impl AsRef<Path>, handler: Arc<dyn Handler>) -> Result<Server> {
+        Server::bind_with(path, handler, ServerOptions::default())
+    }
+
+    /// Binds `path` with explicit options.
+    pub fn bind_with(
+        path: impl AsRef<Path>,
+        handler: Arc<dyn Handler>,
+        opts: ServerOptions,
+    ) -> Result<Server> {
+        let path = path.as_ref().to_path_buf();
+        let listener = unix::bind_socket(&path)?;
+        Ok(Server {
+            inner: Arc::new(Inner {
+                path,
+                listener,
+                handler,
+                opts,
+                closed: AtomicBool::new(false),
+                next_conn: AtomicU64::new(1),
+                conns: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Number of connections being served.
+    pub fn connections(&self) -> usize {
+        self.inner.conns.lock().len()
+    }
+
+    /// Whether [`Server::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Accepts connections until [`Server::close`], serving each on its own thread.
+    pub fn serve(&self) -> Result<()> {
+        while let Some(stream) = self.accept()? {
+            let inner = self.inner.clone();
+            let spawned = thread::Builder::new()
+                .name("vmhost-conn".into())
+                .spawn(move || inner.serve_conn(stream));
+            if let Err(e) = spawned {
+                log::error!("cannot start a connection thread: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts one connection and serves it on the calling thread until it ends (the
+    /// one-connection-per-instance model). Returns at once if the server is closed.
+    pub fn serve_one(&self) -> Result<()> {
+        if let Some(stream) = self.accept()? {
+            self.inner.clone().serve_conn(stream);
+        }
+        Ok(())
+    }
+
+    /// Accepts the next connection from an allowed peer; `None` once closed.
+    fn accept(&self) -> Result<Option<UnixStream>> {
+        loop {
+            if self.is_closed() {
+                return Ok(None);
+            }
+            match self.inner.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.is_closed() {
+                        return Ok(None);
+                    }
+                    if unix::peer_allowed(&stream, "helper server") {
+                        return Ok(Some(stream));
+                    }
+                }
+                Err(_) if self.is_closed() => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_transient_accept_error(&e) => {
+                    log::warn!("accept on {}: {e}", self.inner.path.display());
+                    thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(Error::io("accept", &self.inner.path, e)),
+            }
+        }
+    }
+
+    /// Stops serving: unblocks `serve`/`serve_one`, ends every connection, removes the
+    /// socket file. Idempotent.
+    pub fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        unix::shutdown_listener(&self.inner.listener);
+        for (_, s) in self.inner.conns.lock().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Err(e) = std::fs::remove_file(&self.inner.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove socket {}: {e}", self.inner.path.display());
+            }
+        }
+    }
+}
+
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use nix::libc;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    )
+}
+
+impl Inner {
+    fn serve_conn(self: Arc<Self>, mut stream: UnixStream) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        match stream.try_clone() {
+            Ok(c) => {
+                self.conns.lock().insert(id, c);
+            }
+            Err(e) => {
+                log::error!("connection {id}: cannot register: {e}");
+                return;
+            }
+        }
+        // close() may have run between accept and registration.
+        if self.closed.load(Ordering::SeqCst) {
+            self.conns.lock().remove(&id);
+            return;
+        }
+        self.handler.connected(id);
+        self.conn_loop(id, &mut stream);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        self.conns.lock().remove(&id);
+        self.handler.disconnected(id);
+    }
+
+    fn conn_loop(&self, id: ConnId, stream: &mut UnixStream) {
+        let max = self.opts.max_frame;
+        loop {
+            let frame = match wire::read_frame(stream, max) {
+                Ok(f) => f,
+                Err(FrameError::Eof) => return,
+                Err(e @ FrameError::TooLarge { .. }) => {
+                    let op = match &e {
+                        FrameError::TooLarge { ty, .. } => wire::type_name(*ty),
+                        _ => String::new(),
+                    };
+                    log::warn!("connection {id}: {e}; closing it");
+                    let ef = ErrorFrame::new(ErrorCode::InvalidArgument, op, e.to_string());
+                    let _ = send_error(stream, &ef, max);
+                    return;
+                }
+                Err(e) => {
+                    if !self.closed.load(Ordering::SeqCst) {
+                        log::debug!("connection {id}: {e}");
+                    }
+                    return;
+                }
+            };
+            let reply = {
+                let mut call = Call {
+                    conn: id,
+                    stream,
+                    max_frame: max,
+                };
+                let handler = &self.handler;
+                panic::catch_unwind(AssertUnwindSafe(|| {
+                    handler.handle(&mut call, frame.ty, &frame.payload)
+                }))
+                .unwrap_or_else(|p| {
+                    let what = panic_message(&p);
+                    log::error!(
+                        "connection {id}: {} handler panicked: {what}",
+                        wire::type_name(frame.ty)
+                    );
+                    Err(ErrorFrame::new(
+                        ErrorCode::Unknown,
+                        wire::type_name(frame.ty),
+                        format!("internal error: handler panicked: {what}"),
+                    ))
+                })
+            };
+            let sent = match reply {
+                Ok(r) => match wire::write_frame(stream, r.ty, &r.payload, max) {
+                    Err(FrameError::TooLarge { len, .. }) => {
+                        let ef = ErrorFrame::new(
+                            ErrorCode::InvalidArgument,
+                            wire::type_name(frame.ty),
+                            format!("answer of {len} bytes exceeds the {max}-byte frame limit; ask for less"),
+                        );
+                        send_error(stream, &ef, max)
+                    }
+                    other => other,
+                },
+                Err(ef) => send_error(stream, &ef, max),
+            };
+            if let Err(e) = sent {
+                log::debug!("connection {id}: cannot answer: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn send_error(
+    stream: &mut UnixStream,
+    ef: &ErrorFrame,
+    max: u32,
+) -> std::result::Result<(), FrameError> {
+    use crate::wire::Wire;
+    wire::write_frame(stream, msg::ERROR, &ef.to_payload(), max)?;
+    stream.flush()?;
+    Ok(())
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: make sure the socket file is too.
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Delivery of termination signals to a thread, without async signal handlers.
+//!
+//! [`watch`] blocks the signals in the calling thread (call it first thing in `main`,
+//! before other threads start, so that they inherit the mask) and starts one thread that
+//! takes them with `sigwait` and passes them on a channel. Child processes started with
+//! `std::process::Command` get a clean mask back, as std resets it in the child.
+
+use crossbeam_channel::Receiver;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+use crate::error::{Error, Result};
+
+/// Blocks `signals` in this thread and delivers each one that arrives on the channel.
+pub fn watch(signals: &[Signal]) -> Result<Receiver<Signal>> {
+    let mut set = SigSet::empty();
+    for s in signals {
+        set.add(*s);
+    }
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(|e| Error::io("block signals", "", e.into()))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("vmhost-signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(sig) => {
+                    log::info!("received {sig:?}");
+                    if tx.send(sig).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::error!("sigwait: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(|e| Error::io("start signal thread", "", e))?;
+    Ok(rx)
+}

@@ -1,0 +1,175 @@
+//! Unix-socket plumbing shared by every server and client of the crate: binding with
+//! stale-socket handling and safe permissions, connecting with a deadline, and the
+//! peer-credential check.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use crate::error::{Error, Result};
+
+/// The longest socket path `sun_path` holds, without its terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a path that does not fit in `sun_path`.
+pub fn check_socket_path(path: &Path) -> Result<()> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::SocketPathTooLong {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Binds a listening socket at `path`.
+///
+/// A missing parent directory is created with mode 0700; the socket is made 0600. An
+/// existing socket file that nobody answers on (left by a dead process) is replaced; one
+/// that a live process serves is refused with [`Error::SocketInUse`]; any other kind of
+/// file at the path is left alone and refused.
+pub fn bind_socket(path: &Path) -> Result<UnixListener> {
+    check_socket_path(path)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| Error::io("create socket directory", parent, e))?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(Error::SocketInUse {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing stale socket {}", path.display());
+                fs::remove_file(path).map_err(|e| Error::io("remove stale socket", path, e))?;
+            }
+            Err(e) => return Err(Error::io("probe existing socket", path, e)),
+        },
+        Ok(_) => {
+            return Err(Error::io(
+                "bind",
+                path,
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("stat socket path", path, e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod socket", path, e))?;
+    Ok(listener)
+}
+
+/// One non-blocking connect attempt; `WouldBlock` when the listener's backlog is full.
+fn connect_once(path: &Path) -> io::Result<UnixStream> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Connects to `path`, retrying every `interval` while the socket is missing, refuses
+/// connections or has a full backlog, until `timeout` has passed. Never blocks longer.
+pub fn connect_retry(path: &Path, timeout: Duration, interval: Duration) -> Result<UnixStream> {
+    check_socket_path(path)?;
+    let start = Instant::now();
+    loop {
+        match connect_once(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if retryable(&e) => {
+                if start.elapsed() >= timeout {
+                    return Err(Error::ConnectTimeout {
+                        path: path.to_path_buf(),
+                        waited: start.elapsed(),
+                        source: e,
+                    });
+                }
+                thread::sleep(interval.min(timeout.saturating_sub(start.elapsed())));
+            }
+            Err(e) => return Err(Error::io("connect", path, e)),
+        }
+    }
+}
+
+/// Connects to `path` once, waiting up to `timeout` only while the listener's backlog
+/// is full; a missing or dead socket fails at once.
+pub fn dial(path: &Path, timeout: Duration) -> Result<UnixStream> {
+    check_socket_path(path)?;
+    let start = Instant::now();
+    loop {
+        match connect_once(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(Error::ConnectTimeout {
+                    path: path.to_path_buf(),
+                    waited: start.elapsed(),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(Error::io("connect", path, e)),
+        }
+    }
+}
+
+/// Whether a connect error may go away by itself (server not up yet, or busy).
+pub fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(nix::libc::EAGAIN)
+}
+
+/// The uid of the process at the other end of a connection (SO_PEERCRED).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let cred = socket::getsockopt(stream, sockopt::PeerCredentials)?;
+    Ok(cred.uid())
+}
+
+/// Whether the peer runs as our effective uid; logs and returns false otherwise.
+pub fn peer_allowed(stream: &UnixStream, what: &str) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    match peer_uid(stream) {
+        Ok(uid) if uid == me => true,
+        Ok(uid) => {
+            log::warn!("{what}: refused a connection from uid {uid} (serving uid {me} only)");
+            false
+        }
+        Err(e) => {
+            log::warn!("{what}: refused a connection whose credentials are unreadable: {e}");
+            false
+        }
+    }
+}
+
+/// Shuts a listening socket down so that a thread blocked in `accept` returns.
+pub fn shutdown_listener(listener: &UnixListener) {
+    use std::os::fd::AsRawFd;
+    // On Linux, shutdown(2) on a listening socket wakes every accept() with EINVAL.
+    let _ = socket::shutdown(listener.as_raw_fd(), socket::Shutdown::Both);
+}

@@ -115,11 +115,7 @@ pub enum Error {
 impl Error {
     /// Builds an [`Error::Io`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        Error::Io { op, path: path.into(), source }
     }
 
     /// The helper protocol error code that best describes this error.
@@ -130,9 +126,7 @@ impl Error {
             Error::Decode { .. } | Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             Error::Timeout { .. } | Error::ConnectTimeout { .. } => ErrorCode::Timeout,
             Error::Closed => ErrorCode::AlreadyClosed,
-            Error::HelperNotFound { .. } | Error::HelperExited { .. } => {
-                ErrorCode::HypervisorUnavailable
-            }
+            Error::HelperNotFound { .. } | Error::HelperExited { .. } => ErrorCode::HypervisorUnavailable,
             _ => ErrorCode::Unknown,
         }
     }
@@ -141,8 +135,9 @@ impl Error {
     pub fn to_frame(&self, op: &str) -> ErrorFrame {
         match self {
             Error::Remote(f) => f.clone(),
-            Error::Io { path, .. } => ErrorFrame::new(self.code(), op, self.to_string())
-                .with_path(path.display().to_string()),
+            Error::Io { path, .. } => {
+                ErrorFrame::new(self.code(), op, self.to_string()).with_path(path.display().to_string())
+            }
             _ => ErrorFrame::new(self.code(), op, self.to_string()),
         }
     }
@@ -152,11 +147,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
-            Error::ConnectTimeout {
-                path,
-                waited,
-                source,
-            } => write!(
+            Error::ConnectTimeout { path, waited, source } => write!(
                 f,
                 "connect {}: no answer after {:.1} s ({source}); is the server running?",
                 path.display(),
@@ -176,11 +167,9 @@ impl fmt::Display for Error {
             Error::Frame { op, source } => write!(f, "{op}: {source}"),
             Error::Decode { msg, source } => write!(f, "bad {msg} payload: {source}"),
             Error::Remote(frame) => write!(f, "{frame}"),
-            Error::UnexpectedFrame { request, got } => write!(
-                f,
-                "{request}: unexpected answer of type {}",
-                wire::type_name(*got)
-            ),
+            Error::UnexpectedFrame { request, got } => {
+                write!(f, "{request}: unexpected answer of type {}", wire::type_name(*got))
+            }
             Error::HelperNotFound { searched } => {
                 write!(f, "vmhost helper binary not found; looked in:")?;
                 for p in searched {

@@ -20,9 +20,7 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// Refuses a path that does not fit in `sun_path`.
 pub fn check_socket_path(path: &Path) -> Result<()> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(Error::SocketPathTooLong {
-            path: path.to_path_buf(),
-        });
+        return Err(Error::SocketPathTooLong { path: path.to_path_buf() });
     }
     Ok(())
 }
@@ -46,11 +44,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
     }
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(Error::SocketInUse {
-                    path: path.to_path_buf(),
-                })
-            }
+            Ok(_) => return Err(Error::SocketInUse { path: path.to_path_buf() }),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 log::info!("replacing stale socket {}", path.display());
                 fs::remove_file(path).map_err(|e| Error::io("remove stale socket", path, e))?;
@@ -61,10 +55,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
             return Err(Error::io(
                 "bind",
                 path,
-                io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "a file that is not a socket is in the way",
-                ),
+                io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way"),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -139,10 +130,8 @@ pub fn dial(path: &Path, timeout: Duration) -> Result<UnixStream> {
 
 /// Whether a connect error may go away by itself (server not up yet, or busy).
 pub fn retryable(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock
-    ) || e.raw_os_error() == Some(nix::libc::EAGAIN)
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock)
+        || e.raw_os_error() == Some(nix::libc::EAGAIN)
 }
 
 /// The uid of the process at the other end of a connection (SO_PEERCRED).

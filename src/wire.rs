@@ -389,9 +389,7 @@ impl Encoder {
 
     /// An encoder for a Response payload: starts with the OK error-code byte.
     pub fn response() -> Encoder {
-        Encoder {
-            buf: vec![ErrorCode::Ok.as_u8()],
-        }
+        Encoder { buf: vec![ErrorCode::Ok.as_u8()] }
     }
 
     /// Clears the buffer for reuse.
@@ -636,12 +634,7 @@ impl<'a> Decoder<'a> {
         let offset = self.pos;
         let count = self.u32()?;
         if count as u64 * min_size as u64 > self.remaining() as u64 {
-            return Err(DecodeError::CountTooLarge {
-                what,
-                offset,
-                count,
-                remaining: self.remaining(),
-            });
+            return Err(DecodeError::CountTooLarge { what, offset, count, remaining: self.remaining() });
         }
         Ok(count)
     }
@@ -849,11 +842,7 @@ impl Wire for DirEntry {
     }
 
     fn decode(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        Ok(DirEntry {
-            name: dec.string()?,
-            is_dir: dec.bool()?,
-            mode: FileMode(dec.u32()?),
-        })
+        Ok(DirEntry { name: dec.string()?, is_dir: dec.bool()?, mode: FileMode(dec.u32()?) })
     }
 }
 
@@ -870,17 +859,11 @@ pub struct MountConfig {
 
 impl Wire for MountConfig {
     fn encode(&self, enc: &mut Encoder) {
-        enc.string(&self.tag)
-            .string(&self.host_path)
-            .bool(self.writable);
+        enc.string(&self.tag).string(&self.host_path).bool(self.writable);
     }
 
     fn decode(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        Ok(MountConfig {
-            tag: dec.string()?,
-            host_path: dec.string()?,
-            writable: dec.bool()?,
-        })
+        Ok(MountConfig { tag: dec.string()?, host_path: dec.string()?, writable: dec.bool()? })
     }
 }
 
@@ -906,14 +889,8 @@ pub struct InstanceOptions {
 
 impl Wire for InstanceOptions {
     fn encode(&self, enc: &mut Encoder) {
-        let ns = self
-            .timeout
-            .map_or(0, |t| t.as_nanos().min(u64::MAX as u128) as u64);
-        enc.u64(self.memory_mb)
-            .i32(self.cpus)
-            .u64(ns)
-            .string(&self.user)
-            .bool(self.dmesg);
+        let ns = self.timeout.map_or(0, |t| t.as_nanos().min(u64::MAX as u128) as u64);
+        enc.u64(self.memory_mb).i32(self.cpus).u64(ns).string(&self.user).bool(self.dmesg);
         enc.u32(self.mounts.len() as u32);
         for m in &self.mounts {
             m.encode(enc);
@@ -928,9 +905,7 @@ impl Wire for InstanceOptions {
         let dmesg = dec.bool()?;
         // A mount is at least two empty strings and a bool: 9 bytes.
         let n = dec.count("mount list", 9)?;
-        let mounts = (0..n)
-            .map(|_| MountConfig::decode(dec))
-            .collect::<Result<_, _>>()?;
+        let mounts = (0..n).map(|_| MountConfig::decode(dec)).collect::<Result<_, _>>()?;
         Ok(InstanceOptions {
             memory_mb,
             cpus,
@@ -1018,10 +993,7 @@ impl Wire for SnapshotOptions {
     }
 
     fn decode(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        Ok(SnapshotOptions {
-            excludes: dec.string_list()?,
-            cache_dir: dec.string()?,
-        })
+        Ok(SnapshotOptions { excludes: dec.string_list()?, cache_dir: dec.string()? })
     }
 }
 
@@ -1072,12 +1044,7 @@ pub struct ErrorFrame {
 impl ErrorFrame {
     /// An error frame with no path.
     pub fn new(code: ErrorCode, op: impl Into<String>, message: impl Into<String>) -> ErrorFrame {
-        ErrorFrame {
-            code,
-            message: message.into(),
-            op: op.into(),
-            path: String::new(),
-        }
+        ErrorFrame { code, message: message.into(), op: op.into(), path: String::new() }
     }
 
     /// The same error naming a path or handle.
@@ -1104,10 +1071,7 @@ impl std::error::Error for ErrorFrame {}
 
 impl Wire for ErrorFrame {
     fn encode(&self, enc: &mut Encoder) {
-        enc.u8(self.code.as_u8())
-            .string(&self.message)
-            .string(&self.op)
-            .string(&self.path);
+        enc.u8(self.code.as_u8()).string(&self.message).string(&self.op).string(&self.path);
     }
 
     fn decode(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
@@ -1131,11 +1095,7 @@ pub fn response_fields(payload: &[u8]) -> Result<Result<&[u8], ErrorFrame>, Deco
         Ok(Ok(&payload[1..]))
     } else {
         let code = ErrorCode::from_u8(code);
-        Ok(Err(ErrorFrame::new(
-            code,
-            "",
-            format!("response carries error code {}", code.as_u8()),
-        )))
+        Ok(Err(ErrorFrame::new(code, "", format!("response carries error code {}", code.as_u8()))))
     }
 }
 
@@ -1166,10 +1126,7 @@ impl Wire for StreamChunk {
                 reason: format!("{stream} is not 1 (stdout) or 2 (stderr)"),
             });
         }
-        Ok(StreamChunk {
-            stream,
-            data: dec.bytes()?,
-        })
+        Ok(StreamChunk { stream, data: dec.bytes()? })
     }
 }
 
@@ -1193,9 +1150,7 @@ impl Wire for StreamEnd {
                 reason: format!("{code} is not 0"),
             });
         }
-        Ok(StreamEnd {
-            exit_code: dec.i32()?,
-        })
+        Ok(StreamEnd { exit_code: dec.i32()? })
     }
 }
 
@@ -1219,10 +1174,7 @@ impl Header {
 
     /// Parses 6 header bytes.
     pub fn from_bytes(b: [u8; HEADER_SIZE]) -> Header {
-        Header {
-            ty: BigEndian::read_u16(&b[0..2]),
-            len: BigEndian::read_u32(&b[2..6]),
-        }
+        Header { ty: BigEndian::read_u16(&b[0..2]), len: BigEndian::read_u32(&b[2..6]) }
     }
 }
 
@@ -1265,16 +1217,11 @@ impl fmt::Display for FrameError {
         match self {
             FrameError::Eof => write!(f, "connection closed"),
             FrameError::Truncated { expected, got } => {
-                write!(
-                    f,
-                    "connection closed inside a frame: got {got} of {expected} bytes"
-                )
+                write!(f, "connection closed inside a frame: got {got} of {expected} bytes")
             }
-            FrameError::TooLarge { ty, len, max } => write!(
-                f,
-                "frame too large: {} announces {len} bytes, the limit is {max}",
-                type_name(*ty)
-            ),
+            FrameError::TooLarge { ty, len, max } => {
+                write!(f, "frame too large: {} announces {len} bytes, the limit is {max}", type_name(*ty))
+            }
             FrameError::Io(e) => write!(f, "frame I/O failed: {e}"),
         }
     }
@@ -1315,10 +1262,7 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, FrameError> {
     match read_full(r, &mut hb)? {
         0 => Err(FrameError::Eof),
         HEADER_SIZE => Ok(Header::from_bytes(hb)),
-        got => Err(FrameError::Truncated {
-            expected: HEADER_SIZE as u64,
-            got: got as u64,
-        }),
+        got => Err(FrameError::Truncated { expected: HEADER_SIZE as u64, got: got as u64 }),
     }
 }
 
@@ -1330,11 +1274,7 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, FrameError> {
 pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
     let h = read_header(r)?;
     if h.len > max {
-        return Err(FrameError::TooLarge {
-            ty: h.ty,
-            len: h.len as u64,
-            max,
-        });
+        return Err(FrameError::TooLarge { ty: h.ty, len: h.len as u64, max });
     }
     const STEP: usize = 1 << 20;
     let len = h.len as usize;
@@ -1355,27 +1295,12 @@ pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
 }
 
 /// Writes one frame (header and payload in one write) if the payload is at most `max`.
-pub fn write_frame(
-    w: &mut impl Write,
-    ty: u16,
-    payload: &[u8],
-    max: u32,
-) -> Result<(), FrameError> {
+pub fn write_frame(w: &mut impl Write, ty: u16, payload: &[u8], max: u32) -> Result<(), FrameError> {
     if payload.len() as u64 > max as u64 {
-        return Err(FrameError::TooLarge {
-            ty,
-            len: payload.len() as u64,
-            max,
-        });
+        return Err(FrameError::TooLarge { ty, len: payload.len() as u64, max });
     }
     let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
-    buf.extend_from_slice(
-        &Header {
-            ty,
-            len: payload.len() as u32,
-        }
-        .to_bytes(),
-    );
+    buf.extend_from_slice(&Header { ty, len: payload.len() as u32 }.to_bytes());
     buf.extend_from_slice(payload);
     w.write_all(&buf)?;
     Ok(())
@@ -1408,14 +1333,8 @@ mod tests {
         assert_eq!(FileMode::from_unix(0o040755).0, FileMode::DIR | 0o755);
         assert_eq!(FileMode::from_unix(0o120777).0, FileMode::SYMLINK | 0o777);
         assert_eq!(FileMode::from_unix(0o100644).0, 0o644);
-        assert_eq!(
-            FileMode::from_unix(0o020620).0,
-            FileMode::DEVICE | FileMode::CHAR_DEVICE | 0o620
-        );
-        assert_eq!(
-            FileMode::from_unix(0o041777).0,
-            FileMode::DIR | FileMode::STICKY | 0o777
-        );
+        assert_eq!(FileMode::from_unix(0o020620).0, FileMode::DEVICE | FileMode::CHAR_DEVICE | 0o620);
+        assert_eq!(FileMode::from_unix(0o041777).0, FileMode::DIR | FileMode::STICKY | 0o777);
         assert_eq!(FileMode::from_unix(0o104755).0, FileMode::SETUID | 0o755);
         assert_eq!(FileMode(FileMode::SETGID | 0o750).to_unix_perm(), 0o2750);
     }
@@ -1423,70 +1342,25 @@ mod tests {
     #[test]
     fn decoder_bounds() {
         let mut d = Decoder::new(&[0, 0, 0, 9, b'a']);
-        assert!(matches!(
-            d.string(),
-            Err(DecodeError::Truncated { needed: 9, .. })
-        ));
+        assert!(matches!(d.string(), Err(DecodeError::Truncated { needed: 9, .. })));
         let mut d = Decoder::new(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(
-            d.string_list(),
-            Err(DecodeError::CountTooLarge { .. })
-        ));
+        assert!(matches!(d.string_list(), Err(DecodeError::CountTooLarge { .. })));
         let mut d = Decoder::new(&[0, 0, 0, 1, 0xff]);
         assert_eq!(d.string(), Err(DecodeError::InvalidUtf8 { offset: 4 }));
         let mut d = Decoder::new(&[2]);
-        assert_eq!(
-            d.bool(),
-            Err(DecodeError::InvalidBool {
-                offset: 0,
-                value: 2
-            })
-        );
-        assert_eq!(
-            FileInfo::from_payload(&[0; 40]),
-            Err(DecodeError::TrailingBytes { count: 14 })
-        );
+        assert_eq!(d.bool(), Err(DecodeError::InvalidBool { offset: 0, value: 2 }));
+        assert_eq!(FileInfo::from_payload(&[0; 40]), Err(DecodeError::TrailingBytes { count: 14 }));
     }
 
     #[test]
     fn oversized_frame_is_refused_before_reading_payload() {
-        let mut bytes = Header {
-            ty: msg::FS_WRITE_FILE,
-            len: 1000,
-        }
-        .to_bytes()
-        .to_vec();
+        let mut bytes = Header { ty: msg::FS_WRITE_FILE, len: 1000 }.to_bytes().to_vec();
         bytes.extend_from_slice(&[0; 10]);
         let err = read_frame(&mut &bytes[..], 999).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FrameError::TooLarge {
-                    len: 1000,
-                    max: 999,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, FrameError::TooLarge { len: 1000, max: 999, .. }), "{err}");
         let err = read_frame(&mut &bytes[..], 1000).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FrameError::Truncated {
-                    expected: 1006,
-                    got: 16
-                }
-            ),
-            "{err}"
-        );
-        assert!(matches!(
-            read_frame(&mut &bytes[..3], 1000),
-            Err(FrameError::Truncated { .. })
-        ));
-        assert!(matches!(
-            read_frame(&mut &[][..], 1000),
-            Err(FrameError::Eof)
-        ));
+        assert!(matches!(err, FrameError::Truncated { expected: 1006, got: 16 }), "{err}");
+        assert!(matches!(read_frame(&mut &bytes[..3], 1000), Err(FrameError::Truncated { .. })));
+        assert!(matches!(read_frame(&mut &[][..], 1000), Err(FrameError::Eof)));
     }
 }

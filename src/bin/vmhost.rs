@@ -61,15 +61,9 @@ fn flag_value(args: &[String], i: &mut usize, flag: &str) -> Result<Option<Strin
     let a = &args[*i];
     if a == flag {
         *i += 1;
-        return args
-            .get(*i)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| format!("{flag} needs a value"));
+        return args.get(*i).cloned().map(Some).ok_or_else(|| format!("{flag} needs a value"));
     }
-    Ok(a.strip_prefix(flag)
-        .and_then(|r| r.strip_prefix('='))
-        .map(str::to_string))
+    Ok(a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')).map(str::to_string))
 }
 
 fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
@@ -80,28 +74,23 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
         if let Some(v) = flag_value(args, &mut i, "--socket")? {
             socket = Some(PathBuf::from(v));
         } else if let Some(v) = flag_value(args, &mut i, "--max-frame")? {
-            opts.max_frame = v
-                .parse()
-                .map_err(|_| format!("--max-frame: {v:?} is not a byte count"))?;
+            opts.max_frame = v.parse().map_err(|_| format!("--max-frame: {v:?} is not a byte count"))?;
         } else {
             return Err(format!("helper: unexpected argument {:?}", args[i]));
         }
         i += 1;
     }
     let socket = socket.ok_or("helper: --socket PATH is required")?;
-    let signals =
-        vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
+    let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let helper = Helper::new();
-    let server = Server::bind_with(&socket, helper.clone(), opts).map_err(|e| e.to_string())?;
+    let server = Server::bind_with(&socket, helper, opts).map_err(|e| e.to_string())?;
     log::info!("helper {} serving {}", std::process::id(), socket.display());
     let serving = server.clone();
     let (served_tx, served_rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
-        let _ = served_tx.send(serving.serve());
+        let _ = served_tx.send(serving.serve_until_idle());
     });
-    let idle = helper.idle();
     let outcome = crossbeam_channel::select! {
-        recv(idle) -> _ => Ok(()),
         recv(signals) -> sig => {
             log::info!("helper stopping on {sig:?}");
             Ok(())
@@ -109,9 +98,7 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
         recv(served_rx) -> r => r.unwrap_or(Ok(())),
     };
     server.close();
-    outcome
-        .map(|()| ExitCode::SUCCESS)
-        .map_err(|e| e.to_string())
+    outcome.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string())
 }
 
 fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
@@ -123,9 +110,7 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
     let client = ControlClient::new(socket);
     let rest = &args[2..];
     let reply: vmhost::Result<Response> = match method {
-        "status" | "info" | "force-stop" | "force_stop" if !rest.is_empty() => {
-            return Err(usage.into())
-        }
+        "status" | "info" | "force-stop" | "force_stop" if !rest.is_empty() => return Err(usage.into()),
         "status" => client.status(),
         "info" => client.info(),
         "force-stop" | "force_stop" => client.force_stop(),
@@ -135,9 +120,8 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
             while i < rest.len() {
                 match flag_value(rest, &mut i, "--timeout")? {
                     Some(v) => {
-                        let secs: f64 = v
-                            .parse()
-                            .map_err(|_| format!("--timeout: {v:?} is not a number of seconds"))?;
+                        let secs: f64 =
+                            v.parse().map_err(|_| format!("--timeout: {v:?} is not a number of seconds"))?;
                         timeout = Duration::from_secs_f64(secs.max(0.0)).as_secs().max(1) as i64;
                     }
                     None => return Err(usage.into()),
@@ -151,11 +135,7 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
     match reply {
         Ok(r) => {
             print!("{}", r.to_line());
-            Ok(if r.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Err(e) => {
             eprintln!("vmhost ctl: {e}");

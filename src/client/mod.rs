@@ -102,11 +102,7 @@ pub fn spawn_helper() -> Result<Client> {
                     let _ = child.kill();
                     let _ = child.wait();
                     let _ = std::fs::remove_file(&socket);
-                    return Err(Error::ConnectTimeout {
-                        path: socket,
-                        waited: start.elapsed(),
-                        source,
-                    });
+                    return Err(Error::ConnectTimeout { path: socket, waited: start.elapsed(), source });
                 }
                 std::thread::sleep(CONNECT_RETRY_INTERVAL);
             }
@@ -136,13 +132,9 @@ impl HelperSearch {
     /// The search inputs of this process.
     pub fn from_env() -> HelperSearch {
         HelperSearch {
-            env_path: std::env::var_os("VMHOST_HELPER_PATH")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            env_path: std::env::var_os("VMHOST_HELPER_PATH").filter(|v| !v.is_empty()).map(PathBuf::from),
             current_exe: std::env::current_exe().ok(),
-            home: std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            home: std::env::var_os("HOME").filter(|v| !v.is_empty()).map(PathBuf::from),
             path_var: std::env::var_os("PATH"),
         }
     }
@@ -159,9 +151,7 @@ impl HelperSearch {
         }
         if let Some(p) = &self.path_var {
             out.extend(
-                std::env::split_paths(p)
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .map(|d| d.join(HELPER_BIN)),
+                std::env::split_paths(p).filter(|d| !d.as_os_str().is_empty()).map(|d| d.join(HELPER_BIN)),
             );
         }
         out
@@ -182,9 +172,7 @@ pub fn find_helper(search: &HelperSearch) -> Result<PathBuf> {
             }
         }
     }
-    Err(Error::HelperNotFound {
-        searched: candidates,
-    })
+    Err(Error::HelperNotFound { searched: candidates })
 }
 
 /// A fresh socket path for a helper: `vmhost-<pid>-<nanos>-<n>.sock` under
@@ -192,15 +180,9 @@ pub fn find_helper(search: &HelperSearch) -> Result<PathBuf> {
 /// for a socket.
 pub fn helper_socket_path() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let name = format!(
-        "vmhost-{}-{}-{}.sock",
-        std::process::id(),
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name =
+        format!("vmhost-{}-{}-{}.sock", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed));
     let dir = ["XDG_RUNTIME_DIR", "TMPDIR"]
         .iter()
         .filter_map(std::env::var_os)
@@ -220,9 +202,7 @@ pub fn helper_socket_path() -> PathBuf {
 pub fn use_helper() -> bool {
     match std::env::var("VMHOST_USE_HELPER") {
         Ok(v) => parse_bool(&v).unwrap_or_else(|| {
-            log::warn!(
-                "VMHOST_USE_HELPER={v:?} is not one of 1/true/yes/on/0/false/no/off; ignoring it"
-            );
+            log::warn!("VMHOST_USE_HELPER={v:?} is not one of 1/true/yes/on/0/false/no/off; ignoring it");
             false
         }),
         Err(_) => false,
@@ -313,10 +293,7 @@ impl Client {
     ) -> Result<Response> {
         let op = wire::type_name(ty);
         let mut conn = self.checkout()?;
-        let frame_err = |source: FrameError| Error::Frame {
-            op: op.clone(),
-            source,
-        };
+        let frame_err = |source: FrameError| Error::Frame { op: op.clone(), source };
         wire::write_frame(&mut conn, ty, payload, self.max_frame).map_err(frame_err)?;
         loop {
             let frame = wire::read_frame(&mut conn, self.max_frame).map_err(|e| match e {
@@ -332,15 +309,10 @@ impl Client {
             match frame.ty {
                 msg::RESPONSE | msg::STREAM_END => {
                     self.checkin(conn);
-                    let fields =
-                        wire::response_fields(&frame.payload).map_err(|source| Error::Decode {
-                            msg: "Response".into(),
-                            source,
-                        })?;
+                    let fields = wire::response_fields(&frame.payload)
+                        .map_err(|source| Error::Decode { msg: "Response".into(), source })?;
                     return match fields {
-                        Ok(_) => Ok(Response {
-                            payload: frame.payload,
-                        }),
+                        Ok(_) => Ok(Response { payload: frame.payload }),
                         Err(mut ef) => {
                             ef.op = op;
                             Err(Error::Remote(ef))
@@ -349,19 +321,14 @@ impl Client {
                 }
                 msg::ERROR => {
                     self.checkin(conn);
-                    let ef = ErrorFrame::from_payload(&frame.payload).map_err(|source| {
-                        Error::Decode {
-                            msg: "Error".into(),
-                            source,
-                        }
-                    })?;
+                    let ef = ErrorFrame::from_payload(&frame.payload)
+                        .map_err(|source| Error::Decode { msg: "Error".into(), source })?;
                     return Err(Error::Remote(ef));
                 }
                 other => {
-                    if let Err(e) = on_frame(other, &frame.payload) {
-                        // The rest of this answer is still on the connection: drop it.
-                        return Err(e);
-                    }
+                    // On error the rest of this answer is still on the connection, which
+                    // is dropped with `conn` instead of going back to the pool.
+                    on_frame(other, &frame.payload)?;
                 }
             }
         }
@@ -395,19 +362,13 @@ impl Client {
         let exited = loop {
             match child.try_wait() {
                 Ok(Some(_)) => break true,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => break false,
                 Err(e) => return Err(Error::io("wait for helper", &self.path, e)),
             }
         };
         if !exited {
-            log::warn!(
-                "helper {} did not exit within {:?}; killing it",
-                child.id(),
-                HELPER_EXIT_GRACE
-            );
+            log::warn!("helper {} did not exit within {:?}; killing it", child.id(), HELPER_EXIT_GRACE);
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -421,10 +382,7 @@ impl Client {
 }
 
 fn unexpected(request: u16, got: u16) -> Error {
-    Error::UnexpectedFrame {
-        request: wire::type_name(request),
-        got,
-    }
+    Error::UnexpectedFrame { request: wire::type_name(request), got }
 }
 
 impl Drop for Client {
@@ -435,9 +393,6 @@ impl Drop for Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("path", &self.path)
-            .field("helper_pid", &self.helper_pid())
-            .finish()
+        f.debug_struct("Client").field("path", &self.path).field("helper_pid", &self.helper_pid()).finish()
     }
 }

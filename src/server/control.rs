@@ -97,19 +97,11 @@ fn is_zero(v: &i64) -> bool {
 
 impl Response {
     fn error(msg: String) -> Response {
-        Response {
-            ok: false,
-            error: msg,
-            ..Response::default()
-        }
+        Response { ok: false, error: msg, ..Response::default() }
     }
 
     fn state(state: VmState) -> Response {
-        Response {
-            ok: true,
-            state: state.as_str().to_string(),
-            ..Response::default()
-        }
+        Response { ok: true, state: state.as_str().to_string(), ..Response::default() }
     }
 
     /// The reply as one JSON line (with its newline).
@@ -166,15 +158,13 @@ impl Shared {
         }
         let me = self.clone();
         let is_force = what == "force_stop";
-        let spawned = thread::Builder::new()
-            .name(format!("vmhost-{what}"))
-            .spawn(move || {
-                if let Err(e) = f(me.controller.as_ref()) {
-                    log::error!("{what}: {e}");
-                }
-                let flag = if is_force { &me.forcing } else { &me.stopping };
-                flag.store(false, Ordering::SeqCst);
-            });
+        let spawned = thread::Builder::new().name(format!("vmhost-{what}")).spawn(move || {
+            if let Err(e) = f(me.controller.as_ref()) {
+                log::error!("{what}: {e}");
+            }
+            let flag = if is_force { &me.forcing } else { &me.stopping };
+            flag.store(false, Ordering::SeqCst);
+        });
         if let Err(e) = spawned {
             log::error!("cannot start the {what} thread: {e}");
             flag.store(false, Ordering::SeqCst);
@@ -259,11 +249,7 @@ impl ControlServer {
     }
 
     fn spawn_threads(&self) -> Result<()> {
-        let (listener, shared, closed) = (
-            self.listener.clone(),
-            self.shared.clone(),
-            self.closed.clone(),
-        );
+        let (listener, shared, closed) = (self.listener.clone(), self.shared.clone(), self.closed.clone());
         let sock = self.socket.clone();
         thread::Builder::new()
             .name("vmhost-control".into())
@@ -362,43 +348,29 @@ pub struct ControlClient {
 impl ControlClient {
     /// A client for `socket`.
     pub fn new(socket: impl AsRef<Path>) -> ControlClient {
-        ControlClient {
-            socket: socket.as_ref().to_path_buf(),
-        }
+        ControlClient { socket: socket.as_ref().to_path_buf() }
     }
 
     /// Sends one request and reads the reply.
     pub fn request(&self, req: &Request) -> Result<Response> {
         let start = Instant::now();
         let stream = unix::dial(&self.socket, DIAL_TIMEOUT)?;
-        let left = EXCHANGE_DEADLINE
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_millis(1));
+        let left = EXCHANGE_DEADLINE.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
         let io = |e: std::io::Error| {
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) {
-                Error::Timeout {
-                    op: format!("control {}", req.method),
-                    after: EXCHANGE_DEADLINE,
-                }
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                Error::Timeout { op: format!("control {}", req.method), after: EXCHANGE_DEADLINE }
             } else {
                 Error::io("control exchange", &self.socket, e)
             }
         };
         stream.set_read_timeout(Some(left)).map_err(io)?;
         stream.set_write_timeout(Some(left)).map_err(io)?;
-        let mut line = serde_json::to_string(req).map_err(|e| Error::Control {
-            method: req.method.clone(),
-            message: e.to_string(),
-        })?;
+        let mut line = serde_json::to_string(req)
+            .map_err(|e| Error::Control { method: req.method.clone(), message: e.to_string() })?;
         line.push('\n');
         (&stream).write_all(line.as_bytes()).map_err(io)?;
         let mut reply = String::new();
-        BufReader::new((&stream).take(MAX_REPLY))
-            .read_line(&mut reply)
-            .map_err(io)?;
+        BufReader::new((&stream).take(MAX_REPLY)).read_line(&mut reply).map_err(io)?;
         if reply.is_empty() {
             return Err(Error::Control {
                 method: req.method.clone(),
@@ -412,10 +384,7 @@ impl ControlClient {
     }
 
     fn method(&self, method: &str, timeout_seconds: i64) -> Result<Response> {
-        self.request(&Request {
-            method: method.into(),
-            timeout_seconds,
-        })
+        self.request(&Request { method: method.into(), timeout_seconds })
     }
 
     /// `status`: the VM state.

@@ -22,11 +22,11 @@ pub mod control;
 pub mod helper;
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -51,18 +51,12 @@ pub struct Reply {
 impl Reply {
     /// A Response frame with the OK byte and no fields.
     pub fn ok() -> Reply {
-        Reply {
-            ty: msg::RESPONSE,
-            payload: vec![0],
-        }
+        Reply { ty: msg::RESPONSE, payload: vec![0] }
     }
 
     /// A Response frame from an encoder made with [`Encoder::response`].
     pub fn response(enc: Encoder) -> Reply {
-        Reply {
-            ty: msg::RESPONSE,
-            payload: enc.into_bytes(),
-        }
+        Reply { ty: msg::RESPONSE, payload: enc.into_bytes() }
     }
 
     /// A Response frame built by `f` after the OK byte.
@@ -187,9 +181,7 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> ServerOptions {
-        ServerOptions {
-            max_frame: wire::DEFAULT_MAX_FRAME,
-        }
+        ServerOptions { max_frame: wire::DEFAULT_MAX_FRAME }
     }
 }
 
@@ -201,6 +193,10 @@ struct Inner {
     closed: AtomicBool,
     next_conn: AtomicU64,
     conns: Mutex<HashMap<ConnId, UnixStream>>,
+    /// Connections accepted and not finished (counted at accept, before their thread).
+    active: AtomicUsize,
+    /// Written to when `active` drops to zero, to wake [`Server::serve_until_idle`].
+    idle_wake: (UnixStream, UnixStream),
 }
 
 /// A helper-protocol server on a Unix socket.
@@ -233,6 +229,13 @@ impl Server {
     ) -> Result<Server> {
         let path = path.as_ref().to_path_buf();
         let listener = unix::bind_socket(&path)?;
+        let idle_wake = UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| Error::io("create wake-up pair", &path, e))?;
         Ok(Server {
             inner: Arc::new(Inner {
                 path,
@@ -242,6 +245,8 @@ impl Server {
                 closed: AtomicBool::new(false),
                 next_conn: AtomicU64::new(1),
                 conns: Mutex::new(HashMap::new()),
+                active: AtomicUsize::new(0),
+                idle_wake,
             }),
         })
     }
@@ -264,21 +269,71 @@ impl Server {
     /// Accepts connections until [`Server::close`], serving each on its own thread.
     pub fn serve(&self) -> Result<()> {
         while let Some(stream) = self.accept()? {
-            let inner = self.inner.clone();
-            let spawned = thread::Builder::new()
-                .name("vmhost-conn".into())
-                .spawn(move || inner.serve_conn(stream));
-            if let Err(e) = spawned {
-                log::error!("cannot start a connection thread: {e}");
-            }
+            self.spawn_conn(stream);
         }
         Ok(())
+    }
+
+    /// Like [`Server::serve`], but also returns once at least one connection was served
+    /// and none is left, with none waiting to be accepted: the helper's lifetime rule
+    /// (it lives as long as its clients). Decided on the accepting thread, so a client
+    /// that connected before the last one left is never turned away.
+    pub fn serve_until_idle(&self) -> Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut served_any = false;
+        loop {
+            if self.is_closed() {
+                return Ok(());
+            }
+            let (listen_ready, wake_ready) = {
+                let mut fds = [
+                    PollFd::new(self.inner.listener.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.inner.idle_wake.1.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(Error::io("poll", &self.inner.path, e.into())),
+                }
+                let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), ready(&fds[1]))
+            };
+            if wake_ready {
+                let mut buf = [0u8; 64];
+                while matches!((&self.inner.idle_wake.1).read(&mut buf), Ok(n) if n > 0) {}
+            }
+            if listen_ready {
+                match self.accept()? {
+                    Some(stream) => {
+                        served_any = true;
+                        self.spawn_conn(stream);
+                    }
+                    None => return Ok(()),
+                }
+            } else if served_any && self.inner.active.load(Ordering::SeqCst) == 0 {
+                log::info!("{}: last client gone", self.inner.path.display());
+                return Ok(());
+            }
+        }
+    }
+
+    fn spawn_conn(&self, stream: UnixStream) {
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        let spawned =
+            thread::Builder::new().name("vmhost-conn".into()).spawn(move || inner.serve_conn(stream));
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {e}");
+            self.inner.conn_finished();
+        }
     }
 
     /// Accepts one connection and serves it on the calling thread until it ends (the
     /// one-connection-per-instance model). Returns at once if the server is closed.
     pub fn serve_one(&self) -> Result<()> {
         if let Some(stream) = self.accept()? {
+            self.inner.active.fetch_add(1, Ordering::SeqCst);
             self.inner.clone().serve_conn(stream);
         }
         Ok(())
@@ -337,6 +392,12 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
 }
 
 impl Inner {
+    fn conn_finished(&self) {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = (&self.idle_wake.0).write(&[1]);
+        }
+    }
+
     fn serve_conn(self: Arc<Self>, mut stream: UnixStream) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
@@ -345,19 +406,19 @@ impl Inner {
             }
             Err(e) => {
                 log::error!("connection {id}: cannot register: {e}");
+                self.conn_finished();
                 return;
             }
         }
         // close() may have run between accept and registration.
-        if self.closed.load(Ordering::SeqCst) {
-            self.conns.lock().remove(&id);
-            return;
+        if !self.closed.load(Ordering::SeqCst) {
+            self.handler.connected(id);
+            self.conn_loop(id, &mut stream);
+            self.handler.disconnected(id);
         }
-        self.handler.connected(id);
-        self.conn_loop(id, &mut stream);
         let _ = stream.shutdown(std::net::Shutdown::Both);
         self.conns.lock().remove(&id);
-        self.handler.disconnected(id);
+        self.conn_finished();
     }
 
     fn conn_loop(&self, id: ConnId, stream: &mut UnixStream) {
@@ -384,27 +445,21 @@ impl Inner {
                 }
             };
             let reply = {
-                let mut call = Call {
-                    conn: id,
-                    stream,
-                    max_frame: max,
-                };
+                let mut call = Call { conn: id, stream, max_frame: max };
                 let handler = &self.handler;
-                panic::catch_unwind(AssertUnwindSafe(|| {
-                    handler.handle(&mut call, frame.ty, &frame.payload)
-                }))
-                .unwrap_or_else(|p| {
-                    let what = panic_message(&p);
-                    log::error!(
-                        "connection {id}: {} handler panicked: {what}",
-                        wire::type_name(frame.ty)
-                    );
-                    Err(ErrorFrame::new(
-                        ErrorCode::Unknown,
-                        wire::type_name(frame.ty),
-                        format!("internal error: handler panicked: {what}"),
-                    ))
-                })
+                panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&mut call, frame.ty, &frame.payload)))
+                    .unwrap_or_else(|p| {
+                        let what = panic_message(&p);
+                        log::error!(
+                            "connection {id}: {} handler panicked: {what}",
+                            wire::type_name(frame.ty)
+                        );
+                        Err(ErrorFrame::new(
+                            ErrorCode::Unknown,
+                            wire::type_name(frame.ty),
+                            format!("internal error: handler panicked: {what}"),
+                        ))
+                    })
             };
             let sent = match reply {
                 Ok(r) => match wire::write_frame(stream, r.ty, &r.payload, max) {
@@ -428,11 +483,7 @@ impl Inner {
     }
 }
 
-fn send_error(
-    stream: &mut UnixStream,
-    ef: &ErrorFrame,
-    max: u32,
-) -> std::result::Result<(), FrameError> {
+fn send_error(stream: &mut UnixStream, ef: &ErrorFrame, max: u32) -> std::result::Result<(), FrameError> {
     use crate::wire::Wire;
     wire::write_frame(stream, msg::ERROR, &ef.to_payload(), max)?;
     stream.flush()?;

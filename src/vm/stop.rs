@@ -76,10 +76,7 @@ pub struct StopReport {
 impl StopReport {
     /// The step after which the VM exited, if it did.
     pub fn stopped_by(&self) -> Option<StopStep> {
-        self.steps
-            .iter()
-            .find(|(_, o)| *o == StepOutcome::Exited)
-            .map(|(s, _)| *s)
+        self.steps.iter().find(|(_, o)| *o == StepOutcome::Exited).map(|(s, _)| *s)
     }
 }
 
@@ -97,16 +94,11 @@ impl fmt::Display for StopReport {
 
 /// Runs `f` on its own thread and gives up waiting after `timeout` (the thread is left
 /// to finish, or not, on its own). `None` means it hung.
-fn bounded<T: Send + 'static>(
-    timeout: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
+fn bounded<T: Send + 'static>(timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let spawned = thread::Builder::new()
-        .name("vmhost-stop-step".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        });
+    let spawned = thread::Builder::new().name("vmhost-stop-step".into()).spawn(move || {
+        let _ = tx.send(f());
+    });
     match spawned {
         Ok(_) => rx.recv_timeout(timeout).ok(),
         Err(e) => {
@@ -178,21 +170,14 @@ pub fn force_stop(steps: Arc<dyn StopSteps>, timeout: Duration) -> Result<StopRe
     force(steps, timeout, StopReport { steps: Vec::new() })
 }
 
-fn force(
-    steps: Arc<dyn StopSteps>,
-    timeout: Duration,
-    mut report: StopReport,
-) -> Result<StopReport> {
+fn force(steps: Arc<dyn StopSteps>, timeout: Duration, mut report: StopReport) -> Result<StopReport> {
     if attempt(&steps, StopStep::Term, timeout, TERM_GRACE, &mut report) == StepOutcome::Exited {
         return Ok(report);
     }
     if attempt(&steps, StopStep::Kill, timeout, timeout, &mut report) == StepOutcome::Exited {
         return Ok(report);
     }
-    Err(Error::Vm {
-        op: "stop".into(),
-        message: format!("the VM is still running after SIGKILL ({report})"),
-    })
+    Err(Error::Vm { op: "stop".into(), message: format!("the VM is still running after SIGKILL ({report})") })
 }
 
 /// A VM process we started, for the Term and Kill steps: signals it and reaps it.
@@ -206,10 +191,7 @@ impl VmProcess {
     /// Wraps a started child process.
     pub fn new(child: Child) -> VmProcess {
         let pid = Pid::from_raw(child.id() as i32);
-        VmProcess {
-            child: Mutex::new(child),
-            pid,
-        }
+        VmProcess { child: Mutex::new(child), pid }
     }
 
     /// The process id.

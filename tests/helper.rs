@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{fd_count, vmhost_bin, wait_until, TempDir};
 use vmhost::client::{self, HelperSearch};
-use vmhost::wire::{self, msg, ErrorCode, InstanceNew, InstanceOptions, SourceType, Wire};
+use vmhost::wire::{self, msg, ErrorCode, InstanceNew, InstanceOptions, Request, SourceType, Wire};
 use vmhost::Error;
 
 const GUARD: Duration = Duration::from_secs(20);
@@ -61,10 +61,22 @@ fn spawned_helper_answers_every_message_until_an_instance_exists() {
         if msg::is_answer(ty) || ty == msg::INSTANCE_NEW || ty == msg::BUILD_DOCKERFILE {
             continue;
         }
-        let e = remote(c.call(ty, &[]));
+        // The shortest all-zero payload that is a valid request of this type (empty
+        // strings, zero handles and counts).
+        let payload = (0..64)
+            .map(|n| vec![0u8; n])
+            .find(|p| matches!(Request::from_payload(ty, p), Ok(Some(_))))
+            .unwrap_or_else(|| panic!("{name}: no zero payload decodes"));
+        let e = remote(c.call(ty, &payload));
         assert_eq!(e.code, ErrorCode::NotRunning, "{name}");
         assert_eq!(e.op, name);
         assert!(e.message.contains("InstanceNew"), "{name}: {}", e.message);
+        // The same request with a byte too many is refused as malformed.
+        let mut longer = payload.clone();
+        longer.push(7);
+        let e = remote(c.call(ty, &longer));
+        assert_eq!((e.code, e.op.as_str()), (ErrorCode::InvalidArgument, name));
+        assert!(e.message.contains("unexpected bytes"), "{name}: {}", e.message);
     }
     // InstanceNew: a valid request is refused for want of a backend, code 6 ...
     let req = InstanceNew {
@@ -74,14 +86,14 @@ fn spawned_helper_answers_every_message_until_an_instance_exists() {
         cache_dir: "/tmp/c".into(),
         options: InstanceOptions { memory_mb: 128, cpus: 1, ..Default::default() },
     };
-    let e = remote(c.call(msg::INSTANCE_NEW, &req.to_payload()));
+    let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&req)));
     assert_eq!(
         (e.code, e.op.as_str(), e.path.as_str()),
         (ErrorCode::HypervisorUnavailable, "InstanceNew", "/srv/rootfs")
     );
     assert!(e.message.contains("no VM backend"), "{}", e.message);
     // ... a malformed one with code 2.
-    let mut bad = req.to_payload();
+    let mut bad = Wire::to_payload(&req);
     bad.truncate(bad.len() - 2);
     let e = remote(c.call(msg::INSTANCE_NEW, &bad));
     assert_eq!((e.code, e.op.as_str()), (ErrorCode::InvalidArgument, "InstanceNew"));

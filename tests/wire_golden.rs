@@ -425,3 +425,132 @@ fn stream_frames() {
     check(StreamEnd { exit_code: 7 }, &[0, 0, 0, 0, 7]);
     assert!(StreamEnd::from_payload(&[1, 0, 0, 0, 0]).is_err());
 }
+
+// Hand-written encodings of the primitives, for the per-message vectors below.
+fn s(v: &str) -> Vec<u8> {
+    let mut out = vec![0, 0, 0, v.len() as u8];
+    out.extend_from_slice(v.as_bytes());
+    out
+}
+fn h(handle: u8) -> Vec<u8> {
+    vec![0, 0, 0, 0, 0, 0, 0, handle]
+}
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// One hand-written request payload per request message of the catalogue.
+fn request_vectors() -> Vec<(Request, Vec<u8>)> {
+    let path = || "/a".to_string();
+    #[rustfmt::skip]
+    let v = vec![
+        (Request::InstanceNew { new: InstanceNew {
+            source_type: SourceType::Tar, source_path: "/t".into(), image_ref: "r".into(), cache_dir: String::new(),
+            options: InstanceOptions::default() } },
+         cat(&[&[0], &s("/t"), &s("r"), &s(""), &[0; 8], &[0; 4], &[0; 8], &s(""), &[0], &[0; 4]])),
+        (Request::InstanceClose {}, vec![]),
+        (Request::InstanceWait {}, vec![]),
+        (Request::InstanceId {}, vec![]),
+        (Request::InstanceIsRunning {}, vec![]),
+        (Request::InstanceSetConsole { cols: 80, rows: 24 }, vec![0, 0, 0, 80, 0, 0, 0, 24]),
+        (Request::InstanceSetNetwork { enabled: true }, vec![1]),
+        (Request::InstanceExec { name: "sh".into(), args: vec!["-c".into()] }, cat(&[&s("sh"), &[0, 0, 0, 1], &s("-c")])),
+        (Request::FsOpen { path: path() }, s("/a")),
+        (Request::FsCreate { path: path() }, s("/a")),
+        (Request::FsOpenFile { path: path(), flags: 0o1101, perm: FileMode(0o644) },
+         cat(&[&s("/a"), &[0, 0, 0x02, 0x41], &[0, 0, 0x01, 0xA4]])),
+        (Request::FsReadFile { path: path() }, s("/a")),
+        (Request::FsWriteFile { path: path(), data: b"hi".to_vec(), perm: FileMode(0o600) },
+         cat(&[&s("/a"), &[0, 0, 0, 2, b'h', b'i'], &[0, 0, 0x01, 0x80]])),
+        (Request::FsStat { path: path() }, s("/a")),
+        (Request::FsLstat { path: path() }, s("/a")),
+        (Request::FsRemove { path: path() }, s("/a")),
+        (Request::FsRemoveAll { path: path() }, s("/a")),
+        (Request::FsMkdir { path: path(), perm: FileMode(0o755) }, cat(&[&s("/a"), &[0, 0, 0x01, 0xED]])),
+        (Request::FsMkdirAll { path: path(), perm: FileMode(0o700) }, cat(&[&s("/a"), &[0, 0, 0x01, 0xC0]])),
+        (Request::FsRename { from: path(), to: "/b".into() }, cat(&[&s("/a"), &s("/b")])),
+        (Request::FsSymlink { target: path(), link: "/l".into() }, cat(&[&s("/a"), &s("/l")])),
+        (Request::FsReadlink { path: path() }, s("/a")),
+        (Request::FsReadDir { path: path() }, s("/a")),
+        (Request::FsChmod { path: path(), mode: FileMode(FileMode::SETUID | 0o755) },
+         cat(&[&s("/a"), &[0, 0x80, 0x01, 0xED]])),
+        (Request::FsChown { path: path(), uid: 1000, gid: -1 }, cat(&[&s("/a"), &[0, 0, 0x03, 0xE8], &[0xFF; 4]])),
+        (Request::FsChtimes { path: path(), atime: 1, mtime: 2 }, cat(&[&s("/a"), &[0, 0, 0, 0, 0, 0, 0, 1], &[0, 0, 0, 0, 0, 0, 0, 2]])),
+        (Request::FsSnapshot { opts: SnapshotOptions { excludes: vec!["/x".into()], cache_dir: "/c".into() } },
+         cat(&[&[0, 0, 0, 1], &s("/x"), &s("/c")])),
+        (Request::FileClose { handle: 1 }, h(1)),
+        (Request::FileRead { handle: 2, max: 65536 }, cat(&[&h(2), &[0, 1, 0, 0]])),
+        (Request::FileWrite { handle: 3, data: vec![9] }, cat(&[&h(3), &[0, 0, 0, 1, 9]])),
+        (Request::FileSeek { handle: 4, offset: -1, whence: 2 }, cat(&[&h(4), &[0xFF; 8], &[0, 0, 0, 2]])),
+        (Request::FileSync { handle: 5 }, h(5)),
+        (Request::FileTruncate { handle: 6, size: 256 }, cat(&[&h(6), &[0, 0, 0, 0, 0, 0, 1, 0]])),
+        (Request::FileStat { handle: 7 }, h(7)),
+        (Request::FileName { handle: 8 }, h(8)),
+        (Request::CmdNew { name: "ls".into(), args: vec![] }, cat(&[&s("ls"), &[0, 0, 0, 0]])),
+        (Request::CmdEntrypoint { args: vec!["a".into(), "b".into()] }, cat(&[&[0, 0, 0, 2], &s("a"), &s("b")])),
+        (Request::CmdFree { handle: 1 }, h(1)),
+        (Request::CmdSetDir { handle: 1, dir: "/w".into() }, cat(&[&h(1), &s("/w")])),
+        (Request::CmdSetEnv { handle: 1, key: "K".into(), value: "V".into() }, cat(&[&h(1), &s("K"), &s("V")])),
+        (Request::CmdGetEnv { handle: 1, key: "K".into() }, cat(&[&h(1), &s("K")])),
+        (Request::CmdEnviron { handle: 1 }, h(1)),
+        (Request::CmdStart { handle: 1 }, h(1)),
+        (Request::CmdWait { handle: 1 }, h(1)),
+        (Request::CmdRun { handle: 1 }, h(1)),
+        (Request::CmdOutput { handle: 1 }, h(1)),
+        (Request::CmdCombinedOutput { handle: 1 }, h(1)),
+        (Request::CmdExitCode { handle: 1 }, h(1)),
+        (Request::CmdKill { handle: 1 }, h(1)),
+        (Request::CmdStdinPipe { handle: 1 }, h(1)),
+        (Request::CmdStdoutPipe { handle: 1 }, h(1)),
+        (Request::CmdStderrPipe { handle: 1 }, h(1)),
+        (Request::CmdRunStreaming { handle: 1 }, h(1)),
+        (Request::NetListen { network: "tcp".into(), address: ":80".into() }, cat(&[&s("tcp"), &s(":80")])),
+        (Request::ListenerAccept { handle: 1 }, h(1)),
+        (Request::ListenerClose { handle: 1 }, h(1)),
+        (Request::ListenerAddr { handle: 1 }, h(1)),
+        (Request::ConnRead { handle: 1, max: 4096 }, cat(&[&h(1), &[0, 0, 0x10, 0]])),
+        (Request::ConnWrite { handle: 1, data: vec![] }, cat(&[&h(1), &[0, 0, 0, 0]])),
+        (Request::ConnClose { handle: 1 }, h(1)),
+        (Request::ConnLocalAddr { handle: 1 }, h(1)),
+        (Request::ConnRemoteAddr { handle: 1 }, h(1)),
+        (Request::SnapshotCacheKey { handle: 1 }, h(1)),
+        (Request::SnapshotParent { handle: 1 }, h(1)),
+        (Request::SnapshotClose { handle: 1 }, h(1)),
+        (Request::SnapshotAsSource { handle: 1 }, h(1)),
+        (Request::BuildDockerfile { opts: DockerfileOptions {
+            dockerfile: b"FROM a".to_vec(), context_dir: String::new(), cache_dir: "/c".into(), build_args: BTreeMap::new() } },
+         cat(&[&s("FROM a"), &s(""), &s("/c"), &[0, 0, 0, 0]])),
+    ];
+    v
+}
+
+#[test]
+fn every_request_message_encodes_as_documented() {
+    let vectors = request_vectors();
+    let request_types: Vec<u16> = msg::ALL.iter().map(|&(t, _)| t).filter(|&t| !msg::is_answer(t)).collect();
+    let covered: Vec<u16> = vectors.iter().map(|(r, _)| r.ty()).collect();
+    assert_eq!(covered, request_types, "one vector per request type, in catalogue order");
+    for (req, bytes) in vectors {
+        assert_eq!(req.to_payload(), bytes, "{} encoding", req.name());
+        assert_eq!(
+            Request::from_payload(req.ty(), &bytes).unwrap(),
+            Some(req.clone()),
+            "{} decoding",
+            req.name()
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Request::from_payload(req.ty(), &longer), Err(DecodeError::TrailingBytes { count: 1 }));
+        for cut in 0..bytes.len() {
+            assert!(Request::from_payload(req.ty(), &bytes[..cut]).is_err(), "{} prefix {cut}", req.name());
+        }
+        // The whole frame: header then payload.
+        let mut frame = Vec::new();
+        write_frame(&mut frame, req.ty(), &bytes, DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(&frame[..2], &req.ty().to_be_bytes());
+        assert_eq!(&frame[2..6], &(bytes.len() as u32).to_be_bytes());
+        assert_eq!(&frame[6..], &bytes[..]);
+    }
+    assert_eq!(Request::from_payload(msg::RESPONSE, &[]), Ok(None));
+    assert_eq!(Request::from_payload(0x0999, &[]), Ok(None));
+}

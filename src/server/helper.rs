@@ -1,9 +1,11 @@
 //! The helper: `vmhost helper --socket PATH` serves the helper protocol for one VM.
 //!
-//! Every message of the catalogue has a handler registered in [`Helper::new`]. Until an
-//! instance exists, instance-scoped messages answer Error code 3 (NotRunning) naming the
-//! operation. This build has no VM backend yet, so InstanceNew (after checking its
-//! payload) and BuildDockerfile answer code 6 (HypervisorUnavailable).
+//! Every request type of the catalogue is registered in the [`Mux`]: its payload is
+//! decoded into a [`Request`] (a malformed one is answered with code 2 before anything
+//! happens) and dispatched in [`Helper::dispatch`]. Until an instance exists,
+//! instance-scoped messages answer Error code 3 (NotRunning) naming the operation. This
+//! build has no VM backend yet, so InstanceNew and BuildDockerfile answer code 6
+//! (HypervisorUnavailable).
 //!
 //! The helper process lives as long as its clients: it serves with
 //! [`crate::server::Server::serve_until_idle`], so when the last connection closes
@@ -12,7 +14,7 @@
 use std::sync::Arc;
 
 use crate::server::{Call, Handler, HandlerResult, Mux};
-use crate::wire::{msg, Decoder, DockerfileOptions, ErrorCode, ErrorFrame, InstanceNew, Wire};
+use crate::wire::{msg, ErrorCode, ErrorFrame, Request};
 
 /// The helper-protocol service of one helper process.
 pub struct Helper {
@@ -27,11 +29,17 @@ impl Helper {
             if msg::is_answer(ty) {
                 continue;
             }
-            match ty {
-                msg::INSTANCE_NEW => mux.register(ty, instance_new),
-                msg::BUILD_DOCKERFILE => mux.register(ty, build_dockerfile),
-                _ => mux.register(ty, no_instance),
-            };
+            mux.register(ty, move |call, dec| {
+                let Some(req) = Request::read(ty, dec)? else {
+                    return Err(ErrorFrame::new(
+                        ErrorCode::InvalidArgument,
+                        "",
+                        format!("unknown message type: {ty:#06x}"),
+                    ));
+                };
+                dec.finish()?;
+                dispatch(call, req)
+            });
         }
         Arc::new(Helper { mux })
     }
@@ -45,22 +53,22 @@ impl Handler for Helper {
 
 const NO_BACKEND: &str = "this build of vmhost has no VM backend to run instances with";
 
-fn instance_new(_call: &mut Call<'_>, dec: &mut Decoder<'_>) -> HandlerResult {
-    let req = InstanceNew::decode(dec)?;
-    dec.finish()?;
-    log::info!("InstanceNew {:?} {:?} refused: {NO_BACKEND}", req.source_type, req.source_path);
-    Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "InstanceNew", NO_BACKEND)
-        .with_path(req.source_path))
-}
-
-fn build_dockerfile(_call: &mut Call<'_>, dec: &mut Decoder<'_>) -> HandlerResult {
-    let opts = DockerfileOptions::decode(dec)?;
-    dec.finish()?;
-    Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "BuildDockerfile", NO_BACKEND)
-        .with_path(opts.context_dir))
-}
-
-fn no_instance(_call: &mut Call<'_>, _dec: &mut Decoder<'_>) -> HandlerResult {
-    // The op (the message's name) is filled in by the mux.
-    Err(ErrorFrame::new(ErrorCode::NotRunning, "", "no instance is running: send InstanceNew first"))
+/// Serves one decoded request.
+fn dispatch(_call: &mut Call<'_>, req: Request) -> HandlerResult {
+    match req {
+        Request::InstanceNew { new } => {
+            log::info!("InstanceNew {:?} {:?} refused: {NO_BACKEND}", new.source_type, new.source_path);
+            Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "InstanceNew", NO_BACKEND)
+                .with_path(new.source_path))
+        }
+        Request::BuildDockerfile { opts } => {
+            Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "BuildDockerfile", NO_BACKEND)
+                .with_path(opts.context_dir))
+        }
+        other => Err(ErrorFrame::new(
+            ErrorCode::NotRunning,
+            other.name(),
+            "no instance is running: send InstanceNew first",
+        )),
+    }
 }

@@ -18,8 +18,9 @@ for comp in rustfmt clippy; do
   fi
 done
 
-# Debian packages the tests need.
+# Debian packages the tests need: QEMU for the QMP tests (and, later, the guests).
 need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 if [ "${#need[@]}" -gt 0 ]; then
   say "installing ${need[*]}"
   apt-get update -qq

@@ -103,6 +103,8 @@ pub enum Error {
         /// How long it was given.
         after: std::time::Duration,
     },
+    /// A QMP exchange with QEMU failed.
+    Qmp(crate::qmp::Error),
     /// An argument was refused.
     InvalidArgument {
         /// The operation.
@@ -189,6 +191,7 @@ impl fmt::Display for Error {
                 write!(f, "{op}: timed out after {:.1} s", after.as_secs_f64())
             }
             Error::InvalidArgument { op, message } => write!(f, "{op}: {message}"),
+            Error::Qmp(e) => write!(f, "{e}"),
         }
     }
 }
@@ -199,6 +202,7 @@ impl std::error::Error for Error {
             Error::Io { source, .. } | Error::ConnectTimeout { source, .. } => Some(source),
             Error::Frame { source, .. } => Some(source),
             Error::Decode { source, .. } => Some(source),
+            Error::Qmp(e) => Some(e),
             _ => None,
         }
     }

@@ -1,5 +1,6 @@
 //! The `vmhost` command line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,6 +21,14 @@ USAGE:
     vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop)
         Send one control request to a per-VM host process (its vmhost.sock) and print
         the reply JSON on one line. Exits 0 when the reply says ok, 1 otherwise.
+
+    vmhost qmp SOCKET [--timeout SECS] COMMAND [ARGS_JSON]
+        Run one QMP command on the QEMU whose QMP socket is SOCKET and print its return
+        value as one line of JSON (exit 0), or the QMP error class and description on
+        stderr (exit 1).
+
+    vmhost qmp SOCKET [--timeout SECS] --events [--count N]
+        Print QEMU's events as JSON lines, N of them or until QEMU exits.
 
     vmhost --help | --version
 
@@ -45,6 +54,7 @@ fn main() -> ExitCode {
         }
         Some("helper") => cmd_helper(&args[1..]),
         Some("ctl") => cmd_ctl(&args[1..]),
+        Some("qmp") => cmd_qmp(&args[1..]),
         Some(other) => Err(format!("unknown command {other:?}; see 'vmhost --help'")),
     };
     match result {
@@ -141,5 +151,85 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
             eprintln!("vmhost ctl: {e}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+fn cmd_qmp(args: &[String]) -> Result<ExitCode, String> {
+    use vmhost::qmp;
+    let usage = "usage: vmhost qmp SOCKET [--timeout SECS] (COMMAND [ARGS_JSON] | --events [--count N])";
+    let Some(socket) = args.first() else { return Err(usage.into()) };
+    let mut timeout = Duration::from_secs(10);
+    let mut events = false;
+    let mut count: Option<u64> = None;
+    let mut positional = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        if let Some(v) = flag_value(args, &mut i, "--timeout")? {
+            let secs: f64 = v.parse().map_err(|_| format!("--timeout: {v:?} is not a number of seconds"))?;
+            timeout = Duration::from_secs_f64(secs.clamp(0.001, 86_400.0));
+        } else if let Some(v) = flag_value(args, &mut i, "--count")? {
+            count = Some(v.parse().map_err(|_| format!("--count: {v:?} is not a number"))?);
+        } else if args[i] == "--events" {
+            events = true;
+        } else {
+            positional.push(args[i].clone());
+        }
+        i += 1;
+    }
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect {socket}: {e}; is QEMU running with -qmp unix:{socket},server=on?"))?;
+    let fail = |e: qmp::Error| -> Result<ExitCode, String> {
+        match e {
+            qmp::Error::Qmp { class, desc, .. } => eprintln!("{class}: {desc}"),
+            other => eprintln!("vmhost qmp: {other}"),
+        }
+        Ok(ExitCode::FAILURE)
+    };
+    if events {
+        if !positional.is_empty() {
+            return Err(usage.into());
+        }
+        let (client, listener) = match qmp::Client::connect_with_listener(stream, timeout, 1024) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        let mut seen = 0u64;
+        let mut out = std::io::stdout().lock();
+        while count.is_none_or(|n| seen < n) {
+            match listener.recv() {
+                Ok(ev) => {
+                    let line = serde_json::to_string(&ev).map_err(|e| e.to_string())?;
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        break; // stdout closed: we are done
+                    }
+                    seen += 1;
+                }
+                Err(_) => break, // QEMU went away
+            }
+        }
+        client.close();
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (name, arguments) = match positional.as_slice() {
+        [name] => (name, None),
+        [name, json] => {
+            let v: serde_json::Value =
+                serde_json::from_str(json).map_err(|e| format!("ARGS_JSON is not valid JSON: {e}"))?;
+            (name, Some(v))
+        }
+        _ => return Err(usage.into()),
+    };
+    let client = match qmp::Client::connect(stream, timeout) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let result = client.execute_raw(name, arguments, timeout);
+    client.close();
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => fail(e),
     }
 }

@@ -59,3 +59,66 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn vmhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmhost"))
 }
+
+/// Whether this run is CI (`CI=true`): missing prerequisites fail instead of skipping.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The QEMU binary, or `None` (with the reason printed) when it is missing outside CI.
+/// Under CI a missing QEMU fails the test.
+pub fn qemu_binary(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("qemu-system-x86_64")).find(|c| c.is_file()));
+    if found.is_none() {
+        let msg = "qemu-system-x86_64 not found; install it with \
+                   apt-get install -y --no-install-recommends qemu-system-x86 (scripts/test.sh does)";
+        if under_ci() {
+            panic!("{test}: {msg}");
+        }
+        eprintln!("SKIP {test}: {msg}");
+    }
+    found
+}
+
+/// A QEMU with no guest (`-M none`) serving QMP on a Unix socket; killed on drop.
+pub struct Qemu {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Qemu {
+    /// Starts it, or `None` when QEMU is missing outside CI.
+    pub fn start(test: &str) -> Option<Qemu> {
+        let bin = qemu_binary(test)?;
+        let dir = TempDir::new("qemu");
+        let socket = dir.join("qmp.sock");
+        let child = std::process::Command::new(bin)
+            .args(["-M", "none", "-nodefaults", "-display", "none", "-m", "16M", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu");
+        assert!(
+            wait_until(Duration::from_secs(20), || socket.exists()),
+            "QEMU did not create its QMP socket"
+        );
+        Some(Qemu { child, socket, _dir: dir })
+    }
+
+    pub fn stream(&self) -> std::os::unix::net::UnixStream {
+        std::os::unix::net::UnixStream::connect(&self.socket).expect("connect to QMP socket")
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}

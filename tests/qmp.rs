@@ -238,3 +238,24 @@ fn cli_prints_return_or_error() {
     assert_eq!(first["event"], "SHUTDOWN", "{text}");
     assert_eq!(first["data"]["reason"], "host-signal");
 }
+
+#[test]
+fn works_over_tcp_too() {
+    let Some(bin) = common::qemu_binary("works_over_tcp_too") else { return };
+    // A free loopback port: bind, read it back, release it for QEMU.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(bin)
+        .args(["-M", "none", "-nodefaults", "-display", "none", "-qmp"])
+        .arg(format!("tcp:127.0.0.1:{port},server=on,wait=off"))
+        .spawn()
+        .unwrap();
+    let mut stream = None;
+    assert!(common::wait_until(T, || {
+        stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok();
+        stream.is_some()
+    }));
+    let c = Client::connect(stream.unwrap(), T).unwrap();
+    assert!(c.execute(&cmd::QueryStatus, T).unwrap().running);
+    let _ = c.execute(&cmd::Quit, T);
+    assert!(common::wait_until(T, || child.try_wait().unwrap().is_some()), "QEMU did not quit");
+}

@@ -61,10 +61,53 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("stat socket path", path, e)),
     }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
+    let listener = bind_private(path).map_err(|e| Error::io("bind", path, e))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io("chmod socket", path, e))?;
     Ok(listener)
+}
+
+/// Binds and listens with the socket node created 0600 from the start: on Linux the node
+/// takes the socket inode's mode, which `fchmod` sets before `bind`.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    socket::listen(&fd, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))?;
+    Ok(UnixListener::from(fd))
+}
+
+/// Makes sure `dir` is a directory only we can enter: creates it 0700, or checks that an
+/// existing one is ours and closed to others.
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io("create private directory", dir, e)),
+        Err(e) => Err(Error::io("stat", dir, e)),
+        Ok(m) => {
+            let me = nix::unistd::geteuid().as_raw();
+            if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
+                return Err(Error::io(
+                    "use private directory",
+                    dir,
+                    io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "must be a directory owned by uid {me} with mode 0700 (it is {:o}, uid {})",
+                            m.mode() & 0o7777,
+                            m.uid()
+                        ),
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// One non-blocking connect attempt; `WouldBlock` when the listener's backlog is full.

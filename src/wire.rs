@@ -33,6 +33,10 @@ pub const HEADER_SIZE: usize = 6;
 /// The default bound on a frame's payload: 64 MiB.
 pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
 
+/// The most elements a string list, map or mount list may have. Bounds what a decoded
+/// payload costs in memory (an empty string on the wire is 4 bytes, in memory 24).
+pub const MAX_LIST: u32 = 1 << 16;
+
 macro_rules! catalogue {
     ($( $(#[$doc:meta])* $konst:ident = $num:literal => $name:literal, )*) => {
         $( $(#[$doc])* pub const $konst: u16 = $num; )*
@@ -633,6 +637,12 @@ impl<'a> Decoder<'a> {
     fn count(&mut self, what: &'static str, min_size: usize) -> Result<u32, DecodeError> {
         let offset = self.pos;
         let count = self.u32()?;
+        if count > MAX_LIST {
+            return Err(DecodeError::OutOfRange {
+                field: what,
+                reason: format!("{count} elements at offset {offset}; at most {MAX_LIST} are accepted"),
+            });
+        }
         if count as u64 * min_size as u64 > self.remaining() as u64 {
             return Err(DecodeError::CountTooLarge { what, offset, count, remaining: self.remaining() });
         }
@@ -1625,7 +1635,9 @@ mod tests {
         let mut d = Decoder::new(&[0, 0, 0, 9, b'a']);
         assert!(matches!(d.string(), Err(DecodeError::Truncated { needed: 9, .. })));
         let mut d = Decoder::new(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.string_list(), Err(DecodeError::CountTooLarge { .. })));
+        assert!(matches!(d.string_list(), Err(DecodeError::OutOfRange { .. })));
+        let mut d = Decoder::new(&[0, 0, 0, 100, 0, 0, 0, 0]);
+        assert!(matches!(d.string_list(), Err(DecodeError::CountTooLarge { count: 100, .. })));
         let mut d = Decoder::new(&[0, 0, 0, 1, 0xff]);
         assert_eq!(d.string(), Err(DecodeError::InvalidUtf8 { offset: 4 }));
         let mut d = Decoder::new(&[2]);

@@ -242,3 +242,17 @@ fn ctl_reply_with_ok_false_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "{\"ok\":false,\"error\":\"vm crashed\"}\n");
 }
+
+#[test]
+fn second_start_on_a_live_socket_fails_and_keeps_the_pid_file() {
+    let dir = TempDir::new("ctltwice");
+    let (f, _remote) = fake();
+    let first = ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), f.clone()).unwrap();
+    let pid = std::fs::read_to_string(dir.join("vmhost.pid")).unwrap();
+    assert!(matches!(
+        ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), f),
+        Err(vmhost::Error::SocketInUse { .. })
+    ));
+    assert_eq!(std::fs::read_to_string(dir.join("vmhost.pid")).unwrap(), pid, "the live server's pid file");
+    assert!(ControlClient::new(first.socket_path()).is_alive());
+}

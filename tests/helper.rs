@@ -282,3 +282,29 @@ fn use_helper_parses_the_documented_values() {
 fn use_helper_inner() {
     println!("use_helper={}", client::use_helper());
 }
+
+#[test]
+fn refused_frames_never_cost_the_helper() {
+    // A helper with a small frame bound, a client with the default one.
+    let dir = TempDir::new("hbound");
+    let sock = dir.join("helper.sock");
+    let mut child = Command::new(vmhost_bin())
+        .args(["helper", "--max-frame", "1024", "--socket"])
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let c = client::connect_to(&sock, GUARD).unwrap();
+    // The helper refuses the frame and says why; the client reports that, not EPIPE.
+    let big = vec![0u8; 1 << 20];
+    let e = remote(c.call(msg::FS_WRITE_FILE, &big));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("frame too large"), "{}", e.message);
+    // A frame the client itself refuses (over its own 64 MiB bound) is never sent.
+    let huge = vec![0u8; (wire::DEFAULT_MAX_FRAME + 1) as usize];
+    assert!(matches!(c.call(msg::FS_WRITE_FILE, &huge), Err(Error::Frame { .. })));
+    // Neither cost the helper: it still serves.
+    assert_eq!(remote(c.call(msg::INSTANCE_ID, &[])).code, ErrorCode::NotRunning);
+    assert!(child.try_wait().unwrap().is_none());
+    c.close().unwrap();
+    assert!(wait_exit(&mut child).success());
+}

@@ -301,3 +301,46 @@ fn client_is_send_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Client>();
 }
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn dropping_the_client_ends_its_reader_thread() {
+    // Warm up so lazily started threads are in the baseline.
+    let (mut f, theirs) = Fake::pair();
+    let s = thread::spawn(move || {
+        f.handshake();
+        f
+    });
+    drop(connect(theirs));
+    drop(s.join().unwrap());
+    let before = thread_count();
+    let mut fakes = Vec::new();
+    for _ in 0..20 {
+        let (mut f, theirs) = Fake::pair();
+        let s = thread::spawn(move || {
+            f.handshake();
+            f
+        });
+        let c = connect(theirs);
+        let listener = c.listen(4);
+        drop(c);
+        // The last clone is gone: the connection is closed, listeners see it.
+        assert!(matches!(listener.recv_timeout(T), Err(Error::Closed)));
+        fakes.push(s.join().unwrap()); // keep the server ends open: only our side closes
+    }
+    assert!(common_wait(|| thread_count() <= before), "threads grew from {before} to {}", thread_count());
+}
+
+fn common_wait(mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < T {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    false
+}

@@ -96,7 +96,7 @@ fn panicking_handler_answers_99_and_connection_goes_on() {
 #[test]
 fn oversized_frame_gets_error_and_close_others_unaffected() {
     let dir = TempDir::new("srv");
-    let server = start(&dir, ServerOptions { max_frame: 1024 });
+    let server = start(&dir, ServerOptions { max_frame: 1024, ..Default::default() });
     let mut other = UnixStream::connect(server.socket_path()).unwrap();
     let mut conn = UnixStream::connect(server.socket_path()).unwrap();
     conn.write_all(&wire::Header { ty: msg::FS_WRITE_FILE, len: 1025 }.to_bytes()).unwrap();
@@ -367,4 +367,16 @@ fn server_gone_mid_call_gives_error_not_hang() {
         Err(Error::Frame { op, .. }) => assert_eq!(op, "InstanceWait"),
         other => panic!("expected a frame error, got {other:?}"),
     }
+}
+
+#[test]
+fn serve_until_idle_gives_up_when_no_client_ever_comes() {
+    let dir = TempDir::new("noclient");
+    let opts = ServerOptions { first_client_timeout: Duration::from_millis(100), ..Default::default() };
+    let server = Server::bind_with(dir.join("s.sock"), Arc::new(test_mux()), opts).unwrap();
+    let s = server.clone();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || tx.send(s.serve_until_idle()).unwrap());
+    assert!(rx.recv_timeout(GUARD).expect("returned").is_ok());
+    server.close();
 }

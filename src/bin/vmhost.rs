@@ -132,7 +132,7 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
                     Some(v) => {
                         let secs: f64 =
                             v.parse().map_err(|_| format!("--timeout: {v:?} is not a number of seconds"))?;
-                        timeout = Duration::from_secs_f64(secs.max(0.0)).as_secs().max(1) as i64;
+                        timeout = secs.clamp(1.0, 86_400.0) as i64;
                     }
                     None => return Err(usage.into()),
                 }
@@ -176,8 +176,8 @@ fn cmd_qmp(args: &[String]) -> Result<ExitCode, String> {
         }
         i += 1;
     }
-    let stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("connect {socket}: {e}; is QEMU running with -qmp unix:{socket},server=on?"))?;
+    let stream = vmhost::unix::dial(std::path::Path::new(socket), timeout)
+        .map_err(|e| format!("{e}; is QEMU running with -qmp unix:{socket},server=on?"))?;
     let fail = |e: qmp::Error| -> Result<ExitCode, String> {
         match e {
             qmp::Error::Qmp { class, desc, .. } => eprintln!("{class}: {desc}"),

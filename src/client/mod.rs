@@ -47,9 +47,17 @@ impl Response {
 }
 
 /// A connection pool to one helper, and the helper process if we started it.
+///
+/// The first connection is a lifeline that carries no calls: the helper lives as long
+/// as it has a client, so a call that loses its connection (an I/O error, a refused
+/// frame) never makes the helper exit under us.
 pub struct Client {
     path: PathBuf,
-    idle: Mutex<Vec<UnixStream>>,
+    lifeline: UnixStream,
+    idle: Mutex<Vec<Conn>>,
+    /// Every open call connection (idle or busy), to shut them all down on close.
+    open: Mutex<std::collections::HashMap<u64, UnixStream>>,
+    next_conn: AtomicU64,
     helper: Mutex<Option<Child>>,
     closed: AtomicBool,
     max_frame: u32,
@@ -79,6 +87,9 @@ pub fn connect_to(path: impl AsRef<Path>, timeout: Duration) -> Result<Client> {
 pub fn spawn_helper() -> Result<Client> {
     let bin = find_helper(&HelperSearch::from_env())?;
     let socket = helper_socket_path();
+    if let Some(dir) = socket.parent() {
+        unix::ensure_private_dir(dir)?;
+    }
     log::debug!("starting helper {} on {}", bin.display(), socket.display());
     let mut child = Command::new(&bin)
         .arg("helper")
@@ -175,24 +186,25 @@ pub fn find_helper(search: &HelperSearch) -> Result<PathBuf> {
     Err(Error::HelperNotFound { searched: candidates })
 }
 
-/// A fresh socket path for a helper: `vmhost-<pid>-<nanos>-<n>.sock` under
-/// `$XDG_RUNTIME_DIR`, else `$TMPDIR`, else `/tmp`; `/tmp` when that would be too long
-/// for a socket.
+/// A fresh socket path for a helper: `vmhost-<pid>-<nanos>-<n>.sock` in a private
+/// (0700) directory `vmhost-<uid>` under `$XDG_RUNTIME_DIR`, else `$TMPDIR`, else
+/// `/tmp`; under `/tmp` when that would be too long for a socket.
 pub fn helper_socket_path() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let name =
         format!("vmhost-{}-{}-{}.sock", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed));
-    let dir = ["XDG_RUNTIME_DIR", "TMPDIR"]
+    let private = format!("vmhost-{}", nix::unistd::geteuid().as_raw());
+    let base = ["XDG_RUNTIME_DIR", "TMPDIR"]
         .iter()
         .filter_map(std::env::var_os)
         .find(|v| !v.is_empty())
         .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    let path = dir.join(&name);
+    let path = base.join(&private).join(&name);
     if path.as_os_str().len() <= unix::MAX_SOCKET_PATH {
         path
     } else {
-        PathBuf::from("/tmp").join(name)
+        PathBuf::from("/tmp").join(private).join(name)
     }
 }
 
@@ -222,7 +234,10 @@ impl Client {
     fn new(path: PathBuf, first: UnixStream, helper: Option<Child>) -> Client {
         Client {
             path,
-            idle: Mutex::new(vec![first]),
+            lifeline: first,
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(std::collections::HashMap::new()),
+            next_conn: AtomicU64::new(1),
             helper: Mutex::new(helper),
             closed: AtomicBool::new(false),
             max_frame: wire::DEFAULT_MAX_FRAME,
@@ -244,21 +259,41 @@ impl Client {
         self.helper.lock().as_ref().map(Child::id)
     }
 
-    fn checkout(&self) -> Result<UnixStream> {
+    fn checkout(&self) -> Result<Conn> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        if let Some(s) = self.idle.lock().pop() {
-            return Ok(s);
+        if let Some(c) = self.idle.lock().pop() {
+            return Ok(c);
         }
-        unix::connect_retry(&self.path, Duration::from_secs(5), CONNECT_RETRY_INTERVAL)
+        // The helper is up (we hold its lifeline): a refused connect means it died, so
+        // fail at once instead of retrying; wait only while its backlog is full.
+        let stream = unix::dial(&self.path, Duration::from_secs(5))?;
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let clone = stream.try_clone().map_err(|e| Error::io("clone connection", &self.path, e))?;
+        self.open.lock().insert(id, clone);
+        if self.closed.load(Ordering::SeqCst) {
+            self.discard(Conn { id, stream });
+            return Err(Error::Closed);
+        }
+        Ok(Conn { id, stream })
     }
 
-    fn checkin(&self, s: UnixStream) {
+    /// Returns a healthy connection to the pool.
+    fn checkin(&self, c: Conn) {
         let mut idle = self.idle.lock();
         if !self.closed.load(Ordering::SeqCst) && idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(s);
+            idle.push(c);
+        } else {
+            drop(idle);
+            self.discard(c);
         }
+    }
+
+    /// Closes a connection that is in an unknown state (mid-frame, broken).
+    fn discard(&self, c: Conn) {
+        self.open.lock().remove(&c.id);
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// Sends a request and waits for its answer. Returns the Response (past its OK
@@ -293,19 +328,46 @@ impl Client {
     ) -> Result<Response> {
         let op = wire::type_name(ty);
         let mut conn = self.checkout()?;
-        let frame_err = |source: FrameError| Error::Frame { op: op.clone(), source };
-        wire::write_frame(&mut conn, ty, payload, self.max_frame).map_err(frame_err)?;
+        match wire::write_frame(&mut conn.stream, ty, payload, self.max_frame) {
+            Ok(()) => {}
+            Err(e @ FrameError::TooLarge { .. }) => {
+                // Refused here, nothing was sent: the connection is still good.
+                self.checkin(conn);
+                return Err(Error::Frame { op, source: e });
+            }
+            Err(e) => {
+                // The helper may have refused the frame (too large for it) and closed:
+                // its Error frame is still readable and says why.
+                let _ = conn.stream.set_read_timeout(Some(Duration::from_millis(200)));
+                let answer = wire::read_frame(&mut conn.stream, self.max_frame);
+                self.discard(conn);
+                if let Ok(f) = answer {
+                    if f.ty == msg::ERROR {
+                        if let Ok(ef) = ErrorFrame::from_payload(&f.payload) {
+                            return Err(Error::Remote(ef));
+                        }
+                    }
+                }
+                return Err(Error::Frame { op, source: e });
+            }
+        }
         loop {
-            let frame = wire::read_frame(&mut conn, self.max_frame).map_err(|e| match e {
-                FrameError::Eof => Error::Frame {
-                    op: op.clone(),
-                    source: FrameError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the helper closed the connection without answering",
-                    )),
-                },
-                e => frame_err(e),
-            })?;
+            let frame = match wire::read_frame(&mut conn.stream, self.max_frame) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.discard(conn);
+                    return Err(Error::Frame {
+                        op,
+                        source: match e {
+                            FrameError::Eof => FrameError::Io(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the helper closed the connection without answering",
+                            )),
+                            e => e,
+                        },
+                    });
+                }
+            };
             match frame.ty {
                 msg::RESPONSE | msg::STREAM_END => {
                     self.checkin(conn);
@@ -326,9 +388,11 @@ impl Client {
                     return Err(Error::Remote(ef));
                 }
                 other => {
-                    // On error the rest of this answer is still on the connection, which
-                    // is dropped with `conn` instead of going back to the pool.
-                    on_frame(other, &frame.payload)?;
+                    if let Err(e) = on_frame(other, &frame.payload) {
+                        // The rest of this answer is still on the connection.
+                        self.discard(conn);
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -352,9 +416,11 @@ impl Client {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        for s in self.idle.lock().drain(..) {
+        self.idle.lock().clear();
+        for (_, s) in self.open.lock().drain() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        let _ = self.lifeline.shutdown(std::net::Shutdown::Both);
         let Some(mut child) = self.helper.lock().take() else {
             return Ok(());
         };
@@ -383,6 +449,12 @@ impl Client {
 
 fn unexpected(request: u16, got: u16) -> Error {
     Error::UnexpectedFrame { request: wire::type_name(request), got }
+}
+
+/// One call connection of the pool.
+struct Conn {
+    id: u64,
+    stream: UnixStream,
 }
 
 impl Drop for Client {

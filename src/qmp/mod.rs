@@ -19,7 +19,7 @@
 //!   [`Listener::dropped`]) instead of blocking the reader, so replies keep flowing.
 //! - Lines up to [`DEFAULT_MAX_LINE`] (32 MiB) are read; a longer one breaks the
 //!   connection with a clear error. Malformed lines are counted and skipped, up to
-//!   [`MAX_MALFORMED`], after which the connection is declared broken.
+//!   [`MAX_MALFORMED`] in a row, after which the connection is declared broken.
 //! - When the connection ends (EOF, reset, [`Client::close`]), every waiting caller and
 //!   every listener gets the error at once, and [`Client::is_connected`] turns false.
 //!
@@ -59,7 +59,7 @@ use msg::Incoming;
 
 /// The longest line read by default: 32 MiB.
 pub const DEFAULT_MAX_LINE: usize = 32 << 20;
-/// Malformed lines tolerated before the connection is declared broken.
+/// Malformed lines in a row tolerated before the connection is declared broken.
 pub const MAX_MALFORMED: u64 = 100;
 
 /// Errors of the QMP client.
@@ -235,11 +235,34 @@ impl Shared {
     }
 }
 
-/// A QMP connection. Cheap to clone; all clones share the connection. `Send + Sync`:
-/// any number of threads may execute commands at once.
+/// A QMP connection. Cheap to clone; all clones share the connection, which closes
+/// when the last clone is dropped. `Send + Sync`: any number of threads may execute
+/// commands at once.
 #[derive(Clone)]
 pub struct Client {
+    handle: Arc<Handle>,
+}
+
+/// Owned by the user-facing clones only (the reader thread holds [`Shared`]), so that
+/// dropping the last [`Client`] closes the connection and ends the reader.
+struct Handle {
     shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        close_shared(&self.shared);
+    }
+}
+
+fn close_shared(sh: &Shared) {
+    {
+        let mut st = sh.state.lock();
+        if matches!(*st, ConnState::Connected) {
+            *st = ConnState::Closed;
+        }
+    }
+    sh.end(None);
 }
 
 impl fmt::Debug for Client {
@@ -291,7 +314,7 @@ impl Client {
             malformed: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
         });
-        let client = Client { shared: shared.clone() };
+        let client = Client { handle: Arc::new(Handle { shared: shared.clone() }) };
         let early = early_listener.map(|cap| client.listen(cap));
         let (greet_tx, greet_rx) = crossbeam_channel::bounded(1);
         thread::Builder::new()
@@ -301,8 +324,11 @@ impl Client {
 
         let greeted = greet_rx.recv_timeout(timeout);
         if greeted.is_err() {
-            let err =
-                client.shared.error().unwrap_or(Error::Timeout { what: "greeting".into(), after: timeout });
+            let err = client
+                .handle
+                .shared
+                .error()
+                .unwrap_or(Error::Timeout { what: "greeting".into(), after: timeout });
             client.close();
             return Err(err);
         }
@@ -316,12 +342,12 @@ impl Client {
 
     /// The greeting the server sent: QEMU's version and capabilities.
     pub fn server_info(&self) -> &Greeting {
-        self.shared.greeting.get().expect("connect returns only after the greeting")
+        self.handle.shared.greeting.get().expect("connect returns only after the greeting")
     }
 
     /// Whether the connection is up.
     pub fn is_connected(&self) -> bool {
-        matches!(*self.shared.state.lock(), ConnState::Connected)
+        matches!(*self.handle.shared.state.lock(), ConnState::Connected)
     }
 
     /// Runs a typed command.
@@ -338,7 +364,7 @@ impl Client {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        let sh = &self.shared;
+        let sh = &self.handle.shared;
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         sh.pending.lock().insert(id, tx);
@@ -359,24 +385,46 @@ impl Client {
             message: format!("cannot encode the command: {e}"),
         })?;
         line.push(b'\n');
-        let written = {
-            let mut w = sh.writer.lock();
-            w.write_all(&line).and_then(|()| w.flush())
+        let start = Instant::now();
+        let written = match sh.writer.try_lock_for(timeout) {
+            None => {
+                sh.pending.lock().remove(&id);
+                return Err(Error::Timeout { what: name.into(), after: timeout });
+            }
+            Some(mut w) => {
+                let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+                w.set_write_deadline(Some(left)).and_then(|()| w.write_all(&line)).and_then(|()| w.flush())
+            }
         };
         if let Err(e) = written {
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                sh.pending.lock().remove(&id);
+                sh.end(Some(format!(
+                    "QEMU stopped reading: sending {name} did not finish within {timeout:?}"
+                )));
+                return Err(Error::Timeout { what: name.into(), after: timeout });
+            }
             sh.pending.lock().remove(&id);
             // A partial line cannot be taken back: the connection is unusable now.
             let err = sh.error().unwrap_or_else(|| Error::io(format!("send {name}"), &e));
             sh.end(Some(format!("sending {name} failed: {e}")));
             return Err(err);
         }
-        match rx.recv_timeout(timeout) {
+        match rx.recv_timeout(timeout.saturating_sub(start.elapsed())) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(Error::Qmp { class, desc, .. })) => Err(Error::Qmp { command: name.into(), class, desc }),
             Ok(Err(e)) => Err(e),
             Err(RecvTimeoutError::Timeout) => {
                 sh.pending.lock().remove(&id);
-                Err(Error::Timeout { what: name.into(), after: timeout })
+                // The reply may have been routed between the timeout and the removal.
+                match rx.try_recv() {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(Error::Qmp { class, desc, .. })) => {
+                        Err(Error::Qmp { command: name.into(), class, desc })
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(Error::Timeout { what: name.into(), after: timeout }),
+                }
             }
             Err(RecvTimeoutError::Disconnected) => Err(sh.error().unwrap_or(Error::Closed)),
         }
@@ -386,34 +434,33 @@ impl Client {
     /// undelivered events (further ones are dropped and counted).
     pub fn listen(&self, capacity: usize) -> Listener {
         let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
-        let id = self.shared.next_listener.fetch_add(1, Ordering::Relaxed);
+        let id = self.handle.shared.next_listener.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
-        if self.is_connected() {
-            self.shared.listeners.lock().push(Slot { id, tx, dropped: dropped.clone() });
+        {
+            // Checked under the listeners lock: `end` sets the state first, then clears
+            // the listeners under this lock, so a listener is either cleared or never added.
+            let mut listeners = self.handle.shared.listeners.lock();
+            if self.is_connected() {
+                listeners.push(Slot { id, tx, dropped: dropped.clone() });
+            }
         }
-        Listener { id, rx, dropped, shared: self.shared.clone() }
+        Listener { id, rx, dropped, shared: self.handle.shared.clone() }
     }
 
     /// Lines that were not valid QMP and were skipped.
     pub fn malformed_lines(&self) -> u64 {
-        self.shared.malformed.load(Ordering::Relaxed)
+        self.handle.shared.malformed.load(Ordering::Relaxed)
     }
 
     /// Replies that matched no waiting call (late replies after a timeout, or replies
     /// without an id) and were dropped.
     pub fn unmatched_replies(&self) -> u64 {
-        self.shared.unmatched.load(Ordering::Relaxed)
+        self.handle.shared.unmatched.load(Ordering::Relaxed)
     }
 
     /// Closes the connection: pending calls and listeners get [`Error::Closed`].
     pub fn close(&self) {
-        {
-            let mut st = self.shared.state.lock();
-            if matches!(*st, ConnState::Connected) {
-                *st = ConnState::Closed;
-            }
-        }
-        self.shared.end(None);
+        close_shared(&self.handle.shared);
     }
 }
 
@@ -421,6 +468,7 @@ impl Client {
 fn reader_loop(sh: Arc<Shared>, stream: Box<dyn Stream>, max_line: usize, greet_tx: Sender<()>) {
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut line = Vec::new();
+    let mut consecutive_bad = 0u64;
     let reason = loop {
         match read_line(&mut reader, &mut line, max_line) {
             Ok(true) => {}
@@ -432,7 +480,11 @@ fn reader_loop(sh: Arc<Shared>, stream: Box<dyn Stream>, max_line: usize, greet_
         if trimmed.is_empty() {
             continue;
         }
-        match msg::parse_line(trimmed) {
+        let incoming = msg::parse_line(trimmed);
+        if !matches!(incoming, Incoming::Malformed(_)) {
+            consecutive_bad = 0;
+        }
+        match incoming {
             Incoming::Greeting(g) => {
                 if sh.greeting.set(g).is_ok() {
                     let _ = greet_tx.try_send(());
@@ -459,11 +511,13 @@ fn reader_loop(sh: Arc<Shared>, stream: Box<dyn Stream>, max_line: usize, greet_
                 }
             }
             Incoming::Malformed(why) => {
-                let n = sh.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                sh.malformed.fetch_add(1, Ordering::Relaxed);
+                consecutive_bad += 1;
                 log::warn!("QMP: skipped a malformed line ({why})");
-                if n >= MAX_MALFORMED {
-                    break format!("{n} malformed lines; the last: {why}");
+                if consecutive_bad >= MAX_MALFORMED {
+                    break format!("{consecutive_bad} malformed lines in a row; the last: {why}");
                 }
+                continue;
             }
         }
     };

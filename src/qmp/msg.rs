@@ -129,6 +129,14 @@ pub(crate) fn parse_line(line: &[u8]) -> Incoming {
     if let Some(err) = obj.remove("error") {
         return match serde_json::from_value::<ErrorBody>(err) {
             Ok(body) => Incoming::Reply { id, result: Err(body) },
+            // Still an answer to its caller, who must not wait out the timeout for it.
+            Err(e) if id.is_some() => Incoming::Reply {
+                id,
+                result: Err(ErrorBody {
+                    class: "MalformedError".into(),
+                    desc: format!("unreadable error reply: {e}"),
+                }),
+            },
             Err(e) => Incoming::Malformed(format!("bad error reply: {e}")),
         };
     }

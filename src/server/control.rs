@@ -185,14 +185,45 @@ impl Shared {
     }
 }
 
-/// Reads one JSON request (up to [`MAX_REQUEST`] bytes) without waiting for EOF.
+/// Reads one JSON request (up to [`MAX_REQUEST`] bytes, within [`REQUEST_DEADLINE`]
+/// for the whole request) without waiting for EOF.
 fn read_request(stream: &UnixStream) -> std::result::Result<Request, String> {
-    let reader = BufReader::new(stream.take(MAX_REQUEST));
-    let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Request>();
-    match de.next() {
+    let mut limited = Deadline { stream, until: Instant::now() + REQUEST_DEADLINE, read: 0 };
+    let result = {
+        let reader = BufReader::new((&mut limited).take(MAX_REQUEST));
+        let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Request>();
+        de.next()
+    };
+    match result {
         Some(Ok(req)) => Ok(req),
+        Some(Err(_)) if limited.read >= MAX_REQUEST => {
+            Err(format!("request larger than {MAX_REQUEST} bytes"))
+        }
+        Some(Err(e)) if e.is_io() => {
+            Err(format!("no complete request within {} s: {e}", REQUEST_DEADLINE.as_secs()))
+        }
         Some(Err(e)) => Err(e.to_string()),
         None => Err("empty request".to_string()),
+    }
+}
+
+/// A reader whose reads all end by one deadline.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    until: Instant,
+    read: u64,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let n = (&mut &*self.stream).read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -218,14 +249,30 @@ impl ControlServer {
         let pid_path = pid_path.as_ref().to_path_buf();
         unix::check_socket_path(&socket)?;
         if let Some(dir) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("create VM directory", dir, e))?;
+            if !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| Error::io("create VM directory", dir, e))?;
+            }
         }
-        std::fs::write(&pid_path, std::process::id().to_string())
+        // A live host process keeps its files: check before touching the pid file.
+        if unix::dial(&socket, Duration::from_millis(200)).is_ok() {
+            return Err(Error::SocketInUse { path: socket });
+        }
+        let me = std::process::id().to_string();
+        let tmp = pid_path.with_extension(format!("pid.{me}.tmp"));
+        std::fs::write(&tmp, &me)
+            .and_then(|()| std::fs::rename(&tmp, &pid_path))
             .map_err(|e| Error::io("write pid file", &pid_path, e))?;
         let listener = match unix::bind_socket(&socket) {
             Ok(l) => Arc::new(l),
             Err(e) => {
-                let _ = std::fs::remove_file(&pid_path);
+                if std::fs::read_to_string(&pid_path).is_ok_and(|p| p == me) {
+                    let _ = std::fs::remove_file(&pid_path);
+                }
                 return Err(e);
             }
         };

@@ -177,12 +177,27 @@ impl Handler for Mux {
 pub struct ServerOptions {
     /// Largest request payload accepted, in bytes.
     pub max_frame: u32,
+    /// Connections served at once; more are answered with an Error frame and closed.
+    pub max_connections: usize,
+    /// For [`Server::serve_until_idle`]: how long to wait for the first client before
+    /// giving up (a client that died before connecting must not leave us running).
+    pub first_client_timeout: std::time::Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> ServerOptions {
-        ServerOptions { max_frame: wire::DEFAULT_MAX_FRAME }
+        ServerOptions {
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            max_connections: 1024,
+            first_client_timeout: std::time::Duration::from_secs(30),
+        }
     }
+}
+
+enum Accepted {
+    Conn(UnixStream),
+    Nothing,
+    Closed,
 }
 
 struct Inner {
@@ -281,17 +296,32 @@ impl Server {
     pub fn serve_until_idle(&self) -> Result<()> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
+        let started = std::time::Instant::now();
         let mut served_any = false;
         loop {
             if self.is_closed() {
                 return Ok(());
             }
+            let timeout = if served_any {
+                PollTimeout::NONE
+            } else {
+                let left = self.inner.opts.first_client_timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    log::warn!(
+                        "{}: no client came within {:?}; exiting",
+                        self.inner.path.display(),
+                        self.inner.opts.first_client_timeout
+                    );
+                    return Ok(());
+                }
+                PollTimeout::try_from(left.as_millis().min(60_000) as u64 as i32).unwrap_or(PollTimeout::MAX)
+            };
             let (listen_ready, wake_ready) = {
                 let mut fds = [
                     PollFd::new(self.inner.listener.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.inner.idle_wake.1.as_fd(), PollFlags::POLLIN),
                 ];
-                match poll(&mut fds, PollTimeout::NONE) {
+                match poll(&mut fds, timeout) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(Error::io("poll", &self.inner.path, e.into())),
@@ -304,12 +334,13 @@ impl Server {
                 while matches!((&self.inner.idle_wake.1).read(&mut buf), Ok(n) if n > 0) {}
             }
             if listen_ready {
-                match self.accept()? {
-                    Some(stream) => {
+                match self.accept_once()? {
+                    Accepted::Conn(stream) => {
                         served_any = true;
                         self.spawn_conn(stream);
                     }
-                    None => return Ok(()),
+                    Accepted::Nothing => {}
+                    Accepted::Closed => return Ok(()),
                 }
             } else if served_any && self.inner.active.load(Ordering::SeqCst) == 0 {
                 log::info!("{}: last client gone", self.inner.path.display());
@@ -342,26 +373,52 @@ impl Server {
     /// Accepts the next connection from an allowed peer; `None` once closed.
     fn accept(&self) -> Result<Option<UnixStream>> {
         loop {
-            if self.is_closed() {
-                return Ok(None);
+            match self.accept_once()? {
+                Accepted::Conn(s) => return Ok(Some(s)),
+                Accepted::Closed => return Ok(None),
+                Accepted::Nothing => {}
             }
-            match self.inner.listener.accept() {
-                Ok((stream, _)) => {
-                    if self.is_closed() {
-                        return Ok(None);
-                    }
-                    if unix::peer_allowed(&stream, "helper server") {
-                        return Ok(Some(stream));
-                    }
+        }
+    }
+
+    /// One accept: a connection from an allowed peer, nothing (a refused peer, a
+    /// transient error), or the server is closed.
+    fn accept_once(&self) -> Result<Accepted> {
+        if self.is_closed() {
+            return Ok(Accepted::Closed);
+        }
+        match self.inner.listener.accept() {
+            Ok((stream, _)) => {
+                if self.is_closed() {
+                    return Ok(Accepted::Closed);
                 }
-                Err(_) if self.is_closed() => return Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if is_transient_accept_error(&e) => {
-                    log::warn!("accept on {}: {e}", self.inner.path.display());
-                    thread::sleep(std::time::Duration::from_millis(10));
+                if !unix::peer_allowed(&stream, "helper server") {
+                    return Ok(Accepted::Nothing);
                 }
-                Err(e) => return Err(Error::io("accept", &self.inner.path, e)),
+                if self.inner.active.load(Ordering::SeqCst) >= self.inner.opts.max_connections {
+                    log::warn!(
+                        "{}: refusing a connection: {} already open",
+                        self.inner.path.display(),
+                        self.inner.opts.max_connections
+                    );
+                    let ef = ErrorFrame::new(
+                        ErrorCode::Unknown,
+                        "",
+                        format!("too many connections (limit {})", self.inner.opts.max_connections),
+                    );
+                    let _ = send_error(&mut &stream, &ef, self.inner.opts.max_frame);
+                    return Ok(Accepted::Nothing);
+                }
+                Ok(Accepted::Conn(stream))
             }
+            Err(_) if self.is_closed() => Ok(Accepted::Closed),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Accepted::Nothing),
+            Err(e) if is_transient_accept_error(&e) => {
+                log::warn!("accept on {}: {e}", self.inner.path.display());
+                thread::sleep(std::time::Duration::from_millis(10));
+                Ok(Accepted::Nothing)
+            }
+            Err(e) => Err(Error::io("accept", &self.inner.path, e)),
         }
     }
 
@@ -483,7 +540,7 @@ impl Inner {
     }
 }
 
-fn send_error(stream: &mut UnixStream, ef: &ErrorFrame, max: u32) -> std::result::Result<(), FrameError> {
+fn send_error(stream: &mut impl Write, ef: &ErrorFrame, max: u32) -> std::result::Result<(), FrameError> {
     use crate::wire::Wire;
     wire::write_frame(stream, msg::ERROR, &ef.to_payload(), max)?;
     stream.flush()?;

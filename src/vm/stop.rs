@@ -129,7 +129,7 @@ fn attempt(
         Some(Ok(())) => {
             let s = steps.clone();
             // The wait is bounded too, with a little slack for the thread itself.
-            match bounded(wait + Duration::from_millis(500), move || s.wait_exit(wait)) {
+            match bounded(wait.saturating_add(Duration::from_millis(500)), move || s.wait_exit(wait)) {
                 Some(true) => StepOutcome::Exited,
                 _ => StepOutcome::StillRunning,
             }
@@ -200,7 +200,10 @@ impl VmProcess {
     }
 
     fn signal(&self, sig: Signal) -> Result<()> {
-        if self.has_exited() {
+        // Checked and sent under the lock: once reaped, the pid may belong to another
+        // process, so no one may reap between the check and the signal.
+        let mut child = self.child.lock();
+        if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
             return Ok(());
         }
         signal::kill(self.pid, sig).map_err(|e| Error::Vm {
@@ -226,12 +229,12 @@ impl VmProcess {
 
     /// Waits up to `timeout` for it to exit.
     pub fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
         loop {
             if self.has_exited() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if start.elapsed() >= timeout {
                 return false;
             }
             thread::sleep(Duration::from_millis(5));

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds the guest agent as a static binary:
+#   target/x86_64-unknown-linux-gnu/release/vmhost-agent
+# The host finds it there (or through VMHOST_AGENT, or next to the vmhost binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# With an explicit --target, RUSTFLAGS reach only the target's crates, not build scripts
+# or proc macros (which cannot be static).
+RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
+  cargo build --release --target x86_64-unknown-linux-gnu --bin vmhost-agent "$@"

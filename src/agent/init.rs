@@ -1,0 +1,182 @@
+//! PID 1 in the guest: mounts, modules, power button, the server, reaping, power-off.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Read;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use super::{say, MODULES_LIST};
+
+/// Runs init; never returns while the VM lives.
+pub fn run() -> i32 {
+    let start = Instant::now();
+    mount_filesystems();
+    load_modules();
+    let _ = nix::unistd::sethostname("vmhost");
+    if let Err(e) = loopback_up() {
+        say(format_args!("cannot bring lo up: {e}"));
+    }
+    thread::spawn(watch_power_button);
+    let server = match Command::new("/proc/self/exe").arg("serve").spawn() {
+        Ok(c) => Pid::from_raw(c.id() as i32),
+        Err(e) => {
+            say(format_args!("cannot start the agent server: {e}"));
+            power_off();
+        }
+    };
+    log_line(format_args!("init ready in {} ms", start.elapsed().as_millis()));
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == server => {
+                say(format_args!("agent server exited with {code}; powering off"));
+                power_off();
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == server => {
+                say(format_args!("agent server killed by {sig:?}; powering off"));
+                power_off();
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::ECHILD) => thread::sleep(Duration::from_millis(100)),
+            Err(_) => {}
+        }
+    }
+}
+
+fn log_line(msg: std::fmt::Arguments<'_>) {
+    // Only in verbose boots: the console is the VM's log, kept short.
+    if std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| !c.contains("quiet")) {
+        say(msg);
+    }
+}
+
+fn mount_filesystems() {
+    let mounts: &[(&str, &str, &str, MsFlags, Option<&str>)] = &[
+        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None),
+        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0620,ptmxmode=0666"),
+        ),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+    ];
+    for (src, target, fstype, flags, data) in mounts {
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(Some(*src), *target, Some(*fstype), *flags, *data) {
+            if e != nix::errno::Errno::EBUSY {
+                say(format_args!("mount {target}: {e}"));
+            }
+        }
+    }
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    let _ = std::os::unix::fs::symlink("/proc/self/fd/0", "/dev/stdin");
+    let _ = std::os::unix::fs::symlink("/proc/self/fd/1", "/dev/stdout");
+    let _ = std::os::unix::fs::symlink("/proc/self/fd/2", "/dev/stderr");
+}
+
+/// Loads the modules of [`MODULES_LIST`] in order, with their parameters.
+fn load_modules() {
+    let Ok(list) = std::fs::read_to_string(MODULES_LIST) else { return };
+    for line in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (file, params) = line.split_once(' ').unwrap_or((line, ""));
+        let path = format!("{}/modules/{file}", super::AGENT_DIR);
+        let loaded = File::open(&path).map_err(|e| errno_of(&e)).and_then(|f| {
+            let params = CString::new(params).unwrap_or_default();
+            nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty())
+        });
+        match loaded {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => say(format_args!("load module {file}: {e}")),
+        }
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
+    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
+}
+
+/// Brings the loopback interface up, so that guest programs can use 127.0.0.1.
+fn loopback_up() -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain socket and ioctl calls on a zeroed ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Watches every input device for the power key and powers off when it is pressed.
+fn watch_power_button() {
+    // Devices may appear a little after the modules load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut watched = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(dir) = std::fs::read_dir("/dev/input") {
+            for e in dir.flatten() {
+                let path = e.path();
+                let is_event =
+                    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("event"));
+                if is_event && !watched.contains(&path) {
+                    watched.push(path.clone());
+                    thread::spawn(move || watch_device(&path));
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn watch_device(path: &std::path::Path) {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let Ok(mut f) = File::open(path) else { return };
+    // struct input_event on 64-bit: struct timeval (16 bytes), u16 type, u16 code, i32 value.
+    let mut ev = [0u8; 24];
+    while f.read_exact(&mut ev).is_ok() {
+        let ty = u16::from_ne_bytes([ev[16], ev[17]]);
+        let code = u16::from_ne_bytes([ev[18], ev[19]]);
+        let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        if ty == EV_KEY && code == KEY_POWER && value == 1 {
+            say(format_args!("power button pressed; powering off"));
+            power_off();
+        }
+    }
+}
+
+/// Syncs and ends the VM. The host runs QEMU with `-no-reboot`, so a reboot ends it on
+/// every machine type, with or without ACPI.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    loop {
+        thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,226 @@
+//! The agent protocol: between the helper (host) and `vmhost-agent` (guest), over one
+//! virtio-serial port.
+//!
+//! Framing is the helper protocol's (big-endian primitives of [`crate::wire`]) with a
+//! request/stream id added, so that many operations share the one channel and a blocked
+//! one never stalls the others:
+//!
+//! ```text
+//! +---------------+-------------+----------------+-----------------+
+//! | u16 type (BE) | u32 id (BE) | u32 length (BE)| payload         |
+//! +---------------+-------------+----------------+-----------------+
+//! ```
+//!
+//! Frames are at most [`MAX_FRAME`] bytes of payload. The guest speaks first: [`HELLO`]
+//! with its protocol version; the host answers [`HELLO_ACK`] with the version it will
+//! use, or closes the channel if it cannot speak it.
+//!
+//! Requests (host to guest) carry an id chosen by the host, unique among those in
+//! flight; the guest answers each with [`OK`] or [`ERROR`] carrying the same id. An
+//! [`EXEC`]'s id also names the process for the rest of its life: its output comes as
+//! [`OUTPUT`] frames and its end as one [`EXIT`] frame, all with that id.
+//!
+//! Flow control: a process may send at most as many output bytes as the host has
+//! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
+//! [`CREDIT`] as its consumer takes the data. Standard input is paced by the replies:
+//! the host sends the next [`STDIN`] chunk of a process after the previous one's OK.
+
+use std::io::{self, Read, Write};
+
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::wire::{DecodeError, Decoder, Encoder};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// Largest payload of an agent frame.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Header size: type, id, length.
+pub const HEADER_SIZE: usize = 10;
+/// Output bytes a process may send before the host grants more.
+pub const INITIAL_CREDIT: u32 = 1 << 20;
+/// Largest output chunk the guest sends in one frame.
+pub const OUTPUT_CHUNK: usize = 64 << 10;
+
+/// Guest to host, first frame: `u32 version, string agent description`.
+pub const HELLO: u16 = 0x0001;
+/// Host to guest, answer to HELLO: `u32 version`.
+pub const HELLO_ACK: u16 = 0x0002;
+/// Start a process: [`ExecRequest`]. OK carries `u32 pid`.
+pub const EXEC: u16 = 0x0101;
+/// Bytes for a process's stdin: `bytes` (empty closes stdin). OK when written.
+pub const STDIN: u16 = 0x0102;
+/// Signal a process (its whole process group): `i32 signal`.
+pub const SIGNAL: u16 = 0x0103;
+/// Grant a process more output: `u32 bytes`. Not answered.
+pub const CREDIT: u16 = 0x0104;
+/// Sync the guest's filesystems and power it off. OK first, then the VM ends.
+pub const SHUTDOWN: u16 = 0x0201;
+/// Liveness check. OK with no payload.
+pub const PING: u16 = 0x0202;
+/// Success: request-specific payload.
+pub const OK: u16 = 0xFF00;
+/// Failure: `u8 code (helper protocol error codes), string message`.
+pub const ERROR: u16 = 0xFF01;
+/// Process output: `u8 stream (1 stdout, 2 stderr), bytes`.
+pub const OUTPUT: u16 = 0xFF02;
+/// Process end, after all its output: `i32 exit code, i32 signal (0 if none)`.
+pub const EXIT: u16 = 0xFF03;
+
+/// The name of an agent message type, for errors and logs.
+pub fn name(ty: u16) -> &'static str {
+    match ty {
+        HELLO => "Hello",
+        HELLO_ACK => "HelloAck",
+        EXEC => "Exec",
+        STDIN => "Stdin",
+        SIGNAL => "Signal",
+        CREDIT => "Credit",
+        SHUTDOWN => "Shutdown",
+        PING => "Ping",
+        OK => "Ok",
+        ERROR => "Error",
+        OUTPUT => "Output",
+        EXIT => "Exit",
+        _ => "unknown",
+    }
+}
+
+/// One agent frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Message type.
+    pub ty: u16,
+    /// Request or process id.
+    pub id: u32,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads one frame. `Ok(None)` on a clean EOF before a header.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
+    let mut h = [0u8; HEADER_SIZE];
+    let mut got = 0;
+    while got < HEADER_SIZE {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "channel closed inside a header"))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let ty = BigEndian::read_u16(&h[0..2]);
+    let id = BigEndian::read_u32(&h[2..6]);
+    let len = BigEndian::read_u32(&h[6..10]);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("agent frame {} of {len} bytes exceeds the {MAX_FRAME}-byte limit", name(ty)),
+        ));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    Ok(Some(Frame { ty, id, payload }))
+}
+
+/// Encodes one frame (header and payload) into a buffer for a single write.
+pub fn encode_frame(ty: u16, id: u32, payload: &[u8]) -> io::Result<Vec<u8>> {
+    if payload.len() > MAX_FRAME as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("agent frame {} of {} bytes exceeds the limit", name(ty), payload.len()),
+        ));
+    }
+    let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
+    buf.extend_from_slice(&ty.to_be_bytes());
+    buf.extend_from_slice(&id.to_be_bytes());
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(payload);
+    Ok(buf)
+}
+
+/// Writes one frame with a single write.
+pub fn write_frame(w: &mut impl Write, ty: u16, id: u32, payload: &[u8]) -> io::Result<()> {
+    w.write_all(&encode_frame(ty, id, payload)?)
+}
+
+/// How to start a process in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// Program: a path, or a name looked up in the `PATH` of `env`.
+    pub program: String,
+    /// Arguments after the program.
+    pub args: Vec<String>,
+    /// The whole environment, `KEY=VALUE` (the agent adds nothing).
+    pub env: Vec<String>,
+    /// Working directory (empty: the user's home, else `/`).
+    pub dir: String,
+    /// User name or `uid[:gid]` (empty: root).
+    pub user: String,
+    /// Whether stdin is a pipe fed with [`STDIN`] (else `/dev/null`).
+    pub stdin: bool,
+}
+
+impl ExecRequest {
+    /// Appends the payload.
+    pub fn encode(&self, enc: &mut Encoder) {
+        enc.string(&self.program)
+            .string_list(&self.args)
+            .string_list(&self.env)
+            .string(&self.dir)
+            .string(&self.user)
+            .bool(self.stdin);
+    }
+
+    /// Reads a whole payload.
+    pub fn decode(payload: &[u8]) -> Result<ExecRequest, DecodeError> {
+        let mut d = Decoder::new(payload);
+        let r = ExecRequest {
+            program: d.string()?,
+            args: d.string_list()?,
+            env: d.string_list()?,
+            dir: d.string()?,
+            user: d.string()?,
+            stdin: d.bool()?,
+        };
+        d.finish()?;
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_layout() {
+        let b = encode_frame(EXEC, 0x01020304, &[9, 8]).unwrap();
+        assert_eq!(b, [0x01, 0x01, 1, 2, 3, 4, 0, 0, 0, 2, 9, 8]);
+        let f = read_frame(&mut &b[..]).unwrap().unwrap();
+        assert_eq!(f, Frame { ty: EXEC, id: 0x01020304, payload: vec![9, 8] });
+        assert!(read_frame(&mut &b[..5]).is_err());
+        assert!(read_frame(&mut &[][..]).unwrap().is_none());
+        let mut big = b[..6].to_vec();
+        big.extend_from_slice(&(MAX_FRAME + 1).to_be_bytes());
+        assert_eq!(read_frame(&mut &big[..]).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn exec_request_round_trip() {
+        let r = ExecRequest {
+            program: "sh".into(),
+            args: vec!["-c".into(), "true".into()],
+            env: vec!["A=1".into()],
+            dir: "/tmp".into(),
+            user: "nobody".into(),
+            stdin: true,
+        };
+        let mut e = Encoder::new();
+        r.encode(&mut e);
+        assert_eq!(ExecRequest::decode(e.as_bytes()).unwrap(), r);
+        assert!(ExecRequest::decode(&e.as_bytes()[..10]).is_err());
+    }
+}

@@ -20,6 +20,8 @@
 pub mod agent;
 pub mod client;
 pub mod error;
+pub mod image;
+pub mod progress;
 pub mod qmp;
 pub mod server;
 pub mod signals;

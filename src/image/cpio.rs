@@ -77,7 +77,10 @@ impl<W: Write> Writer<W> {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in cpio name {name:?}")));
         }
         if size > u32::MAX as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: {size} bytes is too large for cpio")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: {size} bytes is too large for cpio"),
+            ));
         }
         let ino = self.ino;
         self.ino += 1;
@@ -120,9 +123,15 @@ impl<W: Write> Writer<W> {
     }
 
     /// A regular file of `size` bytes copied from `data`.
-    pub fn file_from(&mut self, name: &str, meta: Meta, size: u64, data: &mut impl io::Read) -> io::Result<()> {
+    pub fn file_from(
+        &mut self,
+        name: &str,
+        meta: Meta,
+        size: u64,
+        data: &mut dyn io::Read,
+    ) -> io::Result<()> {
         self.header(name, Meta { mode: S_IFREG | (meta.mode & 0o7777), ..meta }, 1, size)?;
-        let copied = io::copy(&mut data.take(size), &mut self.out)?;
+        let copied = io::copy(&mut io::Read::take(&mut *data, size), &mut self.out)?;
         self.written += copied;
         if copied != size {
             return Err(io::Error::new(

@@ -62,7 +62,10 @@ fn number(field: &[u8], offset: u64, what: &str) -> io::Result<u64> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         let mut v: u64 = (field[0] & 0x7F) as u64;
         for &b in &field[1..] {
-            v = v.checked_mul(256).and_then(|v| v.checked_add(b as u64)).ok_or_else(|| bad(offset, format!("{what} overflows")))?;
+            v = v
+                .checked_mul(256)
+                .and_then(|v| v.checked_add(b as u64))
+                .ok_or_else(|| bad(offset, format!("{what} overflows")))?;
         }
         return Ok(v);
     }
@@ -154,7 +157,8 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
         }
         zero_blocks = 0;
         let want = number(&h[148..156], offset, "checksum")?;
-        let sum: u64 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u64 }).sum();
+        let sum: u64 =
+            h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u64 }).sum();
         if want != sum {
             return Err(bad(offset, "header checksum mismatch (not a tar archive, or corrupt)"));
         }

@@ -1,0 +1,92 @@
+//! Just enough ELF reading for kernels and kernel modules: the section holding a
+//! module's `.modinfo` strings, and whether a file is an ELF at all. Every offset is
+//! bounds-checked; nothing panics on garbage.
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+/// Whether `data` starts like a 64-bit little-endian ELF.
+pub fn is_elf64(data: &[u8]) -> bool {
+    data.len() >= 64 && &data[..4] == b"\x7fELF" && data[4] == 2 && data[5] == 1
+}
+
+/// Whether a 64-bit ELF has a program interpreter (is dynamically linked).
+pub fn has_interp(data: &[u8]) -> bool {
+    if !is_elf64(data) {
+        return false;
+    }
+    let phoff = LE::read_u64(&data[32..40]) as usize;
+    let phentsize = LE::read_u16(&data[54..56]) as usize;
+    let phnum = LE::read_u16(&data[56..58]) as usize;
+    (0..phnum).any(|i| {
+        let off = phoff.saturating_add(i.saturating_mul(phentsize));
+        data.get(off..off.saturating_add(4)).is_some_and(|t| LE::read_u32(t) == 3)
+        // PT_INTERP
+    })
+}
+
+/// The contents of the section named `name`, if present.
+pub fn section<'a>(data: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    if !is_elf64(data) {
+        return None;
+    }
+    let shoff = LE::read_u64(&data[40..48]) as usize;
+    let shentsize = LE::read_u16(&data[58..60]) as usize;
+    let shnum = LE::read_u16(&data[60..62]) as usize;
+    let shstrndx = LE::read_u16(&data[62..64]) as usize;
+    if shentsize < 64 {
+        return None;
+    }
+    let header = |i: usize| -> Option<&[u8]> {
+        let off = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        data.get(off..off.checked_add(64)?)
+    };
+    let range = |h: &[u8]| -> Option<(usize, usize)> {
+        let off = LE::read_u64(&h[24..32]) as usize;
+        let size = LE::read_u64(&h[32..40]) as usize;
+        Some((off, off.checked_add(size)?))
+    };
+    let (s0, s1) = range(header(shstrndx)?)?;
+    let names = data.get(s0..s1)?;
+    for i in 0..shnum {
+        let h = header(i)?;
+        let name_off = LE::read_u32(&h[0..4]) as usize;
+        let n = names.get(name_off..)?;
+        let end = n.iter().position(|&b| b == 0)?;
+        if &n[..end] == name.as_bytes() {
+            let (a, b) = range(h)?;
+            return data.get(a..b);
+        }
+    }
+    None
+}
+
+/// The `key=value` strings of a module's `.modinfo` section.
+pub fn modinfo(data: &[u8]) -> Vec<(String, String)> {
+    let Some(sec) = section(data, ".modinfo") else { return Vec::new() };
+    sec.split(|&b| b == 0)
+        .filter_map(|kv| {
+            let s = std::str::from_utf8(kv).ok()?;
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_not_elf_and_never_panics() {
+        assert!(!is_elf64(b"hello"));
+        assert!(section(b"\x7fELF", ".modinfo").is_none());
+        let mut fake = vec![0u8; 64];
+        fake[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        fake[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        fake[58..60].copy_from_slice(&64u16.to_le_bytes());
+        fake[60..62].copy_from_slice(&3u16.to_le_bytes());
+        assert!(section(&fake, ".modinfo").is_none());
+        assert!(modinfo(&fake).is_empty());
+        assert!(!has_interp(&fake));
+    }
+}

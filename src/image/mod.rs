@@ -1,0 +1,79 @@
+//! Everything a guest boots from: the kernel ([`kernel`]), the root filesystem of the
+//! image ([`rootfs`]: a directory, a tar archive, or the default busybox root), and the
+//! initramfs that carries both with the agent ([`initramfs`], written as cpio by
+//! [`cpio`]; tar archives read by [`tar`]).
+
+pub mod cpio;
+pub mod elf;
+pub mod initramfs;
+pub mod kernel;
+pub mod rootfs;
+pub mod tar;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The cache directory: `$XDG_CACHE_HOME/vmhost`, else `~/.cache/vmhost`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("vmhost");
+    }
+    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".cache/vmhost")
+}
+
+/// A 128-bit FNV-1a digest, as 32 hex digits: content keys for the cache (not a
+/// security boundary: the cache is the user's own).
+#[derive(Clone)]
+pub struct Digest(u128);
+
+impl Digest {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+
+    /// A fresh digest.
+    pub fn new() -> Digest {
+        Digest(Self::OFFSET)
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) -> &mut Self {
+        for &b in data {
+            self.0 ^= b as u128;
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+        self
+    }
+
+    /// Adds a length-delimited field (so that fields cannot run into each other).
+    pub fn field(&mut self, data: &[u8]) -> &mut Self {
+        self.update(&(data.len() as u64).to_le_bytes()).update(data)
+    }
+
+    /// The hex digest.
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+impl Default for Digest {
+    fn default() -> Digest {
+        Digest::new()
+    }
+}
+
+/// The digest of `data`.
+pub fn hash_bytes(data: &[u8]) -> String {
+    Digest::new().update(data).hex()
+}
+
+/// Writes a file atomically: a temporary file in the same directory, then rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, data).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+}

@@ -1,0 +1,312 @@
+//! Image root filesystems: a directory, a tar archive (optionally compressed), or the
+//! default root made from Debian's `busybox-static`.
+
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::cpio::{self, Meta};
+use super::tar;
+use super::Digest;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// Where an image's root comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A root filesystem directory (helper source type 1).
+    Dir(PathBuf),
+    /// A tar archive, plain or gzip/xz/zstd/bzip2-compressed (source type 0).
+    Tar(PathBuf),
+    /// The default busybox root, provisioned into the cache.
+    Default,
+}
+
+impl Source {
+    /// `--image PATH`: a directory, else a tar file. A missing path is an error.
+    pub fn from_path(path: &Path) -> Result<Source> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("open image", path, e))?;
+        Ok(if meta.is_dir() { Source::Dir(path.to_path_buf()) } else { Source::Tar(path.to_path_buf()) })
+    }
+
+    /// A key that changes when the image's content may have changed: for a directory
+    /// every entry's path, type, mode, owner, size, mtime and link target; for a tar
+    /// file its path, size and mtime.
+    pub fn identity(&self, d: &mut Digest) -> Result<()> {
+        match self {
+            Source::Default => {
+                d.field(b"default");
+            }
+            Source::Tar(p) => {
+                let m = std::fs::metadata(p).map_err(|e| Error::io("open image", p, e))?;
+                d.field(b"tar").field(p.as_os_str().as_encoded_bytes());
+                d.field(&m.size().to_le_bytes())
+                    .field(&m.mtime().to_le_bytes())
+                    .field(&m.mtime_nsec().to_le_bytes());
+            }
+            Source::Dir(root) => {
+                d.field(b"dir");
+                walk(root, &mut |rel, path, m| {
+                    d.field(rel.as_bytes()).field(&m.mode().to_le_bytes()).field(&m.uid().to_le_bytes());
+                    d.field(&m.gid().to_le_bytes()).field(&m.size().to_le_bytes());
+                    d.field(&m.mtime().to_le_bytes()).field(&m.mtime_nsec().to_le_bytes());
+                    if m.file_type().is_symlink() {
+                        let t = std::fs::read_link(path).map_err(|e| Error::io("readlink", path, e))?;
+                        d.field(t.as_os_str().as_encoded_bytes());
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the image's entries into an initramfs.
+    pub fn write_to<W: io::Write>(
+        &self,
+        out: &mut cpio::Writer<W>,
+        cache: &Path,
+        progress: &Progress,
+    ) -> Result<()> {
+        match self {
+            Source::Default => Source::Dir(busybox_root(cache, progress)?).write_to(out, cache, progress),
+            Source::Dir(root) => write_dir(root, out),
+            Source::Tar(path) => write_tar(path, out),
+        }
+    }
+}
+
+/// Visits every entry under `root`, parents before children, in name order.
+fn walk(root: &Path, f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata) -> Result<()>) -> Result<()> {
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io("read image directory", &dir, e))?
+            .collect::<io::Result<_>>()
+            .map_err(|e| Error::io("read image directory", &dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for e in entries {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let m = std::fs::symlink_metadata(&path).map_err(|e| Error::io("stat", &path, e))?;
+            f(&rel, &path, &m)?;
+            if m.is_dir() {
+                subdirs.push((path, rel));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(())
+}
+
+fn write_dir<W: io::Write>(root: &Path, out: &mut cpio::Writer<W>) -> Result<()> {
+    let as_root = nix::unistd::geteuid().is_root();
+    walk(root, &mut |rel, path, m| {
+        let meta = Meta {
+            mode: m.mode(),
+            uid: if as_root { m.uid() } else { 0 },
+            gid: if as_root { m.gid() } else { 0 },
+            mtime: m.mtime().clamp(0, u32::MAX as i64) as u32,
+            rdev: (nix::sys::stat::major(m.rdev()) as u32, nix::sys::stat::minor(m.rdev()) as u32),
+        };
+        let ft = m.file_type();
+        let io = |e| Error::io("add to initramfs", path, e);
+        if ft.is_dir() {
+            out.dir(rel, meta).map_err(io)
+        } else if ft.is_symlink() {
+            let t = std::fs::read_link(path).map_err(|e| Error::io("readlink", path, e))?;
+            out.symlink(rel, meta, &t.to_string_lossy()).map_err(io)
+        } else if ft.is_file() {
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io("read image file", path, e))?;
+            out.file_from(rel, meta, m.size(), &mut f).map_err(io)
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_socket() {
+                return Ok(()); // sockets are runtime objects
+            }
+            out.special(rel, meta).map_err(io)
+        }
+    })
+}
+
+/// Opens a tar file, decompressing by its magic through the standard tools.
+fn open_tar(path: &Path) -> Result<Box<dyn Read>> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let mut magic = [0u8; 6];
+    let n = f.read(&mut magic).map_err(|e| Error::io("read image", path, e))?;
+    let tool: Option<&[&str]> = match &magic[..n] {
+        [0x1f, 0x8b, ..] => Some(&["gzip", "-dc"]),
+        [0xfd, b'7', b'z', b'X', b'Z', 0] => Some(&["xz", "-dc"]),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(&["zstd", "-dcq"]),
+        [b'B', b'Z', b'h', ..] => Some(&["bzip2", "-dc"]),
+        _ => None,
+    };
+    let Some(tool) = tool else {
+        return Ok(Box::new(std::fs::File::open(path).map_err(|e| Error::io("open image", path, e))?));
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("decompress image (is the tool installed?)", tool[0], e))?;
+    let stdout = child.stdout.take().expect("piped");
+    Ok(Box::new(ChildReader { child, stdout, tool: tool[0] }))
+}
+
+/// Reads a decompressor's output and reports its failure at the end.
+struct ChildReader {
+    child: std::process::Child,
+    stdout: std::process::ChildStdout,
+    tool: &'static str,
+}
+
+impl Read for ChildReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stdout.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            let status = self.child.wait()?;
+            if !status.success() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} failed: {status} (corrupt archive?)", self.tool),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for ChildReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()> {
+    let reader = open_tar(path)?;
+    tar::read(reader, |e, data| {
+        let meta = Meta {
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.mtime.min(u32::MAX as u64) as u32,
+            rdev: e.dev,
+        };
+        match e.kind {
+            tar::Kind::Dir => out.dir(&e.path, meta),
+            tar::Kind::File => out.file_from(&e.path, meta, e.size, data),
+            tar::Kind::Symlink => out.symlink(&e.path, meta, &e.link),
+            // The cpio stream cannot point back at earlier data: a hard link becomes a
+            // symbolic link to its target, which resolves to the same content.
+            tar::Kind::Hardlink => {
+                out.symlink(&e.path, meta, &format!("/{}", e.link.trim_start_matches("./")))
+            }
+            tar::Kind::Char => out.special(&e.path, Meta { mode: cpio::S_IFCHR | e.mode, ..meta }),
+            tar::Kind::Block => out.special(&e.path, Meta { mode: cpio::S_IFBLK | e.mode, ..meta }),
+            tar::Kind::Fifo => out.special(&e.path, Meta { mode: cpio::S_IFIFO | e.mode, ..meta }),
+        }
+    })
+    .map_err(|e| Error::InvalidArgument {
+        op: "read image".into(),
+        message: format!("{}: {e}", path.display()),
+    })
+}
+
+/// The default root: busybox from Debian's `busybox-static`, with its applet links and
+/// a minimal /etc. Provisioned once into `<cache>/rootfs/busybox`.
+pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
+    let root = cache.join("rootfs/busybox");
+    if root.join("bin/busybox").is_file() {
+        return Ok(root);
+    }
+    let work = cache.join(format!("rootfs/.busybox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
+    let result = (|| {
+        let bin = match std::env::var_os("VMHOST_BUSYBOX").filter(|v| !v.is_empty()) {
+            Some(b) => PathBuf::from(b),
+            None => {
+                progress.step("downloading busybox-static for the default image");
+                let ok = Command::new("apt-get")
+                    .args(["download", "busybox-static"])
+                    .current_dir(&work)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                let deb = std::fs::read_dir(&work).ok().and_then(|d| {
+                    d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb"))
+                });
+                let (true, Some(deb)) = (ok, deb) else {
+                    return Err(Error::InvalidArgument {
+                        op: "default image".into(),
+                        message: "cannot download busybox-static with apt-get; pass --image DIR|TAR, \
+                                  or set VMHOST_BUSYBOX to a static busybox binary"
+                            .into(),
+                    });
+                };
+                let x = work.join("x");
+                let st = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x).status();
+                if !st.is_ok_and(|s| s.success()) {
+                    return Err(Error::InvalidArgument {
+                        op: "default image".into(),
+                        message: "dpkg-deb -x busybox-static failed".into(),
+                    });
+                }
+                x.join("bin/busybox")
+            }
+        };
+        let staged = work.join("root");
+        for d in [
+            "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev", "run",
+            "var/tmp",
+        ] {
+            std::fs::create_dir_all(staged.join(d)).map_err(|e| Error::io("create", staged.join(d), e))?;
+        }
+        std::fs::copy(&bin, staged.join("bin/busybox")).map_err(|e| Error::io("copy busybox", &bin, e))?;
+        std::fs::set_permissions(staged.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io("chmod", staged.join("bin/busybox"), e))?;
+        let list = Command::new(staged.join("bin/busybox"))
+            .arg("--list-full")
+            .output()
+            .map_err(|e| Error::io("run busybox --list-full", &bin, e))?;
+        for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let link = staged.join(applet);
+            if link.exists() || applet.contains("..") {
+                continue;
+            }
+            let depth = applet.matches('/').count();
+            let target = format!("{}bin/busybox", "../".repeat(depth));
+            if let Some(parent) = link.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io("link applet", &link, e))?;
+        }
+        let files: &[(&str, &str)] = &[
+            (
+                "etc/passwd",
+                "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+            ),
+            ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+            ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+            ("etc/hostname", "vmhost\n"),
+        ];
+        for (p, content) in files {
+            std::fs::write(staged.join(p), content).map_err(|e| Error::io("write", staged.join(p), e))?;
+        }
+        std::fs::set_permissions(staged.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| Error::io("chmod", staged.join("tmp"), e))?;
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::rename(&staged, &root).map_err(|e| Error::io("install default image", &root, e))?;
+        Ok(root.clone())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}

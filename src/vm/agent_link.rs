@@ -1,0 +1,343 @@
+//! The host end of the agent protocol ([`crate::agent::proto`]): one reader thread
+//! routes answers to waiting requests by id and process output to per-process channels,
+//! so that many requests and processes share the one channel.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use crate::agent::proto::{self, ExecRequest};
+use crate::error::{Error, Result};
+use crate::wire::{Decoder, Encoder, ErrorCode, ErrorFrame};
+
+/// What a running guest process reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcEvent {
+    /// Output on stream 1 (stdout) or 2 (stderr).
+    Output {
+        /// 1 stdout, 2 stderr.
+        stream: u8,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The process ended, after all its output.
+    Exit {
+        /// Exit code; 128 + signal when killed by one.
+        code: i32,
+        /// The signal that killed it, 0 if none.
+        signal: i32,
+    },
+}
+
+/// Where a request's answer goes: its payload, or the agent's error.
+type Answer = Sender<std::result::Result<Vec<u8>, ErrorFrame>>;
+
+struct Inner {
+    writer: Mutex<UnixStream>,
+    closer: UnixStream,
+    pending: Mutex<HashMap<u32, Answer>>,
+    procs: Mutex<HashMap<u32, Sender<ProcEvent>>>,
+    next_id: AtomicU32,
+    broken: Mutex<Option<String>>,
+}
+
+impl Inner {
+    fn error(&self, op: &str) -> Option<Error> {
+        self.broken
+            .lock()
+            .as_ref()
+            .map(|r| Error::Vm { op: op.into(), message: format!("agent channel lost: {r}") })
+    }
+
+    fn fail_all(&self, reason: String) {
+        self.broken.lock().get_or_insert(reason);
+        let _ = self.closer.shutdown(std::net::Shutdown::Both);
+        self.pending.lock().clear();
+        self.procs.lock().clear();
+    }
+
+    fn send(&self, ty: u16, id: u32, payload: &[u8]) -> Result<()> {
+        let frame =
+            proto::encode_frame(ty, id, payload).map_err(|e| Error::io("encode agent frame", "agent", e))?;
+        let r = self.writer.lock().write_all(&frame);
+        r.map_err(|e| {
+            self.fail_all(format!("write failed: {e}"));
+            self.error(proto::name(ty)).unwrap_or(Error::Closed)
+        })
+    }
+}
+
+/// A connection to the guest agent.
+#[derive(Clone)]
+pub struct AgentLink {
+    inner: Arc<Inner>,
+}
+
+impl AgentLink {
+    /// Waits up to `timeout` for the agent's HELLO on `stream`, answers it, and starts
+    /// the reader. The guest speaks first, so this is also "wait until booted".
+    pub fn connect(stream: UnixStream, timeout: Duration) -> Result<AgentLink> {
+        let mut reader = stream.try_clone().map_err(|e| Error::io("clone agent channel", "agent", e))?;
+        reader.set_read_timeout(Some(timeout)).map_err(|e| Error::io("agent channel", "agent", e))?;
+        let hello = match proto::read_frame(&mut reader) {
+            Ok(Some(f)) if f.ty == proto::HELLO => f,
+            Ok(Some(f)) => {
+                return Err(Error::Vm {
+                    op: "boot".into(),
+                    message: format!("agent sent {} before Hello", proto::name(f.ty)),
+                })
+            }
+            Ok(None) => {
+                return Err(Error::Vm {
+                    op: "boot".into(),
+                    message: "the agent channel closed before the agent said hello".into(),
+                })
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(Error::Timeout { op: "boot: waiting for the guest agent".into(), after: timeout })
+            }
+            Err(e) => return Err(Error::Vm { op: "boot".into(), message: format!("agent channel: {e}") }),
+        };
+        let mut d = Decoder::new(&hello.payload);
+        let version = d.u32().unwrap_or(0);
+        if version != proto::VERSION {
+            return Err(Error::Vm {
+                op: "boot".into(),
+                message: format!(
+                    "the guest agent speaks protocol {version}, this vmhost {}: rebuild the agent",
+                    proto::VERSION
+                ),
+            });
+        }
+        reader.set_read_timeout(None).map_err(|e| Error::io("agent channel", "agent", e))?;
+        let closer = stream.try_clone().map_err(|e| Error::io("clone agent channel", "agent", e))?;
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(stream),
+            closer,
+            pending: Mutex::new(HashMap::new()),
+            procs: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            broken: Mutex::new(None),
+        });
+        let mut ack = Encoder::new();
+        ack.u32(proto::VERSION);
+        inner.send(proto::HELLO_ACK, 0, ack.as_bytes())?;
+        let r = inner.clone();
+        thread::Builder::new()
+            .name("vmhost-agent-link".into())
+            .spawn(move || reader_loop(r, reader))
+            .map_err(|e| Error::io("start agent reader", "agent", e))?;
+        Ok(AgentLink { inner })
+    }
+
+    fn id(&self) -> u32 {
+        loop {
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Whether the channel is up.
+    pub fn is_alive(&self) -> bool {
+        self.inner.broken.lock().is_none()
+    }
+
+    /// Sends a request and waits for its answer (`None`: no deadline).
+    pub fn request(&self, ty: u16, payload: &[u8], timeout: Option<Duration>) -> Result<Vec<u8>> {
+        let id = self.id();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inner.pending.lock().insert(id, tx);
+        if let Some(e) = self.inner.error(proto::name(ty)) {
+            self.inner.pending.lock().remove(&id);
+            return Err(e);
+        }
+        self.inner.send(ty, id, payload)?;
+        let got = match timeout {
+            Some(t) => rx.recv_timeout(t),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ef)) => Err(Error::Remote(ef)),
+            Err(RecvTimeoutError::Timeout) => {
+                self.inner.pending.lock().remove(&id);
+                Err(Error::Timeout {
+                    op: format!("agent {}", proto::name(ty)),
+                    after: timeout.unwrap_or_default(),
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed))
+            }
+        }
+    }
+
+    /// Starts a guest process.
+    pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
+        let id = self.id();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Registered before the request: output may come before the answer.
+        self.inner.procs.lock().insert(id, tx);
+        let mut e = Encoder::new();
+        req.encode(&mut e);
+        let answer = self.request_with_id(id, proto::EXEC, e.as_bytes());
+        let pid = match answer {
+            Ok(p) => Decoder::new(&p).u32().unwrap_or(0),
+            Err(err) => {
+                self.inner.procs.lock().remove(&id);
+                return Err(match err {
+                    Error::Remote(mut ef) => {
+                        ef.op = "exec".into();
+                        ef.path = req.program.clone();
+                        Error::Remote(ef)
+                    }
+                    e => e,
+                });
+            }
+        };
+        Ok(Process { id, pid, events: rx, link: self.clone() })
+    }
+
+    fn request_with_id(&self, id: u32, ty: u16, payload: &[u8]) -> Result<Vec<u8>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inner.pending.lock().insert(id, tx);
+        if let Some(e) = self.inner.error(proto::name(ty)) {
+            self.inner.pending.lock().remove(&id);
+            return Err(e);
+        }
+        self.inner.send(ty, id, payload)?;
+        match rx.recv() {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ef)) => Err(Error::Remote(ef)),
+            Err(_) => Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed)),
+        }
+    }
+
+    /// Asks the guest to sync and power off; returns once the agent acknowledged.
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.request(proto::SHUTDOWN, &[], Some(timeout)).map(drop)
+    }
+
+    /// Closes the channel: every waiting request and process gets an error.
+    pub fn close(&self) {
+        self.inner.fail_all("closed".into());
+    }
+}
+
+fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
+    let reason = loop {
+        let f = match proto::read_frame(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) => break "the guest closed the channel (VM stopped?)".to_string(),
+            Err(e) => break format!("read failed: {e}"),
+        };
+        match f.ty {
+            proto::OK => {
+                if let Some(tx) = inner.pending.lock().remove(&f.id) {
+                    let _ = tx.send(Ok(f.payload));
+                }
+            }
+            proto::ERROR => {
+                let mut d = Decoder::new(&f.payload);
+                let code = ErrorCode::from_u8(d.u8().unwrap_or(99));
+                let message = d.string().unwrap_or_else(|_| "malformed agent error".into());
+                if let Some(tx) = inner.pending.lock().remove(&f.id) {
+                    let _ = tx.send(Err(ErrorFrame::new(code, "", message)));
+                }
+            }
+            proto::OUTPUT => {
+                let mut d = Decoder::new(&f.payload);
+                if let (Ok(stream), Ok(data)) = (d.u8(), d.bytes()) {
+                    if let Some(tx) = inner.procs.lock().get(&f.id) {
+                        let _ = tx.send(ProcEvent::Output { stream, data });
+                    }
+                }
+            }
+            proto::EXIT => {
+                let mut d = Decoder::new(&f.payload);
+                let code = d.i32().unwrap_or(-1);
+                let signal = d.i32().unwrap_or(0);
+                if let Some(tx) = inner.procs.lock().remove(&f.id) {
+                    let _ = tx.send(ProcEvent::Exit { code, signal });
+                }
+            }
+            other => log::warn!("agent sent unexpected message {other:#06x}"),
+        }
+    };
+    log::debug!("agent link ended: {reason}");
+    inner.fail_all(reason);
+}
+
+/// A process running in the guest.
+pub struct Process {
+    id: u32,
+    pid: u32,
+    events: Receiver<ProcEvent>,
+    link: AgentLink,
+}
+
+impl Process {
+    /// The guest pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next event; an error when the channel to the guest is lost.
+    pub fn recv(&self) -> Result<ProcEvent> {
+        self.events.recv().map_err(|_| self.link.inner.error("wait").unwrap_or(Error::Closed))
+    }
+
+    /// Lets the guest send `n` more output bytes.
+    pub fn grant(&self, n: u32) {
+        let mut e = Encoder::new();
+        e.u32(self.id).u32(n);
+        let _ = self.link.inner.send(proto::CREDIT, 0, e.as_bytes());
+    }
+
+    /// Writes to the process's stdin (it must have been started with a stdin pipe).
+    pub fn write_stdin(&self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks((proto::MAX_FRAME as usize) / 2) {
+            let mut e = Encoder::new();
+            e.u32(self.id).bytes(chunk);
+            self.link.request(proto::STDIN, e.as_bytes(), None)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&self) -> Result<()> {
+        let mut e = Encoder::new();
+        e.u32(self.id).bytes(&[]);
+        self.link.request(proto::STDIN, e.as_bytes(), None).map(drop)
+    }
+
+    /// Sends `signal` to the process's group.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let mut e = Encoder::new();
+        e.u32(self.id).i32(signal);
+        self.link.request(proto::SIGNAL, e.as_bytes(), Some(Duration::from_secs(10))).map(drop)
+    }
+
+    /// Consumes events until the exit, passing output to `sink` and granting credit as
+    /// it goes. Returns the exit code.
+    pub fn drain(&self, mut sink: impl FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
+        loop {
+            match self.recv()? {
+                ProcEvent::Output { stream, data } => {
+                    sink(stream, &data)?;
+                    self.grant(data.len() as u32);
+                }
+                ProcEvent::Exit { code, .. } => return Ok(code),
+            }
+        }
+    }
+}

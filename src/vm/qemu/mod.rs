@@ -1,0 +1,596 @@
+//! The QEMU backend: a `qemu-system-x86_64` child supervised from one thread, driven
+//! over QMP, with the guest agent on a virtio-serial port.
+//!
+//! Default machine: `-M microvm` (with its ACPI tables, which is how Debian kernels find
+//! virtio-mmio devices and the power button), the uncompressed vmlinux booted through
+//! its PVH entry, `-nodefaults`, the serial console into `console.log`, and
+//! `-no-reboot` so that a guest reboot ends the VM. The accelerator is KVM where the
+//! host has hardware virtualization, else TCG (`VMHOST_ACCEL=kvm|tcg|auto`).
+//!
+//! QEMU gets `PR_SET_PDEATHSIG(SIGKILL)` from the supervisor thread, which lives exactly
+//! as long as QEMU: if the process that owns the VM dies, even by SIGKILL, QEMU dies too.
+
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::agent_link::AgentLink;
+use super::stop::{self, StopSteps, VmProcess};
+use super::VmState;
+use crate::error::{Error, Result};
+use crate::image::kernel::Kernel;
+use crate::qmp;
+use crate::unix;
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// `VMHOST_ACCEL` (kvm, tcg, auto), else the probe: KVM when `/dev/kvm` is usable
+    /// and the CPU has hardware virtualization (vmx/svm), else TCG.
+    pub fn choose() -> Result<Accel> {
+        match std::env::var("VMHOST_ACCEL").unwrap_or_default().to_ascii_lowercase().as_str() {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            "" | "auto" => Ok(Accel::probe()),
+            other => Err(Error::InvalidArgument {
+                op: "VMHOST_ACCEL".into(),
+                message: format!("{other:?} is not kvm, tcg or auto"),
+            }),
+        }
+    }
+
+    /// Whether hardware virtualization is there to use.
+    pub fn probe() -> Accel {
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
+        });
+        if dev && cpu {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    /// The name QEMU knows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineType {
+    /// `-M microvm` with ACPI, virtio-mmio devices.
+    Microvm,
+    /// `-M pc`, virtio-pci devices.
+    Pc,
+}
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    /// Guest memory in MiB.
+    pub memory_mb: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// The kernel (its vmlinux is booted).
+    pub kernel: Kernel,
+    /// Kernel to pass to `-kernel` instead of `kernel.vmlinux` (e.g. a bzImage).
+    pub kernel_image: Option<PathBuf>,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// Show the guest console on our stderr.
+    pub dmesg: bool,
+    /// Wall-clock limit of the VM.
+    pub timeout: Option<Duration>,
+    /// How long the guest may take to reach its agent.
+    pub boot_timeout: Duration,
+    /// Machine type.
+    pub machine: MachineType,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+impl BootConfig {
+    /// Defaults for `kernel` and `initramfs`: 256 MiB, 1 vCPU, microvm, probed
+    /// accelerator, `VMHOST_BOOT_TIMEOUT` (seconds) or 120 s to boot.
+    pub fn new(kernel: Kernel, initramfs: PathBuf) -> Result<BootConfig> {
+        let boot_timeout = std::env::var("VMHOST_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(Duration::from_secs(120), |s| Duration::from_secs_f64(s.clamp(1.0, 3600.0)));
+        Ok(BootConfig {
+            memory_mb: 256,
+            cpus: 1,
+            kernel,
+            kernel_image: None,
+            initramfs,
+            dmesg: false,
+            timeout: None,
+            boot_timeout,
+            machine: MachineType::Microvm,
+            accel: Accel::choose()?,
+        })
+    }
+}
+
+/// The QEMU binary: `VMHOST_QEMU`, else `qemu-system-x86_64` on `$PATH`.
+pub fn qemu_binary() -> Result<PathBuf> {
+    if let Some(q) = std::env::var_os("VMHOST_QEMU").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(q));
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("qemu-system-x86_64")).find(|c| c.is_file()))
+        .ok_or_else(|| Error::InvalidArgument {
+            op: "start VM".into(),
+            message:
+                "qemu-system-x86_64 not found: apt-get install -y --no-install-recommends qemu-system-x86 \
+                      (or set VMHOST_QEMU)"
+                    .into(),
+        })
+}
+
+/// A private directory for one VM's sockets and logs, removed when dropped.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> Result<RunDir> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let base = ["XDG_RUNTIME_DIR", "TMPDIR"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .find(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        let mut private = base.join(format!("vmhost-{}", nix::unistd::geteuid().as_raw()));
+        if private.as_os_str().len() > 60 {
+            private = PathBuf::from(format!("/tmp/vmhost-{}", nix::unistd::geteuid().as_raw()));
+        }
+        unix::ensure_private_dir(&private)?;
+        let dir = private.join(format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        unix::ensure_private_dir(&dir)?;
+        Ok(RunDir(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Shared {
+    id: String,
+    dir: RunDir,
+    state: Mutex<VmState>,
+    state_cv: Condvar,
+    process: OnceLock<Arc<VmProcess>>,
+    qmp: OnceLock<qmp::Client>,
+    agent: OnceLock<AgentLink>,
+    /// Why the VM ended, once it has.
+    ended: Mutex<Option<std::result::Result<(), String>>>,
+    accel: Accel,
+}
+
+impl Shared {
+    fn console(&self) -> PathBuf {
+        self.dir.0.join("console.log")
+    }
+
+    fn set_state(&self, s: VmState) {
+        let mut st = self.state.lock();
+        if !st.is_final() {
+            *st = s;
+        }
+        self.state_cv.notify_all();
+    }
+}
+
+impl StopSteps for Shared {
+    fn agent_shutdown(&self) -> Result<()> {
+        // Made, not awaited: an unresponsive agent shows in the wait that follows.
+        let agent =
+            self.agent.get().ok_or_else(|| Error::Vm { op: "stop".into(), message: "no agent".into() })?;
+        if !agent.is_alive() {
+            return Err(Error::Vm { op: "stop".into(), message: "the agent channel is down".into() });
+        }
+        let a = agent.clone();
+        thread::spawn(move || {
+            let _ = a.shutdown(Duration::from_secs(30));
+        });
+        Ok(())
+    }
+
+    fn acpi_powerdown(&self) -> Result<()> {
+        let q = self
+            .qmp
+            .get()
+            .ok_or_else(|| Error::Vm { op: "stop".into(), message: "no QMP connection".into() })?;
+        q.execute(&qmp::cmd::SystemPowerdown, Duration::from_secs(5)).map(drop).map_err(Error::Qmp)
+    }
+
+    fn terminate(&self) -> Result<()> {
+        self.process.get().map_or(Ok(()), |p| p.terminate())
+    }
+
+    fn kill(&self) -> Result<()> {
+        self.process.get().map_or(Ok(()), |p| p.kill())
+    }
+
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut st = self.state.lock();
+        let deadline = Instant::now() + timeout;
+        while !st.is_final() {
+            if self.state_cv.wait_until(&mut st, deadline).timed_out() {
+                return st.is_final();
+            }
+        }
+        true
+    }
+}
+
+/// A running QEMU VM.
+#[derive(Clone)]
+pub struct QemuVm {
+    shared: Arc<Shared>,
+}
+
+impl QemuVm {
+    /// Boots a VM and returns once its agent answered (or with an error carrying the
+    /// last console lines).
+    pub fn boot(cfg: BootConfig) -> Result<QemuVm> {
+        static N: AtomicU64 = AtomicU64::new(1);
+        let qemu = qemu_binary()?;
+        let dir = RunDir::new()?;
+        let id = format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let shared = Arc::new(Shared {
+            id,
+            dir,
+            state: Mutex::new(VmState::Created),
+            state_cv: Condvar::new(),
+            process: OnceLock::new(),
+            qmp: OnceLock::new(),
+            agent: OnceLock::new(),
+            ended: Mutex::new(None),
+            accel: cfg.accel,
+        });
+        let vm = QemuVm { shared: shared.clone() };
+        let args = command_line(&cfg, &shared.dir.0);
+        log::debug!("qemu {}", args.join(" "));
+        let stderr = File::create(shared.dir.0.join("qemu.log"))
+            .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let sup = shared.clone();
+        let timeout = cfg.timeout;
+        thread::Builder::new()
+            .name(format!("vmhost-qemu-{}", shared.id))
+            .spawn(move || supervise(sup, qemu, args, stderr, timeout, started_tx))
+            .map_err(|e| Error::io("start VM supervisor", &shared.dir.0, e))?;
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Vm { op: "boot".into(), message: "the VM supervisor died".into() }),
+        }
+        if cfg.dmesg {
+            let s = shared.clone();
+            thread::spawn(move || follow_console(&s));
+        }
+        match vm.connect(&cfg) {
+            Ok(()) => {
+                shared.set_state(VmState::Running);
+                Ok(vm)
+            }
+            Err(e) => {
+                let _ = vm.force_stop();
+                Err(vm.boot_error(e))
+            }
+        }
+    }
+
+    fn connect(&self, cfg: &BootConfig) -> Result<()> {
+        let sh = &self.shared;
+        let start = Instant::now();
+        let (qmp_path, agent_path) = (sh.dir.0.join("qmp.sock"), sh.dir.0.join("agent.sock"));
+        // QEMU creates its sockets while starting up.
+        while !(qmp_path.exists() && agent_path.exists()) {
+            if sh.state.lock().is_final() {
+                return Err(Error::Vm { op: "boot".into(), message: "QEMU exited while starting".into() });
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Timeout {
+                    op: "boot: waiting for QEMU's sockets".into(),
+                    after: start.elapsed(),
+                });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let stream = unix::dial(&qmp_path, Duration::from_secs(10))?;
+        let q = qmp::Client::connect(stream, Duration::from_secs(30)).map_err(Error::Qmp)?;
+        let _ = sh.qmp.set(q);
+        let stream = unix::dial(&agent_path, Duration::from_secs(10))?;
+        let link = AgentLink::connect(stream, cfg.boot_timeout)?;
+        let _ = sh.agent.set(link);
+        log::info!("{} booted in {:?} ({})", sh.id, start.elapsed(), sh.accel.as_str());
+        Ok(())
+    }
+
+    fn boot_error(&self, e: Error) -> Error {
+        let console = self.console_tail(25);
+        let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
+        let mut msg = format!("the guest did not boot: {e}");
+        if !qemu_log.trim().is_empty() {
+            msg.push_str(&format!("\nQEMU said:\n{}", qemu_log.trim_end()));
+        }
+        if !console.trim().is_empty() {
+            msg.push_str(&format!("\nlast console lines:\n{}", console.trim_end()));
+        } else {
+            msg.push_str("\nthe guest console stayed empty");
+        }
+        Error::Vm { op: "boot".into(), message: msg }
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> VmState {
+        *self.shared.state.lock()
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> Result<&AgentLink> {
+        match self.shared.agent.get() {
+            Some(a) if self.state() == VmState::Running => Ok(a),
+            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
+        }
+    }
+
+    /// The QMP connection.
+    pub fn qmp(&self) -> Option<&qmp::Client> {
+        self.shared.qmp.get()
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.shared.process.get().map(|p| p.pid())
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.shared.accel
+    }
+
+    /// The last `n` lines of the guest console.
+    pub fn console_tail(&self, n: usize) -> String {
+        let text = std::fs::read(self.shared.console()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stops the VM: agent, ACPI, SIGTERM, SIGKILL, each step bounded by `timeout`.
+    pub fn stop(&self, timeout: Duration) -> Result<()> {
+        self.shared.set_state(VmState::Stopping);
+        stop::escalate(self.shared.clone(), timeout).map(drop)
+    }
+
+    /// Ends the VM at once: SIGTERM, 1 s, SIGKILL.
+    pub fn force_stop(&self) -> Result<()> {
+        self.shared.set_state(VmState::Stopping);
+        stop::force_stop(self.shared.clone(), Duration::from_secs(5)).map(drop)
+    }
+
+    /// Blocks until the VM has ended; an error if it ended badly.
+    pub fn wait(&self) -> Result<()> {
+        let mut st = self.shared.state.lock();
+        while !st.is_final() {
+            self.shared.state_cv.wait(&mut st);
+        }
+        drop(st);
+        match self.shared.ended.lock().clone() {
+            Some(Err(m)) => Err(Error::Vm { op: "wait".into(), message: m }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The escalation steps, for the control server.
+    pub fn stop_steps(&self) -> Arc<dyn StopSteps> {
+        self.shared.clone()
+    }
+}
+
+/// Copies the console log to our stderr as it grows, until the VM ends.
+fn follow_console(sh: &Shared) {
+    let path = sh.console();
+    let mut pos = 0u64;
+    loop {
+        let done = sh.state.lock().is_final();
+        if let Ok(mut f) = File::open(&path) {
+            if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
+                let mut buf = Vec::new();
+                if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+                    pos += buf.len() as u64;
+                    for line in buf.split_inclusive(|&b| b == b'\n') {
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line);
+                    }
+                }
+            }
+        }
+        if done {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
+    let mut append =
+        vec!["console=ttyS0", "panic=-1", "tsc_early_khz=2000000", "tsc=reliable", "cryptomgr.notests"];
+    if !cfg.dmesg {
+        append.extend(["quiet", "loglevel=1"]);
+    }
+    let (machine, serial_dev) = match cfg.machine {
+        MachineType::Microvm => ("microvm", "virtio-serial-device"),
+        MachineType::Pc => ("pc", "virtio-serial-pci"),
+    };
+    let kernel = cfg.kernel_image.as_ref().unwrap_or(&cfg.kernel.vmlinux);
+    let cpu = match cfg.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let p = |name: &str| dir.join(name).display().to_string();
+    let mut args: Vec<String> = vec![
+        "-M".into(),
+        machine.into(),
+        "-accel".into(),
+        cfg.accel.as_str().into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-m".into(),
+        format!("{}M", cfg.memory_mb),
+        "-smp".into(),
+        cfg.cpus.max(1).to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        cfg.initramfs.display().to_string(),
+        "-append".into(),
+        append.join(" "),
+        "-chardev".into(),
+        format!("file,id=con,path={}", p("console.log")),
+        "-serial".into(),
+        "chardev:con".into(),
+        "-device".into(),
+        serial_dev.into(),
+        "-chardev".into(),
+        format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock")),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={}", crate::agent::PORT_NAME),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p("qmp.sock")),
+    ];
+    if cfg.accel == Accel::Kvm && cfg.machine == MachineType::Microvm {
+        args.push("-global".into());
+        args.push("kvm-pit.lost_tick_policy=discard".into());
+    }
+    args
+}
+
+/// The supervisor thread: starts QEMU, reports back, then waits for it to exit (or
+/// for the instance timeout) and records the end.
+fn supervise(
+    sh: Arc<Shared>,
+    qemu: PathBuf,
+    args: Vec<String>,
+    stderr: File,
+    timeout: Option<Duration>,
+    started: crossbeam_channel::Sender<Result<()>>,
+) {
+    let mut cmd = Command::new(&qemu);
+    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+    // SAFETY: prctl is async-signal-safe. This thread lives until QEMU exits, so the
+    // parent-death signal fires only when our whole process dies.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = started.send(Err(Error::io("start QEMU", &qemu, e)));
+            return;
+        }
+    };
+    let pid = child.id() as i32;
+    let process = Arc::new(VmProcess::new(child));
+    let _ = sh.process.set(process.clone());
+    let _ = started.send(Ok(()));
+    // SAFETY: pidfd_open returns a new descriptor we own, or -1.
+    let pidfd = unsafe {
+        let fd = nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) as i32;
+        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+    };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut timed_out = false;
+    loop {
+        if process.has_exited() {
+            break;
+        }
+        let wait = match deadline {
+            Some(d) if !timed_out => d.saturating_duration_since(Instant::now()),
+            _ => Duration::from_secs(3600),
+        };
+        if deadline.is_some() && !timed_out && wait.is_zero() {
+            timed_out = true;
+            log::warn!("{}: instance timeout reached; stopping it", sh.id);
+            *sh.ended.lock() =
+                Some(Err(format!("the instance timeout of {:?} was reached", timeout.unwrap_or_default())));
+            let steps = sh.clone();
+            thread::spawn(move || {
+                steps.set_state(VmState::Stopping);
+                let _ = stop::escalate(steps, Duration::from_secs(2));
+            });
+            continue;
+        }
+        match &pidfd {
+            Some(fd) => {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX));
+            }
+            None => thread::sleep(wait.min(Duration::from_millis(50))),
+        }
+    }
+    log::info!("{}: QEMU exited", sh.id);
+    if let Some(a) = sh.agent.get() {
+        a.close();
+    }
+    if let Some(q) = sh.qmp.get() {
+        q.close();
+    }
+    {
+        let mut ended = sh.ended.lock();
+        ended.get_or_insert(Ok(()));
+    }
+    let mut st = sh.state.lock();
+    *st = if matches!(*sh.ended.lock(), Some(Err(_))) { VmState::Error } else { VmState::Stopped };
+    sh.state_cv.notify_all();
+    drop(st);
+    // Sockets go with the run directory once the last handle is dropped; remove the
+    // sockets now so nothing stale is left even while handles live on.
+    for s in ["qmp.sock", "agent.sock"] {
+        let _ = std::fs::remove_file(sh.dir.0.join(s));
+    }
+}

@@ -29,4 +29,6 @@ pub mod unix;
 pub mod vm;
 pub mod wire;
 
+pub use client::instance::{Child, Command, ExitStatus, Image, Instance, Output};
 pub use error::{Error, Result};
+pub use wire::InstanceOptions;

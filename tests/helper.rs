@@ -78,7 +78,7 @@ fn spawned_helper_answers_every_message_until_an_instance_exists() {
         assert_eq!((e.code, e.op.as_str()), (ErrorCode::InvalidArgument, name));
         assert!(e.message.contains("unexpected bytes"), "{name}: {}", e.message);
     }
-    // InstanceNew: a valid request is refused for want of a backend, code 6 ...
+    // InstanceNew: a missing image directory is an I/O error naming it (before any boot) ...
     let req = InstanceNew {
         source_type: SourceType::Dir,
         source_path: "/srv/rootfs".into(),
@@ -87,11 +87,13 @@ fn spawned_helper_answers_every_message_until_an_instance_exists() {
         options: InstanceOptions { memory_mb: 128, cpus: 1, ..Default::default() },
     };
     let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&req)));
-    assert_eq!(
-        (e.code, e.op.as_str(), e.path.as_str()),
-        (ErrorCode::HypervisorUnavailable, "InstanceNew", "/srv/rootfs")
-    );
-    assert!(e.message.contains("no VM backend"), "{}", e.message);
+    assert_eq!((e.code, e.op.as_str(), e.path.as_str()), (ErrorCode::Io, "InstanceNew", "/srv/rootfs"));
+    assert!(e.message.contains("no such directory"), "{}", e.message);
+    // ... registry references are refused clearly ...
+    let reg = InstanceNew { source_type: SourceType::Registry, image_ref: "alpine:3".into(), ..req.clone() };
+    let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&reg)));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("not supported yet") && e.message.contains("alpine:3"), "{}", e.message);
     // ... a malformed one with code 2.
     let mut bad = Wire::to_payload(&req);
     bad.truncate(bad.len() - 2);

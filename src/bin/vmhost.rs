@@ -6,14 +6,30 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use std::sync::Arc;
 use vmhost::server::control::{ControlClient, Response};
 use vmhost::server::helper::Helper;
+
 use vmhost::server::{Server, ServerOptions};
 
 const USAGE: &str = "\
 vmhost: boot Linux micro-VMs and drive them
 
 USAGE:
+    vmhost run [VM OPTIONS] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
+        Boot a guest, run CMD in it with its stdout and stderr on ours, and exit with
+        its exit code (125 when vmhost itself fails).
+
+    vmhost host --name NAME --dir DIR [VM OPTIONS]
+        Boot one guest and serve it: the control protocol on DIR/vmhost.sock (pid in
+        DIR/vmhost.pid) and the helper protocol on DIR/helper.sock. Exits when the VM
+        does, or on SIGTERM/SIGINT after stopping it.
+
+    vmhost kernel fetch [--package PKG]
+        Provision a stock Debian kernel (default linux-image-cloud-amd64) into the cache.
+    vmhost kernel list
+        Show the cached kernels and which one `vmhost run` uses.
+
     vmhost helper --socket PATH [--max-frame BYTES]
         Serve the helper protocol for one VM on the Unix socket PATH. Exits when its
         last client disconnects, or on SIGTERM/SIGINT, removing the socket.
@@ -32,7 +48,19 @@ USAGE:
 
     vmhost --help | --version
 
+VM OPTIONS:
+    --image PATH      root filesystem directory or tar archive (default: busybox)
+    --memory MB       guest memory (default 256)
+    --cpus N          vCPUs (default 1)
+    --timeout SECS    stop the guest after this long
+    --user USER       run commands as USER (name from the image's /etc/passwd, or uid[:gid])
+    --dmesg           show the guest's kernel console on stderr
+
 ENVIRONMENT:
+    VMHOST_KERNEL       kernel to boot (vmlinux or bzImage); VMHOST_MODULES its modules dir
+    VMHOST_AGENT        the static guest agent (scripts/build-agent.sh builds it)
+    VMHOST_ACCEL        kvm, tcg or auto (default: kvm where hardware virtualization exists)
+    XDG_CACHE_HOME      cache root (kernels, images, initramfs): $XDG_CACHE_HOME/vmhost
     VMHOST_LOG          log filter (error, warn, info, debug, trace; default warn)
     VMHOST_HELPER_PATH  the helper binary a library client starts
     VMHOST_USE_HELPER   1/0: run instances through a helper process or in-process
@@ -55,6 +83,9 @@ fn main() -> ExitCode {
         Some("helper") => cmd_helper(&args[1..]),
         Some("ctl") => cmd_ctl(&args[1..]),
         Some("qmp") => cmd_qmp(&args[1..]),
+        Some("run") => cmd_run(&args[1..]),
+        Some("host") => cmd_host(&args[1..]),
+        Some("kernel") => cmd_kernel(&args[1..]),
         Some(other) => Err(format!("unknown command {other:?}; see 'vmhost --help'")),
     };
     match result {
@@ -93,7 +124,7 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     let socket = socket.ok_or("helper: --socket PATH is required")?;
     let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let helper = Helper::new();
-    let server = Server::bind_with(&socket, helper, opts).map_err(|e| e.to_string())?;
+    let server = Server::bind_with(&socket, helper.clone(), opts).map_err(|e| e.to_string())?;
     log::info!("helper {} serving {}", std::process::id(), socket.display());
     let serving = server.clone();
     let (served_tx, served_rx) = crossbeam_channel::bounded(1);
@@ -108,6 +139,7 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
         recv(served_rx) -> r => r.unwrap_or(Ok(())),
     };
     server.close();
+    helper.shutdown();
     outcome.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string())
 }
 
@@ -232,4 +264,219 @@ fn cmd_qmp(args: &[String]) -> Result<ExitCode, String> {
         }
         Err(e) => fail(e),
     }
+}
+
+/// VM options shared by `run` and `host`.
+#[derive(Default)]
+struct VmFlags {
+    image: Option<PathBuf>,
+    options: vmhost::InstanceOptions,
+}
+
+impl VmFlags {
+    /// Takes one VM option at `args[*i]`; false when it is not one.
+    fn take(&mut self, args: &[String], i: &mut usize) -> Result<bool, String> {
+        let num = |v: String, flag: &str| -> Result<f64, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .ok_or_else(|| format!("{flag}: {v:?} is not a number"))
+        };
+        if let Some(v) = flag_value(args, i, "--image")? {
+            self.image = Some(PathBuf::from(v));
+        } else if let Some(v) = flag_value(args, i, "--memory")? {
+            self.options.memory_mb = num(v, "--memory")?.clamp(16.0, 1_048_576.0) as u64;
+        } else if let Some(v) = flag_value(args, i, "--cpus")? {
+            self.options.cpus = num(v, "--cpus")?.clamp(1.0, 255.0) as i32;
+        } else if let Some(v) = flag_value(args, i, "--timeout")? {
+            self.options.timeout =
+                Some(Duration::from_secs_f64(num(v, "--timeout")?.clamp(0.001, 31_536_000.0)));
+        } else if let Some(v) = flag_value(args, i, "--user")? {
+            self.options.user = v;
+        } else if args[*i] == "--dmesg" {
+            self.options.dmesg = true;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn image(&self) -> vmhost::Image {
+        self.image.as_ref().map_or(vmhost::Image::Default, vmhost::Image::from_path)
+    }
+}
+
+fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
+    let usage = "usage: vmhost run [VM OPTIONS] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+    let mut vm = VmFlags::default();
+    let mut env = Vec::new();
+    let mut dir = None;
+    let mut i = 0;
+    let mut cmd = Vec::new();
+    while i < args.len() {
+        if args[i] == "--" {
+            cmd = args[i + 1..].to_vec();
+            break;
+        }
+        let env_flag = if args[i].starts_with("--env") { "--env" } else { "-e" };
+        let dir_flag = if args[i].starts_with("--workdir") { "--workdir" } else { "-w" };
+        if vm.take(args, &mut i)? {
+        } else if let Some(v) = flag_value(args, &mut i, env_flag)? {
+            let (k, val) = v.split_once('=').ok_or_else(|| format!("-e {v:?}: expected KEY=VALUE"))?;
+            env.push((k.to_string(), val.to_string()));
+        } else if let Some(v) = flag_value(args, &mut i, dir_flag)? {
+            dir = Some(v);
+        } else if args[i].starts_with('-') {
+            return Err(format!("run: unknown option {:?}; {usage}", args[i]));
+        } else {
+            cmd = args[i..].to_vec();
+            break;
+        }
+        i += 1;
+    }
+    let Some((program, rest)) = cmd.split_first() else { return Err(usage.into()) };
+    let fail = |e: vmhost::Error| {
+        eprintln!("vmhost: {e}");
+        Ok(ExitCode::from(125))
+    };
+    let inst = match vmhost::Instance::new(vm.image(), vm.options.clone()) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let mut c = inst.command(program.clone());
+    c.args(rest.iter().cloned()).envs(env);
+    if let Some(d) = dir {
+        c.current_dir(d);
+    }
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let code = c.stream(|stream, data| {
+        let w: &mut dyn Write = if stream == vmhost::wire::STREAM_STDERR { &mut err } else { &mut out };
+        // A closed stdout (a pipe into `head`) is not the guest's failure: keep going.
+        let _ = w.write_all(data).and_then(|()| w.flush());
+        Ok(())
+    });
+    let closed = inst.close();
+    match code {
+        Ok(code) => {
+            if let Err(e) = closed {
+                log::warn!("stopping the guest: {e}");
+            }
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
+    let cache = vmhost::image::cache_dir();
+    let progress = vmhost::progress::Progress::auto();
+    match args.first().map(String::as_str) {
+        Some("fetch") => {
+            let mut package = vmhost::image::kernel::DEFAULT_PACKAGE.to_string();
+            let mut i = 1;
+            while i < args.len() {
+                match flag_value(args, &mut i, "--package")? {
+                    Some(p) => package = p,
+                    None => return Err(format!("kernel fetch: unexpected argument {:?}", args[i])),
+                }
+                i += 1;
+            }
+            match vmhost::image::kernel::fetch(&cache, &package, &progress) {
+                Ok(k) => {
+                    println!("{}", k.vmlinux.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("vmhost: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Some("list") => {
+            let default = vmhost::image::kernel::cached_default(&cache).ok().flatten();
+            if let Some(k) = std::env::var_os("VMHOST_KERNEL") {
+                println!("VMHOST_KERNEL={} (used by vmhost run)", PathBuf::from(k).display());
+            }
+            for dir in vmhost::image::kernel::list(&cache) {
+                let used = default.as_ref().is_some_and(|k| k.vmlinux.parent() == Some(dir.as_path()));
+                let mark = if used && std::env::var_os("VMHOST_KERNEL").is_none() {
+                    "  (used by vmhost run)"
+                } else {
+                    ""
+                };
+                println!("{}{mark}", dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err("usage: vmhost kernel (fetch [--package PKG] | list)".into()),
+    }
+}
+
+fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
+    use vmhost::server::control::ControlServer;
+    let mut vm = VmFlags::default();
+    let mut name = None;
+    let mut dir = None;
+    let mut i = 0;
+    while i < args.len() {
+        if vm.take(args, &mut i)? {
+        } else if let Some(v) = flag_value(args, &mut i, "--name")? {
+            name = Some(v);
+        } else if let Some(v) = flag_value(args, &mut i, "--dir")? {
+            dir = Some(PathBuf::from(v));
+        } else {
+            return Err(format!("host: unexpected argument {:?}", args[i]));
+        }
+        i += 1;
+    }
+    let name = name.ok_or("host: --name NAME is required")?;
+    let dir = dir.ok_or("host: --dir DIR is required")?;
+    let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
+    let source = match &vm.image {
+        Some(p) => vmhost::image::rootfs::Source::from_path(p).map_err(|e| e.to_string())?,
+        None => vmhost::image::rootfs::Source::Default,
+    };
+    let spec = vmhost::vm::InstanceSpec {
+        source,
+        cache_dir: vmhost::image::cache_dir(),
+        options: vm.options.clone(),
+    };
+    let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
+    log::info!("host {name}: VM {} running", machine.id());
+    let control = match ControlServer::start(
+        dir.join("vmhost.sock"),
+        dir.join("vmhost.pid"),
+        Arc::new(machine.clone()),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = machine.force_stop();
+            return Err(e.to_string());
+        }
+    };
+    let helper = Helper::with_vm(machine.clone(), vm.options.user.clone());
+    let server = match Server::bind(dir.join("helper.sock"), helper) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = machine.force_stop();
+            return Err(e.to_string());
+        }
+    };
+    let s = server.clone();
+    std::thread::spawn(move || s.serve());
+    let stop = control.shutdown_handle();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.recv() {
+            log::info!("host: {sig:?}; stopping the VM");
+            let _ = stop.send(());
+        }
+    });
+    let _ = control.run();
+    // Here the VM has exited, or a signal came: make sure it is down, then clean up.
+    if !machine.state().is_final() {
+        let _ = machine.stop(Duration::from_secs(5));
+    }
+    server.close();
+    drop(control);
+    Ok(ExitCode::SUCCESS)
 }

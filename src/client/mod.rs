@@ -6,6 +6,8 @@
 //! idle), because the protocol answers one request at a time per connection and a
 //! blocking call (a command's Wait, a listener's Accept) must not stall the others.
 
+pub mod instance;
+
 use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -2,33 +2,242 @@
 //!
 //! Every request type of the catalogue is registered in the [`Mux`]: its payload is
 //! decoded into a [`Request`] (a malformed one is answered with code 2 before anything
-//! happens) and dispatched in [`Helper::dispatch`]. Until an instance exists,
-//! instance-scoped messages answer Error code 3 (NotRunning) naming the operation. This
-//! build has no VM backend yet, so InstanceNew and BuildDockerfile answer code 6
-//! (HypervisorUnavailable).
+//! happens) and served by [`Helper::dispatch`]. Until an instance exists,
+//! instance-scoped messages answer Error code 3 (NotRunning) naming the operation.
+//!
+//! The same service runs without a socket for the library's in-process mode
+//! ([`Helper::call_local`]), so both modes share every handler.
 //!
 //! The helper process lives as long as its clients: it serves with
 //! [`crate::server::Server::serve_until_idle`], so when the last connection closes
-//! (after InstanceClose, or because the client went away) it cleans up and exits.
+//! (after InstanceClose, or because the client went away) it stops the VM and exits.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::server::{Call, Handler, HandlerResult, Mux};
-use crate::wire::{msg, ErrorCode, ErrorFrame, Request};
+use parking_lot::{Condvar, Mutex};
+
+use crate::agent::proto::ExecRequest;
+use crate::error::Error;
+use crate::progress::Progress;
+use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
+use crate::vm::agent_link::Process;
+use crate::vm::qemu::QemuVm;
+use crate::vm::{InstanceSpec, VmState};
+use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, StreamEnd, Wire};
+
+/// The default `PATH` of guest commands.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A table of handles of one kind. Handles come from one counter shared by every table,
+/// starting at 1; a handle this table gave out and took back is "already closed", any
+/// other unknown one is "invalid".
+struct Table<T> {
+    live: HashMap<u64, T>,
+    freed: HashSet<u64>,
+}
+
+impl<T: Clone> Table<T> {
+    fn new() -> Table<T> {
+        Table { live: HashMap::new(), freed: HashSet::new() }
+    }
+
+    fn insert(&mut self, h: u64, v: T) {
+        self.live.insert(h, v);
+    }
+
+    fn get(&self, h: u64, what: &str) -> Result<T, ErrorFrame> {
+        match self.live.get(&h) {
+            Some(v) => Ok(v.clone()),
+            None if self.freed.contains(&h) => Err(ErrorFrame::new(
+                ErrorCode::AlreadyClosed,
+                "",
+                format!("{what} handle {h} was already freed"),
+            )),
+            None => Err(ErrorFrame::new(ErrorCode::InvalidHandle, "", format!("no {what} with handle {h}"))),
+        }
+    }
+
+    fn remove(&mut self, h: u64, what: &str) -> Result<T, ErrorFrame> {
+        let v = self.get(h, what)?;
+        self.live.remove(&h);
+        self.freed.insert(h);
+        Ok(v)
+    }
+}
+
+/// How a command's output is consumed.
+enum Sink {
+    Discard,
+    Stdout(Vec<u8>),
+    Combined(Vec<u8>),
+}
+
+#[derive(Clone)]
+enum RunState {
+    NotStarted,
+    Running(Arc<Process>),
+    Done(i32),
+    Failed(String),
+}
+
+/// One guest command (a CmdNew handle).
+struct Cmd {
+    spec: Mutex<ExecRequest>,
+    run: Mutex<RunState>,
+    done: Condvar,
+}
+
+impl Cmd {
+    fn new(program: String, args: Vec<String>, user: &str) -> Arc<Cmd> {
+        Arc::new(Cmd {
+            spec: Mutex::new(ExecRequest {
+                program,
+                args,
+                env: vec![format!("PATH={DEFAULT_PATH}")],
+                dir: String::new(),
+                user: user.to_string(),
+                stdin: false,
+            }),
+            run: Mutex::new(RunState::NotStarted),
+            done: Condvar::new(),
+        })
+    }
+
+    fn set_env(&self, key: &str, value: &str) {
+        let mut spec = self.spec.lock();
+        let prefix = format!("{key}=");
+        spec.env.retain(|kv| !kv.starts_with(&prefix));
+        spec.env.push(format!("{key}={value}"));
+    }
+
+    fn get_env(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        self.spec.lock().env.iter().find_map(|kv| kv.strip_prefix(&prefix)).unwrap_or_default().to_string()
+    }
+
+    /// Starts the process; its events are consumed by [`Cmd::finish`] or by the caller.
+    fn start(&self, vm: &QemuVm) -> Result<Arc<Process>, ErrorFrame> {
+        let mut run = self.run.lock();
+        if !matches!(*run, RunState::NotStarted) {
+            return Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command was already started"));
+        }
+        let spec = self.spec.lock().clone();
+        let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+        let p = Arc::new(agent.exec(&spec).map_err(|e| frame(&e, &spec.program))?);
+        *run = RunState::Running(p.clone());
+        Ok(p)
+    }
+
+    /// Drains the process into `sink` and records its end.
+    fn finish(&self, p: &Process, mut sink: Sink) -> Result<(i32, Sink), ErrorFrame> {
+        let result = p.drain(|stream, data| {
+            match &mut sink {
+                Sink::Discard => {}
+                Sink::Stdout(buf) if stream == wire::STREAM_STDOUT => buf.extend_from_slice(data),
+                Sink::Stdout(_) => {}
+                Sink::Combined(buf) => buf.extend_from_slice(data),
+            }
+            Ok(())
+        });
+        self.record(&result);
+        result.map(|code| (code, sink)).map_err(|e| frame(&e, ""))
+    }
+
+    fn record(&self, result: &crate::Result<i32>) {
+        *self.run.lock() = match result {
+            Ok(code) => RunState::Done(*code),
+            Err(e) => RunState::Failed(e.to_string()),
+        };
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Result<i32, ErrorFrame> {
+        let mut run = self.run.lock();
+        loop {
+            match &*run {
+                RunState::NotStarted => {
+                    return Err(ErrorFrame::new(
+                        ErrorCode::InvalidArgument,
+                        "",
+                        "the command was not started",
+                    ))
+                }
+                RunState::Running(_) => self.done.wait(&mut run),
+                RunState::Done(code) => return Ok(*code),
+                RunState::Failed(m) => return Err(ErrorFrame::new(ErrorCode::Io, "", m.clone())),
+            }
+        }
+    }
+}
+
+/// The instance and its handle tables.
+struct Instance {
+    vm: QemuVm,
+    user: String,
+    cmds: Mutex<Table<Arc<Cmd>>>,
+    console: Mutex<(i32, i32)>,
+}
 
 /// The helper-protocol service of one helper process.
 pub struct Helper {
     mux: Mux,
+    state: Arc<State>,
+}
+
+struct State {
+    instance: Mutex<Option<Arc<Instance>>>,
+    next_handle: std::sync::atomic::AtomicU64,
+    progress: Progress,
+}
+
+impl State {
+    fn handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn instance(&self) -> Result<Arc<Instance>, ErrorFrame> {
+        match &*self.instance.lock() {
+            Some(i) => Ok(i.clone()),
+            None => Err(ErrorFrame::new(
+                ErrorCode::NotRunning,
+                "",
+                "no instance is running: send InstanceNew first",
+            )),
+        }
+    }
 }
 
 impl Helper {
-    /// A helper with no instance.
+    /// A helper with no instance yet.
     pub fn new() -> Arc<Helper> {
+        Helper::build(None, Progress::quiet())
+    }
+
+    /// A helper serving an instance that is already running (the per-VM host process).
+    pub fn with_vm(vm: QemuVm, user: String) -> Arc<Helper> {
+        Helper::build(Some((vm, user)), Progress::quiet())
+    }
+
+    /// A helper with no instance yet that reports boot progress (the library's
+    /// in-process mode on a terminal).
+    pub fn with_progress(progress: Progress) -> Arc<Helper> {
+        Helper::build(None, progress)
+    }
+
+    fn build(vm: Option<(QemuVm, String)>, progress: Progress) -> Arc<Helper> {
+        let state = Arc::new(State {
+            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user)))),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
+            progress,
+        });
         let mut mux = Mux::new();
         for &(ty, _) in msg::ALL {
             if msg::is_answer(ty) {
                 continue;
             }
+            let st = state.clone();
             mux.register(ty, move |call, dec| {
                 let Some(req) = Request::read(ty, dec)? else {
                     return Err(ErrorFrame::new(
@@ -38,10 +247,29 @@ impl Helper {
                     ));
                 };
                 dec.finish()?;
-                dispatch(call, req)
+                dispatch(&st, call, req)
             });
         }
-        Arc::new(Helper { mux })
+        Arc::new(Helper { mux, state })
+    }
+
+    /// Serves one request without a socket: `on_frame` receives the frames a streaming
+    /// request sends ahead of its answer.
+    pub fn call_local(
+        &self,
+        ty: u16,
+        payload: &[u8],
+        on_frame: crate::server::FrameSink<'_>,
+    ) -> HandlerResult {
+        let mut call = Call::new(0, on_frame);
+        self.mux.handle(&mut call, ty, payload)
+    }
+
+    /// Stops the instance, if any (the helper is going away).
+    pub fn shutdown(&self) {
+        if let Some(i) = self.state.instance.lock().take() {
+            let _ = i.vm.stop(Duration::from_secs(5));
+        }
     }
 }
 
@@ -51,24 +279,223 @@ impl Handler for Helper {
     }
 }
 
-const NO_BACKEND: &str = "this build of vmhost has no VM backend to run instances with";
+fn new_instance(vm: QemuVm, user: String) -> Instance {
+    Instance { vm, user, cmds: Mutex::new(Table::new()), console: Mutex::new((80, 24)) }
+}
+
+/// The Error frame for a crate error, naming `path` when the error names none.
+fn frame(e: &Error, path: &str) -> ErrorFrame {
+    let mut f = e.to_frame("");
+    if f.path.is_empty() {
+        f.path = path.to_string();
+    }
+    f
+}
+
+fn not_yet(what: &str) -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("{what} is not supported by this build yet"))
+}
 
 /// Serves one decoded request.
-fn dispatch(_call: &mut Call<'_>, req: Request) -> HandlerResult {
+fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
+    let op = req.name();
     match req {
         Request::InstanceNew { new } => {
-            log::info!("InstanceNew {:?} {:?} refused: {NO_BACKEND}", new.source_type, new.source_path);
-            Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "InstanceNew", NO_BACKEND)
-                .with_path(new.source_path))
+            let mut slot = st.instance.lock();
+            if slot.as_ref().is_some_and(|i| !i.vm.state().is_final()) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    op,
+                    "an instance is already running",
+                ));
+            }
+            let spec = InstanceSpec::from_request(&new).map_err(|e| frame(&e, &new.source_path))?;
+            let vm = spec.boot(&st.progress).map_err(|e| frame(&e, &new.source_path))?;
+            *slot = Some(Arc::new(new_instance(vm, new.options.user.clone())));
+            Ok(Reply::ok())
         }
-        Request::BuildDockerfile { opts } => {
-            Err(ErrorFrame::new(ErrorCode::HypervisorUnavailable, "BuildDockerfile", NO_BACKEND)
-                .with_path(opts.context_dir))
+        Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),
+        req => {
+            let inst = st.instance()?;
+            serve_instance(st, &inst, call, req)
         }
-        other => Err(ErrorFrame::new(
-            ErrorCode::NotRunning,
-            other.name(),
-            "no instance is running: send InstanceNew first",
-        )),
+    }
+}
+
+fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Request) -> HandlerResult {
+    let vm = &inst.vm;
+    let cmd = |h: u64| inst.cmds.lock().get(h, "command");
+    match req {
+        Request::InstanceClose {} => {
+            let r = vm.stop(Duration::from_secs(10));
+            st.instance.lock().take();
+            r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+        }
+        Request::InstanceWait {} => vm.wait().map(|()| Reply::ok()).map_err(|e| frame(&e, "")),
+        Request::InstanceId {} => Ok(Reply::with(|e| {
+            e.string(vm.id());
+        })),
+        Request::InstanceIsRunning {} => Ok(Reply::with(|e| {
+            e.bool(vm.state() == VmState::Running);
+        })),
+        Request::InstanceSetConsole { cols, rows } => {
+            if !(1..=10_000).contains(&cols) || !(1..=10_000).contains(&rows) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "",
+                    format!("console size {cols}x{rows}"),
+                ));
+            }
+            *inst.console.lock() = (cols, rows);
+            Ok(Reply::ok())
+        }
+        Request::InstanceSetNetwork { enabled } => {
+            if enabled {
+                Err(not_yet("guest networking"))
+            } else {
+                Ok(Reply::ok())
+            }
+        }
+        Request::InstanceExec { name, args } => {
+            // The main process: its output goes to our stderr (the instance's console as
+            // the host program sees it); answered when it exits.
+            let c = Cmd::new(name, args, &inst.user);
+            let p = c.start(vm)?;
+            let code = p
+                .drain(|_, data| {
+                    use std::io::Write;
+                    let _ = std::io::stderr().write_all(data);
+                    Ok(())
+                })
+                .map_err(|e| frame(&e, ""))?;
+            log::info!("InstanceExec main process exited with {code}");
+            Ok(Reply::ok())
+        }
+        Request::CmdNew { name, args } => {
+            let h = st.handle();
+            inst.cmds.lock().insert(h, Cmd::new(name, args, &inst.user));
+            Ok(Reply::with(|e| {
+                e.u64(h);
+            }))
+        }
+        Request::CmdEntrypoint { args } => {
+            // Plain root filesystems carry no image config: the entrypoint is the first
+            // argument, or a shell.
+            let (program, rest) = match args.split_first() {
+                Some((p, rest)) => (p.clone(), rest.to_vec()),
+                None => ("/bin/sh".to_string(), Vec::new()),
+            };
+            let h = st.handle();
+            inst.cmds.lock().insert(h, Cmd::new(program, rest, &inst.user));
+            Ok(Reply::with(|e| {
+                e.u64(h);
+            }))
+        }
+        Request::CmdFree { handle } => inst.cmds.lock().remove(handle, "command").map(|_| Reply::ok()),
+        Request::CmdSetDir { handle, dir } => {
+            cmd(handle)?.spec.lock().dir = dir;
+            Ok(Reply::ok())
+        }
+        Request::CmdSetEnv { handle, key, value } => {
+            if key.is_empty() || key.contains('=') {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "",
+                    format!("bad variable name {key:?}"),
+                ));
+            }
+            cmd(handle)?.set_env(&key, &value);
+            Ok(Reply::ok())
+        }
+        Request::CmdGetEnv { handle, key } => {
+            let v = cmd(handle)?.get_env(&key);
+            Ok(Reply::with(|e| {
+                e.string(&v);
+            }))
+        }
+        Request::CmdEnviron { handle } => {
+            let env = cmd(handle)?.spec.lock().env.clone();
+            Ok(Reply::with(|e| {
+                e.string_list(&env);
+            }))
+        }
+        Request::CmdStart { handle } => {
+            let c = cmd(handle)?;
+            let p = c.start(vm)?;
+            std::thread::spawn(move || {
+                let _ = c.finish(&p, Sink::Discard);
+            });
+            Ok(Reply::ok())
+        }
+        Request::CmdWait { handle } => {
+            let code = cmd(handle)?.wait()?;
+            Ok(Reply::with(|e| {
+                e.i32(code);
+            }))
+        }
+        Request::CmdRun { handle } => {
+            let c = cmd(handle)?;
+            let p = c.start(vm)?;
+            let (code, _) = c.finish(&p, Sink::Discard)?;
+            Ok(Reply::with(|e| {
+                e.i32(code);
+            }))
+        }
+        Request::CmdOutput { handle } | Request::CmdCombinedOutput { handle } => {
+            let combined = matches!(req, Request::CmdCombinedOutput { .. });
+            let c = cmd(handle)?;
+            let p = c.start(vm)?;
+            let sink = if combined { Sink::Combined(Vec::new()) } else { Sink::Stdout(Vec::new()) };
+            let (code, sink) = c.finish(&p, sink)?;
+            let out = match sink {
+                Sink::Stdout(b) | Sink::Combined(b) => b,
+                Sink::Discard => Vec::new(),
+            };
+            Ok(Reply::with(|e| {
+                e.bytes(&out).i32(code);
+            }))
+        }
+        Request::CmdExitCode { handle } => match &*cmd(handle)?.run.lock() {
+            RunState::Done(code) => {
+                let code = *code;
+                Ok(Reply::with(|e| {
+                    e.i32(code);
+                }))
+            }
+            RunState::Failed(m) => Err(ErrorFrame::new(ErrorCode::Io, "", m.clone())),
+            _ => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command has not exited")),
+        },
+        Request::CmdKill { handle } => match &*cmd(handle)?.run.lock() {
+            RunState::Running(p) => {
+                p.signal(nix::libc::SIGKILL).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+            }
+            _ => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not running")),
+        },
+        Request::CmdRunStreaming { handle } => {
+            let c = cmd(handle)?;
+            let p = c.start(vm)?;
+            let mut client_gone = None;
+            let result = p.drain(|stream, data| {
+                let chunk = StreamChunk { stream, data: data.to_vec() };
+                call.send(msg::STREAM_CHUNK, &chunk.to_payload()).map_err(|e| {
+                    client_gone = Some(e.to_string());
+                    Error::Closed
+                })
+            });
+            if let Some(why) = client_gone {
+                // Nobody reads the output any more: end the process rather than leave it.
+                log::info!("CmdRunStreaming: the client went away ({why}); killing the process");
+                let _ = p.signal(nix::libc::SIGKILL);
+                let r = c.finish(&p, Sink::Discard);
+                return r.map(|_| Reply::ok()).map_err(|_| ErrorFrame::new(ErrorCode::Cancelled, "", why));
+            }
+            c.record(&result);
+            let code = result.map_err(|e| frame(&e, ""))?;
+            Ok(Reply { ty: msg::STREAM_END, payload: StreamEnd { exit_code: code }.to_payload() })
+        }
+        Request::CmdStdinPipe { .. } | Request::CmdStdoutPipe { .. } | Request::CmdStderrPipe { .. } => {
+            Err(not_yet("command pipes"))
+        }
+        other => Err(not_yet(other.name())),
     }
 }

@@ -76,15 +76,23 @@ impl From<DecodeError> for ErrorFrame {
 /// The outcome of a handler: an answer, or an Error frame.
 pub type HandlerResult = std::result::Result<Reply, ErrorFrame>;
 
+/// Where a call's early frames go: `(type, payload)`.
+pub type FrameSink<'a> = &'a mut dyn FnMut(u16, &[u8]) -> std::result::Result<(), FrameError>;
+
 /// The request being served, with a way to send frames before the final answer
 /// (streaming) and who is asking.
 pub struct Call<'a> {
     conn: ConnId,
-    stream: &'a mut UnixStream,
-    max_frame: u32,
+    sink: FrameSink<'a>,
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// A call whose early frames go to `sink` (for serving without a socket: the
+    /// library's in-process mode).
+    pub fn new(conn: ConnId, sink: FrameSink<'a>) -> Call<'a> {
+        Call { conn, sink }
+    }
+
     /// The connection the request came on.
     pub fn conn(&self) -> ConnId {
         self.conn
@@ -92,7 +100,7 @@ impl Call<'_> {
 
     /// Sends a frame ahead of the final answer (e.g. a [`msg::STREAM_CHUNK`]).
     pub fn send(&mut self, ty: u16, payload: &[u8]) -> std::result::Result<(), FrameError> {
-        wire::write_frame(self.stream, ty, payload, self.max_frame)
+        (self.sink)(ty, payload)
     }
 }
 
@@ -502,7 +510,8 @@ impl Inner {
                 }
             };
             let reply = {
-                let mut call = Call { conn: id, stream, max_frame: max };
+                let mut sink = |ty: u16, p: &[u8]| wire::write_frame(&mut *stream, ty, p, max);
+                let mut call = Call { conn: id, sink: &mut sink };
                 let handler = &self.handler;
                 panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&mut call, frame.ty, &frame.payload)))
                     .unwrap_or_else(|p| {

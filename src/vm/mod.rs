@@ -48,3 +48,89 @@ impl fmt::Display for VmState {
         f.write_str(self.as_str())
     }
 }
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::image::rootfs::Source;
+use crate::progress::Progress;
+use crate::wire::{InstanceNew, InstanceOptions, SourceType};
+
+/// Everything needed to boot one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// The image root.
+    pub source: Source,
+    /// The cache for kernels, images and initramfs files.
+    pub cache_dir: PathBuf,
+    /// Memory, CPUs, timeout, user, console log, mounts.
+    pub options: InstanceOptions,
+}
+
+impl InstanceSpec {
+    /// The spec of an InstanceNew request: source type 0 (tar) and 1 (directory) with a
+    /// path, or an empty path for the default image; registry references are refused
+    /// for now; an empty cache dir means the default cache.
+    pub fn from_request(req: &InstanceNew) -> Result<InstanceSpec> {
+        let path = PathBuf::from(&req.source_path);
+        let source = match req.source_type {
+            _ if req.source_path.is_empty() && req.image_ref.is_empty() => Source::Default,
+            SourceType::Tar => Source::Tar(path),
+            SourceType::Dir => Source::Dir(path),
+            SourceType::Registry => {
+                return Err(Error::InvalidArgument {
+                    op: "InstanceNew".into(),
+                    message: format!(
+                        "registry images ({}) are not supported yet; pass a root filesystem directory or a tar archive",
+                        req.image_ref
+                    ),
+                })
+            }
+        };
+        let cache_dir =
+            if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
+        Ok(InstanceSpec { source, cache_dir, options: req.options.clone() })
+    }
+
+    /// Checks the spec, prepares kernel and initramfs, and boots the VM.
+    pub fn boot(&self, progress: &Progress) -> Result<qemu::QemuVm> {
+        match &self.source {
+            Source::Dir(p) if !p.is_dir() => {
+                return Err(Error::io(
+                    "open image",
+                    p,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+                ))
+            }
+            Source::Tar(p) if !p.is_file() => {
+                return Err(Error::io(
+                    "open image",
+                    p,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                ))
+            }
+            _ => {}
+        }
+        if !self.options.mounts.is_empty() {
+            return Err(Error::InvalidArgument {
+                op: "InstanceNew".into(),
+                message: "host mounts are not supported by this build yet".into(),
+            });
+        }
+        let kernel = crate::image::kernel::resolve(&self.cache_dir, progress)?;
+        let agent = crate::image::initramfs::find_agent()?;
+        let initramfs =
+            crate::image::initramfs::build(&self.cache_dir, &kernel, &agent, &self.source, progress)?;
+        let mut cfg = qemu::BootConfig::new(kernel, initramfs)?;
+        if self.options.memory_mb > 0 {
+            cfg.memory_mb = self.options.memory_mb;
+        }
+        if self.options.cpus > 0 {
+            cfg.cpus = self.options.cpus as u32;
+        }
+        cfg.timeout = self.options.timeout;
+        cfg.dmesg = self.options.dmesg;
+        progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
+        qemu::QemuVm::boot(cfg)
+    }
+}

@@ -594,3 +594,24 @@ fn supervise(
         let _ = std::fs::remove_file(sh.dir.0.join(s));
     }
 }
+
+impl crate::server::control::VmController for QemuVm {
+    fn state(&self) -> VmState {
+        QemuVm::state(self)
+    }
+    fn stop(&self, timeout: Duration) -> Result<()> {
+        QemuVm::stop(self, timeout)
+    }
+    fn force_stop(&self) -> Result<()> {
+        QemuVm::force_stop(self)
+    }
+    fn ssh_port(&self) -> u16 {
+        0
+    }
+    fn backend(&self) -> &str {
+        "qemu"
+    }
+    fn wait(&self) -> Result<()> {
+        QemuVm::wait(self)
+    }
+}

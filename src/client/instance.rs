@@ -1,0 +1,424 @@
+//! [`Instance`]: a running guest, in-process or behind a helper process, and
+//! [`Command`]: a guest command that reads like [`std::process::Command`].
+//!
+//! Both modes speak the helper protocol: through a helper's socket, or straight into
+//! the same handlers in this process ([`crate::server::helper::Helper::call_local`]),
+//! so they behave the same. `VMHOST_USE_HELPER` chooses ([`super::use_helper`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::server::helper::Helper;
+use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType, StreamChunk, Wire};
+
+use super::{Client, Response};
+
+/// Where an instance's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Image {
+    /// The default root (busybox).
+    #[default]
+    Default,
+    /// A root filesystem directory.
+    Dir(PathBuf),
+    /// A tar archive, optionally compressed.
+    Tar(PathBuf),
+}
+
+impl Image {
+    /// A directory or a tar file, by what `path` is (a missing path is treated as a tar
+    /// file, and fails to open with a clear error).
+    pub fn from_path(path: impl AsRef<Path>) -> Image {
+        let p = path.as_ref();
+        if p.is_dir() {
+            Image::Dir(p.to_path_buf())
+        } else {
+            Image::Tar(p.to_path_buf())
+        }
+    }
+}
+
+/// How requests reach the handlers.
+enum Transport {
+    Local(Arc<Helper>),
+    Remote(Client),
+}
+
+impl Transport {
+    fn call(&self, req: &Request) -> Result<Response> {
+        self.call_streaming(req, &mut |ty, _| {
+            Err(Error::UnexpectedFrame { request: req.name().into(), got: ty })
+        })
+    }
+
+    fn call_streaming(
+        &self,
+        req: &Request,
+        on_frame: &mut dyn FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<Response> {
+        match self {
+            Transport::Remote(c) => c.call_streaming(req.ty(), &req.to_payload(), on_frame),
+            Transport::Local(h) => {
+                let mut failed = None;
+                let mut sink = |ty: u16, p: &[u8]| {
+                    on_frame(ty, p).map_err(|e| {
+                        let msg = e.to_string();
+                        failed = Some(e);
+                        wire::FrameError::Io(std::io::Error::other(msg))
+                    })
+                };
+                let answer = h.call_local(req.ty(), &req.to_payload(), &mut sink);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                match answer {
+                    Ok(r) if r.ty == msg::RESPONSE || r.ty == msg::STREAM_END => {
+                        Ok(Response { payload: r.payload })
+                    }
+                    Ok(r) => Err(Error::UnexpectedFrame { request: req.name().into(), got: r.ty }),
+                    Err(mut ef) => {
+                        if ef.op.is_empty() {
+                            ef.op = req.name().into();
+                        }
+                        Err(Error::Remote(ef))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running guest.
+///
+/// ```no_run
+/// use vmhost::client::instance::{Image, Instance};
+/// let vm = Instance::new(Image::Default, Default::default())?;
+/// let out = vm.command("sh").arg("-c").arg("echo hello; exit 3").output()?;
+/// assert_eq!(out.stdout, b"hello\n");
+/// assert_eq!(out.status.code(), Some(3));
+/// vm.close()?;
+/// # Ok::<(), vmhost::Error>(())
+/// ```
+pub struct Instance {
+    t: Transport,
+    id: String,
+    closed: bool,
+}
+
+impl Instance {
+    /// Boots an instance of `image`, in this process or through a helper as
+    /// `VMHOST_USE_HELPER` says. Boot progress shows on a terminal.
+    pub fn new(image: Image, options: InstanceOptions) -> Result<Instance> {
+        let t = if super::use_helper() {
+            Transport::Remote(super::spawn_helper()?)
+        } else {
+            Transport::Local(Helper::with_progress(Progress::auto()))
+        };
+        Instance::start(t, image, options)
+    }
+
+    /// Boots an instance through a helper process, whatever `VMHOST_USE_HELPER` says.
+    pub fn new_with_helper(image: Image, options: InstanceOptions) -> Result<Instance> {
+        Instance::start(Transport::Remote(super::spawn_helper()?), image, options)
+    }
+
+    /// Boots an instance in this process, whatever `VMHOST_USE_HELPER` says.
+    pub fn new_in_process(image: Image, options: InstanceOptions) -> Result<Instance> {
+        Instance::start(Transport::Local(Helper::with_progress(Progress::auto())), image, options)
+    }
+
+    /// Attaches to the instance a helper already serves (e.g. a host process's
+    /// `helper.sock`). Closing it stops that instance.
+    pub fn attach(client: Client) -> Result<Instance> {
+        let t = Transport::Remote(client);
+        let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
+        Ok(Instance { t, id, closed: false })
+    }
+
+    fn start(t: Transport, image: Image, options: InstanceOptions) -> Result<Instance> {
+        let (source_type, source_path) = match &image {
+            Image::Default => (SourceType::Dir, String::new()),
+            Image::Dir(p) => (SourceType::Dir, p.display().to_string()),
+            Image::Tar(p) => (SourceType::Tar, p.display().to_string()),
+        };
+        let new = InstanceNew {
+            source_type,
+            source_path,
+            image_ref: String::new(),
+            cache_dir: String::new(),
+            options,
+        };
+        t.call(&Request::InstanceNew { new })?;
+        let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
+        Ok(Instance { t, id, closed: false })
+    }
+
+    /// The instance's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the guest is running.
+    pub fn is_running(&self) -> Result<bool> {
+        self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
+    }
+
+    /// A command to run in the guest, like [`std::process::Command::new`].
+    pub fn command(&self, program: impl Into<String>) -> Command<'_> {
+        Command { inst: self, program: program.into(), args: Vec::new(), env: Vec::new(), dir: None }
+    }
+
+    /// Blocks until the guest has stopped.
+    pub fn wait(&self) -> Result<()> {
+        self.t.call(&Request::InstanceWait {}).map(drop)
+    }
+
+    /// Stops the guest (gracefully, then by force) and releases it.
+    pub fn close(mut self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        let r = match self.t.call(&Request::InstanceClose {}) {
+            // Already gone (stopped by its timeout, or by someone else): nothing to do.
+            Err(Error::Remote(ef)) if ef.code == wire::ErrorCode::NotRunning => Ok(()),
+            other => other.map(drop),
+        };
+        if let Transport::Remote(c) = &self.t {
+            c.close()?;
+        }
+        r
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            log::warn!("closing instance {}: {e}", self.id);
+        }
+    }
+}
+
+fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
+    move |source| Error::Decode { msg: msg.into(), source }
+}
+
+/// How a guest command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    code: i32,
+}
+
+impl ExitStatus {
+    /// The exit code (128 + N when killed by signal N, as shells report it).
+    pub fn code(&self) -> Option<i32> {
+        Some(self.code)
+    }
+
+    /// Whether the code is 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status: {}", self.code)
+    }
+}
+
+/// What a finished command printed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+/// A guest command being prepared, like [`std::process::Command`].
+pub struct Command<'a> {
+    inst: &'a Instance,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: Option<String>,
+}
+
+impl Command<'_> {
+    /// Adds an argument.
+    pub fn arg(&mut self, a: impl Into<String>) -> &mut Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, args: I) -> &mut Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable.
+    pub fn env(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets several environment variables.
+    pub fn envs<I: IntoIterator<Item = (K, V)>, K: Into<String>, V: Into<String>>(
+        &mut self,
+        vars: I,
+    ) -> &mut Self {
+        self.env.extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn current_dir(&mut self, dir: impl Into<String>) -> &mut Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Creates the command handle in the helper, with env and directory applied.
+    fn prepare(&self) -> Result<u64> {
+        let t = &self.inst.t;
+        let h = t
+            .call(&Request::CmdNew { name: self.program.clone(), args: self.args.clone() })?
+            .decoder()
+            .u64()
+            .map_err(decode("CmdNew"))?;
+        let setup = || -> Result<()> {
+            for (k, v) in &self.env {
+                t.call(&Request::CmdSetEnv { handle: h, key: k.clone(), value: v.clone() })?;
+            }
+            if let Some(d) = &self.dir {
+                t.call(&Request::CmdSetDir { handle: h, dir: d.clone() })?;
+            }
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            let _ = t.call(&Request::CmdFree { handle: h });
+            return Err(e);
+        }
+        Ok(h)
+    }
+
+    fn with_handle<T>(&self, f: impl FnOnce(u64) -> Result<T>) -> Result<T> {
+        let h = self.prepare()?;
+        let r = f(h);
+        let _ = self.inst.t.call(&Request::CmdFree { handle: h });
+        r
+    }
+
+    /// Runs the command and collects its output, stdout and stderr apart. A non-zero
+    /// exit is not an error: it is in `status`.
+    pub fn output(&self) -> Result<Output> {
+        let mut out = Output { status: ExitStatus { code: -1 }, stdout: Vec::new(), stderr: Vec::new() };
+        let code = self.stream(|stream, data| {
+            if stream == wire::STREAM_STDERR {
+                out.stderr.extend_from_slice(data);
+            } else {
+                out.stdout.extend_from_slice(data);
+            }
+            Ok(())
+        })?;
+        out.status = ExitStatus { code };
+        Ok(out)
+    }
+
+    /// Runs the command, passing its output to `f` as it comes (stream 1 stdout, 2
+    /// stderr). Returns the exit code.
+    pub fn stream(&self, mut f: impl FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
+        self.with_handle(|h| {
+            let r =
+                self.inst.t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
+                    if ty != msg::STREAM_CHUNK {
+                        return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
+                    }
+                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
+                    f(chunk.stream, &chunk.data)
+                })?;
+            let mut d = r.decoder();
+            d.i32().map_err(decode("StreamEnd"))
+        })
+    }
+
+    /// Runs the command with its output discarded and returns how it ended.
+    pub fn status(&self) -> Result<ExitStatus> {
+        self.with_handle(|h| {
+            let code = self
+                .inst
+                .t
+                .call(&Request::CmdRun { handle: h })?
+                .decoder()
+                .i32()
+                .map_err(decode("CmdRun"))?;
+            Ok(ExitStatus { code })
+        })
+    }
+
+    /// Runs the command and returns stdout and stderr interleaved as they came.
+    pub fn combined_output(&self) -> Result<(ExitStatus, Vec<u8>)> {
+        self.with_handle(|h| {
+            let r = self.inst.t.call(&Request::CmdCombinedOutput { handle: h })?;
+            let mut d = r.decoder();
+            let out = d.bytes().map_err(decode("CmdCombinedOutput"))?;
+            let code = d.i32().map_err(decode("CmdCombinedOutput"))?;
+            Ok((ExitStatus { code }, out))
+        })
+    }
+
+    /// Starts the command and returns at once.
+    pub fn spawn(&self) -> Result<Child<'_>> {
+        let h = self.prepare()?;
+        if let Err(e) = self.inst.t.call(&Request::CmdStart { handle: h }) {
+            let _ = self.inst.t.call(&Request::CmdFree { handle: h });
+            return Err(e);
+        }
+        Ok(Child { inst: self.inst, handle: h, freed: false })
+    }
+}
+
+/// A started guest command, like [`std::process::Child`].
+pub struct Child<'a> {
+    inst: &'a Instance,
+    handle: u64,
+    freed: bool,
+}
+
+impl Child<'_> {
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        let code = self
+            .inst
+            .t
+            .call(&Request::CmdWait { handle: self.handle })?
+            .decoder()
+            .i32()
+            .map_err(decode("CmdWait"))?;
+        Ok(ExitStatus { code })
+    }
+
+    /// Kills it (SIGKILL to its process group in the guest).
+    pub fn kill(&mut self) -> Result<()> {
+        self.inst.t.call(&Request::CmdKill { handle: self.handle }).map(drop)
+    }
+}
+
+impl Drop for Child<'_> {
+    fn drop(&mut self) {
+        if !std::mem::replace(&mut self.freed, true) {
+            let _ = self.inst.t.call(&Request::CmdFree { handle: self.handle });
+        }
+    }
+}
+
+/// Re-exported for convenience.
+pub use crate::wire::InstanceOptions as Options;

@@ -160,6 +160,14 @@ impl Instance {
         &self.id
     }
 
+    /// The helper process's pid, when the instance runs behind one this client started.
+    pub fn helper_pid(&self) -> Option<u32> {
+        match &self.t {
+            Transport::Remote(c) => c.helper_pid(),
+            Transport::Local(_) => None,
+        }
+    }
+
     /// Whether the guest is running.
     pub fn is_running(&self) -> Result<bool> {
         self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
@@ -252,7 +260,7 @@ pub struct Command<'a> {
     dir: Option<String>,
 }
 
-impl Command<'_> {
+impl<'a> Command<'a> {
     /// Adds an argument.
     pub fn arg(&mut self, a: impl Into<String>) -> &mut Self {
         self.args.push(a.into());
@@ -376,7 +384,7 @@ impl Command<'_> {
     }
 
     /// Starts the command and returns at once.
-    pub fn spawn(&self) -> Result<Child<'_>> {
+    pub fn spawn(&self) -> Result<Child<'a>> {
         let h = self.prepare()?;
         if let Err(e) = self.inst.t.call(&Request::CmdStart { handle: h }) {
             let _ = self.inst.t.call(&Request::CmdFree { handle: h });

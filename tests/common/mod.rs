@@ -122,3 +122,56 @@ impl Drop for Qemu {
         let _ = self.child.wait();
     }
 }
+
+/// Whether VM tests can run: QEMU, the static agent, and a kernel (cached, or one apt
+/// can fetch). Under CI a missing piece fails the test; elsewhere it is skipped with
+/// the reason printed.
+pub fn vm_ready(test: &str) -> bool {
+    if qemu_binary(test).is_none() {
+        return false;
+    }
+    if let Err(e) = vmhost::image::initramfs::find_agent() {
+        let msg = format!("{e} (scripts/test.sh builds it)");
+        if under_ci() {
+            panic!("{test}: {msg}");
+        }
+        eprintln!("SKIP {test}: {msg}");
+        return false;
+    }
+    let cache = vmhost::image::cache_dir();
+    let have_kernel = std::env::var_os("VMHOST_KERNEL").is_some()
+        || vmhost::image::kernel::cached_default(&cache).ok().flatten().is_some()
+        || std::process::Command::new("apt-get").arg("--version").output().is_ok();
+    if !have_kernel {
+        let msg = "no guest kernel: run `vmhost kernel fetch` or set VMHOST_KERNEL";
+        if under_ci() {
+            panic!("{test}: {msg}");
+        }
+        eprintln!("SKIP {test}: {msg}");
+        return false;
+    }
+    true
+}
+
+/// Child processes of `pid` (from /proc/*/stat).
+pub fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // pid (comm) state ppid ...
+        let Some(close) = stat.rfind(')') else { continue };
+        let comm = stat[stat.find('(').map_or(0, |i| i + 1)..close].to_string();
+        let ppid = stat[close + 2..].split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push((p, comm));
+        }
+    }
+    out
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
+}

@@ -1,0 +1,324 @@
+//! Real guests: QEMU (TCG here, KVM where hardware virtualization exists), the stock
+//! Debian kernel, the busybox default image and the static agent.
+//!
+//! Boots are seconds under TCG, so one guest per mode serves every check that can
+//! share it; the checks that end or break a guest boot their own.
+
+mod common;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{alive, children_of, vm_ready, wait_until, TempDir};
+use vmhost::{Error, Image, Instance, InstanceOptions};
+
+const GUARD: Duration = Duration::from_secs(120);
+
+/// The checks every mode must pass, on one shared guest. Returns the failures.
+fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut check = |name: &str, r: Result<(), String>| {
+        if let Err(e) = r {
+            failures.push(format!("{name}: {e}"));
+        }
+    };
+    let sh = |script: &str| vm.command("sh").arg("-c").arg(script).output().map_err(|e| e.to_string());
+
+    check(
+        "exit codes",
+        (|| {
+            for code in [0, 1, 42, 255] {
+                let out = sh(&format!("exit {code}"))?;
+                if out.status.code() != Some(code) {
+                    return Err(format!("exit {code} gave {:?}", out.status));
+                }
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "stdout and stderr apart",
+        (|| {
+            let out = sh("echo out; echo err >&2; echo out2")?;
+            if out.stdout != b"out\nout2\n" || out.stderr != b"err\n" {
+                return Err(format!("{out:?}"));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "environment",
+        (|| {
+            let out = vm
+                .command("sh")
+                .args(["-c", "echo $GREETING-$EMPTY-$PATH"])
+                .env("GREETING", "hi there")
+                .env("EMPTY", "")
+                .output()
+                .map_err(|e| e.to_string())?;
+            let s = String::from_utf8_lossy(&out.stdout);
+            if !s.starts_with("hi there--/usr/local/sbin") {
+                return Err(s.into_owned());
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "working directory",
+        (|| {
+            let out = vm.command("pwd").current_dir("/etc").output().map_err(|e| e.to_string())?;
+            if out.stdout != b"/etc\n" {
+                return Err(format!("{:?}", String::from_utf8_lossy(&out.stdout)));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "user",
+        (|| {
+            let out = vm.command("id").arg("-u").output().map_err(|e| e.to_string())?;
+            if String::from_utf8_lossy(&out.stdout).trim() != expect_uid {
+                return Err(format!("id -u = {:?}, want {expect_uid}", String::from_utf8_lossy(&out.stdout)));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "16 MiB of output",
+        (|| {
+            let out = sh("head -c 16777216 /dev/zero | tr '\\0' 'x'")?;
+            if out.stdout.len() != 16 << 20 || out.stdout.iter().any(|&b| b != b'x') || !out.status.success()
+            {
+                return Err(format!("{} bytes, {:?}", out.stdout.len(), out.status));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "20 concurrent commands",
+        (|| {
+            let results: Vec<Result<bool, String>> = thread::scope(|s| {
+                let hs: Vec<_> = (0..20)
+                    .map(|i| {
+                        s.spawn(move || {
+                            let out = vm
+                                .command("sh")
+                                .arg("-c")
+                                .arg(format!("sleep 0.$(({i} % 3)); echo {i}"))
+                                .output();
+                            out.map(|o| o.stdout == format!("{i}\n").as_bytes()).map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (i, r) in results.into_iter().enumerate() {
+                if !r? {
+                    return Err(format!("command {i} got another's output"));
+                }
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "kill a long-running command",
+        (|| {
+            let mut child =
+                vm.command("sh").args(["-c", "sleep 1000; echo never"]).spawn().map_err(|e| e.to_string())?;
+            thread::sleep(Duration::from_millis(200));
+            child.kill().map_err(|e| e.to_string())?;
+            let status = child.wait().map_err(|e| e.to_string())?;
+            if status.code() != Some(128 + 9) {
+                return Err(format!("{status}"));
+            }
+            // The whole group died: no sleep is left behind.
+            let out = sh("ps -o comm | grep -c '^sleep' || true")?;
+            if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+                return Err(format!("sleep survived: {}", String::from_utf8_lossy(&out.stdout)));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "status and combined output",
+        (|| {
+            let st = vm.command("false").status().map_err(|e| e.to_string())?;
+            if st.success() || st.code() != Some(1) {
+                return Err(format!("{st}"));
+            }
+            let (st, out) = vm
+                .command("sh")
+                .args(["-c", "echo a; echo b >&2"])
+                .combined_output()
+                .map_err(|e| e.to_string())?;
+            if !st.success() || (out != b"a\nb\n" && out != b"b\na\n") {
+                return Err(format!("{st} {out:?}"));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "missing program is a clear error",
+        (|| match vm.command("/no/such/program").output() {
+            Err(Error::Remote(ef))
+                if ef.path == "/no/such/program" && ef.message.contains("No such file") =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        })(),
+    );
+    failures
+}
+
+#[test]
+fn in_process_guest_runs_commands() {
+    if !vm_ready("in_process_guest_runs_commands") {
+        return;
+    }
+    let vm = Instance::new_in_process(Image::Default, InstanceOptions::default()).unwrap();
+    assert!(vm.is_running().unwrap());
+    assert!(vm.helper_pid().is_none());
+    let failures = exec_suite(&vm, "0");
+    vm.close().unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn helper_guest_runs_commands_as_the_requested_user() {
+    if !vm_ready("helper_guest_runs_commands_as_the_requested_user") {
+        return;
+    }
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let opts = InstanceOptions { user: "nobody".into(), memory_mb: 192, ..Default::default() };
+    let vm = Instance::new_with_helper(Image::Default, opts).unwrap();
+    assert!(vm.helper_pid().is_some());
+    let failures = exec_suite(&vm, "65534");
+    vm.close().unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn instance_timeout_stops_the_guest() {
+    if !vm_ready("instance_timeout_stops_the_guest") {
+        return;
+    }
+    let opts = InstanceOptions { timeout: Some(Duration::from_secs(15)), ..Default::default() };
+    let vm = Instance::new_in_process(Image::Default, opts).unwrap();
+    let start = Instant::now();
+    // Outlives the timeout: the guest is stopped under it and the call fails cleanly.
+    let r = vm.command("sleep").arg("1000").output();
+    assert!(r.is_err(), "{r:?}");
+    assert!(start.elapsed() < GUARD);
+    assert!(!vm.is_running().unwrap());
+    vm.close().unwrap();
+}
+
+#[test]
+fn helper_killed_takes_qemu_with_it_and_leaves_nothing() {
+    if !vm_ready("helper_killed_takes_qemu_with_it_and_leaves_nothing") {
+        return;
+    }
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let vm = Instance::new_with_helper(Image::Default, InstanceOptions::default()).unwrap();
+    let helper = vm.helper_pid().unwrap();
+    let qemu: Vec<u32> =
+        children_of(helper).into_iter().filter(|(_, c)| c.starts_with("qemu")).map(|(p, _)| p).collect();
+    assert_eq!(qemu.len(), 1, "one QEMU under the helper");
+    let run_dirs = |pid: u32| {
+        std::fs::read_dir(vmhost::vm::qemu::run_base())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("vm-{pid}-")))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(run_dirs(helper), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(helper as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(2), || !alive(qemu[0])), "QEMU outlived its helper by 2 s");
+    // The caller gets a clear error, and closing cleans up what the helper could not.
+    assert!(vm.command("true").output().is_err());
+    let _ = vm.close();
+    assert_eq!(run_dirs(helper), 0, "stale VM directory left");
+}
+
+#[test]
+fn qemu_killed_under_a_running_command_gives_a_clear_error() {
+    if !vm_ready("qemu_killed_under_a_running_command_gives_a_clear_error") {
+        return;
+    }
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let vm = Arc::new(Instance::new_with_helper(Image::Default, InstanceOptions::default()).unwrap());
+    let helper = vm.helper_pid().unwrap();
+    let qemu = children_of(helper).into_iter().find(|(_, c)| c.starts_with("qemu")).unwrap().0;
+    let v = vm.clone();
+    let call = thread::spawn(move || v.command("sleep").arg("1000").output());
+    thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let start = Instant::now();
+    let r = call.join().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10), "no hang");
+    let e = r.expect_err("the command cannot have succeeded");
+    assert!(e.to_string().contains("agent channel lost") || e.to_string().contains("VM"), "{e}");
+    assert!(!vm.is_running().unwrap());
+}
+
+#[test]
+fn missing_image_and_corrupt_tar_are_clear_errors() {
+    if !vm_ready("missing_image_and_corrupt_tar_are_clear_errors") {
+        return;
+    }
+    match Instance::new_in_process(Image::Dir("/no/such/rootfs".into()), InstanceOptions::default()) {
+        Err(e) => assert!(e.to_string().contains("/no/such/rootfs"), "{e}"),
+        Ok(_) => panic!("booted a missing image"),
+    }
+    let dir = TempDir::new("corrupt");
+    let tar = dir.join("image.tar");
+    std::fs::write(&tar, vec![0x5a; 4096]).unwrap();
+    match Instance::new_in_process(Image::Tar(tar.clone()), InstanceOptions::default()) {
+        Err(e) => {
+            let s = e.to_string();
+            assert!(s.contains("image.tar") && s.contains("tar"), "{s}");
+        }
+        Ok(_) => panic!("booted a corrupt tar"),
+    }
+}
+
+#[test]
+fn tar_and_directory_images_boot() {
+    if !vm_ready("tar_and_directory_images_boot") {
+        return;
+    }
+    // A directory image made from the default root plus a marker, and its tar.
+    let dir = TempDir::new("img");
+    let root = dir.join("root");
+    let base = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    let st = std::process::Command::new("cp").arg("-a").arg(&base).arg(&root).status().unwrap();
+    assert!(st.success());
+    std::fs::write(root.join("etc/marker"), b"from a directory\n").unwrap();
+    let vm = Instance::new_in_process(Image::Dir(root.clone()), InstanceOptions::default()).unwrap();
+    assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a directory\n");
+    vm.close().unwrap();
+    std::fs::write(root.join("etc/marker"), b"from a tar\n").unwrap();
+    let tar = dir.join("img.tar.gz");
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&root)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let vm = Instance::new_in_process(Image::Tar(tar), InstanceOptions::default()).unwrap();
+    assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a tar\n");
+    vm.close().unwrap();
+}

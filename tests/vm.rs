@@ -160,14 +160,14 @@ fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
     );
     check(
         "missing program is a clear error",
-        (|| match vm.command("/no/such/program").output() {
+        match vm.command("/no/such/program").output() {
             Err(Error::Remote(ef))
                 if ef.path == "/no/such/program" && ef.message.contains("No such file") =>
             {
                 Ok(())
             }
             other => Err(format!("{other:?}")),
-        })(),
+        },
     );
     failures
 }

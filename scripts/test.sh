@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Sets up and runs every vmhost test on a fresh Debian machine: installs what is
-# missing, then formatting, lints, and the whole test suite (unit, integration, doc).
+# Sets up and runs every vmhost test on a fresh Debian machine: installs QEMU, builds
+# the static guest agent, provisions the guest kernel, then formatting, lints and the
+# whole test suite (unit, integration with real QEMU guests, doc tests).
 # CI (`.ci/run`) runs exactly this. Under CI=true a missing prerequisite is an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '== %s\n' "$*"; }
 
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo not found: install a Rust toolchain (rustup, or Debian's cargo) and re-run" >&2
-  exit 1
-fi
 for comp in rustfmt clippy; do
   if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
     say "installing the $comp component"
@@ -18,14 +15,10 @@ for comp in rustfmt clippy; do
   fi
 done
 
-# Debian packages the tests need: QEMU for the QMP tests (and, later, the guests).
-need=()
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-if [ "${#need[@]}" -gt 0 ]; then
-  say "installing ${need[*]}"
-  apt-get update -qq
-  apt-get install -y --no-install-recommends "${need[@]}"
-fi
+say "setup (QEMU, vmhost, static guest agent)"
+VMHOST_PROFILE=debug bash scripts/setup.sh
+say "guest kernel"
+./target/debug/vmhost kernel fetch
 
 say "cargo fmt --check"
 cargo fmt --check

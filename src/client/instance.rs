@@ -105,6 +105,8 @@ pub struct Instance {
     t: Transport,
     id: String,
     closed: bool,
+    /// Whether dropping it stops the guest (not for one we attached to).
+    owned: bool,
 }
 
 impl Instance {
@@ -130,11 +132,11 @@ impl Instance {
     }
 
     /// Attaches to the instance a helper already serves (e.g. a host process's
-    /// `helper.sock`). Closing it stops that instance.
+    /// `helper.sock`). Dropping it only disconnects; [`Instance::close`] stops the guest.
     pub fn attach(client: Client) -> Result<Instance> {
         let t = Transport::Remote(client);
         let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
-        Ok(Instance { t, id, closed: false })
+        Ok(Instance { t, id, closed: false, owned: false })
     }
 
     fn start(t: Transport, image: Image, options: InstanceOptions) -> Result<Instance> {
@@ -152,7 +154,7 @@ impl Instance {
         };
         t.call(&Request::InstanceNew { new })?;
         let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
-        Ok(Instance { t, id, closed: false })
+        Ok(Instance { t, id, closed: false, owned: true })
     }
 
     /// The instance's id.
@@ -206,6 +208,12 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        if !self.owned {
+            if let Transport::Remote(c) = &self.t {
+                let _ = c.close();
+            }
+            return;
+        }
         if let Err(e) = self.close_inner() {
             log::warn!("closing instance {}: {e}", self.id);
         }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what vmhost needs on a Debian machine and builds it:
+#   - qemu-system-x86 (Debian package, no recommends)
+#   - the vmhost binary (release) and the static guest agent
+# The guest kernel is provisioned by vmhost itself on first use (`vmhost kernel fetch`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install a Rust toolchain (rustup, or Debian's cargo) and re-run" >&2
+  exit 1
+fi
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "== installing ${need[*]}" >&2
+  apt-get update -qq
+  apt-get install -y --no-install-recommends "${need[@]}" >&2
+fi
+# Kernel provisioning downloads Debian packages: make sure apt knows them.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+  apt-get update -qq
+fi
+profile=${VMHOST_PROFILE:-release}
+if [ "$profile" = release ]; then
+  cargo build --release --bin vmhost >&2
+else
+  cargo build --bin vmhost >&2
+fi
+bash scripts/build-agent.sh >&2

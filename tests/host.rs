@@ -1,0 +1,138 @@
+//! The per-VM host process (`vmhost host`) on a real guest: control protocol, helper
+//! socket, and the stop escalation's three ways to end a VM.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{children_of, vm_ready, vmhost_bin, wait_until, TempDir};
+use vmhost::server::control::ControlClient;
+use vmhost::{client, Instance};
+
+const GUARD: Duration = Duration::from_secs(180);
+
+struct Host {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Host {
+    fn start(tag: &str) -> Host {
+        let dir = TempDir::new(tag);
+        let log = std::fs::File::create(dir.join("host.log")).unwrap();
+        let child = Command::new(vmhost_bin())
+            .args(["host", "--name", tag, "--dir"])
+            .arg(dir.join("vm"))
+            .env("VMHOST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut h = Host { child, dir };
+        let ready =
+            wait_until(GUARD, || h.sock("helper.sock").exists() || h.child.try_wait().unwrap().is_some());
+        assert!(ready && h.sock("helper.sock").exists(), "host did not come up:\n{}", h.log());
+        h
+    }
+
+    fn sock(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join("vm").join(name)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("host.log")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let out =
+            Command::new(vmhost_bin()).arg("ctl").arg(self.sock("vmhost.sock")).args(args).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn attach(&self) -> Instance {
+        Instance::attach(client::connect_to(self.sock("helper.sock"), GUARD).unwrap()).unwrap()
+    }
+
+    /// Waits for the host process to exit after a stop and checks it cleaned up.
+    fn expect_exit(&mut self) {
+        let mut status = None;
+        assert!(
+            wait_until(GUARD, || {
+                status = self.child.try_wait().unwrap();
+                status.is_some()
+            }),
+            "host process did not exit:\n{}",
+            self.log()
+        );
+        assert!(status.unwrap().success(), "{:?}\n{}", status, self.log());
+        for f in ["vmhost.sock", "vmhost.pid", "helper.sock"] {
+            assert!(!Path::new(&self.sock(f)).exists(), "{f} left behind");
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn host_serves_control_and_helper_and_stops_through_the_agent() {
+    if !vm_ready("host_serves_control_and_helper_and_stops_through_the_agent") {
+        return;
+    }
+    let mut h = Host::start("host-agent");
+    let pid = std::fs::read_to_string(h.sock("vmhost.pid")).unwrap();
+    assert_eq!(pid, h.child.id().to_string());
+    assert_eq!(h.ctl(&["status"]), (0, "{\"ok\":true,\"state\":\"running\"}\n".into()));
+    assert_eq!(h.ctl(&["info"]), (0, "{\"ok\":true,\"state\":\"running\",\"backend\":\"qemu\"}\n".into()));
+    {
+        let vm = h.attach();
+        let out = vm.command("sh").args(["-c", "echo hello from the host guest"]).output().unwrap();
+        assert_eq!(out.stdout, b"hello from the host guest\n");
+    } // dropping an attached instance leaves the VM running
+    assert_eq!(ControlClient::new(h.sock("vmhost.sock")).status().unwrap().state, "running");
+    assert_eq!(h.ctl(&["stop", "--timeout", "20"]), (0, "{\"ok\":true,\"state\":\"stopping\"}\n".into()));
+    h.expect_exit();
+    assert!(h.log().contains("stop step Agent: Exited"), "{}", h.log());
+}
+
+#[test]
+fn unresponsive_agent_is_stopped_by_acpi() {
+    if !vm_ready("unresponsive_agent_is_stopped_by_acpi") {
+        return;
+    }
+    let mut h = Host::start("host-acpi");
+    {
+        let vm = h.attach();
+        // The command's parent is the agent server: freeze it.
+        let _child = vm.command("sh").args(["-c", "kill -STOP $PPID"]).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(h.ctl(&["stop", "--timeout", "3"]).0, 0);
+    h.expect_exit();
+    let log = h.log();
+    assert!(log.contains("stop step Agent: StillRunning"), "{log}");
+    assert!(log.contains("stop step Acpi: Exited"), "{log}");
+}
+
+#[test]
+fn frozen_guest_is_stopped_by_signals() {
+    if !vm_ready("frozen_guest_is_stopped_by_signals") {
+        return;
+    }
+    let mut h = Host::start("host-kill");
+    let qemu =
+        children_of(h.child.id()).into_iter().find(|(_, c)| c.starts_with("qemu")).expect("QEMU child").0;
+    // A QEMU that no longer runs at all: neither agent nor ACPI nor SIGTERM can end it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGSTOP)
+        .unwrap();
+    assert_eq!(h.ctl(&["stop", "--timeout", "2"]).0, 0);
+    h.expect_exit();
+    let log = h.log();
+    assert!(log.contains("stop step Kill: Exited"), "{log}");
+}

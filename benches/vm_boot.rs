@@ -58,19 +58,32 @@ fn main() {
             vm.stop(Duration::from_secs(5)).unwrap();
         }
     }
-    println!("boot to agent ready, {} accelerator, stock kernel {}, median of {boots}", accel.as_str(), k.origin);
+    println!(
+        "boot to agent ready, {} accelerator, stock kernel {}, median of {boots}",
+        accel.as_str(),
+        k.origin
+    );
     let m = median(micro.clone());
-    println!("  microvm + vmlinux (PVH)   : {}   (all: {:?})", ms(m), micro.iter().map(|t| (t * 1000.0) as u64).collect::<Vec<_>>());
+    println!(
+        "  microvm + vmlinux (PVH)   : {}   (all: {:?})",
+        ms(m),
+        micro.iter().map(|t| (t * 1000.0) as u64).collect::<Vec<_>>()
+    );
     if !pc.is_empty() {
         let p = median(pc.clone());
-        println!("  pc + bzImage              : {}   (all: {:?})", ms(p), pc.iter().map(|t| (t * 1000.0) as u64).collect::<Vec<_>>());
+        println!(
+            "  pc + bzImage              : {}   (all: {:?})",
+            ms(p),
+            pc.iter().map(|t| (t * 1000.0) as u64).collect::<Vec<_>>()
+        );
         println!("  microvm is {:.2}x faster", p / m);
     }
 
     // Exec round trips on one running guest.
     let (_, vm) = boot(MachineType::Microvm);
     let link = vm.agent().unwrap().clone();
-    let req = ExecRequest { program: "true".into(), env: vec!["PATH=/bin:/usr/bin".into()], ..Default::default() };
+    let req =
+        ExecRequest { program: "true".into(), env: vec!["PATH=/bin:/usr/bin".into()], ..Default::default() };
     let run = || {
         let p = link.exec(&req).unwrap();
         assert_eq!(p.drain(|_, _| Ok(())).unwrap(), 0);
@@ -110,5 +123,9 @@ fn main() {
     println!("exec round trip of `true` in a running guest ({} accelerator), median of {n}", accel.as_str());
     println!("  agent channel (Exec, wait for Exit)      : {}", ms(agent_rtt));
     println!("  library Instance::command(..).output()   : {}   (target <= 10 ms under TCG)", ms(lib_rtt));
-    println!("  20 concurrent `true` over the agent      : {}   ({:.1} ms each)", ms(twenty), twenty * 1000.0 / 20.0);
+    println!(
+        "  20 concurrent `true` over the agent      : {}   ({:.1} ms each)",
+        ms(twenty),
+        twenty * 1000.0 / 20.0
+    );
 }

@@ -380,3 +380,27 @@ fn serve_until_idle_gives_up_when_no_client_ever_comes() {
     assert!(rx.recv_timeout(GUARD).expect("returned").is_ok());
     server.close();
 }
+
+#[test]
+fn a_handler_sees_its_client_hang_up() {
+    let dir = TempDir::new("hangup");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let mut mux = Mux::new();
+    mux.register(msg::INSTANCE_WAIT, move |call, _| {
+        let start = std::time::Instant::now();
+        while !call.is_cancelled() && start.elapsed() < GUARD {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = tx.send(call.is_cancelled());
+        Ok(Reply::ok())
+    });
+    let server = Server::bind(dir.join("s.sock"), Arc::new(mux)).unwrap();
+    let s = server.clone();
+    thread::spawn(move || s.serve());
+    let mut conn = UnixStream::connect(server.socket_path()).unwrap();
+    wire::write_frame(&mut conn, msg::INSTANCE_WAIT, &[], wire::DEFAULT_MAX_FRAME).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    drop(conn); // the client goes away mid-call
+    assert_eq!(rx.recv_timeout(GUARD), Ok(true), "the handler was not told");
+    server.close();
+}

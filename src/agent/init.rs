@@ -19,9 +19,10 @@ pub fn run() -> i32 {
     mount_filesystems();
     load_modules();
     let _ = nix::unistd::sethostname("vmhost");
-    if let Err(e) = loopback_up() {
+    if let Err(e) = interface_up("lo", None) {
         say(format_args!("cannot bring lo up: {e}"));
     }
+    configure_network();
     thread::spawn(watch_power_button);
     let server = match Command::new("/proc/self/exe").arg("serve").spawn() {
         Ok(c) => Pid::from_raw(c.id() as i32),
@@ -106,9 +107,47 @@ fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
     nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
 }
 
-/// Brings the loopback interface up, so that guest programs can use 127.0.0.1.
-fn loopback_up() -> std::io::Result<()> {
+/// The guest side of QEMU's user-mode network: the address, gateway and DNS server
+/// slirp hands out, set statically (no DHCP client needed). Whether packets flow is the
+/// host's choice: it sets the link up or down (InstanceSetNetwork).
+pub const GUEST_ADDR: [u8; 4] = [10, 0, 2, 15];
+/// The host as the guest sees it.
+pub const GATEWAY: [u8; 4] = [10, 0, 2, 2];
+const DNS: &str = "10.0.2.3";
+
+fn configure_network() {
+    if !std::path::Path::new("/sys/class/net/eth0").exists() {
+        return;
+    }
+    if let Err(e) =
+        interface_up("eth0", Some((GUEST_ADDR, [255, 255, 255, 0]))).and_then(|()| default_route(GATEWAY))
+    {
+        say(format_args!("cannot configure eth0: {e}"));
+        return;
+    }
+    let resolv = std::path::Path::new("/etc/resolv.conf");
+    if std::fs::metadata(resolv).map_or(true, |m| m.len() == 0) {
+        let _ = std::fs::write(resolv, format!("nameserver {DNS}\n"));
+    }
+}
+
+fn sockaddr_in(ip: [u8; 4]) -> nix::libc::sockaddr {
     use nix::libc;
+    // SAFETY: sockaddr_in fits in sockaddr (16 bytes each); all-zero is a valid start.
+    unsafe {
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from_ne_bytes(ip);
+        std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
+    }
+}
+
+/// Brings an interface up, optionally with an IPv4 address and netmask.
+fn interface_up(name: &str, addr: Option<([u8; 4], [u8; 4])>) -> std::io::Result<()> {
+    use nix::libc;
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
+    }
     // SAFETY: plain socket and ioctl calls on a zeroed ifreq we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -116,14 +155,49 @@ fn loopback_up() -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
         let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
+        for (i, b) in name.bytes().enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
         }
-        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
+        let mut r = 0;
+        if let Some((ip, mask)) = addr {
+            req.ifr_ifru.ifru_addr = sockaddr_in(ip);
+            r = libc::ioctl(fd, libc::SIOCSIFADDR as _, &req);
+            if r == 0 {
+                req.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+                r = libc::ioctl(fd, libc::SIOCSIFNETMASK as _, &req);
+            }
+        }
+        if r == 0 {
+            r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
+        }
         if r == 0 {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
             r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
         }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Adds the default IPv4 route through `gw`.
+fn default_route(gw: [u8; 4]) -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: a zeroed rtentry with its sockaddrs set, passed to SIOCADDRT.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut rt: libc::rtentry = std::mem::zeroed();
+        rt.rt_dst = sockaddr_in([0, 0, 0, 0]);
+        rt.rt_genmask = sockaddr_in([0, 0, 0, 0]);
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        let r = libc::ioctl(fd, libc::SIOCADDRT as _, &rt);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         if r != 0 {

@@ -101,20 +101,43 @@ struct Proc {
     credit: Mutex<u64>,
     credit_cv: Condvar,
     stdin: Option<Sender<(u32, Vec<u8>)>>,
+    /// Set once the process's Exit was sent: output after it (from children that kept
+    /// the pipes) is read and dropped, so they never block on a full pipe.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 impl Proc {
-    /// Waits for output credit and takes up to `want` bytes of it.
-    fn take_credit(&self, want: usize) -> usize {
+    /// Waits for output credit and takes up to `want` bytes of it; `None` once detached.
+    fn take_credit(&self, want: usize) -> Option<usize> {
         let mut c = self.credit.lock();
         while *c == 0 {
-            self.credit_cv.wait(&mut c);
+            if self.is_detached() {
+                return None;
+            }
+            self.credit_cv.wait_for(&mut c, Duration::from_millis(500));
+        }
+        if self.is_detached() {
+            return None;
         }
         let n = (*c).min(want as u64) as usize;
         *c -= n as u64;
-        n
+        Some(n)
+    }
+
+    fn is_detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn detach(&self) {
+        self.detached.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _g = self.credit.lock();
+        self.credit_cv.notify_all();
     }
 }
+
+/// How long the output of an exited process's leftover children is still forwarded
+/// before its Exit is sent anyway (like Go's `exec.Cmd.WaitDelay`).
+const WAIT_DELAY: Duration = Duration::from_millis(500);
 
 struct Server {
     writer: Writer,
@@ -216,24 +239,43 @@ impl Server {
         let user = resolve_user(&req.user).map_err(|m| (ErrorCode::InvalidArgument, m))?;
         let mut cmd = Command::new(&req.program);
         cmd.args(&req.args).env_clear();
+        let has =
+            |key: &str| req.env.iter().any(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k) == key);
+        let defaults =
+            [("HOME", user.home.clone()), ("USER", user.name.clone()), ("LOGNAME", user.name.clone())];
+        for (k, v) in defaults {
+            if !has(k) {
+                cmd.env(k, v);
+            }
+        }
         for kv in &req.env {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             cmd.env(k, v);
         }
-        let dir = if req.dir.is_empty() { user.home.clone() } else { req.dir.clone() };
-        cmd.current_dir(if std::path::Path::new(&dir).is_dir() || !req.dir.is_empty() {
-            dir
+        if req.dir.is_empty() {
+            cmd.current_dir(if std::path::Path::new(&user.home).is_dir() { user.home.as_str() } else { "/" });
         } else {
-            "/".into()
-        });
-        cmd.uid(user.uid).gid(user.gid);
+            if let Err(e) = std::fs::read_dir(&req.dir) {
+                return Err((ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
+            }
+            cmd.current_dir(&req.dir);
+        }
         cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe; it gives the process its own group so that
+        let (uid, gid) = (user.uid, user.gid);
+        // Prepared here: nothing may allocate between fork and exec.
+        let gids: Vec<nix::unistd::Gid> =
+            user.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+        // SAFETY: setsid, setgroups, setgid and setuid are async-signal-safe system calls
+        // on data prepared before the fork. setsid gives the process its own group so that
         // signals reach everything it starts.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                use nix::unistd::{Gid, Uid};
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                nix::unistd::setgroups(&gids).map_err(std::io::Error::from)?;
+                nix::unistd::setgid(Gid::from_raw(gid)).map_err(std::io::Error::from)?;
+                nix::unistd::setuid(Uid::from_raw(uid)).map_err(std::io::Error::from)?;
                 Ok(())
             });
         }
@@ -254,26 +296,38 @@ impl Server {
             credit: Mutex::new(proto::INITIAL_CREDIT as u64),
             credit_cv: Condvar::new(),
             stdin,
+            detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
-        let pumps: Vec<_> = [(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 1u8)]
-            .into_iter()
-            .chain([(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 2u8)])
-            .filter_map(|(pipe, stream)| {
-                let pipe = pipe?;
-                let (w, p) = (self.writer.clone(), proc.clone());
-                Some(thread::spawn(move || pump(pipe, stream, id, &p, &w)))
-            })
-            .collect();
-        thread::spawn(move || self.reap(id, child, pumps));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut pumps = 0;
+        for (pipe, stream) in [
+            (child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 1u8),
+            (child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 2u8),
+        ] {
+            let Some(pipe) = pipe else { continue };
+            let (w, p, done) = (self.writer.clone(), proc.clone(), done_tx.clone());
+            pumps += 1;
+            thread::spawn(move || {
+                pump(pipe, stream, id, &p, &w);
+                let _ = done.send(());
+            });
+        }
+        thread::spawn(move || self.reap(id, child, &proc, pumps, done_rx));
         Ok(pid)
     }
 
-    fn reap(&self, id: u32, mut child: Child, pumps: Vec<thread::JoinHandle<()>>) {
+    fn reap(&self, id: u32, mut child: Child, proc: &Proc, pumps: usize, done: Receiver<()>) {
         let status = child.wait();
-        for p in pumps {
-            let _ = p.join();
+        // All output is normally there once the pipes close; children that keep them
+        // open get WAIT_DELAY, then the Exit goes out and their output is dropped.
+        let deadline = Instant::now() + WAIT_DELAY;
+        for _ in 0..pumps {
+            if done.recv_deadline(deadline).is_err() {
+                break;
+            }
         }
+        proc.detach();
         self.procs.lock().remove(&id);
         let (code, sig) = match status {
             Ok(s) => match (s.code(), s.signal()) {
@@ -299,7 +353,7 @@ fn pump(mut pipe: Box<dyn Read + Send>, stream: u8, id: u32, proc: &Proc, w: &Wr
         };
         let mut sent = 0;
         while sent < n {
-            let k = proc.take_credit(n - sent);
+            let Some(k) = proc.take_credit(n - sent) else { break };
             let mut e = Encoder::new();
             e.u8(stream).bytes(&buf[sent..sent + k]);
             w.send(proto::OUTPUT, id, e.as_bytes());
@@ -330,32 +384,52 @@ fn signal_group(pid: i32, sig: i32) -> nix::Result<()> {
 }
 
 struct User {
+    name: String,
     uid: u32,
     gid: u32,
+    groups: Vec<u32>,
     home: String,
 }
 
-/// Resolves a user name or `uid[:gid]` against the guest's /etc/passwd.
+/// Resolves a user name or `uid[:gid]` against the guest's /etc/passwd, with the
+/// supplementary groups /etc/group gives the name.
 fn resolve_user(spec: &str) -> Result<User, String> {
-    if spec.is_empty() || spec == "root" || spec == "0" {
-        return Ok(User { uid: 0, gid: 0, home: "/root".into() });
-    }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let entries: Vec<Vec<&str>> =
         passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 6).collect();
+    let spec = if spec.is_empty() { "root" } else { spec };
     let (name, group) = spec.split_once(':').unwrap_or((spec, ""));
-    let found = entries.iter().find(|f| f[0] == name || (name.parse::<u32>().is_ok() && f[2] == name));
-    let (uid, mut gid, home) = match (found, name.parse::<u32>()) {
-        (Some(f), _) => (
-            f[2].parse().map_err(|_| format!("bad uid for {name} in /etc/passwd"))?,
-            f[3].parse().map_err(|_| format!("bad gid for {name} in /etc/passwd"))?,
-            f[5].to_string(),
-        ),
-        (None, Ok(uid)) => (uid, uid, "/".to_string()),
-        (None, Err(_)) => return Err(format!("user {name:?} not found in the guest's /etc/passwd")),
+    let numeric = name.parse::<u32>().ok();
+    let found = entries.iter().find(|f| f[0] == name || numeric.is_some_and(|_| f[2] == name));
+    let mut user = match (found, numeric) {
+        (Some(f), _) => User {
+            name: f[0].to_string(),
+            uid: f[2].parse().map_err(|_| format!("bad uid for {name} in /etc/passwd"))?,
+            gid: f[3].parse().map_err(|_| format!("bad gid for {name} in /etc/passwd"))?,
+            groups: Vec::new(),
+            home: f[5].to_string(),
+        },
+        (None, Some(uid)) => {
+            User { name: name.to_string(), uid, gid: uid, groups: Vec::new(), home: "/".into() }
+        }
+        (None, None) if name == "root" => {
+            User { name: "root".into(), uid: 0, gid: 0, groups: Vec::new(), home: "/root".into() }
+        }
+        (None, None) => return Err(format!("user {name:?} not found in the guest's /etc/passwd")),
     };
     if !group.is_empty() {
-        gid = group.parse().map_err(|_| format!("group {group:?} is not a number"))?;
+        user.gid = group.parse().map_err(|_| format!("group {group:?} is not a number"))?;
     }
-    Ok(User { uid, gid, home })
+    user.groups.push(user.gid);
+    for line in std::fs::read_to_string("/etc/group").unwrap_or_default().lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 4 && f[3].split(',').any(|m| m == user.name) {
+            if let Ok(g) = f[2].parse::<u32>() {
+                if !user.groups.contains(&g) {
+                    user.groups.push(g);
+                }
+            }
+        }
+    }
+    Ok(user)
 }

@@ -349,19 +349,30 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         c.current_dir(d);
     }
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let mut pipe_closed = false;
     let code = c.stream(|stream, data| {
         let w: &mut dyn Write = if stream == vmhost::wire::STREAM_STDERR { &mut err } else { &mut out };
-        // A closed stdout (a pipe into `head`) is not the guest's failure: keep going.
-        let _ = w.write_all(data).and_then(|()| w.flush());
-        Ok(())
+        match w.write_all(data).and_then(|()| w.flush()) {
+            Ok(()) => Ok(()),
+            // Our reader went away (`vmhost run -- yes | head -1`): stop the guest
+            // command, as SIGPIPE would stop a local one.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                pipe_closed = true;
+                Err(vmhost::Error::Closed)
+            }
+            Err(_) => Ok(()),
+        }
     });
     let closed = inst.close();
+    if let Err(e) = closed {
+        log::warn!("stopping the guest: {e}");
+    }
     match code {
+        _ if pipe_closed => Ok(ExitCode::from(141)),
+        Ok(code) if (0..=255).contains(&code) => Ok(ExitCode::from(code as u8)),
         Ok(code) => {
-            if let Err(e) = closed {
-                log::warn!("stopping the guest: {e}");
-            }
-            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+            eprintln!("vmhost: the guest command ended without an exit code ({code})");
+            Ok(ExitCode::from(125))
         }
         Err(e) => fail(e),
     }

@@ -175,6 +175,13 @@ impl Instance {
         self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
     }
 
+    /// Connects (`true`) or disconnects the guest's network. The guest is 10.0.2.15
+    /// behind QEMU's user-mode NAT and reaches the host as 10.0.2.2; it starts
+    /// disconnected.
+    pub fn set_network(&self, enabled: bool) -> Result<()> {
+        self.t.call(&Request::InstanceSetNetwork { enabled }).map(drop)
+    }
+
     /// A command to run in the guest, like [`std::process::Command::new`].
     pub fn command(&self, program: impl Into<String>) -> Command<'_> {
         Command { inst: self, program: program.into(), args: Vec::new(), env: Vec::new(), dir: None }

@@ -89,9 +89,13 @@ pub fn build(
     if out.is_file() {
         return Ok(out);
     }
+    let _built_once = super::BUILD_LOCK.lock();
+    if out.is_file() {
+        return Ok(out);
+    }
     progress.step("building the initramfs");
     std::fs::create_dir_all(out.parent().expect("has a parent")).map_err(|e| Error::io("create", &out, e))?;
-    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = out.with_extension(format!("tmp.{}", super::unique_suffix()));
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         let mut w = cpio::Writer::new(BufWriter::with_capacity(1 << 20, file));

@@ -133,13 +133,14 @@ pub fn fetch(cache: &Path, package: &str, progress: &Progress) -> Result<Kernel>
         }
     }
     let real = resolve_package(package)?;
+    let _built_once = super::BUILD_LOCK.lock();
     let kernels = cache.join("kernels");
     let kdir = kernels.join(&real);
     if kdir.join("vmlinux").is_file() && kdir.join("modules.load").is_file() {
         super::write_atomic(&kernels.join("default"), real.as_bytes())?;
         return load_dir(&kdir);
     }
-    let work = kernels.join(format!(".fetch-{}", std::process::id()));
+    let work = kernels.join(format!(".fetch-{}", super::unique_suffix()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
     let result = (|| -> Result<()> {
@@ -255,7 +256,8 @@ fn find_modules(dir: &Path) -> HashMap<String, PathBuf> {
         let Ok(rd) = std::fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
             let p = e.path();
-            if p.is_dir() {
+            // Not through symlinks: a package's build/source links point outside it.
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(p);
             } else if let Some(stem) =
                 p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko"))
@@ -311,8 +313,8 @@ fn module_order(available: &HashMap<String, PathBuf>, wanted: &[&str]) -> Result
 ///
 /// The setup header gives where the compressed payload starts and how long it is
 /// (`payload_offset`, `payload_length`, relative to the protected-mode code after
-/// `setup_sects`); the payload's magic gives the compression. LZ4 (Debian's choice)
-/// is decoded here; gzip, xz, zstd, bzip2 and lzma through their standard tools.
+/// `setup_sects`); the payload's magic gives the compression. LZ4 (what Debian 12's
+/// cloud kernel uses) is decoded here; gzip, xz, zstd, bzip2 and lzma through their standard tools.
 pub fn extract_vmlinux(bz: &[u8]) -> std::result::Result<Vec<u8>, String> {
     if elf::is_elf64(bz) {
         return Ok(bz.to_vec());

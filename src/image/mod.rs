@@ -68,12 +68,22 @@ pub fn hash_bytes(data: &[u8]) -> String {
     Digest::new().update(data).hex()
 }
 
+/// A suffix no other temporary file of this or another process uses.
+pub fn unique_suffix() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Held while provisioning into the cache, so that threads of one process build each
+/// thing once (other processes are kept apart by unique temporary names and renames).
+pub(crate) static BUILD_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// Writes a file atomically: a temporary file in the same directory, then rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp.{}", unique_suffix()));
     std::fs::write(&tmp, data).map_err(|e| Error::io("write", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
 }

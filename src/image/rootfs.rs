@@ -226,7 +226,11 @@ pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
     if root.join("bin/busybox").is_file() {
         return Ok(root);
     }
-    let work = cache.join(format!("rootfs/.busybox-{}", std::process::id()));
+    let _built_once = super::BUILD_LOCK.lock();
+    if root.join("bin/busybox").is_file() {
+        return Ok(root);
+    }
+    let work = cache.join(format!("rootfs/.busybox-{}", super::unique_suffix()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
     let result = (|| {
@@ -303,8 +307,12 @@ pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
         }
         std::fs::set_permissions(staged.join("tmp"), std::fs::Permissions::from_mode(0o1777))
             .map_err(|e| Error::io("chmod", staged.join("tmp"), e))?;
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::rename(&staged, &root).map_err(|e| Error::io("install default image", &root, e))?;
+        if let Err(e) = std::fs::rename(&staged, &root) {
+            // Another process installed it first: use theirs.
+            if !root.join("bin/busybox").is_file() {
+                return Err(Error::io("install default image", &root, e));
+            }
+        }
         Ok(root.clone())
     })();
     let _ = std::fs::remove_dir_all(&work);

@@ -354,6 +354,13 @@ impl ControlServer {
     /// removes the socket and the pid file.
     pub fn run(&self) -> Result<()> {
         let _ = self.done_rx.recv();
+        // Let a stop in progress finish its last step (it ended the VM) before we go.
+        let until = Instant::now() + Duration::from_secs(10);
+        while (self.shared.stopping.load(Ordering::SeqCst) || self.shared.forcing.load(Ordering::SeqCst))
+            && Instant::now() < until
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
         self.cleanup();
         Ok(())
     }

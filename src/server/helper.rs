@@ -62,6 +62,11 @@ impl<T: Clone> Table<T> {
     fn remove(&mut self, h: u64, what: &str) -> Result<T, ErrorFrame> {
         let v = self.get(h, what)?;
         self.live.remove(&h);
+        // Remembered to tell "already closed" from "invalid"; bounded, so that a
+        // long-lived helper does not grow (beyond it, old handles read as invalid).
+        if self.freed.len() >= 1 << 16 {
+            self.freed.clear();
+        }
         self.freed.insert(h);
         Ok(v)
     }
@@ -74,9 +79,13 @@ enum Sink {
     Combined(Vec<u8>),
 }
 
+/// The most output CmdOutput and CmdCombinedOutput collect: what fits in one answer.
+pub const MAX_COLLECTED_OUTPUT: usize = wire::DEFAULT_MAX_FRAME as usize - 1024;
+
 #[derive(Clone)]
 enum RunState {
     NotStarted,
+    Starting,
     Running(Arc<Process>),
     Done(i32),
     Failed(String),
@@ -118,29 +127,74 @@ impl Cmd {
     }
 
     /// Starts the process; its events are consumed by [`Cmd::finish`] or by the caller.
+    /// The state lock is not held while the agent starts it, so Kill, ExitCode and Wait
+    /// on the same handle answer meanwhile.
     fn start(&self, vm: &QemuVm) -> Result<Arc<Process>, ErrorFrame> {
-        let mut run = self.run.lock();
-        if !matches!(*run, RunState::NotStarted) {
-            return Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command was already started"));
+        {
+            let mut run = self.run.lock();
+            if !matches!(*run, RunState::NotStarted) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "",
+                    "the command was already started",
+                ));
+            }
+            *run = RunState::Starting;
         }
         let spec = self.spec.lock().clone();
-        let agent = vm.agent().map_err(|e| frame(&e, ""))?;
-        let p = Arc::new(agent.exec(&spec).map_err(|e| frame(&e, &spec.program))?);
-        *run = RunState::Running(p.clone());
-        Ok(p)
+        let started = vm.agent().and_then(|agent| agent.exec(&spec));
+        let mut run = self.run.lock();
+        match started {
+            Ok(p) => {
+                let p = Arc::new(p);
+                *run = RunState::Running(p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                *run = RunState::Failed(e.to_string());
+                self.done.notify_all();
+                Err(frame(&e, &spec.program))
+            }
+        }
     }
 
-    /// Drains the process into `sink` and records its end.
-    fn finish(&self, p: &Process, mut sink: Sink) -> Result<(i32, Sink), ErrorFrame> {
-        let result = p.drain(|stream, data| {
-            match &mut sink {
-                Sink::Discard => {}
-                Sink::Stdout(buf) if stream == wire::STREAM_STDOUT => buf.extend_from_slice(data),
-                Sink::Stdout(_) => {}
-                Sink::Combined(buf) => buf.extend_from_slice(data),
-            }
-            Ok(())
-        });
+    /// Drains the process into `sink` and records its end; gives up (killing the
+    /// process) when `cancelled()` turns true or the collected output would not fit in
+    /// an answer.
+    fn finish(
+        &self,
+        p: &Process,
+        mut sink: Sink,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(i32, Sink), ErrorFrame> {
+        let mut too_much = false;
+        let result = p.drain_until(
+            |stream, data| {
+                let buf = match &mut sink {
+                    Sink::Discard => return Ok(()),
+                    Sink::Stdout(buf) if stream == wire::STREAM_STDOUT => buf,
+                    Sink::Stdout(_) => return Ok(()),
+                    Sink::Combined(buf) => buf,
+                };
+                if buf.len() + data.len() > MAX_COLLECTED_OUTPUT {
+                    too_much = true;
+                    return Err(Error::Closed);
+                }
+                buf.extend_from_slice(data);
+                Ok(())
+            },
+            cancelled,
+        );
+        if too_much {
+            self.record(&Err(Error::Closed));
+            return Err(ErrorFrame::new(
+                ErrorCode::InvalidArgument,
+                "",
+                format!(
+                    "output exceeds {MAX_COLLECTED_OUTPUT} bytes; the command was killed (stream it instead)"
+                ),
+            ));
+        }
         self.record(&result);
         result.map(|code| (code, sink)).map_err(|e| frame(&e, ""))
     }
@@ -153,7 +207,7 @@ impl Cmd {
         self.done.notify_all();
     }
 
-    fn wait(&self) -> Result<i32, ErrorFrame> {
+    fn wait(&self, cancelled: &dyn Fn() -> bool) -> Result<i32, ErrorFrame> {
         let mut run = self.run.lock();
         loop {
             match &*run {
@@ -164,7 +218,12 @@ impl Cmd {
                         "the command was not started",
                     ))
                 }
-                RunState::Running(_) => self.done.wait(&mut run),
+                RunState::Starting | RunState::Running(_) => {
+                    if cancelled() {
+                        return Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
+                    }
+                    self.done.wait_for(&mut run, Duration::from_millis(200));
+                }
                 RunState::Done(code) => return Ok(*code),
                 RunState::Failed(m) => return Err(ErrorFrame::new(ErrorCode::Io, "", m.clone())),
             }
@@ -328,10 +387,21 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
     match req {
         Request::InstanceClose {} => {
             let r = vm.stop(Duration::from_secs(10));
-            st.instance.lock().take();
+            let mut slot = st.instance.lock();
+            // Only this instance: another connection may have made a new one meanwhile.
+            if slot.as_ref().is_some_and(|i| Arc::ptr_eq(i, inst)) {
+                slot.take();
+            }
             r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
         }
-        Request::InstanceWait {} => vm.wait().map(|()| Reply::ok()).map_err(|e| frame(&e, "")),
+        Request::InstanceWait {} => loop {
+            if let Some(r) = vm.wait_timeout(Duration::from_millis(200)) {
+                break r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""));
+            }
+            if call.is_cancelled() {
+                break Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
+            }
+        },
         Request::InstanceId {} => Ok(Reply::with(|e| {
             e.string(vm.id());
         })),
@@ -350,11 +420,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             Ok(Reply::ok())
         }
         Request::InstanceSetNetwork { enabled } => {
-            if enabled {
-                Err(not_yet("guest networking"))
-            } else {
-                Ok(Reply::ok())
-            }
+            vm.set_network(enabled).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
         }
         Request::InstanceExec { name, args } => {
             // The main process: its output goes to our stderr (the instance's console as
@@ -362,11 +428,14 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let c = Cmd::new(name, args, &inst.user);
             let p = c.start(vm)?;
             let code = p
-                .drain(|_, data| {
-                    use std::io::Write;
-                    let _ = std::io::stderr().write_all(data);
-                    Ok(())
-                })
+                .drain_until(
+                    |_, data| {
+                        use std::io::Write;
+                        let _ = std::io::stderr().write_all(data);
+                        Ok(())
+                    },
+                    &call.canceller(),
+                )
                 .map_err(|e| frame(&e, ""))?;
             log::info!("InstanceExec main process exited with {code}");
             Ok(Reply::ok())
@@ -423,12 +492,12 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let c = cmd(handle)?;
             let p = c.start(vm)?;
             std::thread::spawn(move || {
-                let _ = c.finish(&p, Sink::Discard);
+                let _ = c.finish(&p, Sink::Discard, &|| false);
             });
             Ok(Reply::ok())
         }
         Request::CmdWait { handle } => {
-            let code = cmd(handle)?.wait()?;
+            let code = cmd(handle)?.wait(&call.canceller())?;
             Ok(Reply::with(|e| {
                 e.i32(code);
             }))
@@ -436,7 +505,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         Request::CmdRun { handle } => {
             let c = cmd(handle)?;
             let p = c.start(vm)?;
-            let (code, _) = c.finish(&p, Sink::Discard)?;
+            let (code, _) = c.finish(&p, Sink::Discard, &call.canceller())?;
             Ok(Reply::with(|e| {
                 e.i32(code);
             }))
@@ -446,7 +515,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let c = cmd(handle)?;
             let p = c.start(vm)?;
             let sink = if combined { Sink::Combined(Vec::new()) } else { Sink::Stdout(Vec::new()) };
-            let (code, sink) = c.finish(&p, sink)?;
+            let (code, sink) = c.finish(&p, sink, &call.canceller())?;
             let out = match sink {
                 Sink::Stdout(b) | Sink::Combined(b) => b,
                 Sink::Discard => Vec::new(),
@@ -465,31 +534,38 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             RunState::Failed(m) => Err(ErrorFrame::new(ErrorCode::Io, "", m.clone())),
             _ => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command has not exited")),
         },
-        Request::CmdKill { handle } => match &*cmd(handle)?.run.lock() {
-            RunState::Running(p) => {
-                p.signal(nix::libc::SIGKILL).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+        Request::CmdKill { handle } => {
+            let running = match &*cmd(handle)?.run.lock() {
+                RunState::Running(p) => Some(p.clone()),
+                _ => None,
+            };
+            match running {
+                Some(p) => p.signal(nix::libc::SIGKILL).map(|()| Reply::ok()).map_err(|e| frame(&e, "")),
+                None => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not running")),
             }
-            _ => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not running")),
-        },
+        }
         Request::CmdRunStreaming { handle } => {
             let c = cmd(handle)?;
             let p = c.start(vm)?;
+            let cancelled = call.canceller();
             let mut client_gone = None;
-            let result = p.drain(|stream, data| {
-                let chunk = StreamChunk { stream, data: data.to_vec() };
-                call.send(msg::STREAM_CHUNK, &chunk.to_payload()).map_err(|e| {
-                    client_gone = Some(e.to_string());
-                    Error::Closed
-                })
-            });
-            if let Some(why) = client_gone {
-                // Nobody reads the output any more: end the process rather than leave it.
-                log::info!("CmdRunStreaming: the client went away ({why}); killing the process");
-                let _ = p.signal(nix::libc::SIGKILL);
-                let r = c.finish(&p, Sink::Discard);
-                return r.map(|_| Reply::ok()).map_err(|_| ErrorFrame::new(ErrorCode::Cancelled, "", why));
-            }
+            let result = p.drain_until(
+                |stream, data| {
+                    let chunk = StreamChunk { stream, data: data.to_vec() };
+                    call.send(msg::STREAM_CHUNK, &chunk.to_payload()).map_err(|e| {
+                        client_gone = Some(e.to_string());
+                        Error::Closed
+                    })
+                },
+                &cancelled,
+            );
             c.record(&result);
+            if client_gone.is_some() || cancelled() {
+                // drain_until killed the process: nobody reads its output any more.
+                let why = client_gone.unwrap_or_else(|| "the client went away".into());
+                log::info!("CmdRunStreaming: {why}; the process was killed");
+                return Err(ErrorFrame::new(ErrorCode::Cancelled, "", why));
+            }
             let code = result.map_err(|e| frame(&e, ""))?;
             Ok(Reply { ty: msg::STREAM_END, payload: StreamEnd { exit_code: code }.to_payload() })
         }

@@ -19,6 +19,7 @@
 //! - a peer running as another uid (SO_PEERCRED) is dropped before anything is read.
 
 pub mod control;
+mod hangup;
 pub mod helper;
 
 use std::collections::HashMap;
@@ -84,13 +85,27 @@ pub type FrameSink<'a> = &'a mut dyn FnMut(u16, &[u8]) -> std::result::Result<()
 pub struct Call<'a> {
     conn: ConnId,
     sink: FrameSink<'a>,
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Call<'a> {
     /// A call whose early frames go to `sink` (for serving without a socket: the
     /// library's in-process mode).
     pub fn new(conn: ConnId, sink: FrameSink<'a>) -> Call<'a> {
-        Call { conn, sink }
+        Call { conn, sink, cancel: None }
+    }
+
+    /// Whether the client went away while this request was being served: a handler
+    /// that blocks checks this and gives up (ending what it started for the client).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::SeqCst))
+    }
+
+    /// A check of [`Call::is_cancelled`] that does not borrow the call, for use beside
+    /// [`Call::send`].
+    pub fn canceller(&self) -> impl Fn() -> bool + 'a {
+        let c = self.cancel;
+        move || c.is_some_and(|c| c.load(Ordering::SeqCst))
     }
 
     /// The connection the request came on.
@@ -220,6 +235,8 @@ struct Inner {
     active: AtomicUsize,
     /// Written to when `active` drops to zero, to wake [`Server::serve_until_idle`].
     idle_wake: (UnixStream, UnixStream),
+    /// Notices clients that hang up while a handler runs.
+    watch: hangup::Watcher,
 }
 
 /// A helper-protocol server on a Unix socket.
@@ -270,6 +287,7 @@ impl Server {
                 conns: Mutex::new(HashMap::new()),
                 active: AtomicUsize::new(0),
                 idle_wake,
+                watch: hangup::Watcher::default(),
             }),
         })
     }
@@ -509,9 +527,10 @@ impl Inner {
                     return;
                 }
             };
+            let guard = self.watch.watch(stream);
             let reply = {
                 let mut sink = |ty: u16, p: &[u8]| wire::write_frame(&mut *stream, ty, p, max);
-                let mut call = Call { conn: id, sink: &mut sink };
+                let mut call = Call { conn: id, sink: &mut sink, cancel: Some(guard.flag()) };
                 let handler = &self.handler;
                 panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&mut call, frame.ty, &frame.payload)))
                     .unwrap_or_else(|p| {

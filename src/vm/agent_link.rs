@@ -17,6 +17,9 @@ use crate::agent::proto::{self, ExecRequest};
 use crate::error::{Error, Result};
 use crate::wire::{Decoder, Encoder, ErrorCode, ErrorFrame};
 
+/// How long the agent may take to start a process.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a running guest process reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcEvent {
@@ -39,21 +42,32 @@ pub enum ProcEvent {
 /// Where a request's answer goes: its payload, or the agent's error.
 type Answer = Sender<std::result::Result<Vec<u8>, ErrorFrame>>;
 
+/// A process's event channel and the output bytes it may still send.
+struct Slot {
+    tx: Sender<ProcEvent>,
+    credit: u64,
+}
+
 struct Inner {
     writer: Mutex<UnixStream>,
     closer: UnixStream,
     pending: Mutex<HashMap<u32, Answer>>,
-    procs: Mutex<HashMap<u32, Sender<ProcEvent>>>,
+    procs: Mutex<HashMap<u32, Slot>>,
     next_id: AtomicU32,
     broken: Mutex<Option<String>>,
+    /// Why the VM is ending, when the host ends it (e.g. its timeout): reported in
+    /// preference to the bare loss of the channel.
+    end_reason: Mutex<Option<String>>,
 }
 
 impl Inner {
     fn error(&self, op: &str) -> Option<Error> {
-        self.broken
-            .lock()
-            .as_ref()
-            .map(|r| Error::Vm { op: op.into(), message: format!("agent channel lost: {r}") })
+        let broken = self.broken.lock().clone()?;
+        let message = match self.end_reason.lock().clone() {
+            Some(why) => format!("the VM stopped: {why}"),
+            None => format!("agent channel lost: {broken}"),
+        };
+        Some(Error::Vm { op: op.into(), message })
     }
 
     fn fail_all(&self, reason: String) {
@@ -125,6 +139,7 @@ impl AgentLink {
             procs: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             broken: Mutex::new(None),
+            end_reason: Mutex::new(None),
         });
         let mut ack = Encoder::new();
         ack.u32(proto::VERSION);
@@ -181,15 +196,21 @@ impl AgentLink {
         }
     }
 
-    /// Starts a guest process.
+    /// Records why the VM is being ended, for the errors its callers will get.
+    pub fn set_end_reason(&self, why: impl Into<String>) {
+        self.inner.end_reason.lock().get_or_insert(why.into());
+    }
+
+    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`).
     pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
         let id = self.id();
+        // Unbounded, but never more than the credit granted: the reader enforces it.
         let (tx, rx) = crossbeam_channel::unbounded();
         // Registered before the request: output may come before the answer.
-        self.inner.procs.lock().insert(id, tx);
+        self.inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
         let mut e = Encoder::new();
         req.encode(&mut e);
-        let answer = self.request_with_id(id, proto::EXEC, e.as_bytes());
+        let answer = self.request_with_id(id, proto::EXEC, e.as_bytes(), EXEC_TIMEOUT);
         let pid = match answer {
             Ok(p) => Decoder::new(&p).u32().unwrap_or(0),
             Err(err) => {
@@ -207,7 +228,7 @@ impl AgentLink {
         Ok(Process { id, pid, events: rx, link: self.clone() })
     }
 
-    fn request_with_id(&self, id: u32, ty: u16, payload: &[u8]) -> Result<Vec<u8>> {
+    fn request_with_id(&self, id: u32, ty: u16, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.inner.pending.lock().insert(id, tx);
         if let Some(e) = self.inner.error(proto::name(ty)) {
@@ -215,10 +236,16 @@ impl AgentLink {
             return Err(e);
         }
         self.inner.send(ty, id, payload)?;
-        match rx.recv() {
+        match rx.recv_timeout(timeout) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ef)) => Err(Error::Remote(ef)),
-            Err(_) => Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed)),
+            Err(RecvTimeoutError::Timeout) => {
+                self.inner.pending.lock().remove(&id);
+                Err(Error::Timeout { op: format!("agent {}", proto::name(ty)), after: timeout })
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed))
+            }
         }
     }
 
@@ -257,8 +284,15 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
             proto::OUTPUT => {
                 let mut d = Decoder::new(&f.payload);
                 if let (Ok(stream), Ok(data)) = (d.u8(), d.bytes()) {
-                    if let Some(tx) = inner.procs.lock().get(&f.id) {
-                        let _ = tx.send(ProcEvent::Output { stream, data });
+                    let mut procs = inner.procs.lock();
+                    if let Some(slot) = procs.get_mut(&f.id) {
+                        // The guest is not trusted: output beyond the credit it was given
+                        // would make us buffer without bound.
+                        if data.len() as u64 > slot.credit {
+                            break format!("the guest exceeded its output credit for process {}", f.id);
+                        }
+                        slot.credit -= data.len() as u64;
+                        let _ = slot.tx.send(ProcEvent::Output { stream, data });
                     }
                 }
             }
@@ -266,8 +300,8 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 let mut d = Decoder::new(&f.payload);
                 let code = d.i32().unwrap_or(-1);
                 let signal = d.i32().unwrap_or(0);
-                if let Some(tx) = inner.procs.lock().remove(&f.id) {
-                    let _ = tx.send(ProcEvent::Exit { code, signal });
+                if let Some(slot) = inner.procs.lock().remove(&f.id) {
+                    let _ = slot.tx.send(ProcEvent::Exit { code, signal });
                 }
             }
             other => log::warn!("agent sent unexpected message {other:#06x}"),
@@ -298,6 +332,10 @@ impl Process {
 
     /// Lets the guest send `n` more output bytes.
     pub fn grant(&self, n: u32) {
+        match self.link.inner.procs.lock().get_mut(&self.id) {
+            Some(slot) => slot.credit += n as u64,
+            None => return, // exited
+        }
         let mut e = Encoder::new();
         e.u32(self.id).u32(n);
         let _ = self.link.inner.send(proto::CREDIT, 0, e.as_bytes());
@@ -329,11 +367,38 @@ impl Process {
 
     /// Consumes events until the exit, passing output to `sink` and granting credit as
     /// it goes. Returns the exit code.
-    pub fn drain(&self, mut sink: impl FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
+    pub fn drain(&self, sink: impl FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
+        self.drain_until(sink, &|| false)
+    }
+
+    /// Like [`Process::drain`], giving up when `cancelled()` turns true: the process is
+    /// killed and the result is [`Error::Closed`].
+    pub fn drain_until(
+        &self,
+        mut sink: impl FnMut(u8, &[u8]) -> Result<()>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<i32> {
         loop {
-            match self.recv()? {
+            let ev = match self.events.recv_timeout(Duration::from_millis(200)) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    if cancelled() {
+                        let _ = self.signal(nix::libc::SIGKILL);
+                        return Err(Error::Closed);
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.link.inner.error("wait").unwrap_or(Error::Closed));
+                }
+            };
+            match ev {
                 ProcEvent::Output { stream, data } => {
-                    sink(stream, &data)?;
+                    if let Err(e) = sink(stream, &data) {
+                        // Nobody takes the output any more: end the process.
+                        let _ = self.signal(nix::libc::SIGKILL);
+                        return Err(e);
+                    }
                     self.grant(data.len() as u32);
                 }
                 ProcEvent::Exit { code, .. } => return Ok(code),

@@ -134,6 +134,9 @@ impl BootConfig {
     }
 }
 
+/// The id of the guest's network device.
+const NET_ID: &str = "net0";
+
 /// The QEMU binary: `VMHOST_QEMU`, else `qemu-system-x86_64` on `$PATH`.
 pub fn qemu_binary() -> Result<PathBuf> {
     if let Some(q) = std::env::var_os("VMHOST_QEMU").filter(|v| !v.is_empty()) {
@@ -352,6 +355,13 @@ impl QemuVm {
         }
         let stream = unix::dial(&qmp_path, Duration::from_secs(10))?;
         let q = qmp::Client::connect(stream, Duration::from_secs(30)).map_err(Error::Qmp)?;
+        // No network until asked for: the link is down before the guest boots.
+        q.execute_raw(
+            "set_link",
+            Some(serde_json::json!({"name": NET_ID, "up": false})),
+            Duration::from_secs(10),
+        )
+        .map_err(Error::Qmp)?;
         let _ = sh.qmp.set(q);
         let stream = unix::dial(&agent_path, Duration::from_secs(10))?;
         let link = AgentLink::connect(stream, cfg.boot_timeout)?;
@@ -393,6 +403,23 @@ impl QemuVm {
         }
     }
 
+    /// Connects or disconnects the guest's network (QEMU user-mode networking: the
+    /// guest is 10.0.2.15, the host is 10.0.2.2).
+    pub fn set_network(&self, up: bool) -> Result<()> {
+        let q = self
+            .shared
+            .qmp
+            .get()
+            .ok_or_else(|| Error::Vm { op: "set network".into(), message: "no QMP connection".into() })?;
+        q.execute_raw(
+            "set_link",
+            Some(serde_json::json!({"name": NET_ID, "up": up})),
+            Duration::from_secs(10),
+        )
+        .map(drop)
+        .map_err(Error::Qmp)
+    }
+
     /// The QMP connection.
     pub fn qmp(&self) -> Option<&qmp::Client> {
         self.shared.qmp.get()
@@ -430,11 +457,27 @@ impl QemuVm {
 
     /// Blocks until the VM has ended; an error if it ended badly.
     pub fn wait(&self) -> Result<()> {
+        loop {
+            if let Some(r) = self.wait_timeout(Duration::from_secs(3600)) {
+                return r;
+            }
+        }
+    }
+
+    /// Like [`QemuVm::wait`], giving up after `timeout` (`None`: still running).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
         let mut st = self.shared.state.lock();
+        let deadline = Instant::now() + timeout;
         while !st.is_final() {
-            self.shared.state_cv.wait(&mut st);
+            if self.shared.state_cv.wait_until(&mut st, deadline).timed_out() && !st.is_final() {
+                return None;
+            }
         }
         drop(st);
+        Some(self.end_result())
+    }
+
+    fn end_result(&self) -> Result<()> {
         match self.shared.ended.lock().clone() {
             Some(Err(m)) => Err(Error::Vm { op: "wait".into(), message: m }),
             _ => Ok(()),
@@ -477,9 +520,9 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
-    let (machine, serial_dev) = match cfg.machine {
-        MachineType::Microvm => ("microvm", "virtio-serial-device"),
-        MachineType::Pc => ("pc", "virtio-serial-pci"),
+    let (machine, serial_dev, net_dev) = match cfg.machine {
+        MachineType::Microvm => ("microvm", "virtio-serial-device", "virtio-net-device"),
+        MachineType::Pc => ("pc", "virtio-serial-pci", "virtio-net-pci"),
     };
     let kernel = cfg.kernel_image.as_ref().unwrap_or(&cfg.kernel.vmlinux);
     let cpu = match cfg.accel {
@@ -521,6 +564,11 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
         format!("virtserialport,chardev=agent,name={}", crate::agent::PORT_NAME),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        // User-mode networking; its link starts down (see QemuVm::set_network).
+        "-netdev".into(),
+        format!("user,id={NET_ID}"),
+        "-device".into(),
+        format!("{net_dev},netdev={NET_ID}"),
     ];
     if cfg.accel == Accel::Kvm && cfg.machine == MachineType::Microvm {
         args.push("-global".into());

@@ -247,6 +247,9 @@ pub struct Helper {
 
 struct State {
     instance: Mutex<Option<Arc<Instance>>>,
+    /// Set while InstanceNew boots (without holding `instance`, so that other requests
+    /// are answered meanwhile).
+    booting: std::sync::atomic::AtomicBool,
     next_handle: std::sync::atomic::AtomicU64,
     progress: Progress,
 }
@@ -288,6 +291,7 @@ impl Helper {
     fn build(vm: Option<(QemuVm, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
             instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user)))),
+            booting: std::sync::atomic::AtomicBool::new(false),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             progress,
         });
@@ -360,17 +364,25 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
     let op = req.name();
     match req {
         Request::InstanceNew { new } => {
-            let mut slot = st.instance.lock();
-            if slot.as_ref().is_some_and(|i| !i.vm.state().is_final()) {
+            use std::sync::atomic::Ordering;
+            if st.instance.lock().as_ref().is_some_and(|i| !i.vm.state().is_final()) {
                 return Err(ErrorFrame::new(
                     ErrorCode::InvalidArgument,
                     op,
                     "an instance is already running",
                 ));
             }
-            let spec = InstanceSpec::from_request(&new).map_err(|e| frame(&e, &new.source_path))?;
-            let vm = spec.boot(&st.progress).map_err(|e| frame(&e, &new.source_path))?;
-            *slot = Some(Arc::new(new_instance(vm, new.options.user.clone())));
+            if st.booting.swap(true, Ordering::SeqCst) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    op,
+                    "an instance is already booting",
+                ));
+            }
+            let booted = InstanceSpec::from_request(&new).and_then(|spec| spec.boot(&st.progress));
+            st.booting.store(false, Ordering::SeqCst);
+            let vm = booted.map_err(|e| frame(&e, &new.source_path))?;
+            *st.instance.lock() = Some(Arc::new(new_instance(vm, new.options.user.clone())));
             Ok(Reply::ok())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),

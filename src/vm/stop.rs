@@ -185,13 +185,14 @@ fn force(steps: Arc<dyn StopSteps>, timeout: Duration, mut report: StopReport) -
 pub struct VmProcess {
     child: Mutex<Child>,
     pid: Pid,
+    status: Mutex<Option<std::process::ExitStatus>>,
 }
 
 impl VmProcess {
     /// Wraps a started child process.
     pub fn new(child: Child) -> VmProcess {
         let pid = Pid::from_raw(child.id() as i32);
-        VmProcess { child: Mutex::new(child), pid }
+        VmProcess { child: Mutex::new(child), pid, status: Mutex::new(None) }
     }
 
     /// The process id.
@@ -224,7 +225,19 @@ impl VmProcess {
 
     /// Whether it has exited (and is reaped).
     pub fn has_exited(&self) -> bool {
-        matches!(self.child.lock().try_wait(), Ok(Some(_)) | Err(_))
+        match self.child.lock().try_wait() {
+            Ok(Some(st)) => {
+                self.status.lock().get_or_insert(st);
+                true
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        *self.status.lock()
     }
 
     /// Waits up to `timeout` for it to exit.

@@ -3,7 +3,8 @@
 //!
 //! Default machine: `-M microvm` (with its ACPI tables, which is how Debian kernels find
 //! virtio-mmio devices and the power button), the uncompressed vmlinux booted through
-//! its PVH entry, `-nodefaults`, the serial console into `console.log`, and
+//! its PVH entry, `-nodefaults`, the serial console through a FIFO into a bounded
+//! `console.log` (and our stderr in dmesg mode), and
 //! `-no-reboot` so that a guest reboot ends the VM. The accelerator is KVM where the
 //! host has hardware virtualization, else TCG (`VMHOST_ACCEL=kvm|tcg|auto`).
 //!
@@ -11,7 +12,7 @@
 //! as long as QEMU: if the process that owns the VM dies, even by SIGKILL, QEMU dies too.
 
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Read;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -219,7 +220,17 @@ struct Shared {
     /// Why the VM ended, once it has.
     ended: Mutex<Option<std::result::Result<(), String>>>,
     accel: Accel,
+    /// The last [`CONSOLE_TAIL`] bytes of the guest console.
+    console_tail: Mutex<std::collections::VecDeque<u8>>,
+    /// Set when the console reader has read everything there will be.
+    console_done: std::sync::atomic::AtomicBool,
 }
+
+/// How much of the console is kept in memory for error messages.
+const CONSOLE_TAIL: usize = 64 << 10;
+/// How much of the console goes to `console.log` (a guest may print without end, and
+/// the run directory is usually in RAM).
+const CONSOLE_LOG_MAX: u64 = 8 << 20;
 
 impl Shared {
     fn console(&self) -> PathBuf {
@@ -302,12 +313,24 @@ impl QemuVm {
             agent: OnceLock::new(),
             ended: Mutex::new(None),
             accel: cfg.accel,
+            console_tail: Mutex::new(std::collections::VecDeque::new()),
+            console_done: std::sync::atomic::AtomicBool::new(false),
         });
         let vm = QemuVm { shared: shared.clone() };
         let args = command_line(&cfg, &shared.dir.0);
         log::debug!("qemu {}", args.join(" "));
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
+        let console = open_console(&shared.dir.0)?;
+        let reader = shared.clone();
+        let dmesg = cfg.dmesg;
+        thread::Builder::new()
+            .name("vmhost-console".into())
+            .spawn(move || {
+                read_console(&reader, console, dmesg);
+                reader.console_done.store(true, Ordering::SeqCst);
+            })
+            .map_err(|e| Error::io("start console reader", &shared.dir.0, e))?;
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
         let sup = shared.clone();
         let timeout = cfg.timeout;
@@ -319,10 +342,6 @@ impl QemuVm {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Vm { op: "boot".into(), message: "the VM supervisor died".into() }),
-        }
-        if cfg.dmesg {
-            let s = shared.clone();
-            thread::spawn(move || follow_console(&s));
         }
         match vm.connect(&cfg) {
             Ok(()) => {
@@ -371,6 +390,11 @@ impl QemuVm {
     }
 
     fn boot_error(&self, e: Error) -> Error {
+        // The VM is down: let the console reader take in its last words first.
+        let until = Instant::now() + Duration::from_secs(3);
+        while !self.shared.console_done.load(Ordering::SeqCst) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(10));
+        }
         let console = self.console_tail(25);
         let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
         let mut msg = format!("the guest did not boot: {e}");
@@ -437,7 +461,7 @@ impl QemuVm {
 
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
-        let text = std::fs::read(self.shared.console()).unwrap_or_default();
+        let text: Vec<u8> = self.shared.console_tail.lock().iter().copied().collect();
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
@@ -490,27 +514,67 @@ impl QemuVm {
     }
 }
 
-/// Copies the console log to our stderr as it grows, until the VM ends.
-fn follow_console(sh: &Shared) {
-    let path = sh.console();
-    let mut pos = 0u64;
+/// Creates the console FIFOs QEMU's `pipe` chardev uses (`console.in`, which nobody
+/// writes, and `console.out`) and opens the output one for reading. Opened read-write,
+/// so that opening does not wait for QEMU.
+fn open_console(dir: &Path) -> Result<File> {
+    use nix::sys::stat::Mode;
+    for name in ["console.in", "console.out"] {
+        let p = dir.join(name);
+        nix::unistd::mkfifo(&p, Mode::S_IRUSR | Mode::S_IWUSR)
+            .map_err(|e| Error::io("create console FIFO", &p, e.into()))?;
+    }
+    let out = dir.join("console.out");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&out)
+        .map_err(|e| Error::io("open console", &out, e))
+}
+
+/// Reads the guest console until the VM ends: keeps its tail in memory, writes up to
+/// [`CONSOLE_LOG_MAX`] bytes to `console.log`, and copies it to our stderr in dmesg mode.
+fn read_console(sh: &Shared, fifo: File, dmesg: bool) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut log = File::create(sh.console()).ok();
+    let mut logged = 0u64;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut fifo = fifo;
     loop {
-        let done = sh.state.lock().is_final();
-        if let Ok(mut f) = File::open(&path) {
-            if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
-                let mut buf = Vec::new();
-                if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
-                    pos += buf.len() as u64;
-                    for line in buf.split_inclusive(|&b| b == b'\n') {
-                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line);
-                    }
-                }
+        // Poll first: we hold the FIFO open for writing too, so it never reports EOF.
+        let mut pfd = nix::libc::pollfd { fd: fifo.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on a descriptor we own.
+        let ready = unsafe { nix::libc::poll(&mut pfd, 1, 200) } > 0;
+        if !ready {
+            if sh.state.lock().is_final() {
+                return;
+            }
+            continue;
+        }
+        let n = match fifo.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let data = &buf[..n];
+        {
+            let mut tail = sh.console_tail.lock();
+            tail.extend(data);
+            let excess = tail.len().saturating_sub(CONSOLE_TAIL);
+            tail.drain(..excess);
+        }
+        if let Some(f) = log.as_mut() {
+            let room = CONSOLE_LOG_MAX.saturating_sub(logged) as usize;
+            let _ = f.write_all(&data[..data.len().min(room)]);
+            logged += data.len().min(room) as u64;
+            if logged >= CONSOLE_LOG_MAX {
+                let _ = f.write_all(b"\n[vmhost: console log truncated here; the rest is not kept]\n");
+                log = None;
             }
         }
-        if done {
-            return;
+        if dmesg {
+            let _ = std::io::stderr().write_all(data);
         }
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -553,7 +617,7 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
         "-append".into(),
         append.join(" "),
         "-chardev".into(),
-        format!("file,id=con,path={}", p("console.log")),
+        format!("pipe,id=con,path={}", p("console")),
         "-serial".into(),
         "chardev:con".into(),
         "-device".into(),
@@ -655,8 +719,14 @@ fn supervise(
         q.close();
     }
     {
+        // An exit nobody asked for (QEMU crashed, or was killed from outside) is an error.
+        let asked = matches!(*sh.state.lock(), VmState::Stopping);
+        let status = process.exit_status();
         let mut ended = sh.ended.lock();
-        ended.get_or_insert(Ok(()));
+        ended.get_or_insert(match status {
+            Some(st) if !asked && !st.success() => Err(format!("QEMU exited unexpectedly ({st})")),
+            _ => Ok(()),
+        });
     }
     let mut st = sh.state.lock();
     *st = if matches!(*sh.ended.lock(), Some(Err(_))) { VmState::Error } else { VmState::Stopped };

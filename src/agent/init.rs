@@ -17,13 +17,24 @@ use super::{say, MODULES_LIST};
 pub fn run() -> i32 {
     let start = Instant::now();
     mount_filesystems();
-    load_modules();
+    let modules = module_list();
+    // What the agent's port needs first (the list is in dependency order and ends its
+    // console part with virtio_console); the rest loads while the server starts.
+    let split = modules.iter().position(|(f, _)| f.starts_with("virtio_console")).map_or(0, |i| i + 1);
+    let (early, late) = modules.split_at(split);
+    load_modules(early);
     let _ = nix::unistd::sethostname("vmhost");
     if let Err(e) = interface_up("lo", None) {
         say(format_args!("cannot bring lo up: {e}"));
     }
-    configure_network();
-    thread::spawn(watch_power_button);
+    let late = late.to_vec();
+    thread::spawn(move || {
+        load_modules(&late);
+        log_line(format_args!("all modules loaded at {} ms", start.elapsed().as_millis()));
+        configure_network();
+        let _ = std::fs::write(super::SETUP_DONE, b"");
+        watch_power_button();
+    });
     let server = match Command::new("/proc/self/exe").arg("serve").spawn() {
         Ok(c) => Pid::from_raw(c.id() as i32),
         Err(e) => {
@@ -87,20 +98,43 @@ fn mount_filesystems() {
 }
 
 /// Loads the modules of [`MODULES_LIST`] in order, with their parameters.
-fn load_modules() {
-    let Ok(list) = std::fs::read_to_string(MODULES_LIST) else { return };
-    for line in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (file, params) = line.split_once(' ').unwrap_or((line, ""));
+/// The modules of [`MODULES_LIST`]: (file, parameters), in load order.
+fn module_list() -> Vec<(String, String)> {
+    let list = std::fs::read_to_string(MODULES_LIST).unwrap_or_default();
+    list.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (f, p) = l.split_once(' ').unwrap_or((l, ""));
+            (f.to_string(), p.to_string())
+        })
+        .collect()
+}
+
+/// Loads modules in order, with their parameters.
+fn load_modules(modules: &[(String, String)]) {
+    for (file, params) in modules {
         let path = format!("{}/modules/{file}", super::AGENT_DIR);
+        // PCI transports are for machines with a PCI bus (not microvm).
+        if file.starts_with("virtio_pci") && !has_pci() {
+            continue;
+        }
+        let t = Instant::now();
         let loaded = File::open(&path).map_err(|e| errno_of(&e)).and_then(|f| {
-            let params = CString::new(params).unwrap_or_default();
+            let params = CString::new(params.as_str()).unwrap_or_default();
             nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty())
         });
         match loaded {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {
+                log_line(format_args!("module {file}: {} ms", t.elapsed().as_millis()))
+            }
             Err(e) => say(format_args!("load module {file}: {e}")),
         }
     }
+}
+
+fn has_pci() -> bool {
+    std::fs::read_dir("/sys/bus/pci/devices").is_ok_and(|mut d| d.next().is_some())
 }
 
 fn errno_of(e: &std::io::Error) -> nix::errno::Errno {

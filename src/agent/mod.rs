@@ -21,6 +21,10 @@ pub mod serve;
 pub const PORT_NAME: &str = "vmhost.agent";
 /// Where the initramfs keeps the agent's files (modules, module list).
 pub const AGENT_DIR: &str = "/vmhost";
+/// Created by init once the guest is fully set up (all modules, network); commands
+/// wait for it, so that they never see a half-configured guest.
+pub const SETUP_DONE: &str = "/run/vmhost-setup-done";
+
 /// The module list: one `file.ko [params]` per line, in load order.
 pub const MODULES_LIST: &str = "/vmhost/modules.load";
 

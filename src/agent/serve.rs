@@ -175,6 +175,17 @@ impl Server {
             }
             proto::PING => w.ok(f.id, &[]),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
+                Ok(req) if !setup_done() => {
+                    // Rare: a command in the first tens of ms. Wait off the read loop.
+                    let me = self.clone();
+                    thread::spawn(move || {
+                        wait_setup();
+                        match me.clone().spawn(f.id, &req) {
+                            Ok(pid) => me.writer.ok(f.id, &(pid as u32).to_be_bytes()),
+                            Err((code, msg)) => me.writer.error(f.id, code, &msg),
+                        }
+                    });
+                }
                 Ok(req) => match self.clone().spawn(f.id, &req) {
                     Ok(pid) => w.ok(f.id, &(pid as u32).to_be_bytes()),
                     Err((code, msg)) => w.error(f.id, code, &msg),
@@ -340,6 +351,18 @@ impl Server {
         let mut e = Encoder::new();
         e.i32(code).i32(sig);
         self.writer.send(proto::EXIT, id, e.as_bytes());
+    }
+}
+
+fn setup_done() -> bool {
+    std::path::Path::new(super::SETUP_DONE).exists()
+}
+
+/// Waits (at most 10 s) for init to finish setting the guest up.
+fn wait_setup() {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !setup_done() && Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -395,7 +395,15 @@ impl QemuVm {
         while !self.shared.console_done.load(Ordering::SeqCst) && Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
         }
-        let console = self.console_tail(25);
+        // From the kernel's panic line when there is one (its stack trace follows it),
+        // else the last lines.
+        let all = self.console_tail(200);
+        let lines: Vec<&str> = all.lines().collect();
+        let from = lines
+            .iter()
+            .rposition(|l| l.contains("Kernel panic"))
+            .map_or(lines.len().saturating_sub(25), |i| i.min(lines.len().saturating_sub(12)));
+        let console = lines[from..lines.len().min(from + 40)].join("\n");
         let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
         let mut msg = format!("the guest did not boot: {e}");
         if !qemu_log.trim().is_empty() {

@@ -310,35 +310,83 @@ impl Server {
             detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let mut pumps = 0;
-        for (pipe, stream) in [
-            (child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 1u8),
-            (child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), 2u8),
-        ] {
-            let Some(pipe) = pipe else { continue };
-            let (w, p, done) = (self.writer.clone(), proc.clone(), done_tx.clone());
-            pumps += 1;
-            thread::spawn(move || {
-                pump(pipe, stream, id, &p, &w);
-                let _ = done.send(());
-            });
-        }
-        thread::spawn(move || self.reap(id, child, &proc, pumps, done_rx));
+        let pipes: Vec<(u8, std::fs::File)> = [
+            child.stdout.take().map(|p| (1u8, std::fs::File::from(std::os::fd::OwnedFd::from(p)))),
+            child.stderr.take().map(|p| (2u8, std::fs::File::from(std::os::fd::OwnedFd::from(p)))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        // One thread per process carries its output and its end: thread creation is
+        // costly in an emulated guest kernel, and exec latency is what users feel.
+        thread::spawn(move || self.run_process(id, child, &proc, pipes));
         Ok(pid)
     }
 
-    fn reap(&self, id: u32, mut child: Child, proc: &Proc, pumps: usize, done: Receiver<()>) {
-        let status = child.wait();
-        // All output is normally there once the pipes close; children that keep them
-        // open get WAIT_DELAY, then the Exit goes out and their output is dropped.
-        let deadline = Instant::now() + WAIT_DELAY;
-        for _ in 0..pumps {
-            if done.recv_deadline(deadline).is_err() {
+    /// Forwards the process's output within its credit, then reports its end. Output
+    /// of children that keep the pipes open after it exits is forwarded for
+    /// [`WAIT_DELAY`], then drained and dropped.
+    fn run_process(&self, id: u32, mut child: Child, proc: &Proc, mut pipes: Vec<(u8, std::fs::File)>) {
+        use nix::libc;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: pidfd_open returns a new descriptor we own, or -1.
+        let pidfd = unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, child.id() as libc::c_int, 0) as i32;
+            (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+        };
+        let mut exited_at: Option<Instant> = None;
+        let mut buf = vec![0u8; proto::OUTPUT_CHUNK];
+        while !pipes.is_empty() {
+            let mut fds: Vec<libc::pollfd> = pipes
+                .iter()
+                .map(|(_, f)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            if let (Some(p), None) = (&pidfd, exited_at) {
+                fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            let timeout = match exited_at {
+                Some(t) => match WAIT_DELAY.checked_sub(t.elapsed()) {
+                    Some(left) => left.as_millis() as i32,
+                    None => break,
+                },
+                None if pidfd.is_none() => 200,
+                None => -1,
+            };
+            // SAFETY: `fds` is a valid array of pollfd on descriptors we hold open.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
                 break;
             }
+            if fds.len() > pipes.len() && fds[pipes.len()].revents != 0 {
+                exited_at = Some(Instant::now());
+            }
+            if pidfd.is_none() && exited_at.is_none() && matches!(child.try_wait(), Ok(Some(_))) {
+                exited_at = Some(Instant::now());
+            }
+            let mut closed = Vec::new();
+            for (i, fd) in fds.iter().take(pipes.len()).enumerate() {
+                if fd.revents == 0 {
+                    continue;
+                }
+                let (stream, file) = &mut pipes[i];
+                match file.read(&mut buf) {
+                    Ok(0) | Err(_) => closed.push(i),
+                    Ok(n) => send_output(*stream, id, &buf[..n], proc, &self.writer),
+                }
+            }
+            for i in closed.into_iter().rev() {
+                pipes.remove(i);
+            }
         }
+        let status = child.wait();
         proc.detach();
+        for (_, mut file) in pipes {
+            // Leftover children still write: keep draining so they never block.
+            thread::spawn(move || while matches!(file.read(&mut [0u8; 4096]), Ok(n) if n > 0) {});
+        }
         self.procs.lock().remove(&id);
         let (code, sig) = match status {
             Ok(s) => match (s.code(), s.signal()) {
@@ -366,22 +414,15 @@ fn wait_setup() {
     }
 }
 
-/// Copies one output pipe to the host, within the process's credit.
-fn pump(mut pipe: Box<dyn Read + Send>, stream: u8, id: u32, proc: &Proc, w: &Writer) {
-    let mut buf = vec![0u8; proto::OUTPUT_CHUNK];
-    loop {
-        let n = match pipe.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let mut sent = 0;
-        while sent < n {
-            let Some(k) = proc.take_credit(n - sent) else { break };
-            let mut e = Encoder::new();
-            e.u8(stream).bytes(&buf[sent..sent + k]);
-            w.send(proto::OUTPUT, id, e.as_bytes());
-            sent += k;
-        }
+/// Sends output within the process's credit (dropped once the process is detached).
+fn send_output(stream: u8, id: u32, data: &[u8], proc: &Proc, w: &Writer) {
+    let mut sent = 0;
+    while sent < data.len() {
+        let Some(k) = proc.take_credit(data.len() - sent) else { return };
+        let mut e = Encoder::new();
+        e.u8(stream).bytes(&data[sent..sent + k]);
+        w.send(proto::OUTPUT, id, e.as_bytes());
+        sent += k;
     }
 }
 

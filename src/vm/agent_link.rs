@@ -168,9 +168,52 @@ impl AgentLink {
 
     /// Sends a request and waits for its answer (`None`: no deadline).
     pub fn request(&self, ty: u16, payload: &[u8], timeout: Option<Duration>) -> Result<Vec<u8>> {
+        self.request_with_id(self.id(), ty, payload, timeout)
+    }
+
+    /// Records why the VM is being ended, for the errors its callers will get.
+    pub fn set_end_reason(&self, why: impl Into<String>) {
+        self.inner.end_reason.lock().get_or_insert(why.into());
+    }
+
+    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`).
+    pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
         let id = self.id();
+        // Unbounded, but never more than the credit granted: the reader enforces it.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Registered before the request: output may come before the answer.
+        self.inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
+        let mut e = Encoder::new();
+        req.encode(&mut e);
+        let answer = self.request_with_id(id, proto::EXEC, e.as_bytes(), Some(EXEC_TIMEOUT));
+        let pid = match answer {
+            Ok(p) => Decoder::new(&p).u32().unwrap_or(0),
+            Err(err) => {
+                self.inner.procs.lock().remove(&id);
+                return Err(match err {
+                    Error::Remote(mut ef) => {
+                        ef.op = "exec".into();
+                        ef.path = req.program.clone();
+                        Error::Remote(ef)
+                    }
+                    e => e,
+                });
+            }
+        };
+        Ok(Process { id, pid, events: rx, link: self.clone() })
+    }
+
+    fn request_with_id(
+        &self,
+        id: u32,
+        ty: u16,
+        payload: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.inner.pending.lock().insert(id, tx);
+        // Checked after registering: the reader fails every registered request when the
+        // channel ends, and this catches an end that came before.
         if let Some(e) = self.inner.error(proto::name(ty)) {
             self.inner.pending.lock().remove(&id);
             return Err(e);
@@ -189,59 +232,6 @@ impl AgentLink {
                     op: format!("agent {}", proto::name(ty)),
                     after: timeout.unwrap_or_default(),
                 })
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed))
-            }
-        }
-    }
-
-    /// Records why the VM is being ended, for the errors its callers will get.
-    pub fn set_end_reason(&self, why: impl Into<String>) {
-        self.inner.end_reason.lock().get_or_insert(why.into());
-    }
-
-    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`).
-    pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
-        let id = self.id();
-        // Unbounded, but never more than the credit granted: the reader enforces it.
-        let (tx, rx) = crossbeam_channel::unbounded();
-        // Registered before the request: output may come before the answer.
-        self.inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
-        let mut e = Encoder::new();
-        req.encode(&mut e);
-        let answer = self.request_with_id(id, proto::EXEC, e.as_bytes(), EXEC_TIMEOUT);
-        let pid = match answer {
-            Ok(p) => Decoder::new(&p).u32().unwrap_or(0),
-            Err(err) => {
-                self.inner.procs.lock().remove(&id);
-                return Err(match err {
-                    Error::Remote(mut ef) => {
-                        ef.op = "exec".into();
-                        ef.path = req.program.clone();
-                        Error::Remote(ef)
-                    }
-                    e => e,
-                });
-            }
-        };
-        Ok(Process { id, pid, events: rx, link: self.clone() })
-    }
-
-    fn request_with_id(&self, id: u32, ty: u16, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.inner.pending.lock().insert(id, tx);
-        if let Some(e) = self.inner.error(proto::name(ty)) {
-            self.inner.pending.lock().remove(&id);
-            return Err(e);
-        }
-        self.inner.send(ty, id, payload)?;
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(ef)) => Err(Error::Remote(ef)),
-            Err(RecvTimeoutError::Timeout) => {
-                self.inner.pending.lock().remove(&id);
-                Err(Error::Timeout { op: format!("agent {}", proto::name(ty)), after: timeout })
             }
             Err(RecvTimeoutError::Disconnected) => {
                 Err(self.inner.error(proto::name(ty)).unwrap_or(Error::Closed))

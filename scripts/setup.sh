@@ -2,7 +2,8 @@
 # Installs what vmhost needs on a Debian machine and builds it:
 #   - qemu-system-x86 (Debian package, no recommends)
 #   - the vmhost binary (release) and the static guest agent
-# The guest kernel is provisioned by vmhost itself on first use (`vmhost kernel fetch`).
+# The guest kernel is provisioned by vmhost itself on first use (`vmhost kernel fetch`);
+# `vmhost kernel build` builds the faster minimal one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

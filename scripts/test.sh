@@ -17,8 +17,9 @@ done
 
 say "setup (QEMU, vmhost, static guest agent)"
 VMHOST_PROFILE=debug bash scripts/setup.sh
-say "guest kernel"
+say "guest kernels (stock, and the minimal one: minutes the first time, cached after)"
 ./target/debug/vmhost kernel fetch
+./target/debug/vmhost kernel build
 
 say "cargo fmt --check"
 cargo fmt --check

@@ -20,12 +20,17 @@ struct Host {
 
 impl Host {
     fn start(tag: &str) -> Host {
+        Host::start_with(tag, &[])
+    }
+
+    fn start_with(tag: &str, env: &[(&str, &str)]) -> Host {
         let dir = TempDir::new(tag);
         let log = std::fs::File::create(dir.join("host.log")).unwrap();
         let child = Command::new(vmhost_bin())
             .args(["host", "--name", tag, "--dir"])
             .arg(dir.join("vm"))
             .env("VMHOST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
@@ -106,7 +111,8 @@ fn unresponsive_agent_is_stopped_by_acpi() {
     if !vm_ready("unresponsive_agent_is_stopped_by_acpi") {
         return;
     }
-    let mut h = Host::start("host-acpi");
+    // ACPI needs the stock kernel: the minimal one has none (and no power button).
+    let mut h = Host::start_with("host-acpi", &[("VMHOST_KERNEL_KIND", "stock")]);
     {
         let vm = h.attach();
         // The command's parent is the agent server: freeze it.

@@ -431,39 +431,6 @@ fn run_into_a_closed_pipe_ends() {
     assert_eq!(out.stdout, b"y\ny\n", "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The smallest static x86-64 ELF program: `exit(0)`. As a guest's init it makes the
-/// kernel panic ("Attempted to kill init"), which is a guest that fails to boot.
-fn exiting_elf() -> Vec<u8> {
-    let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // mov eax,60; xor edi,edi; syscall
-    let base: u64 = 0x400000;
-    let entry = base + 64 + 56;
-    let size = (64 + 56 + code.len()) as u64;
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    e.extend_from_slice(&[0; 8]);
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&entry.to_le_bytes());
-    e.extend_from_slice(&64u64.to_le_bytes()); // program headers
-    e.extend_from_slice(&0u64.to_le_bytes()); // no sections
-    e.extend_from_slice(&0u32.to_le_bytes());
-    e.extend_from_slice(&64u16.to_le_bytes());
-    e.extend_from_slice(&56u16.to_le_bytes());
-    e.extend_from_slice(&1u16.to_le_bytes());
-    e.extend_from_slice(&[0; 6]);
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    e.extend_from_slice(&0u64.to_le_bytes());
-    e.extend_from_slice(&base.to_le_bytes());
-    e.extend_from_slice(&base.to_le_bytes());
-    e.extend_from_slice(&size.to_le_bytes());
-    e.extend_from_slice(&size.to_le_bytes());
-    e.extend_from_slice(&0x1000u64.to_le_bytes());
-    e.extend_from_slice(&code);
-    e
-}
-
 #[test]
 fn a_guest_that_fails_to_boot_is_reported_with_its_console() {
     if !vm_ready("a_guest_that_fails_to_boot_is_reported_with_its_console") {
@@ -471,7 +438,7 @@ fn a_guest_that_fails_to_boot_is_reported_with_its_console() {
     }
     let dir = TempDir::new("badinit");
     let init = dir.join("vmhost-agent");
-    std::fs::write(&init, exiting_elf()).unwrap();
+    std::fs::write(&init, vmhost::image::elf::exit_program()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
     // In a child process, so that VMHOST_AGENT stays there.
@@ -485,4 +452,35 @@ fn a_guest_that_fails_to_boot_is_reported_with_its_console() {
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("did not boot") && err.contains("last console lines"), "{err}");
     assert!(err.contains("Attempted to kill init"), "{err}");
+}
+
+#[test]
+fn stock_and_minimal_kernels_both_run_commands() {
+    if !vm_ready("stock_and_minimal_kernels_both_run_commands") {
+        return;
+    }
+    let cache = vmhost::image::cache_dir();
+    if vmhost::image::kernel::cached_minimal(&cache).ok().flatten().is_none() {
+        let msg = "no minimal kernel: run `vmhost kernel build` (scripts/test.sh does)";
+        if common::under_ci() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIP stock_and_minimal_kernels_both_run_commands: {msg}");
+        return;
+    }
+    let run = |kind: &str| {
+        let out = std::process::Command::new(common::vmhost_bin())
+            .args(["run", "--", "sh", "-c", "uname -r; cat /proc/cmdline"])
+            .env("VMHOST_KERNEL_KIND", kind)
+            .env_remove("VMHOST_KERNEL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stock = run("stock");
+    assert!(stock.contains("cloud-amd64") && !stock.contains("virtio_mmio.device="), "{stock}");
+    let minimal = run("minimal");
+    // Ours finds its devices on the command line, with no ACPI.
+    assert!(!minimal.contains("cloud-amd64") && minimal.contains("virtio_mmio.device="), "{minimal}");
 }

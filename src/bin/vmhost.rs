@@ -27,6 +27,9 @@ USAGE:
 
     vmhost kernel fetch [--package PKG]
         Provision a stock Debian kernel (default linux-image-cloud-amd64) into the cache.
+    vmhost kernel build [--source DIR]
+        Build vmhost's minimal guest kernel (kernel/vmhost.config) from Debian's
+        linux-source package or a source tree; `vmhost run` then boots it.
     vmhost kernel list
         Show the cached kernels and which one `vmhost run` uses.
 
@@ -403,23 +406,53 @@ fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
                 }
             }
         }
-        Some("list") => {
-            let default = vmhost::image::kernel::cached_default(&cache).ok().flatten();
-            if let Some(k) = std::env::var_os("VMHOST_KERNEL") {
-                println!("VMHOST_KERNEL={} (used by vmhost run)", PathBuf::from(k).display());
+        Some("build") => {
+            let mut source = None;
+            let mut i = 1;
+            while i < args.len() {
+                match flag_value(args, &mut i, "--source")? {
+                    Some(p) => source = Some(PathBuf::from(p)),
+                    None => return Err(format!("kernel build: unexpected argument {:?}", args[i])),
+                }
+                i += 1;
             }
+            match vmhost::image::kernel_build::build(&cache, source.as_deref(), &progress) {
+                Ok(k) => {
+                    println!("{}", k.vmlinux.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("vmhost: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Some("list") => {
+            // What `vmhost run` would boot, without provisioning anything.
+            let used = if let Some(k) = std::env::var_os("VMHOST_KERNEL") {
+                println!("VMHOST_KERNEL={} (used by vmhost run)", PathBuf::from(k).display());
+                None
+            } else {
+                let stock_only = std::env::var("VMHOST_KERNEL_KIND").is_ok_and(|k| k == "stock");
+                let minimal = if stock_only {
+                    None
+                } else {
+                    vmhost::image::kernel::cached_minimal(&cache).ok().flatten()
+                };
+                minimal.or_else(|| vmhost::image::kernel::cached_default(&cache).ok().flatten())
+            };
             for dir in vmhost::image::kernel::list(&cache) {
-                let used = default.as_ref().is_some_and(|k| k.vmlinux.parent() == Some(dir.as_path()));
-                let mark = if used && std::env::var_os("VMHOST_KERNEL").is_none() {
+                let kind = std::fs::read_to_string(dir.join("kind")).unwrap_or_else(|_| "stock".into());
+                let mark = if used.as_ref().is_some_and(|k| k.vmlinux.parent() == Some(dir.as_path())) {
                     "  (used by vmhost run)"
                 } else {
                     ""
                 };
-                println!("{}{mark}", dir.display());
+                println!("{}  [{}]{mark}", dir.display(), kind.trim());
             }
             Ok(ExitCode::SUCCESS)
         }
-        _ => Err("usage: vmhost kernel (fetch [--package PKG] | list)".into()),
+        _ => Err("usage: vmhost kernel (fetch [--package PKG] | build [--source DIR] | list)".into()),
     }
 }
 

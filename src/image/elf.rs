@@ -72,6 +72,39 @@ pub fn modinfo(data: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The smallest static x86-64 program: `exit(0)`, 129 bytes. As a guest's `/init` it
+/// gives a bare boot (the kernel reaches init, which ends at once) to measure against,
+/// and a guest that fails to boot (the kernel panics: "Attempted to kill init").
+pub fn exit_program() -> Vec<u8> {
+    let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // mov eax,60; xor edi,edi; syscall
+    let base: u64 = 0x400000;
+    let size = (64 + 56 + code.len()) as u64;
+    let mut e = Vec::with_capacity(size as usize);
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(base + 64 + 56).to_le_bytes()); // entry: the code
+    e.extend_from_slice(&64u64.to_le_bytes()); // program headers right after
+    e.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    e.extend_from_slice(&0u32.to_le_bytes());
+    e.extend_from_slice(&64u16.to_le_bytes());
+    e.extend_from_slice(&56u16.to_le_bytes());
+    e.extend_from_slice(&1u16.to_le_bytes());
+    e.extend_from_slice(&[0; 6]);
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    e.extend_from_slice(&0u64.to_le_bytes());
+    e.extend_from_slice(&base.to_le_bytes());
+    e.extend_from_slice(&base.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&size.to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(&code);
+    e
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

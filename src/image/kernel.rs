@@ -33,6 +33,16 @@ pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const WANTED_MODULES: &[&str] =
     &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "button", "evdev"];
 
+/// What kind of kernel it is: how it finds its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// A distribution kernel: virtio drivers as modules, devices found through ACPI.
+    Stock,
+    /// vmhost's own (`vmhost kernel build`): everything built in, no ACPI, virtio-mmio
+    /// devices on the command line.
+    Minimal,
+}
+
 /// A kernel ready to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {
@@ -42,19 +52,48 @@ pub struct Kernel {
     pub modules: Vec<PathBuf>,
     /// Where it came from, for messages.
     pub origin: String,
+    /// Stock or minimal.
+    pub kind: KernelKind,
 }
 
-/// Finds the kernel to boot: `VMHOST_KERNEL` (with `VMHOST_MODULES`), else the cached
-/// default, else provisions [`DEFAULT_PACKAGE`] into the cache.
+/// Finds the kernel to boot: `VMHOST_KERNEL` (with `VMHOST_MODULES`), else the minimal
+/// kernel when one was built, else the cached stock kernel, else provisions
+/// [`DEFAULT_PACKAGE`] into the cache. `VMHOST_KERNEL_KIND=stock|minimal` picks among the
+/// cached ones.
 pub fn resolve(cache: &Path, progress: &Progress) -> Result<Kernel> {
     if let Some(k) = std::env::var_os("VMHOST_KERNEL").filter(|v| !v.is_empty()) {
         let modules = std::env::var_os("VMHOST_MODULES").filter(|v| !v.is_empty()).map(PathBuf::from);
         return from_files(cache, Path::new(&k), modules.as_deref());
     }
+    let want = std::env::var("VMHOST_KERNEL_KIND").unwrap_or_default().to_ascii_lowercase();
+    if want != "stock" {
+        if let Some(k) = cached_minimal(cache)? {
+            return Ok(k);
+        }
+        if want == "minimal" {
+            return Err(Error::InvalidArgument {
+                op: "choose kernel".into(),
+                message:
+                    "VMHOST_KERNEL_KIND=minimal, but no minimal kernel is built: run `vmhost kernel build`"
+                        .into(),
+            });
+        }
+    }
     if let Some(k) = cached_default(cache)? {
         return Ok(k);
     }
     fetch(cache, DEFAULT_PACKAGE, progress)
+}
+
+/// The built minimal kernel, if any.
+pub fn cached_minimal(cache: &Path) -> Result<Option<Kernel>> {
+    let dir = cache.join("kernels");
+    let Ok(name) = std::fs::read_to_string(dir.join("minimal")) else { return Ok(None) };
+    let kdir = dir.join(name.trim());
+    if !kdir.join("vmlinux").is_file() {
+        return Ok(None);
+    }
+    load_dir(&kdir).map(Some)
 }
 
 /// The cached default kernel, if one was provisioned.
@@ -81,7 +120,11 @@ fn load_dir(kdir: &Path) -> Result<Kernel> {
     let order = std::fs::read_to_string(kdir.join("modules.load")).unwrap_or_default();
     let modules =
         order.lines().filter(|l| !l.trim().is_empty()).map(|l| kdir.join("modules").join(l.trim())).collect();
-    Ok(Kernel { vmlinux: kdir.join("vmlinux"), modules, origin: kdir.display().to_string() })
+    let kind = match std::fs::read_to_string(kdir.join("kind")).unwrap_or_default().trim() {
+        "minimal" => KernelKind::Minimal,
+        _ => KernelKind::Stock,
+    };
+    Ok(Kernel { vmlinux: kdir.join("vmlinux"), modules, origin: kdir.display().to_string(), kind })
 }
 
 /// A kernel from files given by the user: a vmlinux or bzImage, and optionally a
@@ -107,7 +150,18 @@ pub fn from_files(cache: &Path, kernel: &Path, modules: Option<&Path>) -> Result
         Some(dir) => module_order(&find_modules(dir), WANTED_MODULES)?,
         None => Vec::new(),
     };
-    Ok(Kernel { vmlinux, modules, origin: kernel.display().to_string() })
+    // Ours carries a `kind` file beside it; anything else is a stock kernel unless
+    // VMHOST_KERNEL_KIND says otherwise.
+    let kind = match (
+        std::env::var("VMHOST_KERNEL_KIND").unwrap_or_default().as_str(),
+        kernel.parent().map(|d| std::fs::read_to_string(d.join("kind")).unwrap_or_default()),
+    ) {
+        ("minimal", _) => KernelKind::Minimal,
+        ("stock", _) => KernelKind::Stock,
+        (_, Some(k)) if k.trim() == "minimal" => KernelKind::Minimal,
+        _ => KernelKind::Stock,
+    };
+    Ok(Kernel { vmlinux, modules, origin: kernel.display().to_string(), kind })
 }
 
 /// Provisions a Debian kernel package into the cache: `apt-get download` and

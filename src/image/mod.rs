@@ -7,6 +7,7 @@ pub mod cpio;
 pub mod elf;
 pub mod initramfs;
 pub mod kernel;
+pub mod kernel_build;
 pub mod rootfs;
 pub mod tar;
 

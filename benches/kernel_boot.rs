@@ -1,0 +1,111 @@
+//! Stock against minimal kernel, and vmhost's own overhead, in one run:
+//! - boot to agent ready (QEMU started to the agent's Hello) with the stock Debian cloud
+//!   kernel and with vmhost's minimal kernel, same busybox image and agent;
+//! - `vmhost run -- true` end to end against a bare QEMU boot of the same minimal kernel
+//!   to an /init that exits at once (QEMU started to QEMU gone): the tool's overhead.
+//!
+//! Run: `cargo bench --bench kernel_boot` (after scripts/setup.sh, `vmhost kernel fetch`
+//! and `vmhost kernel build`). VMHOST_BENCH_BOOTS sets the boots per figure (5).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmhost::image::cpio::{Meta, Writer};
+use vmhost::image::{initramfs, kernel, rootfs::Source};
+use vmhost::progress::Progress;
+use vmhost::vm::qemu::{Accel, BootConfig, QemuVm};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn show(v: &[f64]) -> String {
+    format!(
+        "{:7.1} ms  (all: {:?})",
+        median(v.to_vec()) * 1000.0,
+        v.iter().map(|t| (t * 1000.0) as u64).collect::<Vec<_>>()
+    )
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("VMHOST_BENCH_BOOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let cache = vmhost::image::cache_dir();
+    let p = Progress::quiet();
+    let stock = kernel::cached_default(&cache).unwrap().expect("vmhost kernel fetch");
+    let minimal = kernel::cached_minimal(&cache).unwrap().expect("vmhost kernel build");
+    let agent = initramfs::find_agent().unwrap();
+    let accel = Accel::choose().unwrap();
+
+    let boot = |k: &kernel::Kernel| -> f64 {
+        let ir = initramfs::build(&cache, k, &agent, &Source::Default, &p).unwrap();
+        let cfg = BootConfig::new(k.clone(), ir).unwrap();
+        let t = Instant::now();
+        let vm = QemuVm::boot(cfg).unwrap();
+        let d = t.elapsed().as_secs_f64();
+        vm.stop(Duration::from_secs(5)).unwrap();
+        d
+    };
+    // Bare boot: the minimal kernel, an initramfs holding only an /init that exits.
+    let dir = std::env::temp_dir().join(format!("vmhost-bare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bare_ir = dir.join("bare.cpio");
+    let mut w = Writer::new(std::fs::File::create(&bare_ir).unwrap());
+    w.file("init", Meta::root(0o755), &vmhost::image::elf::exit_program()).unwrap();
+    w.finish().unwrap();
+    let qemu = vmhost::vm::qemu::qemu_binary().unwrap();
+    let bare = || -> f64 {
+        let t = Instant::now();
+        let st = Command::new(&qemu)
+            .args(["-M", "microvm,acpi=off", "-accel", accel.as_str(), "-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+            .args(["-m", "256M", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel"])
+            .arg(&minimal.vmlinux)
+            .arg("-initrd")
+            .arg(&bare_ir)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 tsc_early_khz=2000000 tsc=reliable quiet loglevel=1 reboot=t no_timer_check 8250.nr_uarts=1 nolapic_timer pci=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success() || st.code().is_some());
+        t.elapsed().as_secs_f64()
+    };
+    let vmhost_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_vmhost"));
+    let run = || -> f64 {
+        let t = Instant::now();
+        let st = Command::new(&vmhost_bin)
+            .args(["run", "--", "true"])
+            .env("VMHOST_KERNEL_KIND", "minimal")
+            .env_remove("VMHOST_KERNEL")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        t.elapsed().as_secs_f64()
+    };
+    let (mut s, mut m, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Warm the caches (initramfs for each kernel) before measuring.
+    boot(&stock);
+    boot(&minimal);
+    run();
+    for _ in 0..n {
+        s.push(boot(&stock));
+        m.push(boot(&minimal));
+        b.push(bare());
+        r.push(run());
+    }
+    println!("boot to agent ready ({} accelerator), median of {n}", accel.as_str());
+    println!("  stock kernel   {}: {}", stock.origin.rsplit('/').next().unwrap_or(""), show(&s));
+    println!("  minimal kernel {}: {}", minimal.origin.rsplit('/').next().unwrap_or(""), show(&m));
+    println!("  minimal is {:.2}x faster (target: agent ready <= 1.0 s)", median(s) / median(m.clone()));
+    println!("the tool's overhead, minimal kernel");
+    println!("  bare QEMU boot to an /init that exits : {}", show(&b));
+    println!("  vmhost run -- true (boot, exec, stop) : {}", show(&r));
+    println!("  ratio {:.2}x (target <= 1.3x)", median(r) / median(b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

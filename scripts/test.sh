@@ -17,6 +17,15 @@ done
 
 say "setup (QEMU, vmhost, static guest agent)"
 VMHOST_PROFILE=debug bash scripts/setup.sh
+# The minimal kernel's build tools (vmhost kernel build installs the source itself).
+kneed=()
+for pkg in gcc make flex bison bc libelf-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || kneed+=("$pkg")
+done
+if [ "${#kneed[@]}" -gt 0 ]; then
+  say "installing ${kneed[*]}"
+  apt-get install -y --no-install-recommends "${kneed[@]}"
+fi
 say "guest kernels (stock, and the minimal one: minutes the first time, cached after)"
 ./target/debug/vmhost kernel fetch
 ./target/debug/vmhost kernel build

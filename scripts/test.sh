@@ -19,9 +19,10 @@ say "setup (QEMU, vmhost, static guest agent)"
 VMHOST_PROFILE=debug bash scripts/setup.sh
 # The minimal kernel's build tools (vmhost kernel build installs the source itself).
 kneed=()
-for pkg in gcc make flex bison bc libelf-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || kneed+=("$pkg")
+for tool in gcc make flex bison bc; do
+  command -v "$tool" >/dev/null 2>&1 || kneed+=("$tool")
 done
+[ -e /usr/include/libelf.h ] || kneed+=(libelf-dev)
 if [ "${#kneed[@]}" -gt 0 ]; then
   say "installing ${kneed[*]}"
   apt-get install -y --no-install-recommends "${kneed[@]}"

@@ -484,3 +484,33 @@ fn stock_and_minimal_kernels_both_run_commands() {
     // Ours finds its devices on the command line, with no ACPI.
     assert!(!minimal.contains("cloud-amd64") && minimal.contains("virtio_mmio.device="), "{minimal}");
 }
+
+#[test]
+fn a_cold_cache_builds_the_default_image_without_deadlock() {
+    if !vm_ready("a_cold_cache_builds_the_default_image_without_deadlock") {
+        return;
+    }
+    // A fresh cache: the default root must be provisioned while the initramfs is built.
+    let dir = TempDir::new("coldcache");
+    let cache = dir.path().to_path_buf();
+    let agent = vmhost::image::initramfs::find_agent().unwrap();
+    let kernel = vmhost::image::kernel::Kernel {
+        vmlinux: dir.join("unused"),
+        modules: Vec::new(),
+        origin: "test".into(),
+        kind: vmhost::image::kernel::KernelKind::Minimal,
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let r = vmhost::image::initramfs::build(
+            &cache,
+            &kernel,
+            &agent,
+            &vmhost::image::rootfs::Source::Default,
+            &vmhost::progress::Progress::quiet(),
+        );
+        let _ = tx.send(r.map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)));
+    });
+    let size = rx.recv_timeout(GUARD).expect("initramfs build hung").unwrap();
+    assert!(size > 1 << 20, "{size} bytes");
+}

@@ -74,6 +74,12 @@ pub fn build(
     source: &Source,
     progress: &Progress,
 ) -> Result<PathBuf> {
+    // The default root is a directory in the cache, provisioned first: provisioning
+    // takes the build lock itself, which this function holds below.
+    let source = &match source {
+        Source::Default => Source::Dir(super::rootfs::busybox_root(cache, progress)?),
+        other => other.clone(),
+    };
     let mut d = Digest::new();
     d.field(b"vmhost-initramfs-v1");
     let agent_data = std::fs::read(agent).map_err(|e| Error::io("read agent", agent, e))?;

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # With an explicit --target, RUSTFLAGS reach only the target's crates, not build scripts
 # or proc macros (which cannot be static).
-RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
+RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static -C strip=symbols' \
   cargo build --release --target x86_64-unknown-linux-gnu --bin vmhost-agent "$@"

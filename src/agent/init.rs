@@ -3,7 +3,6 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,18 @@ pub fn run() -> i32 {
     if let Err(e) = interface_up("lo", None) {
         say(format_args!("cannot bring lo up: {e}"));
     }
+    // The server is a fork of init, not a new exec: its pages are init's, already in
+    // memory, where an exec would fault in the binary again (tens of ms emulated).
+    // Forked while init has a single thread, so the child is in a consistent state.
+    // SAFETY: no other thread exists yet; the child only runs the server and exits.
+    let server = match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => std::process::exit(super::serve::run()),
+        Ok(nix::unistd::ForkResult::Parent { child }) => child,
+        Err(e) => {
+            say(format_args!("cannot start the agent server: {e}"));
+            power_off();
+        }
+    };
     let late = late.to_vec();
     thread::spawn(move || {
         load_modules(&late);
@@ -35,13 +46,6 @@ pub fn run() -> i32 {
         let _ = std::fs::write(super::SETUP_DONE, b"");
         watch_power_button();
     });
-    let server = match Command::new("/proc/self/exe").arg("serve").spawn() {
-        Ok(c) => Pid::from_raw(c.id() as i32),
-        Err(e) => {
-            say(format_args!("cannot start the agent server: {e}"));
-            power_off();
-        }
-    };
     log_line(format_args!("init ready in {} ms", start.elapsed().as_millis()));
     loop {
         match waitpid(Pid::from_raw(-1), None) {

@@ -40,6 +40,10 @@ pub fn run() -> i32 {
             return 1;
         }
     };
+    if std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| !c.contains("quiet")) {
+        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        say(format_args!("server ready at uptime {}", up.split_whitespace().next().unwrap_or("?")));
+    }
     let mut hello = Encoder::new();
     hello.u32(proto::VERSION).string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")));
     writer.send(proto::HELLO, 0, hello.as_bytes());
@@ -62,7 +66,7 @@ fn find_port(timeout: Duration) -> Option<String> {
         if Instant::now() >= deadline {
             return None;
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(2));
     }
 }
 

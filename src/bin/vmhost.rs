@@ -366,8 +366,8 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             Err(_) => Ok(()),
         }
     });
-    let closed = inst.close();
-    if let Err(e) = closed {
+    // The guest is thrown away: no need for its orderly shutdown.
+    if let Err(e) = inst.kill() {
         log::warn!("stopping the guest: {e}");
     }
     match code {

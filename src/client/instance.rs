@@ -197,6 +197,19 @@ impl Instance {
         self.close_inner()
     }
 
+    /// Ends a throwaway guest at once, skipping its orderly shutdown (nothing in it is
+    /// kept: the root filesystem lives in guest memory). In-process this stops QEMU
+    /// directly; through a helper it is [`Instance::close`].
+    pub fn kill(mut self) -> Result<()> {
+        match &self.t {
+            Transport::Local(h) if self.owned => {
+                self.closed = true;
+                h.kill_instance()
+            }
+            _ => self.close_inner(),
+        }
+    }
+
     fn close_inner(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.closed, true) {
             return Ok(());

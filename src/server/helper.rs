@@ -334,6 +334,15 @@ impl Helper {
             let _ = i.vm.stop(Duration::from_secs(5));
         }
     }
+
+    /// Ends the instance at once, without the guest's shutdown (SIGTERM to QEMU, then
+    /// SIGKILL): for throwaway guests whose state nobody keeps.
+    pub fn kill_instance(&self) -> crate::Result<()> {
+        match self.state.instance.lock().take() {
+            Some(i) => i.vm.force_stop(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Handler for Helper {

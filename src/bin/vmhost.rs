@@ -395,16 +395,7 @@ fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
                 }
                 i += 1;
             }
-            match vmhost::image::kernel::fetch(&cache, &package, &progress) {
-                Ok(k) => {
-                    println!("{}", k.vmlinux.display());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("vmhost: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
+            Ok(report_kernel(vmhost::image::kernel::fetch(&cache, &package, &progress)))
         }
         Some("build") => {
             let mut source = None;
@@ -416,16 +407,7 @@ fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
                 }
                 i += 1;
             }
-            match vmhost::image::kernel_build::build(&cache, source.as_deref(), &progress) {
-                Ok(k) => {
-                    println!("{}", k.vmlinux.display());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("vmhost: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
+            Ok(report_kernel(vmhost::image::kernel_build::build(&cache, source.as_deref(), &progress)))
         }
         Some("list") => {
             // What `vmhost run` would boot, without provisioning anything.
@@ -453,6 +435,20 @@ fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         _ => Err("usage: vmhost kernel (fetch [--package PKG] | build [--source DIR] | list)".into()),
+    }
+}
+
+/// Prints the kernel's path (exit 0), or the error (exit 1).
+fn report_kernel(k: vmhost::Result<vmhost::image::kernel::Kernel>) -> ExitCode {
+    match k {
+        Ok(k) => {
+            println!("{}", k.vmlinux.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmhost: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -87,19 +87,18 @@ pub fn resolve(cache: &Path, progress: &Progress) -> Result<Kernel> {
 
 /// The built minimal kernel, if any.
 pub fn cached_minimal(cache: &Path) -> Result<Option<Kernel>> {
-    let dir = cache.join("kernels");
-    let Ok(name) = std::fs::read_to_string(dir.join("minimal")) else { return Ok(None) };
-    let kdir = dir.join(name.trim());
-    if !kdir.join("vmlinux").is_file() {
-        return Ok(None);
-    }
-    load_dir(&kdir).map(Some)
+    cached(cache, "minimal")
 }
 
-/// The cached default kernel, if one was provisioned.
+/// The cached default (stock) kernel, if one was provisioned.
 pub fn cached_default(cache: &Path) -> Result<Option<Kernel>> {
+    cached(cache, "default")
+}
+
+/// The kernel that the pointer file `<cache>/kernels/<pointer>` names, if it is there.
+fn cached(cache: &Path, pointer: &str) -> Result<Option<Kernel>> {
     let dir = cache.join("kernels");
-    let Ok(name) = std::fs::read_to_string(dir.join("default")) else { return Ok(None) };
+    let Ok(name) = std::fs::read_to_string(dir.join(pointer)) else { return Ok(None) };
     let kdir = dir.join(name.trim());
     if !kdir.join("vmlinux").is_file() {
         return Ok(None);

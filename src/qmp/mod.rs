@@ -146,29 +146,23 @@ pub trait Stream: Read + Write + Send + Sync + 'static {
     fn shutdown_stream(&self);
 }
 
-impl Stream for UnixStream {
-    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(timeout)
-    }
-    fn shutdown_stream(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
+macro_rules! socket_stream {
+    ($($t:ty),*) => {$(
+        impl Stream for $t {
+            fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.set_write_timeout(timeout)
+            }
+            fn shutdown_stream(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    )*};
 }
 
-impl Stream for TcpStream {
-    fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_write_deadline(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(timeout)
-    }
-    fn shutdown_stream(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
+socket_stream!(UnixStream, TcpStream);
 
 #[derive(Debug, Clone)]
 enum ConnState {

@@ -16,6 +16,7 @@ use super::{say, MODULES_LIST};
 pub fn run() -> i32 {
     let start = Instant::now();
     mount_filesystems();
+    log_line(format_args!("mounted at {} ms", start.elapsed().as_millis()));
     let modules = module_list();
     // What the agent's port needs first (the list is in dependency order and ends its
     // console part with virtio_console); the rest loads while the server starts.

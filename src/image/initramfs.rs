@@ -43,7 +43,8 @@ pub fn find_agent() -> Result<PathBuf> {
     }
     let mut dynamic = None;
     for c in &candidates {
-        let Ok(data) = std::fs::read(c) else { continue };
+        // The ELF and program headers are at the start: no need to read the whole file.
+        let Ok(data) = read_head(c, 64 << 10) else { continue };
         if !elf::is_elf64(&data) {
             continue;
         }
@@ -66,6 +67,13 @@ pub fn find_agent() -> Result<PathBuf> {
     })
 }
 
+fn read_head(path: &Path, n: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    std::fs::File::open(path)?.take(n).read_to_end(&mut v)?;
+    Ok(v)
+}
+
 /// Builds (or finds in the cache) the initramfs for `source` booted with `kernel`.
 pub fn build(
     cache: &Path,
@@ -82,8 +90,11 @@ pub fn build(
     };
     let mut d = Digest::new();
     d.field(b"vmhost-initramfs-v1");
-    let agent_data = std::fs::read(agent).map_err(|e| Error::io("read agent", agent, e))?;
-    d.field(&agent_data);
+    // The agent is keyed by its identity (path, size, mtime), like image files: hashing
+    // its 1.6 MB on every boot would cost milliseconds for nothing.
+    let am = std::fs::metadata(agent).map_err(|e| Error::io("stat agent", agent, e))?;
+    d.field(agent.as_os_str().as_encoded_bytes()).field(&am.size().to_le_bytes());
+    d.field(&am.mtime().to_le_bytes()).field(&am.mtime_nsec().to_le_bytes());
     for m in &kernel.modules {
         let meta = std::fs::metadata(m).map_err(|e| Error::io("stat module", m, e))?;
         d.field(m.as_os_str().as_encoded_bytes())
@@ -121,6 +132,7 @@ pub fn build(
         for d in ["proc", "sys", "dev", "tmp", "run"] {
             w.dir(d, Meta::root(if d == "tmp" { 0o1777 } else { 0o755 })).map_err(io)?;
         }
+        let agent_data = std::fs::read(agent).map_err(|e| Error::io("read agent", agent, e))?;
         w.file("init", Meta::root(0o755), &agent_data).map_err(io)?;
         let mut buf = w.finish().map_err(io)?;
         std::io::Write::flush(&mut buf).map_err(io)?;

@@ -117,10 +117,13 @@ impl InstanceSpec {
                 message: "host mounts are not supported by this build yet".into(),
             });
         }
+        let t = std::time::Instant::now();
         let kernel = crate::image::kernel::resolve(&self.cache_dir, progress)?;
         let agent = crate::image::initramfs::find_agent()?;
+        let t_agent = t.elapsed();
         let initramfs =
             crate::image::initramfs::build(&self.cache_dir, &kernel, &agent, &self.source, progress)?;
+        log::debug!("kernel and agent found in {t_agent:?}, initramfs ready at {:?}", t.elapsed());
         let mut cfg = qemu::BootConfig::new(kernel, initramfs)?;
         if self.options.memory_mb > 0 {
             cfg.memory_mb = self.options.memory_mb;

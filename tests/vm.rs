@@ -514,3 +514,35 @@ fn a_cold_cache_builds_the_default_image_without_deadlock() {
     let size = rx.recv_timeout(GUARD).expect("initramfs build hung").unwrap();
     assert!(size > 1 << 20, "{size} bytes");
 }
+
+#[test]
+fn supplementary_groups_and_the_collected_output_bound() {
+    if !vm_ready("supplementary_groups_and_the_collected_output_bound") {
+        return;
+    }
+    // An image where nobody belongs to a second group.
+    let dir = TempDir::new("groups");
+    let root = dir.join("root");
+    let base = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    assert!(std::process::Command::new("cp").arg("-a").arg(&base).arg(&root).status().unwrap().success());
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\nwheel:x:10:nobody\n").unwrap();
+    let opts = InstanceOptions { user: "nobody".into(), ..Default::default() };
+    let vm = Instance::new_in_process(Image::Dir(root), opts).unwrap();
+    let out = vm.command("id").arg("-G").output().unwrap();
+    let groups = String::from_utf8_lossy(&out.stdout);
+    let mut ids: Vec<&str> = groups.split_whitespace().collect();
+    ids.sort();
+    assert_eq!(ids, ["10", "65534"], "{groups}");
+    // Collected output (one answer) is bounded; the process is killed past it.
+    match vm.command("head").args(["-c", "67108864", "/dev/zero"]).combined_output() {
+        Err(Error::Remote(ef)) => assert!(ef.message.contains("output exceeds"), "{ef}"),
+        other => panic!("expected the output bound, got {:?}", other.map(|(s, o)| (s, o.len()))),
+    }
+    // The guest is still fine.
+    assert!(vm.command("true").status().unwrap().success());
+    vm.close().unwrap();
+}

@@ -391,6 +391,11 @@ impl Encoder {
         Encoder { buf: Vec::new() }
     }
 
+    /// An empty encoder with room for `n` bytes.
+    pub fn with_capacity(n: usize) -> Encoder {
+        Encoder { buf: Vec::with_capacity(n) }
+    }
+
     /// An encoder for a Response payload: starts with the OK error-code byte.
     pub fn response() -> Encoder {
         Encoder { buf: vec![ErrorCode::Ok.as_u8()] }
@@ -1403,6 +1408,15 @@ pub struct StreamChunk {
 pub const STREAM_STDOUT: u8 = 1;
 /// Stream number of standard error in [`StreamChunk`].
 pub const STREAM_STDERR: u8 = 2;
+
+impl StreamChunk {
+    /// The payload of a chunk, from borrowed data (no copy into a `StreamChunk`).
+    pub fn payload(stream: u8, data: &[u8]) -> Vec<u8> {
+        let mut enc = Encoder::with_capacity(5 + data.len());
+        enc.u8(stream).bytes(data);
+        enc.into_bytes()
+    }
+}
 
 impl Wire for StreamChunk {
     fn encode(&self, enc: &mut Encoder) {

@@ -323,13 +323,7 @@ fn tar_and_directory_images_boot() {
     // A directory image made from the default root plus a marker, and its tar.
     let dir = TempDir::new("img");
     let root = dir.join("root");
-    let base = vmhost::image::rootfs::busybox_root(
-        &vmhost::image::cache_dir(),
-        &vmhost::progress::Progress::quiet(),
-    )
-    .unwrap();
-    let st = std::process::Command::new("cp").arg("-a").arg(&base).arg(&root).status().unwrap();
-    assert!(st.success());
+    copy_default_root(&root);
     std::fs::write(root.join("etc/marker"), b"from a directory\n").unwrap();
     let vm = Instance::new_in_process(Image::Dir(root.clone()), InstanceOptions::default()).unwrap();
     assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a directory\n");
@@ -523,12 +517,7 @@ fn supplementary_groups_and_the_collected_output_bound() {
     // An image where nobody belongs to a second group.
     let dir = TempDir::new("groups");
     let root = dir.join("root");
-    let base = vmhost::image::rootfs::busybox_root(
-        &vmhost::image::cache_dir(),
-        &vmhost::progress::Progress::quiet(),
-    )
-    .unwrap();
-    assert!(std::process::Command::new("cp").arg("-a").arg(&base).arg(&root).status().unwrap().success());
+    copy_default_root(&root);
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\nwheel:x:10:nobody\n").unwrap();
     let opts = InstanceOptions { user: "nobody".into(), ..Default::default() };
     let vm = Instance::new_in_process(Image::Dir(root), opts).unwrap();
@@ -545,4 +534,14 @@ fn supplementary_groups_and_the_collected_output_bound() {
     // The guest is still fine.
     assert!(vm.command("true").status().unwrap().success());
     vm.close().unwrap();
+}
+
+/// A copy of the default busybox root at `to`, to make test images from.
+fn copy_default_root(to: &std::path::Path) {
+    let base = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    assert!(std::process::Command::new("cp").arg("-a").arg(&base).arg(to).status().unwrap().success());
 }

@@ -420,6 +420,7 @@ fn response_leading_code_byte() {
 fn stream_frames() {
     check(StreamChunk { stream: STREAM_STDERR, data: b"err".to_vec() }, &[2, 0, 0, 0, 3, b'e', b'r', b'r']);
     check(StreamChunk { stream: STREAM_STDOUT, data: vec![] }, &[1, 0, 0, 0, 0]);
+    assert_eq!(StreamChunk::payload(STREAM_STDERR, b"err"), [2, 0, 0, 0, 3, b'e', b'r', b'r']);
     assert!(StreamChunk::from_payload(&[3, 0, 0, 0, 0]).is_err());
     check(StreamEnd { exit_code: -1 }, &[0, 0xFF, 0xFF, 0xFF, 0xFF]);
     check(StreamEnd { exit_code: 7 }, &[0, 0, 0, 0, 7]);

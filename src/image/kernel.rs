@@ -458,6 +458,23 @@ pub fn lz4_legacy(src: &[u8]) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A length from an LZ4 token nibble: 15 means "add the following bytes while they are
+/// 255, and the first one that is not".
+fn lz4_length(b: &[u8], i: &mut usize, nibble: usize) -> Option<usize> {
+    let mut n = nibble;
+    if n == 15 {
+        loop {
+            let x = *b.get(*i)?;
+            *i += 1;
+            n += x as usize;
+            if x != 255 {
+                break;
+            }
+        }
+    }
+    Some(n)
+}
+
 fn lz4_block(b: &[u8], out: &mut Vec<u8>, max: usize) -> std::result::Result<(), String> {
     let start = out.len();
     let mut i = 0;
@@ -465,17 +482,7 @@ fn lz4_block(b: &[u8], out: &mut Vec<u8>, max: usize) -> std::result::Result<(),
     while i < b.len() {
         let token = b[i];
         i += 1;
-        let mut lit = (token >> 4) as usize;
-        if lit == 15 {
-            loop {
-                let x = *b.get(i).ok_or_else(err)?;
-                i += 1;
-                lit += x as usize;
-                if x != 255 {
-                    break;
-                }
-            }
-        }
+        let lit = lz4_length(b, &mut i, (token >> 4) as usize).ok_or_else(err)?;
         let lits = b.get(i..i + lit).ok_or_else(err)?;
         out.extend_from_slice(lits);
         i += lit;
@@ -484,18 +491,7 @@ fn lz4_block(b: &[u8], out: &mut Vec<u8>, max: usize) -> std::result::Result<(),
         }
         let off = b.get(i..i + 2).map(LE::read_u16).ok_or_else(err)? as usize;
         i += 2;
-        let mut ml = (token & 15) as usize;
-        if ml == 15 {
-            loop {
-                let x = *b.get(i).ok_or_else(err)?;
-                i += 1;
-                ml += x as usize;
-                if x != 255 {
-                    break;
-                }
-            }
-        }
-        ml += 4;
+        let ml = lz4_length(b, &mut i, (token & 15) as usize).ok_or_else(err)? + 4;
         if off == 0 || off > out.len() - start || out.len() - start + ml > max {
             return Err(err());
         }

@@ -572,8 +572,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let mut client_gone = None;
             let result = p.drain_until(
                 |stream, data| {
-                    let chunk = StreamChunk { stream, data: data.to_vec() };
-                    call.send(msg::STREAM_CHUNK, &chunk.to_payload()).map_err(|e| {
+                    call.send(msg::STREAM_CHUNK, &StreamChunk::payload(stream, data)).map_err(|e| {
                         client_gone = Some(e.to_string());
                         Error::Closed
                     })

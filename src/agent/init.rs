@@ -10,13 +10,12 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{say, MODULES_LIST};
+use super::{say, trace, MODULES_LIST};
 
 /// Runs init; never returns while the VM lives.
 pub fn run() -> i32 {
-    let start = Instant::now();
     mount_filesystems();
-    log_line(format_args!("mounted at {} ms", start.elapsed().as_millis()));
+    trace(format_args!("init: filesystems mounted"));
     let modules = module_list();
     // What the agent's port needs first (the list is in dependency order and ends its
     // console part with virtio_console); the rest loads while the server starts.
@@ -24,9 +23,6 @@ pub fn run() -> i32 {
     let (early, late) = modules.split_at(split);
     load_modules(early);
     let _ = nix::unistd::sethostname("vmhost");
-    if let Err(e) = interface_up("lo", None) {
-        say(format_args!("cannot bring lo up: {e}"));
-    }
     // The server is a fork of init, not a new exec: its pages are init's, already in
     // memory, where an exec would fault in the binary again (tens of ms emulated).
     // Forked while init has a single thread, so the child is in a consistent state.
@@ -42,12 +38,18 @@ pub fn run() -> i32 {
     let late = late.to_vec();
     thread::spawn(move || {
         load_modules(&late);
-        log_line(format_args!("all modules loaded at {} ms", start.elapsed().as_millis()));
+        trace(format_args!("all modules loaded"));
+        // Networking (lo too: ~15 ms of first-time kernel paths under TCG) is set up
+        // beside the server's start, not before it; commands wait for it either way.
+        if let Err(e) = interface_up("lo", None) {
+            say(format_args!("cannot bring lo up: {e}"));
+        }
         configure_network();
         let _ = std::fs::write(super::SETUP_DONE, b"");
+        trace(format_args!("network configured; setup done"));
         watch_power_button();
     });
-    log_line(format_args!("init ready in {} ms", start.elapsed().as_millis()));
+    trace(format_args!("server started"));
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == server => {
@@ -62,13 +64,6 @@ pub fn run() -> i32 {
             Err(nix::errno::Errno::ECHILD) => thread::sleep(Duration::from_millis(100)),
             Err(_) => {}
         }
-    }
-}
-
-fn log_line(msg: std::fmt::Arguments<'_>) {
-    // Only in verbose boots: the console is the VM's log, kept short.
-    if std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| !c.contains("quiet")) {
-        say(msg);
     }
 }
 
@@ -131,7 +126,7 @@ fn load_modules(modules: &[(String, String)]) {
         });
         match loaded {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {
-                log_line(format_args!("module {file}: {} ms", t.elapsed().as_millis()))
+                trace(format_args!("module {file}: {} ms", t.elapsed().as_millis()))
             }
             Err(e) => say(format_args!("load module {file}: {e}")),
         }

@@ -16,6 +16,7 @@
 pub mod init;
 pub mod proto;
 pub mod serve;
+pub mod spawn;
 
 /// The name of the virtio-serial port the agent serves.
 pub const PORT_NAME: &str = "vmhost.agent";
@@ -40,6 +41,31 @@ pub fn main() -> ! {
         }
     };
     std::process::exit(code)
+}
+
+/// Whether this is a verbose boot (no `quiet` on the kernel command line, as with
+/// `vmhost run --dmesg`): then the agent traces its start-up on the console.
+/// Before /proc is mounted the answer is "no" and is not remembered.
+pub(crate) fn verbose() -> bool {
+    static VERBOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if let Some(v) = VERBOSE.get() {
+        return *v;
+    }
+    match std::fs::read_to_string("/proc/cmdline") {
+        Ok(c) => *VERBOSE.get_or_init(|| !c.split_whitespace().any(|w| w == "quiet")),
+        Err(_) => false,
+    }
+}
+
+/// In a verbose boot, writes a start-up milestone to the console stamped with the time
+/// since boot, in the kernel's own format, so it lines up with the kernel's messages.
+pub(crate) fn trace(msg: std::fmt::Arguments<'_>) {
+    if verbose() {
+        let mut t = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec, which `t` is.
+        unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut t) };
+        say(format_args!("[{:5}.{:06}] {msg}", t.tv_sec, t.tv_nsec / 1000));
+    }
 }
 
 /// Writes a line to the console (the kernel's, when PID 1's stderr is /dev/console).

@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,11 +13,20 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::proto::{self, ExecRequest};
-use super::{say, PORT_NAME};
+use super::{say, spawn, trace, PORT_NAME};
 use crate::wire::{Decoder, Encoder, ErrorCode};
 
 /// Runs the server until the channel fails for good.
 pub fn run() -> i32 {
+    // The server runs with root's supplementary groups, so that a command run as root
+    // starts the fast way (see `spawn`) with exactly the groups it should have.
+    if let Ok(root) = resolve_user("root") {
+        let gids: Vec<nix::unistd::Gid> =
+            root.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+        if let Err(e) = nix::unistd::setgroups(&gids) {
+            say(format_args!("setgroups for root: {e}"));
+        }
+    }
     let port = match find_port(Duration::from_secs(60)) {
         Some(p) => p,
         None => {
@@ -40,10 +48,7 @@ pub fn run() -> i32 {
             return 1;
         }
     };
-    if std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| !c.contains("quiet")) {
-        let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-        say(format_args!("server ready at uptime {}", up.split_whitespace().next().unwrap_or("?")));
-    }
+    trace(format_args!("agent port {port} open; saying Hello"));
     let mut hello = Encoder::new();
     hello.u32(proto::VERSION).string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")));
     writer.send(proto::HELLO, 0, hello.as_bytes());
@@ -179,7 +184,9 @@ impl Server {
             }
             proto::PING => w.ok(f.id, &[]),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
+                Ok(req) if super::verbose() && trace_exec(&req) => unreachable!(),
                 Ok(req) if !setup_done() => {
+                    trace(format_args!("Exec {} waits for setup", req.program));
                     // Rare: a command in the first tens of ms. Wait off the read loop.
                     let me = self.clone();
                     thread::spawn(move || {
@@ -191,7 +198,10 @@ impl Server {
                     });
                 }
                 Ok(req) => match self.clone().spawn(f.id, &req) {
-                    Ok(pid) => w.ok(f.id, &(pid as u32).to_be_bytes()),
+                    Ok(pid) => {
+                        w.ok(f.id, &(pid as u32).to_be_bytes());
+                        trace(format_args!("process {} started: {} (pid {pid})", f.id, req.program));
+                    }
                     Err((code, msg)) => w.error(f.id, code, &msg),
                 },
                 Err(e) => w.error(f.id, ErrorCode::InvalidArgument, &format!("bad Exec payload: {e}")),
@@ -252,55 +262,49 @@ impl Server {
             return Err((ErrorCode::InvalidArgument, format!("process id {id} is in use")));
         }
         let user = resolve_user(&req.user).map_err(|m| (ErrorCode::InvalidArgument, m))?;
-        let mut cmd = Command::new(&req.program);
-        cmd.args(&req.args).env_clear();
-        let has =
-            |key: &str| req.env.iter().any(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k) == key);
-        let defaults =
-            [("HOME", user.home.clone()), ("USER", user.name.clone()), ("LOGNAME", user.name.clone())];
-        for (k, v) in defaults {
-            if !has(k) {
-                cmd.env(k, v);
-            }
+        // The environment: the request's (a later entry wins), with HOME, USER and
+        // LOGNAME when it lacks them.
+        let mut env = std::collections::BTreeMap::new();
+        for (k, v) in [("HOME", &user.home), ("USER", &user.name), ("LOGNAME", &user.name)] {
+            env.insert(k.to_string(), v.clone());
         }
         for kv in &req.env {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            cmd.env(k, v);
+            env.insert(k.to_string(), v.to_string());
         }
-        if req.dir.is_empty() {
-            cmd.current_dir(if std::path::Path::new(&user.home).is_dir() { user.home.as_str() } else { "/" });
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let dir = if req.dir.is_empty() {
+            if std::path::Path::new(&user.home).is_dir() {
+                user.home.as_str()
+            } else {
+                "/"
+            }
         } else {
             if let Err(e) = std::fs::read_dir(&req.dir) {
                 return Err((ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
             }
-            cmd.current_dir(&req.dir);
-        }
-        cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let (uid, gid) = (user.uid, user.gid);
-        // Prepared here: nothing may allocate between fork and exec.
-        let gids: Vec<nix::unistd::Gid> =
-            user.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
-        // SAFETY: setsid, setgroups, setgid and setuid are async-signal-safe system calls
-        // on data prepared before the fork. setsid gives the process its own group so that
-        // signals reach everything it starts.
-        unsafe {
-            cmd.pre_exec(move || {
-                use nix::unistd::{Gid, Uid};
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                nix::unistd::setgroups(&gids).map_err(std::io::Error::from)?;
-                nix::unistd::setgid(Gid::from_raw(gid)).map_err(std::io::Error::from)?;
-                nix::unistd::setuid(Uid::from_raw(uid)).map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            let code =
-                if e.kind() == std::io::ErrorKind::NotFound { ErrorCode::Io } else { ErrorCode::Unknown };
-            (code, format!("exec {}: {e}", req.program))
+            req.dir.as_str()
+        };
+        let spec = spawn::Spec {
+            program: &req.program,
+            args: &req.args,
+            env: &env,
+            dir,
+            stdin: req.stdin,
+            uid: user.uid,
+            gid: user.gid,
+            groups: &user.groups,
+        };
+        // The host prefixes "exec PROGRAM: "; the message is the cause alone.
+        let child = spawn::spawn(&spec).map_err(|e| match e.raw_os_error() {
+            Some(n) => (ErrorCode::Io, nix::errno::Errno::from_raw(n).desc().to_string()),
+            None if e.kind() == std::io::ErrorKind::InvalidInput => {
+                (ErrorCode::InvalidArgument, e.to_string())
+            }
+            None => (ErrorCode::Unknown, e.to_string()),
         })?;
-        let pid = child.id() as i32;
-        let stdin = child.stdin.take().map(|pipe| {
+        let pid = child.pid;
+        let stdin = child.stdin.map(|pipe| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let w = self.writer.clone();
             thread::spawn(move || feed_stdin(pipe, rx, w));
@@ -314,28 +318,22 @@ impl Server {
             detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
-        let pipes: Vec<(u8, std::fs::File)> = [
-            child.stdout.take().map(|p| (1u8, std::fs::File::from(std::os::fd::OwnedFd::from(p)))),
-            child.stderr.take().map(|p| (2u8, std::fs::File::from(std::os::fd::OwnedFd::from(p)))),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let pipes = vec![(1u8, child.stdout), (2u8, child.stderr)];
         // One thread per process carries its output and its end: thread creation is
         // costly in an emulated guest kernel, and exec latency is what users feel.
-        thread::spawn(move || self.run_process(id, child, &proc, pipes));
+        thread::spawn(move || self.run_process(id, pid, &proc, pipes));
         Ok(pid)
     }
 
     /// Forwards the process's output within its credit, then reports its end. Output
     /// of children that keep the pipes open after it exits is forwarded for
     /// [`WAIT_DELAY`], then drained and dropped.
-    fn run_process(&self, id: u32, mut child: Child, proc: &Proc, mut pipes: Vec<(u8, std::fs::File)>) {
+    fn run_process(&self, id: u32, pid: i32, proc: &Proc, mut pipes: Vec<(u8, std::fs::File)>) {
         use nix::libc;
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: pidfd_open returns a new descriptor we own, or -1.
         let pidfd = unsafe {
-            let fd = libc::syscall(libc::SYS_pidfd_open, child.id() as libc::c_int, 0) as i32;
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) as i32;
             (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
         };
         let mut exited_at: Option<Instant> = None;
@@ -367,7 +365,7 @@ impl Server {
             if fds.len() > pipes.len() && fds[pipes.len()].revents != 0 {
                 exited_at = Some(Instant::now());
             }
-            if pidfd.is_none() && exited_at.is_none() && matches!(child.try_wait(), Ok(Some(_))) {
+            if pidfd.is_none() && exited_at.is_none() && matches!(spawn::wait(pid, true), Ok(Some(_))) {
                 exited_at = Some(Instant::now());
             }
             let mut closed = Vec::new();
@@ -385,7 +383,8 @@ impl Server {
                 pipes.remove(i);
             }
         }
-        let status = child.wait();
+        let status =
+            spawn::wait(pid, false).and_then(|s| s.ok_or_else(|| std::io::Error::other("still running")));
         proc.detach();
         for (_, mut file) in pipes {
             // Leftover children still write: keep draining so they never block.
@@ -403,6 +402,7 @@ impl Server {
         let mut e = Encoder::new();
         e.i32(code).i32(sig);
         self.writer.send(proto::EXIT, id, e.as_bytes());
+        trace(format_args!("process {id} exited with {code}"));
     }
 }
 
@@ -431,7 +431,7 @@ fn send_output(stream: u8, id: u32, data: &[u8], proc: &Proc, w: &Writer) {
 }
 
 /// Writes stdin chunks in order, answering each request when it is written.
-fn feed_stdin(mut pipe: std::process::ChildStdin, rx: Receiver<(u32, Vec<u8>)>, w: Writer) {
+fn feed_stdin(mut pipe: File, rx: Receiver<(u32, Vec<u8>)>, w: Writer) {
     while let Ok((req, data)) = rx.recv() {
         if data.is_empty() {
             w.ok(req, &[]);
@@ -500,4 +500,9 @@ fn resolve_user(spec: &str) -> Result<User, String> {
         }
     }
     Ok(user)
+}
+
+fn trace_exec(req: &ExecRequest) -> bool {
+    trace(format_args!("Exec {} received", req.program));
+    false
 }

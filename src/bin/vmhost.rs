@@ -70,8 +70,23 @@ ENVIRONMENT:
 ";
 
 fn main() -> ExitCode {
+    // Each line is stamped with the time since vmhost started, which is what reading a
+    // boot or a slow call needs.
+    let started = std::time::Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("VMHOST_LOG", "warn"))
-        .format_timestamp_millis()
+        .format(move |buf, rec| {
+            use std::io::Write;
+            let t = started.elapsed();
+            writeln!(
+                buf,
+                "[{:4}.{:03} {:5} {}] {}",
+                t.as_secs(),
+                t.subsec_millis(),
+                rec.level(),
+                rec.target(),
+                rec.args()
+            )
+        })
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -346,6 +361,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
+    log::debug!("instance {} ready; running {program}", inst.id());
     let mut c = inst.command(program.clone());
     c.args(rest.iter().cloned()).envs(env);
     if let Some(d) = dir {
@@ -366,10 +382,12 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             Err(_) => Ok(()),
         }
     });
+    log::debug!("{program} ended: {code:?}");
     // The guest is thrown away: no need for its orderly shutdown.
     if let Err(e) = inst.kill() {
         log::warn!("stopping the guest: {e}");
     }
+    log::debug!("guest stopped");
     match code {
         _ if pipe_closed => Ok(ExitCode::from(141)),
         Ok(code) if (0..=255).contains(&code) => Ok(ExitCode::from(code as u8)),

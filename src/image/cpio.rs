@@ -3,6 +3,12 @@
 //! Each entry is a 110-byte ASCII header (`070701` and thirteen 8-digit hex fields),
 //! the NUL-terminated name padded to 4 bytes, then the data padded to 4 bytes. The
 //! archive ends with an entry named `TRAILER!!!`.
+//!
+//! Hard links: every name of a file with several links carries the same inode number and
+//! link count; the first carries the data, the others none, and the kernel links each
+//! later name to the first one it saw with that inode (`maybe_link` in
+//! `init/initramfs.c`). A link costs the guest one directory entry where a symbolic
+//! link costs an inode and a page.
 
 use std::io::{self, Write};
 
@@ -46,12 +52,14 @@ pub struct Writer<W: Write> {
     out: W,
     ino: u32,
     written: u64,
+    /// Inode numbers given to multiply-linked files, by the caller's key for them.
+    links: std::collections::HashMap<(u64, u64), u32>,
 }
 
 impl<W: Write> Writer<W> {
     /// A writer over `out`.
     pub fn new(out: W) -> Writer<W> {
-        Writer { out, ino: 1, written: 0 }
+        Writer { out, ino: 1, written: 0, links: std::collections::HashMap::new() }
     }
 
     /// Bytes written so far.
@@ -71,6 +79,12 @@ impl<W: Write> Writer<W> {
     }
 
     fn header(&mut self, name: &str, meta: Meta, nlink: u32, size: u64) -> io::Result<()> {
+        let ino = self.ino;
+        self.ino += 1;
+        self.header_ino(name, meta, ino, nlink, size)
+    }
+
+    fn header_ino(&mut self, name: &str, meta: Meta, ino: u32, nlink: u32, size: u64) -> io::Result<()> {
         let name = name.trim_start_matches('/');
         let name = if name.is_empty() { "." } else { name };
         if name.contains('\0') {
@@ -82,8 +96,6 @@ impl<W: Write> Writer<W> {
                 format!("{name}: {size} bytes is too large for cpio"),
             ));
         }
-        let ino = self.ino;
-        self.ino += 1;
         let fields = [
             ino,
             meta.mode,
@@ -131,6 +143,10 @@ impl<W: Write> Writer<W> {
         data: &mut dyn io::Read,
     ) -> io::Result<()> {
         self.header(name, Meta { mode: S_IFREG | (meta.mode & 0o7777), ..meta }, 1, size)?;
+        self.copy_body(name, size, data)
+    }
+
+    fn copy_body(&mut self, name: &str, size: u64, data: &mut dyn io::Read) -> io::Result<()> {
         let copied = io::copy(&mut io::Read::take(&mut *data, size), &mut self.out)?;
         self.written += copied;
         if copied != size {
@@ -140,6 +156,36 @@ impl<W: Write> Writer<W> {
             ));
         }
         self.pad()
+    }
+
+    /// Another name for a multiply-linked file already written with
+    /// [`linked_file_from`](Self::linked_file_from) under `key`: writes the hard link and
+    /// returns true, or returns false (writing nothing) when `key` was not seen yet.
+    pub fn hard_link(&mut self, name: &str, meta: Meta, key: (u64, u64), nlink: u32) -> io::Result<bool> {
+        let Some(&ino) = self.links.get(&key) else { return Ok(false) };
+        self.header_ino(name, Meta { mode: S_IFREG | (meta.mode & 0o7777), ..meta }, ino, nlink.max(2), 0)?;
+        Ok(true)
+    }
+
+    /// The first name of a regular file with `nlink` names, identified by `key` (for
+    /// instance the source's device and inode), with its `size` bytes from `data`; its
+    /// other names follow with [`hard_link`](Self::hard_link).
+    pub fn linked_file_from(
+        &mut self,
+        name: &str,
+        meta: Meta,
+        key: (u64, u64),
+        nlink: u32,
+        size: u64,
+        data: &mut dyn io::Read,
+    ) -> io::Result<()> {
+        let meta = Meta { mode: S_IFREG | (meta.mode & 0o7777), ..meta };
+        let nlink = nlink.max(2);
+        let ino = self.ino;
+        self.ino += 1;
+        self.links.insert(key, ino);
+        self.header_ino(name, meta, ino, nlink, size)?;
+        self.copy_body(name, size, data)
     }
 
     /// A symbolic link to `target`.
@@ -183,5 +229,42 @@ mod tests {
         let trailer = &out[want.len()..];
         assert!(trailer.starts_with(b"070701"));
         assert_eq!(&trailer[110..121], b"TRAILER!!!\0");
+    }
+
+    /// The 13 header fields of each entry, with its name.
+    fn entries(mut b: &[u8]) -> Vec<(Vec<u32>, String)> {
+        let mut out = Vec::new();
+        while b.len() >= 110 {
+            let f: Vec<u32> = (0..13)
+                .map(|i| {
+                    u32::from_str_radix(std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+                })
+                .collect();
+            let name = String::from_utf8(b[110..110 + f[11] as usize - 1].to_vec()).unwrap();
+            let body = (110 + f[11] as usize).next_multiple_of(4);
+            b = &b[(body + f[6] as usize).next_multiple_of(4)..];
+            out.push((f, name));
+        }
+        out
+    }
+
+    #[test]
+    fn hard_links_share_the_inode_and_carry_the_data_once() {
+        let mut w = Writer::new(Vec::new());
+        let key = (8, 1234);
+        assert!(!w.hard_link("bin/sh", Meta::root(0o755), key, 3).unwrap(), "nothing to link to yet");
+        w.linked_file_from("bin/busybox", Meta::root(0o755), key, 3, 4, &mut &b"BBOX"[..]).unwrap();
+        w.file("etc/x", Meta::root(0o644), b"x").unwrap();
+        assert!(w.hard_link("bin/sh", Meta::root(0o755), key, 3).unwrap());
+        assert!(w.hard_link("bin/ls", Meta::root(0o755), key, 3).unwrap());
+        let e = entries(&w.finish().unwrap());
+        let names: Vec<&str> = e.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["bin/busybox", "etc/x", "bin/sh", "bin/ls", "TRAILER!!!"]);
+        let (bb, sh, ls, x) = (&e[0].0, &e[2].0, &e[3].0, &e[1].0);
+        assert_eq!((bb[0], bb[4], bb[6]), (1, 3, 4), "first name: inode, nlink, data");
+        assert_eq!((sh[0], sh[4], sh[6]), (1, 3, 0), "link: same inode, no data");
+        assert_eq!((ls[0], ls[4], ls[6]), (1, 3, 0));
+        assert_eq!(sh[1], 0o100755);
+        assert_ne!(x[0], 1, "other files get their own inode");
     }
 }

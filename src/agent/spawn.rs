@@ -1,0 +1,274 @@
+//! Starting guest processes.
+//!
+//! A process that runs as the agent's own user (root, the common case) starts with
+//! `posix_spawn`, which glibc implements with `clone(CLONE_VM | CLONE_VFORK)`: no copy of
+//! the server's page tables and no copy-on-write faults in the server afterwards. Under
+//! TCG that is a few milliseconds of every exec. A process that needs another user,
+//! group or supplementary groups starts with `fork`, which can change identity before
+//! `exec`.
+//!
+//! Either way the process gets its own process group (signals reach what it starts),
+//! default signal dispositions and an empty signal mask, the environment given and
+//! nothing else, its working directory, /dev/null or a pipe as stdin, and pipes as
+//! stdout and stderr.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::libc;
+
+/// The search path when the environment has no PATH (Debian's default for root).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to start.
+pub struct Spec<'a> {
+    /// The program: a path, or a name looked up in the environment's PATH.
+    pub program: &'a str,
+    /// Arguments after argv[0] (which is `program` as given).
+    pub args: &'a [String],
+    /// The whole environment.
+    pub env: &'a [(String, String)],
+    /// The working directory.
+    pub dir: &'a str,
+    /// Whether stdin is a pipe (else /dev/null).
+    pub stdin: bool,
+    /// User, primary group and supplementary groups to run as.
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: &'a [u32],
+}
+
+/// A started process and the host ends of its pipes.
+pub struct Spawned {
+    /// Its process id (also its process group id).
+    pub pid: i32,
+    /// The write end of its stdin, when piped.
+    pub stdin: Option<File>,
+    /// The read end of its stdout.
+    pub stdout: File,
+    /// The read end of its stderr.
+    pub stderr: File,
+}
+
+/// Starts the process; the error is the one exec would give (NotFound and the like).
+pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
+    if same_identity(spec.uid, spec.gid, spec.groups) {
+        spawn_vfork(spec)
+    } else {
+        spawn_fork(spec)
+    }
+}
+
+/// Waits for `pid` to end; `nohang` returns None while it still runs.
+pub fn wait(pid: i32, nohang: bool) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes one int, which `status` is.
+        let r = unsafe { libc::waitpid(pid, &mut status, if nohang { libc::WNOHANG } else { 0 }) };
+        match r {
+            0 => return Ok(None),
+            r if r > 0 => return Ok(Some(std::process::ExitStatus::from_raw(status))),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn same_identity(uid: u32, gid: u32, groups: &[u32]) -> bool {
+    if uid != nix::unistd::geteuid().as_raw() || gid != nix::unistd::getegid().as_raw() {
+        return false;
+    }
+    let Ok(mine) = nix::unistd::getgroups() else { return false };
+    let mut mine: Vec<u32> = mine.iter().map(|g| g.as_raw()).collect();
+    let mut want = groups.to_vec();
+    mine.sort_unstable();
+    mine.dedup();
+    want.sort_unstable();
+    want.dedup();
+    mine == want
+}
+
+/// The program to exec: `program` itself when it holds a slash (relative to the working
+/// directory, as exec would see it), else the first executable file of that name in
+/// the environment's PATH.
+pub fn resolve(program: &str, env: &[(String, String)], dir: &str) -> io::Result<PathBuf> {
+    if program.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let mut denied = false;
+    for d in path.split(':') {
+        let d = if d.is_empty() { "." } else { d };
+        let mut candidate = Path::new(dir).join(d);
+        candidate.push(program);
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() => {
+                use std::os::unix::fs::PermissionsExt;
+                if m.permissions().mode() & 0o111 != 0 {
+                    return Ok(candidate);
+                }
+                denied = true;
+            }
+            _ => {}
+        }
+    }
+    Err(io::Error::from_raw_os_error(if denied { libc::EACCES } else { libc::ENOENT }))
+}
+
+fn cstring(s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
+}
+
+/// A pipe whose both ends are close-on-exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// posix_spawn's attribute and file-action objects, destroyed on drop.
+struct SpawnObjects {
+    attr: libc::posix_spawnattr_t,
+    actions: libc::posix_spawn_file_actions_t,
+}
+
+impl Drop for SpawnObjects {
+    fn drop(&mut self) {
+        // SAFETY: both were initialised in spawn_vfork before this value existed.
+        unsafe {
+            libc::posix_spawnattr_destroy(&mut self.attr);
+            libc::posix_spawn_file_actions_destroy(&mut self.actions);
+        }
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
+    use std::os::fd::AsRawFd;
+    let path = cstring(resolve(spec.program, spec.env, spec.dir)?.as_os_str().as_bytes())?;
+    let mut argv = vec![cstring(spec.program.as_bytes())?];
+    for a in spec.args {
+        argv.push(cstring(a.as_bytes())?);
+    }
+    let envp: Vec<CString> =
+        spec.env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<_>>()?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr() as *mut _).collect();
+    envp_p.push(std::ptr::null_mut());
+    let dir = cstring(spec.dir.as_bytes())?;
+    let dev_null = cstring(b"/dev/null")?;
+
+    let stdin = if spec.stdin { Some(pipe()?) } else { None };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+
+    // SAFETY: the posix_spawn objects are initialised before use and destroyed by
+    // SpawnObjects' drop; every pointer handed to posix_spawn (path, argv, envp and the
+    // strings they point to, the descriptors) outlives the call, which returns only
+    // after the child has exec'd or failed to.
+    unsafe {
+        let mut o: SpawnObjects = std::mem::zeroed();
+        check(libc::posix_spawnattr_init(&mut o.attr))?;
+        if let Err(e) = check(libc::posix_spawn_file_actions_init(&mut o.actions)) {
+            libc::posix_spawnattr_destroy(&mut o.attr);
+            std::mem::forget(o);
+            return Err(e);
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let flags = libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        check(libc::posix_spawnattr_setflags(&mut o.attr, flags as libc::c_short))?;
+        check(libc::posix_spawnattr_setpgroup(&mut o.attr, 0))?;
+        check(libc::posix_spawnattr_setsigmask(&mut o.attr, &empty))?;
+        check(libc::posix_spawnattr_setsigdefault(&mut o.attr, &all))?;
+        match &stdin {
+            Some((r, _)) => check(libc::posix_spawn_file_actions_adddup2(&mut o.actions, r.as_raw_fd(), 0))?,
+            None => check(libc::posix_spawn_file_actions_addopen(
+                &mut o.actions,
+                0,
+                dev_null.as_ptr(),
+                libc::O_RDONLY,
+                0,
+            ))?,
+        }
+        check(libc::posix_spawn_file_actions_adddup2(&mut o.actions, out_w.as_raw_fd(), 1))?;
+        check(libc::posix_spawn_file_actions_adddup2(&mut o.actions, err_w.as_raw_fd(), 2))?;
+        check(libc::posix_spawn_file_actions_addchdir_np(&mut o.actions, dir.as_ptr()))?;
+        let mut pid = 0;
+        check(libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &o.actions,
+            &o.attr,
+            argv_p.as_ptr(),
+            envp_p.as_ptr(),
+        ))?;
+        Ok(Spawned {
+            pid,
+            stdin: stdin.map(|(_, w)| File::from(w)),
+            stdout: File::from(out_r),
+            stderr: File::from(err_r),
+        })
+    }
+}
+
+fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
+    let program = resolve(spec.program, spec.env, spec.dir)?;
+    let mut cmd = Command::new(&program);
+    cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir).process_group(0);
+    cmd.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (uid, gid) = (spec.uid, spec.gid);
+    // Prepared here: nothing may allocate between fork and exec.
+    let gids: Vec<nix::unistd::Gid> = spec.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe system calls on data
+    // prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::unistd::{Gid, Uid};
+            nix::unistd::setgroups(&gids).map_err(io::Error::from)?;
+            nix::unistd::setgid(Gid::from_raw(gid)).map_err(io::Error::from)?;
+            nix::unistd::setuid(Uid::from_raw(uid)).map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let missing = || io::Error::other("a piped stream of the new process is missing");
+    Ok(Spawned {
+        pid: child.id() as i32,
+        stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
+        stdout: File::from(OwnedFd::from(child.stdout.take().ok_or_else(missing)?)),
+        stderr: File::from(OwnedFd::from(child.stderr.take().ok_or_else(missing)?)),
+    })
+}

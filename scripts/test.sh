@@ -19,7 +19,7 @@ say "setup (QEMU, vmhost, static guest agent)"
 VMHOST_PROFILE=debug bash scripts/setup.sh
 # The minimal kernel's build tools (vmhost kernel build installs the source itself).
 kneed=()
-for tool in gcc make flex bison bc; do
+for tool in gcc make flex bison bc patch; do
   command -v "$tool" >/dev/null 2>&1 || kneed+=("$tool")
 done
 [ -e /usr/include/libelf.h ] || kneed+=(libelf-dev)

@@ -3,9 +3,12 @@
 //! The configuration is `make tinyconfig` plus the fragment `kernel/vmhost.config` (every
 //! option with its reason), built from the distribution's kernel source package (Debian
 //! `linux-source-*`, installed through apt when missing) or a source tree the user names.
-//! The result is cached under `<cache>/kernels/minimal-<version>-<config digest>/`, so a
-//! rebuild happens only when the source version or the configuration changes; the file
-//! `<cache>/kernels/minimal` names the one `vmhost run` uses.
+//! The packaged source gets the patches of `kernel/patches/` (each explains itself); a
+//! tree given with `--source` is the user's and is built as it is.
+//! The result is cached under `<cache>/kernels/minimal-<version>-<digest>/`, the digest
+//! covering the configuration and the patches, so a rebuild happens only when the source
+//! version, the configuration or the patches change; the file `<cache>/kernels/minimal`
+//! names the one `vmhost run` uses.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,6 +20,21 @@ use crate::progress::Progress;
 
 /// The configuration fragment, as kept in the repository.
 pub const FRAGMENT: &str = include_str!("../../kernel/vmhost.config");
+
+/// Patches to the packaged kernel source, applied in order with `patch -p1`.
+pub const PATCHES: &[(&str, &str)] = &[(
+    "0001-x86-mm-free-init-memory-without-poison.patch",
+    include_str!("../../kernel/patches/0001-x86-mm-free-init-memory-without-poison.patch"),
+)];
+
+/// A digest of [`PATCHES`]: names and contents.
+fn patches_digest() -> String {
+    let mut d = Digest::new();
+    for (name, text) in PATCHES {
+        d.field(name.as_bytes()).field(text.as_bytes());
+    }
+    d.hex()[..12].to_string()
+}
 
 /// The fragment without comments: what Kconfig reads.
 pub fn fragment_options() -> Vec<(String, String)> {
@@ -39,7 +57,7 @@ fn which(tool: &str) -> bool {
 /// Checks the build tools, naming the install command when some are missing.
 fn check_tools() -> Result<()> {
     let mut missing: Vec<&str> =
-        ["gcc", "make", "flex", "bison", "bc"].into_iter().filter(|t| !which(t)).collect();
+        ["gcc", "make", "flex", "bison", "bc", "patch"].into_iter().filter(|t| !which(t)).collect();
     if !Path::new("/usr/include/libelf.h").exists() && !Path::new("/usr/include/gelf.h").exists() {
         missing.push("libelf-dev");
     }
@@ -129,7 +147,13 @@ pub fn build(cache: &Path, source: Option<&Path>, progress: &Progress) -> Result
                 .trim_end_matches(".tar.xz")
                 .to_string();
             let tree = build_root.join(&stem);
-            if !tree.join("Makefile").is_file() {
+            // The stamp says which patches the unpacked tree carries; any other set
+            // (or none) means a fresh unpack.
+            let stamp = tree.join(".vmhost-patches");
+            let patched = patches_digest();
+            if !tree.join("Makefile").is_file()
+                || std::fs::read_to_string(&stamp).ok().as_deref() != Some(patched.as_str())
+            {
                 progress.step(&format!("unpacking {}", tarball.display()));
                 let _ = std::fs::remove_dir_all(&tree);
                 run(
@@ -137,6 +161,20 @@ pub fn build(cache: &Path, source: Option<&Path>, progress: &Progress) -> Result
                     "tar -x",
                     progress,
                 )?;
+                for (name, text) in PATCHES {
+                    progress.step(&format!("applying kernel/patches/{name}"));
+                    let file = build_root.join(name);
+                    std::fs::write(&file, text).map_err(|e| Error::io("write", &file, e))?;
+                    run(
+                        Command::new("patch")
+                            .args(["-p1", "--forward", "--batch", "--silent", "-i"])
+                            .arg(&file)
+                            .current_dir(&tree),
+                        &format!("patch {name}"),
+                        progress,
+                    )?;
+                }
+                std::fs::write(&stamp, &patched).map_err(|e| Error::io("write", &stamp, e))?;
             }
             tree
         }
@@ -156,6 +194,17 @@ pub fn build(cache: &Path, source: Option<&Path>, progress: &Progress) -> Result
     let options = fragment_options();
     let mut d = Digest::new();
     d.field(version.as_bytes());
+    match source {
+        None => d.field(patches_digest().as_bytes()),
+        Some(dir) => {
+            log::warn!(
+                "building {} as it is: vmhost's kernel patches (kernel/patches/) are applied only to \
+                 the packaged source; without them the guest boots ~0.17 s slower under TCG",
+                dir.display()
+            );
+            d.field(b"unpatched")
+        }
+    };
     for (k, v) in &options {
         d.field(k.as_bytes()).field(v.as_bytes());
     }
@@ -228,4 +277,28 @@ pub fn build(cache: &Path, source: Option<&Path>, progress: &Progress) -> Result
         origin: kdir.display().to_string(),
         kind: KernelKind::Minimal,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_patch_in_the_repository_is_applied_in_name_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel/patches");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".patch"))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = PATCHES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(files, listed, "kernel/patches/ and PATCHES disagree");
+        for (name, text) in PATCHES {
+            assert_eq!(*text, std::fs::read_to_string(dir.join(name)).unwrap());
+            let (why, diff) = text.split_once("\n--- a/").expect("a description, then a -p1 diff");
+            assert!(why.lines().count() >= 3, "{name}: say why the patch exists");
+            assert!(diff.contains("\n+++ b/"), "{name}: not a unified diff");
+        }
+    }
 }

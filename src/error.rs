@@ -10,6 +10,37 @@ use std::path::PathBuf;
 
 use crate::wire::{self, DecodeError, ErrorCode, ErrorFrame, FrameError};
 
+/// The errno whose `strerror` text is `message`, for the errors guest file operations
+/// commonly give.
+fn guest_errno(message: &str) -> Option<i32> {
+    use nix::errno::Errno;
+    const COMMON: &[Errno] = &[
+        Errno::ENOENT,
+        Errno::EACCES,
+        Errno::EPERM,
+        Errno::EEXIST,
+        Errno::ENOTDIR,
+        Errno::EISDIR,
+        Errno::ENOTEMPTY,
+        Errno::EINVAL,
+        Errno::ENOSPC,
+        Errno::EROFS,
+        Errno::EXDEV,
+        Errno::ELOOP,
+        Errno::ENAMETOOLONG,
+        Errno::EBADF,
+        Errno::EBUSY,
+        Errno::ETXTBSY,
+    ];
+    COMMON.iter().find(|e| e.desc() == message).map(|e| *e as i32)
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        io::Error::new(e.kind(), e)
+    }
+}
+
 /// Result alias with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -115,6 +146,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// The [`io::ErrorKind`] closest to this error. For a guest error, the guest's
+    /// errno is recovered from its message (the agent sends `strerror` text), so a
+    /// missing guest file is [`io::ErrorKind::NotFound`] as a local one would be.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { source, .. } => source.kind(),
+            Error::Remote(ef) => match guest_errno(&ef.message) {
+                Some(n) => io::Error::from_raw_os_error(n).kind(),
+                None => match ef.code {
+                    ErrorCode::InvalidArgument | ErrorCode::InvalidHandle => io::ErrorKind::InvalidInput,
+                    ErrorCode::Timeout => io::ErrorKind::TimedOut,
+                    ErrorCode::NotRunning | ErrorCode::AlreadyClosed => io::ErrorKind::NotConnected,
+                    _ => io::ErrorKind::Other,
+                },
+            },
+            Error::Timeout { .. } | Error::ConnectTimeout { .. } => io::ErrorKind::TimedOut,
+            Error::InvalidArgument { .. } => io::ErrorKind::InvalidInput,
+            Error::Closed => io::ErrorKind::NotConnected,
+            _ => io::ErrorKind::Other,
+        }
+    }
+
     /// Builds an [`Error::Io`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io { op, path: path.into(), source }

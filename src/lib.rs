@@ -29,6 +29,7 @@ pub mod unix;
 pub mod vm;
 pub mod wire;
 
+pub use client::fs::{File, Fs, Metadata, OpenOptions};
 pub use client::instance::{Child, Command, ExitStatus, Image, Instance, Output};
 pub use error::{Error, Result};
 pub use wire::InstanceOptions;

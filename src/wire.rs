@@ -660,6 +660,12 @@ impl<'a> Decoder<'a> {
         (0..n).map(|_| self.string()).collect()
     }
 
+    /// Reads a `u32` count and that many [`DirEntry`] (the FsReadDir answer).
+    pub fn dir_entries(&mut self) -> Result<Vec<DirEntry>, DecodeError> {
+        let n = self.count("directory entries", 9)?;
+        (0..n).map(|_| DirEntry::decode(self)).collect()
+    }
+
     /// Reads a `u32` count and that many (key, value) string pairs. A repeated key keeps
     /// its last value, as a Go map would.
     pub fn string_map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {

@@ -13,6 +13,7 @@
 //! its own children; init reaps orphans) and keeps power-off working when the server
 //! is wedged.
 
+pub mod fs;
 pub mod init;
 pub mod proto;
 pub mod serve;

@@ -54,6 +54,10 @@ pub const STDIN: u16 = 0x0102;
 pub const SIGNAL: u16 = 0x0103;
 /// Grant a process more output: `u32 bytes`. Not answered.
 pub const CREDIT: u16 = 0x0104;
+/// A filesystem request: `u16 helper-protocol type` (an Fs* or File* message) then
+/// that message's request payload, file handles being the agent's own. OK carries the
+/// helper protocol's response fields. See [`crate::agent::fs`].
+pub const FS: u16 = 0x0301;
 /// Sync the guest's filesystems and power it off. OK first, then the VM ends.
 pub const SHUTDOWN: u16 = 0x0201;
 /// Liveness check. OK with no payload.
@@ -76,6 +80,7 @@ pub fn name(ty: u16) -> &'static str {
         STDIN => "Stdin",
         SIGNAL => "Signal",
         CREDIT => "Credit",
+        FS => "Fs",
         SHUTDOWN => "Shutdown",
         PING => "Ping",
         OK => "Ok",

@@ -52,7 +52,12 @@ pub fn run() -> i32 {
     let mut hello = Encoder::new();
     hello.u32(proto::VERSION).string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")));
     writer.send(proto::HELLO, 0, hello.as_bytes());
-    let server = Server { writer, procs: Mutex::new(HashMap::new()) };
+    let server = Server {
+        writer,
+        procs: Mutex::new(HashMap::new()),
+        files: super::fs::Files::new(),
+        fs_pool: FsPool::new(),
+    };
     server.serve(file)
 }
 
@@ -151,6 +156,28 @@ const WAIT_DELAY: Duration = Duration::from_millis(500);
 struct Server {
     writer: Writer,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    files: super::fs::Files,
+    fs_pool: FsPool,
+}
+
+/// The most threads serving filesystem requests at once.
+const MAX_FS_WORKERS: usize = 32;
+
+/// Threads that serve filesystem requests off the read loop. One more starts whenever
+/// all are busy (a FileRead of a FIFO may block for long), up to [`MAX_FS_WORKERS`];
+/// beyond that requests queue.
+struct FsPool {
+    tx: Sender<proto::Frame>,
+    rx: Receiver<proto::Frame>,
+    idle: std::sync::atomic::AtomicUsize,
+    workers: std::sync::atomic::AtomicUsize,
+}
+
+impl FsPool {
+    fn new() -> FsPool {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        FsPool { tx, rx, idle: Default::default(), workers: Default::default() }
+    }
 }
 
 impl Server {
@@ -183,6 +210,7 @@ impl Server {
                 }
             }
             proto::PING => w.ok(f.id, &[]),
+            proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
                 Ok(req) if super::verbose() && trace_exec(&req) => unreachable!(),
                 Ok(req) if !setup_done() => {
@@ -253,6 +281,37 @@ impl Server {
             other => {
                 w.error(f.id, ErrorCode::InvalidArgument, &format!("unknown agent message type {other:#06x}"))
             }
+        }
+    }
+
+    /// Hands a filesystem request to the pool, starting a worker if none is idle.
+    fn dispatch_fs(self: &Arc<Self>, f: proto::Frame) {
+        use std::sync::atomic::Ordering;
+        let pool = &self.fs_pool;
+        if pool.idle.load(Ordering::SeqCst) == 0 && pool.workers.load(Ordering::SeqCst) < MAX_FS_WORKERS {
+            pool.workers.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            thread::spawn(move || loop {
+                me.fs_pool.idle.fetch_add(1, Ordering::SeqCst);
+                let got = me.fs_pool.rx.recv();
+                me.fs_pool.idle.fetch_sub(1, Ordering::SeqCst);
+                match got {
+                    Ok(f) => me.serve_fs(f),
+                    Err(_) => return,
+                }
+            });
+        }
+        let _ = pool.tx.send(f);
+    }
+
+    fn serve_fs(&self, f: proto::Frame) {
+        let mut d = Decoder::new(&f.payload);
+        let Ok(ty) = d.u16() else {
+            return self.writer.error(f.id, ErrorCode::InvalidArgument, "bad Fs payload");
+        };
+        match self.files.serve(ty, &f.payload[2..]) {
+            Ok(answer) => self.writer.ok(f.id, &answer),
+            Err((code, message)) => self.writer.error(f.id, code, &message),
         }
     }
 

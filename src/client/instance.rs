@@ -182,6 +182,31 @@ impl Instance {
         self.t.call(&Request::InstanceSetNetwork { enabled }).map(drop)
     }
 
+    /// The guest's filesystem, like [`std::fs`].
+    pub fn fs(&self) -> super::fs::Fs<'_> {
+        super::fs::Fs::new(self)
+    }
+
+    /// Sends one request to the instance's handlers.
+    pub(super) fn call(&self, req: &Request) -> Result<Response> {
+        self.t.call(req)
+    }
+
+    /// Sends one raw helper-protocol request (any message of the catalogue) and returns
+    /// its Response; an Error frame is [`Error::Remote`]. The typed API is built on
+    /// this; it is here for what the typed API does not cover.
+    ///
+    /// ```no_run
+    /// use vmhost::wire::Request;
+    /// let vm = vmhost::Instance::new(vmhost::Image::Default, Default::default())?;
+    /// let id = vm.request(&Request::InstanceId {})?.decoder().string()?;
+    /// assert_eq!(id, vm.id());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn request(&self, req: &Request) -> Result<Response> {
+        self.t.call(req)
+    }
+
     /// A command to run in the guest, like [`std::process::Command::new`].
     pub fn command(&self, program: impl Into<String>) -> Command<'_> {
         Command { inst: self, program: program.into(), args: Vec::new(), env: Vec::new(), dir: None }

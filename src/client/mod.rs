@@ -6,6 +6,7 @@
 //! idle), because the protocol answers one request at a time per connection and a
 //! blocking call (a command's Wait, a listener's Accept) must not stall the others.
 
+pub mod fs;
 pub mod instance;
 
 use std::ffi::OsString;

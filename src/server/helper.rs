@@ -33,7 +33,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// A table of handles of one kind. Handles come from one counter shared by every table,
 /// starting at 1; a handle this table gave out and took back is "already closed", any
 /// other unknown one is "invalid".
-struct Table<T> {
+pub(super) struct Table<T> {
     live: HashMap<u64, T>,
     freed: HashSet<u64>,
 }
@@ -43,11 +43,11 @@ impl<T: Clone> Table<T> {
         Table { live: HashMap::new(), freed: HashSet::new() }
     }
 
-    fn insert(&mut self, h: u64, v: T) {
+    pub(super) fn insert(&mut self, h: u64, v: T) {
         self.live.insert(h, v);
     }
 
-    fn get(&self, h: u64, what: &str) -> Result<T, ErrorFrame> {
+    pub(super) fn get(&self, h: u64, what: &str) -> Result<T, ErrorFrame> {
         match self.live.get(&h) {
             Some(v) => Ok(v.clone()),
             None if self.freed.contains(&h) => Err(ErrorFrame::new(
@@ -59,7 +59,7 @@ impl<T: Clone> Table<T> {
         }
     }
 
-    fn remove(&mut self, h: u64, what: &str) -> Result<T, ErrorFrame> {
+    pub(super) fn remove(&mut self, h: u64, what: &str) -> Result<T, ErrorFrame> {
         let v = self.get(h, what)?;
         self.live.remove(&h);
         // Remembered to tell "already closed" from "invalid"; bounded, so that a
@@ -236,6 +236,7 @@ struct Instance {
     vm: QemuVm,
     user: String,
     cmds: Mutex<Table<Arc<Cmd>>>,
+    files: super::fs::Files,
     console: Mutex<(i32, i32)>,
 }
 
@@ -352,11 +353,17 @@ impl Handler for Helper {
 }
 
 fn new_instance(vm: QemuVm, user: String) -> Instance {
-    Instance { vm, user, cmds: Mutex::new(Table::new()), console: Mutex::new((80, 24)) }
+    Instance {
+        vm,
+        user,
+        cmds: Mutex::new(Table::new()),
+        files: Mutex::new(Table::new()),
+        console: Mutex::new((80, 24)),
+    }
 }
 
 /// The Error frame for a crate error, naming `path` when the error names none.
-fn frame(e: &Error, path: &str) -> ErrorFrame {
+pub(super) fn frame(e: &Error, path: &str) -> ErrorFrame {
     let mut f = e.to_frame("");
     if f.path.is_empty() {
         f.path = path.to_string();
@@ -406,6 +413,10 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
     let vm = &inst.vm;
     let cmd = |h: u64| inst.cmds.lock().get(h, "command");
     match req {
+        req if super::fs::is_fs(&req) => {
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            super::fs::serve(agent, &inst.files, &|| st.handle(), req)
+        }
         Request::InstanceClose {} => {
             let r = vm.stop(Duration::from_secs(10));
             let mut slot = st.instance.lock();

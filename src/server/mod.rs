@@ -19,6 +19,7 @@
 //! - a peer running as another uid (SO_PEERCRED) is dropped before anything is read.
 
 pub mod control;
+mod fs;
 mod hangup;
 pub mod helper;
 

@@ -239,6 +239,15 @@ impl AgentLink {
         }
     }
 
+    /// A filesystem request (an Fs* or File* helper-protocol request, file handles being
+    /// the agent's): the answer is the helper protocol's response fields.
+    pub fn fs(&self, req: &crate::wire::Request) -> Result<Vec<u8>> {
+        let payload = req.to_payload();
+        let mut e = Encoder::with_capacity(2 + payload.len());
+        e.u16(req.ty()).raw(&payload);
+        self.request(proto::FS, e.as_bytes(), None)
+    }
+
     /// Asks the guest to sync and power off; returns once the agent acknowledged.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
         self.request(proto::SHUTDOWN, &[], Some(timeout)).map(drop)

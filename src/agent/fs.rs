@@ -1,0 +1,340 @@
+//! The guest's filesystem, served to the host: the agent end of the helper protocol's
+//! Fs* and File* messages.
+//!
+//! An agent [`FS`](super::proto::FS) frame carries a helper-protocol message type and
+//! that message's request payload, unchanged, except that file handles are this agent's
+//! own (the helper keeps the table that maps its handles to them). The answer is the
+//! helper protocol's response fields, or an agent error with the helper error code.
+//! Decoding is the helper protocol's own ([`Request::from_payload`]), so both ends share
+//! one definition of every layout.
+//!
+//! Paths are the guest's, absolute or relative to `/`. Modes are Go `FileMode` bits;
+//! open flags are Linux `O_*` values. Times are Unix seconds.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nix::libc;
+use parking_lot::Mutex;
+
+use super::proto;
+use crate::wire::{DirEntry, Encoder, ErrorCode, FileInfo, FileMode, Request, Wire};
+
+/// An agent-side failure: the helper error code and a message (the helper adds the
+/// operation and the path).
+pub type FsError = (ErrorCode, String);
+
+/// The most data one FileRead answers with, and the largest FsReadFile served whole:
+/// what fits in one agent frame with room for the header fields.
+pub const MAX_CHUNK: usize = proto::MAX_FRAME as usize - 1024;
+
+/// The message of the error FsReadFile gives for a file larger than [`MAX_CHUNK`]; the
+/// helper then reads it through a handle.
+pub const TOO_LARGE: &str = "file too large for one agent frame";
+
+/// The most files one agent keeps open for the host.
+pub const MAX_OPEN: usize = 4096;
+
+/// One file opened for the host.
+struct OpenFile {
+    file: File,
+    name: String,
+}
+
+/// The files the host has open, by agent handle.
+#[derive(Default)]
+pub struct Files {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<OpenFile>>>,
+}
+
+fn io_error(e: io::Error) -> FsError {
+    match e.raw_os_error() {
+        Some(n) => (ErrorCode::Io, nix::errno::Errno::from_raw(n).desc().to_string()),
+        None => (ErrorCode::Io, e.to_string()),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> FsError {
+    (ErrorCode::InvalidArgument, message.into())
+}
+
+/// A guest path from the host: relative ones are taken from `/`.
+fn guest_path(p: &str) -> Result<PathBuf, FsError> {
+    if p.is_empty() {
+        return Err(invalid("empty path"));
+    }
+    if p.contains('\0') {
+        return Err(invalid("NUL byte in path"));
+    }
+    Ok(Path::new("/").join(p))
+}
+
+fn cpath(p: &Path) -> Result<CString, FsError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| invalid("NUL byte in path"))
+}
+
+/// FileInfo the way Go's os.Stat fills it: the base name of `path`.
+fn file_info(path: &str, m: &Metadata) -> FileInfo {
+    let name =
+        Path::new(path).file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
+    let mode = FileMode::from_unix(m.mode());
+    FileInfo {
+        name,
+        size: m.size() as i64,
+        mode,
+        mod_time: m.mtime(),
+        is_dir: mode.is_dir(),
+        is_symlink: mode.is_symlink(),
+    }
+}
+
+impl Files {
+    /// The table, empty.
+    pub fn new() -> Files {
+        Files { next: AtomicU64::new(1), open: Mutex::new(HashMap::new()) }
+    }
+
+    fn get(&self, h: u64) -> Result<Arc<OpenFile>, FsError> {
+        self.open
+            .lock()
+            .get(&h)
+            .cloned()
+            .ok_or_else(|| (ErrorCode::InvalidHandle, format!("no open file {h}")))
+    }
+
+    fn insert(&self, file: File, name: String) -> Result<u64, FsError> {
+        let mut open = self.open.lock();
+        if open.len() >= MAX_OPEN {
+            return Err((ErrorCode::Io, format!("the guest agent already holds {MAX_OPEN} open files")));
+        }
+        let h = self.next.fetch_add(1, Ordering::Relaxed);
+        open.insert(h, Arc::new(OpenFile { file, name }));
+        Ok(h)
+    }
+
+    fn open(&self, path: &str, flags: i32, perm: u32) -> Result<u64, FsError> {
+        let p = cpath(&guest_path(path)?)?;
+        // SAFETY: open on a NUL-terminated path; the descriptor is owned right after.
+        let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, perm as libc::c_uint) };
+        if fd < 0 {
+            return Err(io_error(io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        self.insert(file, path.to_string())
+    }
+
+    /// Serves one Fs*/File* request (helper-protocol type `ty`, agent handles); the
+    /// answer is the helper protocol's response fields.
+    pub fn serve(&self, ty: u16, payload: &[u8]) -> Result<Vec<u8>, FsError> {
+        let req = Request::from_payload(ty, payload)
+            .map_err(|e| invalid(format!("bad payload: {e}")))?
+            .ok_or_else(|| invalid(format!("unknown message type {ty:#06x}")))?;
+        let mut out = Encoder::new();
+        match req {
+            Request::FsOpen { path } => {
+                out.u64(self.open(&path, libc::O_RDONLY, 0)?);
+            }
+            Request::FsCreate { path } => {
+                out.u64(self.open(&path, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o666)?);
+            }
+            Request::FsOpenFile { path, flags, perm } => {
+                out.u64(self.open(&path, flags, perm.to_unix_perm())?);
+            }
+            Request::FsReadFile { path } => {
+                let mut f = File::open(guest_path(&path)?).map_err(io_error)?;
+                let mut data = Vec::new();
+                // One byte more than allowed tells "too large" from "exactly the limit".
+                (&mut f).take(MAX_CHUNK as u64 + 1).read_to_end(&mut data).map_err(io_error)?;
+                if data.len() > MAX_CHUNK {
+                    return Err(invalid(TOO_LARGE));
+                }
+                out.bytes(&data);
+            }
+            Request::FsWriteFile { path, data, perm } => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(perm.to_unix_perm())
+                    .open(guest_path(&path)?)
+                    .map_err(io_error)?;
+                f.write_all(&data).map_err(io_error)?;
+            }
+            Request::FsStat { path } => {
+                let m = std::fs::metadata(guest_path(&path)?).map_err(io_error)?;
+                file_info(&path, &m).encode(&mut out);
+            }
+            Request::FsLstat { path } => {
+                let m = std::fs::symlink_metadata(guest_path(&path)?).map_err(io_error)?;
+                file_info(&path, &m).encode(&mut out);
+            }
+            Request::FsRemove { path } => {
+                // Go's os.Remove: a file, or else an empty directory.
+                let p = guest_path(&path)?;
+                if let Err(e) = std::fs::remove_file(&p) {
+                    let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+                    if !is_dir {
+                        return Err(io_error(e));
+                    }
+                    std::fs::remove_dir(&p).map_err(io_error)?;
+                }
+            }
+            Request::FsRemoveAll { path } => {
+                // Go's os.RemoveAll: everything under it; a missing path is no error.
+                let p = guest_path(&path)?;
+                if p == Path::new("/") {
+                    return Err(invalid("refusing to remove the guest's whole root"));
+                }
+                let r = match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+                    Ok(_) => std::fs::remove_file(&p),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(e)),
+                    _ => {}
+                }
+            }
+            Request::FsMkdir { path, perm } => {
+                std::fs::DirBuilder::new()
+                    .mode(perm.to_unix_perm())
+                    .create(guest_path(&path)?)
+                    .map_err(io_error)?;
+            }
+            Request::FsMkdirAll { path, perm } => {
+                let p = guest_path(&path)?;
+                if !p.is_dir() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(perm.to_unix_perm())
+                        .create(&p)
+                        .map_err(io_error)?;
+                }
+            }
+            Request::FsRename { from, to } => {
+                std::fs::rename(guest_path(&from)?, guest_path(&to)?).map_err(io_error)?;
+            }
+            Request::FsSymlink { target, link } => {
+                if target.is_empty() || target.contains('\0') {
+                    return Err(invalid("bad symlink target"));
+                }
+                std::os::unix::fs::symlink(&target, guest_path(&link)?).map_err(io_error)?;
+            }
+            Request::FsReadlink { path } => {
+                let t = std::fs::read_link(guest_path(&path)?).map_err(io_error)?;
+                out.string(&t.to_string_lossy());
+            }
+            Request::FsReadDir { path } => {
+                let dir = guest_path(&path)?;
+                let mut entries = Vec::new();
+                for e in std::fs::read_dir(&dir).map_err(io_error)? {
+                    let e = e.map_err(io_error)?;
+                    // Full mode (type and permissions), from lstat like Go's Info().
+                    let Ok(m) = e.path().symlink_metadata() else { continue }; // raced away
+                    let mode = FileMode::from_unix(m.mode());
+                    entries.push(DirEntry {
+                        name: e.file_name().to_string_lossy().into_owned(),
+                        is_dir: mode.is_dir(),
+                        mode,
+                    });
+                    if entries.len() > crate::wire::MAX_LIST as usize {
+                        return Err((ErrorCode::Io, format!("more than {} entries", crate::wire::MAX_LIST)));
+                    }
+                }
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                out.u32(entries.len() as u32);
+                for e in &entries {
+                    e.encode(&mut out);
+                }
+                if out.as_bytes().len() > MAX_CHUNK {
+                    return Err((
+                        ErrorCode::Io,
+                        format!("the listing of {path} is too large for one answer"),
+                    ));
+                }
+            }
+            Request::FsChmod { path, mode } => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    guest_path(&path)?,
+                    std::fs::Permissions::from_mode(mode.to_unix_perm()),
+                )
+                .map_err(io_error)?;
+            }
+            Request::FsChown { path, uid, gid } => {
+                // -1 leaves that id unchanged, as with chown(2) and Go's os.Chown.
+                let id = |v: i32| (v >= 0).then_some(v as u32);
+                std::os::unix::fs::chown(guest_path(&path)?, id(uid), id(gid)).map_err(io_error)?;
+            }
+            Request::FsChtimes { path, atime, mtime } => {
+                let p = cpath(&guest_path(&path)?)?;
+                let ts = |s: i64| libc::timespec { tv_sec: s as libc::time_t, tv_nsec: 0 };
+                let times = [ts(atime), ts(mtime)];
+                // SAFETY: utimensat on a NUL-terminated path with two timespecs.
+                if unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) } != 0 {
+                    return Err(io_error(io::Error::last_os_error()));
+                }
+            }
+            Request::FileClose { handle } => {
+                self.open
+                    .lock()
+                    .remove(&handle)
+                    .ok_or_else(|| (ErrorCode::InvalidHandle, format!("no open file {handle}")))?;
+            }
+            Request::FileRead { handle, max } => {
+                let f = self.get(handle)?;
+                let mut buf = vec![0u8; (max as usize).min(MAX_CHUNK)];
+                let n = loop {
+                    match (&f.file).read(&mut buf) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r.map_err(io_error)?,
+                    }
+                };
+                out.bytes(&buf[..n]);
+            }
+            Request::FileWrite { handle, data } => {
+                let f = self.get(handle)?;
+                (&f.file).write_all(&data).map_err(io_error)?;
+                out.u32(data.len() as u32);
+            }
+            Request::FileSeek { handle, offset, whence } => {
+                let f = self.get(handle)?;
+                let pos = match whence {
+                    0 if offset >= 0 => SeekFrom::Start(offset as u64),
+                    0 => return Err(invalid(format!("negative offset {offset} from the start"))),
+                    1 => SeekFrom::Current(offset),
+                    2 => SeekFrom::End(offset),
+                    w => return Err(invalid(format!("whence {w} (0 start, 1 current, 2 end)"))),
+                };
+                out.i64((&f.file).seek(pos).map_err(io_error)? as i64);
+            }
+            Request::FileSync { handle } => self.get(handle)?.file.sync_all().map_err(io_error)?,
+            Request::FileTruncate { handle, size } => {
+                if size < 0 {
+                    return Err(invalid(format!("negative size {size}")));
+                }
+                self.get(handle)?.file.set_len(size as u64).map_err(io_error)?;
+            }
+            Request::FileStat { handle } => {
+                let f = self.get(handle)?;
+                let m = f.file.metadata().map_err(io_error)?;
+                file_info(&f.name, &m).encode(&mut out);
+            }
+            Request::FileName { handle } => {
+                out.string(&self.get(handle)?.name);
+            }
+            other => return Err(invalid(format!("{} is not a filesystem message", other.name()))),
+        }
+        Ok(out.into_bytes())
+    }
+}

@@ -1,0 +1,242 @@
+//! Helper handlers of the filesystem (Fs*, 0x02xx) and file-handle (File*, 0x03xx)
+//! messages.
+//!
+//! Path operations go to the guest agent as they are ([`AgentLink::fs`]); the guest
+//! side is [`crate::agent::fs`]. File handles are the helper's: its table maps each to
+//! the agent's handle for the open file, so a handle the client never had is
+//! InvalidHandle and one it closed is AlreadyClosed, before the guest is asked.
+//!
+//! Agent frames are smaller than helper frames (1 MiB against 64 MiB), so the helper
+//! splits what does not fit: FileWrite data goes in chunks, FsReadFile of a large file
+//! reads it through a handle, FsWriteFile of large data writes through one. FileRead
+//! answers at most one chunk ([`MAX_CHUNK`]): a short read, as `read(2)` may give.
+
+use std::sync::Arc;
+
+use nix::libc;
+use parking_lot::Mutex;
+
+use super::helper::{frame, Table};
+use super::{HandlerResult, Reply};
+use crate::agent::fs::{MAX_CHUNK, TOO_LARGE};
+use crate::vm::agent_link::AgentLink;
+use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request};
+
+/// What a helper file handle stands for.
+pub(super) enum HostFile {
+    /// A file open in the guest: the agent's handle for it.
+    Guest { agent: u64 },
+}
+
+/// The file handles of one instance.
+pub(super) type Files = Mutex<Table<Arc<HostFile>>>;
+
+/// The largest FsReadFile answer: what fits in one helper frame.
+const MAX_READ_FILE: usize = wire::DEFAULT_MAX_FRAME as usize - 1024;
+
+/// Sends a request to the agent; errors name `path`.
+fn ask(agent: &AgentLink, req: &Request, path: &str) -> Result<Vec<u8>, ErrorFrame> {
+    agent.fs(req).map_err(|e| frame(&e, path))
+}
+
+fn decode_u64(answer: &[u8], what: &str) -> Result<u64, ErrorFrame> {
+    Decoder::new(answer).u64().map_err(|e| {
+        ErrorFrame::new(ErrorCode::Unknown, "", format!("bad {what} answer from the guest: {e}"))
+    })
+}
+
+/// The agent handle behind helper handle `h`.
+fn agent_handle(files: &Files, h: u64) -> Result<u64, ErrorFrame> {
+    match &*files.lock().get(h, "file")? {
+        HostFile::Guest { agent } => Ok(*agent),
+    }
+}
+
+/// Opens in the guest; the answer is a new helper handle.
+fn open(
+    agent: &AgentLink,
+    files: &Files,
+    next_handle: &dyn Fn() -> u64,
+    req: &Request,
+    path: &str,
+) -> HandlerResult {
+    let a = decode_u64(&ask(agent, req, path)?, req.name())?;
+    let h = next_handle();
+    files.lock().insert(h, Arc::new(HostFile::Guest { agent: a }));
+    Ok(Reply::with(|e| {
+        e.u64(h);
+    }))
+}
+
+/// Reads a whole guest file through an agent handle, chunk by chunk.
+fn read_through_handle(agent: &AgentLink, path: &str) -> Result<Vec<u8>, ErrorFrame> {
+    let a = decode_u64(&ask(agent, &Request::FsOpen { path: path.to_string() }, path)?, "FsOpen")?;
+    let mut data = Vec::new();
+    let result = loop {
+        let chunk = match ask(agent, &Request::FileRead { handle: a, max: MAX_CHUNK as u32 }, path) {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        let bytes = match Decoder::new(&chunk).bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                break Err(ErrorFrame::new(ErrorCode::Unknown, "", format!("bad FileRead answer: {e}")))
+            }
+        };
+        if bytes.is_empty() {
+            break Ok(());
+        }
+        if data.len() + bytes.len() > MAX_READ_FILE {
+            break Err(ErrorFrame::new(
+                ErrorCode::InvalidArgument,
+                "",
+                format!("the file is larger than one answer ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead"),
+            ));
+        }
+        data.extend_from_slice(&bytes);
+    };
+    let _ = ask(agent, &Request::FileClose { handle: a }, path);
+    result.map(|()| data)
+}
+
+/// Writes data to an agent handle in chunks that fit agent frames; returns the count.
+fn write_chunks(agent: &AgentLink, a: u64, data: &[u8], path: &str) -> Result<u64, ErrorFrame> {
+    let mut written = 0u64;
+    for chunk in data.chunks(MAX_CHUNK - 64) {
+        let answer = ask(agent, &Request::FileWrite { handle: a, data: chunk.to_vec() }, path)?;
+        written += Decoder::new(&answer).u32().unwrap_or(0) as u64;
+    }
+    Ok(written)
+}
+
+/// Serves one Fs*/File* request.
+pub(super) fn serve(
+    agent: &AgentLink,
+    files: &Files,
+    next_handle: &dyn Fn() -> u64,
+    req: Request,
+) -> HandlerResult {
+    let fields = |answer: Vec<u8>| {
+        let mut payload = Vec::with_capacity(1 + answer.len());
+        payload.push(0);
+        payload.extend_from_slice(&answer);
+        Ok(Reply { ty: wire::msg::RESPONSE, payload })
+    };
+    match req {
+        Request::FsOpen { ref path }
+        | Request::FsCreate { ref path }
+        | Request::FsOpenFile { ref path, .. } => {
+            let path = path.clone();
+            open(agent, files, next_handle, &req, &path)
+        }
+        Request::FsReadFile { ref path } => match ask(agent, &req, path) {
+            Err(e) if e.message == TOO_LARGE => {
+                let data = read_through_handle(agent, path)?;
+                Ok(Reply::with(|e| {
+                    e.bytes(&data);
+                }))
+            }
+            r => fields(r?),
+        },
+        Request::FsWriteFile { ref path, ref data, perm } if data.len() > MAX_CHUNK - 1024 => {
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+            let open = Request::FsOpenFile { path: path.clone(), flags, perm };
+            let a = decode_u64(&ask(agent, &open, path)?, "FsOpenFile")?;
+            let written = write_chunks(agent, a, data, path);
+            let closed = ask(agent, &Request::FileClose { handle: a }, path);
+            written?;
+            closed?;
+            Ok(Reply::ok())
+        }
+        Request::FsWriteFile { .. }
+        | Request::FsStat { .. }
+        | Request::FsLstat { .. }
+        | Request::FsRemove { .. }
+        | Request::FsRemoveAll { .. }
+        | Request::FsMkdir { .. }
+        | Request::FsMkdirAll { .. }
+        | Request::FsRename { .. }
+        | Request::FsSymlink { .. }
+        | Request::FsReadlink { .. }
+        | Request::FsReadDir { .. }
+        | Request::FsChmod { .. }
+        | Request::FsChown { .. }
+        | Request::FsChtimes { .. } => {
+            let path = request_path(&req);
+            fields(ask(agent, &req, &path)?)
+        }
+        Request::FileClose { handle } => {
+            let f = files.lock().remove(handle, "file")?;
+            match &*f {
+                HostFile::Guest { agent: a } => {
+                    ask(agent, &Request::FileClose { handle: *a }, "")?;
+                }
+            }
+            Ok(Reply::ok())
+        }
+        Request::FileRead { handle, max } => {
+            let a = agent_handle(files, handle)?;
+            let max = max.min(MAX_CHUNK as u32);
+            fields(ask(agent, &Request::FileRead { handle: a, max }, "")?)
+        }
+        Request::FileWrite { handle, data } => {
+            let a = agent_handle(files, handle)?;
+            let n = write_chunks(agent, a, &data, "")?;
+            Ok(Reply::with(|e| {
+                e.u32(n.min(u32::MAX as u64) as u32);
+            }))
+        }
+        Request::FileSeek { handle, offset, whence } => {
+            let a = agent_handle(files, handle)?;
+            fields(ask(agent, &Request::FileSeek { handle: a, offset, whence }, "")?)
+        }
+        Request::FileSync { handle } => {
+            let a = agent_handle(files, handle)?;
+            fields(ask(agent, &Request::FileSync { handle: a }, "")?)
+        }
+        Request::FileTruncate { handle, size } => {
+            let a = agent_handle(files, handle)?;
+            fields(ask(agent, &Request::FileTruncate { handle: a, size }, "")?)
+        }
+        Request::FileStat { handle } => {
+            let a = agent_handle(files, handle)?;
+            fields(ask(agent, &Request::FileStat { handle: a }, "")?)
+        }
+        Request::FileName { handle } => {
+            let a = agent_handle(files, handle)?;
+            fields(ask(agent, &Request::FileName { handle: a }, "")?)
+        }
+        other => Err(ErrorFrame::new(
+            ErrorCode::InvalidArgument,
+            "",
+            format!("{} is not a filesystem message", other.name()),
+        )),
+    }
+}
+
+/// The path a path operation names, for its errors.
+fn request_path(req: &Request) -> String {
+    match req {
+        Request::FsReadFile { path }
+        | Request::FsWriteFile { path, .. }
+        | Request::FsStat { path }
+        | Request::FsLstat { path }
+        | Request::FsRemove { path }
+        | Request::FsRemoveAll { path }
+        | Request::FsMkdir { path, .. }
+        | Request::FsMkdirAll { path, .. }
+        | Request::FsReadlink { path }
+        | Request::FsReadDir { path }
+        | Request::FsChmod { path, .. }
+        | Request::FsChown { path, .. }
+        | Request::FsChtimes { path, .. } => path.clone(),
+        Request::FsRename { from, .. } => from.clone(),
+        Request::FsSymlink { link, .. } => link.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Whether `req` is one this module serves.
+pub(super) fn is_fs(req: &Request) -> bool {
+    matches!(req.ty() >> 8, 0x02 | 0x03) && !matches!(req, Request::FsSnapshot { .. })
+}

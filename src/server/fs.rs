@@ -68,11 +68,34 @@ fn open(
     }))
 }
 
+/// The error for a file too large for one FsReadFile answer.
+fn too_large(size: usize) -> ErrorFrame {
+    ErrorFrame::new(
+        ErrorCode::InvalidArgument,
+        "",
+        format!(
+            "the file ({size} bytes) is larger than one answer ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead"
+        ),
+    )
+}
+
 /// Reads a whole guest file through an agent handle, chunk by chunk.
 fn read_through_handle(agent: &AgentLink, path: &str) -> Result<Vec<u8>, ErrorFrame> {
     let a = decode_u64(&ask(agent, &Request::FsOpen { path: path.to_string() }, path)?, "FsOpen")?;
+    // Its size first: one too large for an answer is refused before it is read.
+    let size = ask(agent, &Request::FileStat { handle: a }, path)
+        .and_then(|s| wire::Wire::from_payload(&s).map_err(ErrorFrame::from))
+        .map(|info: wire::FileInfo| info.size.max(0) as usize);
     let mut data = Vec::new();
-    let result = loop {
+    let result = match size {
+        Ok(n) if n > MAX_READ_FILE => Err(too_large(n)),
+        Err(e) => Err(e),
+        Ok(n) => {
+            data.reserve_exact(n);
+            Ok(())
+        }
+    };
+    let result = result.and_then(|()| loop {
         let chunk = match ask(agent, &Request::FileRead { handle: a, max: MAX_CHUNK as u32 }, path) {
             Ok(c) => c,
             Err(e) => break Err(e),
@@ -87,14 +110,10 @@ fn read_through_handle(agent: &AgentLink, path: &str) -> Result<Vec<u8>, ErrorFr
             break Ok(());
         }
         if data.len() + bytes.len() > MAX_READ_FILE {
-            break Err(ErrorFrame::new(
-                ErrorCode::InvalidArgument,
-                "",
-                format!("the file is larger than one answer ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead"),
-            ));
+            break Err(too_large(data.len() + bytes.len()));
         }
         data.extend_from_slice(&bytes);
-    };
+    });
     let _ = ask(agent, &Request::FileClose { handle: a }, path);
     result.map(|()| data)
 }

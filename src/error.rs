@@ -35,6 +35,22 @@ fn guest_errno(message: &str) -> Option<i32> {
     COMMON.iter().find(|e| e.desc() == message).map(|e| *e as i32)
 }
 
+impl Error {
+    /// The crate error an [`io::Error`] made by `From<Error>` carries, or else the I/O
+    /// error itself, as done by `op`.
+    pub(crate) fn from_io(op: &'static str, e: io::Error) -> Error {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(err) = inner.downcast::<Error>() {
+                    return *err;
+                }
+            }
+            return Error::Closed;
+        }
+        Error::Io { op, path: PathBuf::new(), source: e }
+    }
+}
+
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         io::Error::new(e.kind(), e)

@@ -30,6 +30,8 @@ pub mod vm;
 pub mod wire;
 
 pub use client::fs::{File, Fs, Metadata, OpenOptions};
-pub use client::instance::{Child, Command, ExitStatus, Image, Instance, Output};
+pub use client::instance::{
+    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Image, Instance, Output, Stdio,
+};
 pub use error::{Error, Result};
 pub use wire::InstanceOptions;

@@ -170,6 +170,14 @@ impl Instance {
         }
     }
 
+    /// The helper's socket, when the instance runs behind a helper.
+    pub fn helper_socket(&self) -> Option<&Path> {
+        match &self.t {
+            Transport::Remote(c) => Some(c.socket_path()),
+            Transport::Local(_) => None,
+        }
+    }
+
     /// Whether the guest is running.
     pub fn is_running(&self) -> Result<bool> {
         self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
@@ -209,7 +217,14 @@ impl Instance {
 
     /// A command to run in the guest, like [`std::process::Command::new`].
     pub fn command(&self, program: impl Into<String>) -> Command<'_> {
-        Command { inst: self, program: program.into(), args: Vec::new(), env: Vec::new(), dir: None }
+        Command {
+            inst: self,
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+            stdio: [Stdio::Null; 3],
+        }
     }
 
     /// Blocks until the guest has stopped.
@@ -304,6 +319,29 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
+/// What a spawned guest command's stdin, stdout or stderr is connected to, like
+/// [`std::process::Stdio`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stdio {
+    /// Nothing: stdin reads EOF, output is discarded. The default for [`Command::spawn`]
+    /// (std's default, inheriting, has no meaning across the VM boundary).
+    #[default]
+    Null,
+    /// A pipe: [`Child::stdin`], [`Child::stdout`] or [`Child::stderr`].
+    Piped,
+}
+
+impl Stdio {
+    /// A pipe to the child.
+    pub fn piped() -> Stdio {
+        Stdio::Piped
+    }
+    /// Nothing.
+    pub fn null() -> Stdio {
+        Stdio::Null
+    }
+}
+
 /// A guest command being prepared, like [`std::process::Command`].
 pub struct Command<'a> {
     inst: &'a Instance,
@@ -311,6 +349,7 @@ pub struct Command<'a> {
     args: Vec<String>,
     env: Vec<(String, String)>,
     dir: Option<String>,
+    stdio: [Stdio; 3],
 }
 
 impl<'a> Command<'a> {
@@ -344,6 +383,24 @@ impl<'a> Command<'a> {
     /// Sets the working directory.
     pub fn current_dir(&mut self, dir: impl Into<String>) -> &mut Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Connects stdin for [`Command::spawn`] (the collecting calls give it none).
+    pub fn stdin(&mut self, s: Stdio) -> &mut Self {
+        self.stdio[0] = s;
+        self
+    }
+
+    /// Connects stdout for [`Command::spawn`] (the collecting calls collect it).
+    pub fn stdout(&mut self, s: Stdio) -> &mut Self {
+        self.stdio[1] = s;
+        self
+    }
+
+    /// Connects stderr for [`Command::spawn`] (the collecting calls collect it).
+    pub fn stderr(&mut self, s: Stdio) -> &mut Self {
+        self.stdio[2] = s;
         self
     }
 
@@ -436,14 +493,131 @@ impl<'a> Command<'a> {
         })
     }
 
-    /// Starts the command and returns at once.
+    /// Starts the command and returns at once, with the pipes asked for through
+    /// [`Command::stdin`], [`Command::stdout`] and [`Command::stderr`].
+    ///
+    /// ```no_run
+    /// use std::io::{Read, Write};
+    /// use vmhost::{Image, Instance, Stdio};
+    /// let vm = Instance::new(Image::Default, Default::default())?;
+    /// let mut child = vm.command("tr").arg("a-z").arg("A-Z").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    /// child.stdin.take().unwrap().write_all(b"hello\n")?; // dropped: EOF
+    /// let mut s = String::new();
+    /// child.stdout.as_mut().unwrap().read_to_string(&mut s)?;
+    /// assert_eq!(s, "HELLO\n");
+    /// assert!(child.wait()?.success());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn spawn(&self) -> Result<Child<'a>> {
         let h = self.prepare()?;
-        if let Err(e) = self.inst.t.call(&Request::CmdStart { handle: h }) {
-            let _ = self.inst.t.call(&Request::CmdFree { handle: h });
+        let t = &self.inst.t;
+        let mut pipes: [Option<u64>; 3] = [None; 3];
+        let started = (|| -> Result<()> {
+            for (i, s) in self.stdio.iter().enumerate() {
+                if *s == Stdio::Piped {
+                    let req = match i {
+                        0 => Request::CmdStdinPipe { handle: h },
+                        1 => Request::CmdStdoutPipe { handle: h },
+                        _ => Request::CmdStderrPipe { handle: h },
+                    };
+                    let name = req.name();
+                    pipes[i] = Some(t.call(&req)?.decoder().u64().map_err(decode(name))?);
+                }
+            }
+            t.call(&Request::CmdStart { handle: h }).map(drop)
+        })();
+        let pipe = |i: usize| pipes[i].map(|handle| Pipe { inst: self.inst, handle, closed: false });
+        if let Err(e) = started {
+            for i in 0..3 {
+                drop(pipe(i));
+            }
+            let _ = t.call(&Request::CmdFree { handle: h });
             return Err(e);
         }
-        Ok(Child { inst: self.inst, handle: h, freed: false })
+        Ok(Child {
+            inst: self.inst,
+            handle: h,
+            freed: false,
+            stdin: pipe(0).map(ChildStdin),
+            stdout: pipe(1).map(ChildStdout),
+            stderr: pipe(2).map(ChildStderr),
+        })
+    }
+}
+
+/// A pipe handle of a spawned command; closed on drop.
+struct Pipe<'a> {
+    inst: &'a Instance,
+    handle: u64,
+    closed: bool,
+}
+
+impl Pipe<'_> {
+    fn close(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        self.inst.t.call(&Request::FileClose { handle: self.handle }).map(drop)
+    }
+}
+
+impl Drop for Pipe<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::debug!("closing command pipe {}: {e}", self.handle);
+        }
+    }
+}
+
+/// The write end of a spawned guest command's stdin; dropping it sends EOF.
+pub struct ChildStdin<'a>(Pipe<'a>);
+
+impl ChildStdin<'_> {
+    /// Closes it (EOF for the command), reporting any error.
+    pub fn close(mut self) -> Result<()> {
+        self.0.close()
+    }
+}
+
+impl std::io::Write for ChildStdin<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let chunk = &buf[..buf.len().min(super::fs::WRITE_CHUNK)];
+        let r = self.0.inst.t.call(&Request::FileWrite { handle: self.0.handle, data: chunk.to_vec() })?;
+        Ok(r.decoder().u32().map_err(decode("FileWrite"))? as usize)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(()) // each write is acknowledged by the guest
+    }
+}
+
+fn read_pipe(p: &Pipe<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let max = buf.len().min(super::fs::READ_CHUNK) as u32;
+    let r = p.inst.t.call(&Request::FileRead { handle: p.handle, max })?;
+    let data = r.decoder().bytes().map_err(decode("FileRead"))?;
+    let n = data.len().min(buf.len());
+    buf[..n].copy_from_slice(&data[..n]);
+    Ok(n)
+}
+
+/// The read end of a spawned guest command's stdout.
+pub struct ChildStdout<'a>(Pipe<'a>);
+
+impl std::io::Read for ChildStdout<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        read_pipe(&self.0, buf)
+    }
+}
+
+/// The read end of a spawned guest command's stderr.
+pub struct ChildStderr<'a>(Pipe<'a>);
+
+impl std::io::Read for ChildStderr<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        read_pipe(&self.0, buf)
     }
 }
 
@@ -452,11 +626,54 @@ pub struct Child<'a> {
     inst: &'a Instance,
     handle: u64,
     freed: bool,
+    /// Its stdin, when piped.
+    pub stdin: Option<ChildStdin<'a>>,
+    /// Its stdout, when piped.
+    pub stdout: Option<ChildStdout<'a>>,
+    /// Its stderr, when piped.
+    pub stderr: Option<ChildStderr<'a>>,
 }
 
 impl Child<'_> {
-    /// Waits for it to exit.
+    /// Whether it has exited: its status, or None while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.inst.t.call(&Request::CmdExitCode { handle: self.handle }) {
+            Ok(r) => Ok(Some(ExitStatus { code: r.decoder().i32().map_err(decode("CmdExitCode"))? })),
+            Err(Error::Remote(ef)) if ef.code == wire::ErrorCode::InvalidArgument => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads stdout and stderr (those piped) to their end at once, then waits, like
+    /// [`std::process::Child::wait_with_output`]. Stdin is closed first.
+    pub fn wait_with_output(mut self) -> Result<Output> {
+        use std::io::Read;
+        drop(self.stdin.take());
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (so, se) = (self.stdout.take(), self.stderr.take());
+        std::thread::scope(|s| -> Result<()> {
+            let t = se.map(|mut e| {
+                let buf = &mut err;
+                s.spawn(move || e.read_to_end(buf).map(drop))
+            });
+            if let Some(mut o) = so {
+                o.read_to_end(&mut out).map_err(|e| Error::from_io("read stdout", e))?;
+            }
+            if let Some(t) = t {
+                t.join().map_err(|_| Error::Closed)?.map_err(|e| Error::from_io("read stderr", e))?;
+            }
+            Ok(())
+        })?;
+        let status = self.wait()?;
+        Ok(Output { status, stdout: out, stderr: err })
+    }
+
+    /// Waits for it to exit. Its stdin, if piped, is closed first (as std does), so a
+    /// command reading it to the end can finish.
     pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(stdin) = self.stdin.take() {
+            stdin.close()?;
+        }
         let code = self
             .inst
             .t

@@ -17,6 +17,7 @@ use nix::libc;
 use parking_lot::Mutex;
 
 use super::helper::{frame, Table};
+use super::pipes::PipeSlot;
 use super::{HandlerResult, Reply};
 use crate::agent::fs::{MAX_CHUNK, TOO_LARGE};
 use crate::vm::agent_link::AgentLink;
@@ -26,6 +27,8 @@ use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request};
 pub(super) enum HostFile {
     /// A file open in the guest: the agent's handle for it.
     Guest { agent: u64 },
+    /// A command pipe (see [`super::pipes`]): stream 0 stdin, 1 stdout, 2 stderr.
+    Pipe { slot: Arc<PipeSlot>, stream: u8, cmd: u64 },
 }
 
 /// The file handles of one instance.
@@ -45,11 +48,20 @@ fn decode_u64(answer: &[u8], what: &str) -> Result<u64, ErrorFrame> {
     })
 }
 
-/// The agent handle behind helper handle `h`.
+/// The agent handle behind helper handle `h`, which must be a guest file.
 fn agent_handle(files: &Files, h: u64) -> Result<u64, ErrorFrame> {
     match &*files.lock().get(h, "file")? {
         HostFile::Guest { agent } => Ok(*agent),
+        HostFile::Pipe { .. } => {
+            Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("file {h} is a command pipe")))
+        }
     }
+}
+
+/// How a pipe handle is named (FileName).
+fn pipe_name(stream: u8, cmd: u64) -> String {
+    let s = ["stdin", "stdout", "stderr"][stream.min(2) as usize];
+    format!("|{s} of command {cmd}")
 }
 
 /// Opens in the guest; the answer is a new helper handle.
@@ -133,8 +145,27 @@ pub(super) fn serve(
     agent: &AgentLink,
     files: &Files,
     next_handle: &dyn Fn() -> u64,
+    cancelled: &dyn Fn() -> bool,
     req: Request,
 ) -> HandlerResult {
+    // Pipe handles first: they never reach the guest's filesystem.
+    let pipe = match &req {
+        Request::FileClose { handle }
+        | Request::FileRead { handle, .. }
+        | Request::FileWrite { handle, .. }
+        | Request::FileSeek { handle, .. }
+        | Request::FileSync { handle }
+        | Request::FileTruncate { handle, .. }
+        | Request::FileStat { handle }
+        | Request::FileName { handle } => match &*files.lock().get(*handle, "file")? {
+            HostFile::Pipe { slot, stream, cmd } => Some((*handle, slot.clone(), *stream, *cmd)),
+            HostFile::Guest { .. } => None,
+        },
+        _ => None,
+    };
+    if let Some((h, slot, stream, cmd)) = pipe {
+        return serve_pipe(files, h, &slot, stream, cmd, cancelled, req);
+    }
     let fields = |answer: Vec<u8>| {
         let mut payload = Vec::with_capacity(1 + answer.len());
         payload.push(0);
@@ -185,12 +216,9 @@ pub(super) fn serve(
             fields(ask(agent, &req, &path)?)
         }
         Request::FileClose { handle } => {
-            let f = files.lock().remove(handle, "file")?;
-            match &*f {
-                HostFile::Guest { agent: a } => {
-                    ask(agent, &Request::FileClose { handle: *a }, "")?;
-                }
-            }
+            let a = agent_handle(files, handle)?;
+            files.lock().remove(handle, "file")?;
+            ask(agent, &Request::FileClose { handle: a }, "")?;
             Ok(Reply::ok())
         }
         Request::FileRead { handle, max } => {
@@ -230,6 +258,46 @@ pub(super) fn serve(
             "",
             format!("{} is not a filesystem message", other.name()),
         )),
+    }
+}
+
+/// File messages on a command pipe handle.
+fn serve_pipe(
+    files: &Files,
+    h: u64,
+    slot: &PipeSlot,
+    stream: u8,
+    cmd: u64,
+    cancelled: &dyn Fn() -> bool,
+    req: Request,
+) -> HandlerResult {
+    let wrong = |what: &str| {
+        Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("{what} on {}", pipe_name(stream, cmd))))
+    };
+    match req {
+        Request::FileClose { .. } => {
+            files.lock().remove(h, "file")?;
+            slot.close(stream)?;
+            Ok(Reply::ok())
+        }
+        Request::FileRead { max, .. } if stream != 0 => {
+            let data = slot.io()?.read(stream, (max as usize).min(MAX_CHUNK), cancelled)?;
+            Ok(Reply::with(|e| {
+                e.bytes(&data);
+            }))
+        }
+        Request::FileRead { .. } => wrong("FileRead (stdin is write-only)"),
+        Request::FileWrite { data, .. } if stream == 0 => {
+            slot.io()?.write_stdin(&data)?;
+            Ok(Reply::with(|e| {
+                e.u32(data.len() as u32);
+            }))
+        }
+        Request::FileWrite { .. } => wrong("FileWrite (output pipes are read-only)"),
+        Request::FileName { .. } => Ok(Reply::with(|e| {
+            e.string(&pipe_name(stream, cmd));
+        })),
+        other => wrong(other.name()),
     }
 }
 

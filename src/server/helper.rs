@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::pipes::{CmdIo, PipeSlot};
 use crate::agent::proto::ExecRequest;
 use crate::error::Error;
 use crate::progress::Progress;
@@ -96,6 +97,8 @@ struct Cmd {
     spec: Mutex<ExecRequest>,
     run: Mutex<RunState>,
     done: Condvar,
+    /// Its pipe requests and, once started with any, its I/O.
+    pipes: Arc<PipeSlot>,
 }
 
 impl Cmd {
@@ -111,6 +114,7 @@ impl Cmd {
             }),
             run: Mutex::new(RunState::NotStarted),
             done: Condvar::new(),
+            pipes: Arc::new(PipeSlot::default()),
         })
     }
 
@@ -141,7 +145,8 @@ impl Cmd {
             }
             *run = RunState::Starting;
         }
-        let spec = self.spec.lock().clone();
+        let mut spec = self.spec.lock().clone();
+        spec.stdin = self.pipes.wants.lock().stdin;
         let started = vm.agent().and_then(|agent| agent.exec(&spec));
         let mut run = self.run.lock();
         match started {
@@ -415,7 +420,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
     match req {
         req if super::fs::is_fs(&req) => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
-            super::fs::serve(agent, &inst.files, &|| st.handle(), req)
+            super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), req)
         }
         Request::InstanceClose {} => {
             let r = vm.stop(Duration::from_secs(10));
@@ -521,11 +526,13 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             }))
         }
         Request::CmdStart { handle } => {
+            // Output goes to the pipes the client asked for, the rest is discarded.
             let c = cmd(handle)?;
             let p = c.start(vm)?;
-            std::thread::spawn(move || {
-                let _ = c.finish(&p, Sink::Discard, &|| false);
-            });
+            let wants = *c.pipes.wants.lock();
+            let end = c.clone();
+            let io = CmdIo::start(p, wants, move |r| end.record(&r));
+            *c.pipes.io.lock() = Some(io);
             Ok(Reply::ok())
         }
         Request::CmdWait { handle } => {
@@ -600,8 +607,29 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let code = result.map_err(|e| frame(&e, ""))?;
             Ok(Reply { ty: msg::STREAM_END, payload: StreamEnd { exit_code: code }.to_payload() })
         }
-        Request::CmdStdinPipe { .. } | Request::CmdStdoutPipe { .. } | Request::CmdStderrPipe { .. } => {
-            Err(not_yet("command pipes"))
+        Request::CmdStdinPipe { handle }
+        | Request::CmdStdoutPipe { handle }
+        | Request::CmdStderrPipe { handle } => {
+            let stream = match req {
+                Request::CmdStdinPipe { .. } => 0,
+                Request::CmdStdoutPipe { .. } => 1,
+                _ => 2,
+            };
+            let c = cmd(handle)?;
+            if !matches!(*c.run.lock(), RunState::NotStarted) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "",
+                    "pipes must be asked for before the command starts",
+                ));
+            }
+            c.pipes.wants.lock().add(stream)?;
+            let h = st.handle();
+            let pipe = super::fs::HostFile::Pipe { slot: c.pipes.clone(), stream, cmd: handle };
+            inst.files.lock().insert(h, Arc::new(pipe));
+            Ok(Reply::with(|e| {
+                e.u64(h);
+            }))
         }
         other => Err(not_yet(other.name())),
     }

@@ -22,6 +22,7 @@ pub mod control;
 mod fs;
 mod hangup;
 pub mod helper;
+mod pipes;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

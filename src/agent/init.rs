@@ -45,6 +45,7 @@ pub fn run() -> i32 {
             say(format_args!("cannot bring lo up: {e}"));
         }
         configure_network();
+        mount_shared();
         let _ = std::fs::write(super::SETUP_DONE, b"");
         trace(format_args!("network configured; setup done"));
         watch_power_button();
@@ -162,6 +163,35 @@ fn configure_network() {
     let resolv = std::path::Path::new("/etc/resolv.conf");
     if std::fs::metadata(resolv).map_or(true, |m| m.len() == 0) {
         let _ = std::fs::write(resolv, format!("nameserver {DNS}\n"));
+    }
+}
+
+/// Mounts the host directories the host listed on the kernel command line
+/// (`vmhost.mounts=TAG:rw,TAG:ro`) at `/mnt/TAG`, over virtio-9p. A read-only one is
+/// mounted read-only here and is read-only in QEMU too.
+fn mount_shared() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(list) = cmdline.split_whitespace().find_map(|w| w.strip_prefix(super::MOUNTS_PARAM)) else {
+        return;
+    };
+    for item in list.split(',').filter(|i| !i.is_empty()) {
+        let (tag, mode) = item.rsplit_once(':').unwrap_or((item, "rw"));
+        if tag.is_empty() || tag.contains('/') || tag == "." || tag == ".." {
+            say(format_args!("bad mount tag {tag:?}"));
+            continue;
+        }
+        let target = format!("{}/{tag}", super::MOUNT_ROOT);
+        let _ = std::fs::create_dir_all(&target);
+        let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        if mode == "ro" {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // 512 KiB messages: fewer round trips for large files than the 8 KiB default.
+        let opts = "trans=virtio,version=9p2000.L,msize=524288,cache=none";
+        match mount(Some(tag), target.as_str(), Some("9p"), flags, Some(opts)) {
+            Ok(()) => trace(format_args!("mounted host {tag} at {target} ({mode})")),
+            Err(e) => say(format_args!("mount host directory {tag} at {target}: {e}")),
+        }
     }
 }
 

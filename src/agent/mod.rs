@@ -27,6 +27,13 @@ pub const AGENT_DIR: &str = "/vmhost";
 /// wait for it, so that they never see a half-configured guest.
 pub const SETUP_DONE: &str = "/run/vmhost-setup-done";
 
+/// Host directories shared with the guest are mounted at `MOUNT_ROOT/<tag>`.
+pub const MOUNT_ROOT: &str = "/mnt";
+
+/// The kernel command-line parameter that lists the host mounts for the agent:
+/// `vmhost.mounts=TAG:rw,TAG:ro`.
+pub const MOUNTS_PARAM: &str = "vmhost.mounts=";
+
 /// The module list: one `file.ko [params]` per line, in load order.
 pub const MODULES_LIST: &str = "/vmhost/modules.load";
 

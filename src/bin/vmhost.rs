@@ -57,6 +57,9 @@ VM OPTIONS:
     --cpus N          vCPUs (default 1)
     --timeout SECS    stop the guest after this long
     --user USER       run commands as USER (name from the image's /etc/passwd, or uid[:gid])
+    --mount DIR:TAG[:ro]
+                      share host directory DIR with the guest at /mnt/TAG (over virtio-9p;
+                      :ro makes it read-only); repeatable
     --dmesg           show the guest's kernel console on stderr
 
 ENVIRONMENT:
@@ -311,6 +314,20 @@ impl VmFlags {
                 Some(Duration::from_secs_f64(num(v, "--timeout")?.clamp(0.001, 31_536_000.0)));
         } else if let Some(v) = flag_value(args, i, "--user")? {
             self.options.user = v;
+        } else if let Some(v) = flag_value(args, i, "--mount")? {
+            // HOSTDIR:TAG[:ro]; the guest sees it at /mnt/TAG.
+            let (rest, writable) = match v.strip_suffix(":ro") {
+                Some(r) => (r.to_string(), false),
+                None => (v.strip_suffix(":rw").unwrap_or(&v).to_string(), true),
+            };
+            let Some((host, tag)) = rest.rsplit_once(':') else {
+                return Err(format!("--mount {v:?}: use HOSTDIR:TAG[:ro] (the guest sees /mnt/TAG)"));
+            };
+            self.options.mounts.push(vmhost::wire::MountConfig {
+                tag: tag.to_string(),
+                host_path: host.to_string(),
+                writable,
+            });
         } else if args[*i] == "--dmesg" {
             self.options.dmesg = true;
         } else {

@@ -56,6 +56,18 @@ pub struct Kernel {
     pub kind: KernelKind,
 }
 
+impl Kernel {
+    /// Whether the kernel has 9p over virtio (for host mounts): vmhost's own kernel
+    /// has it built in; a stock one needs its modules.
+    pub fn has_9p(&self) -> bool {
+        self.kind == KernelKind::Minimal
+            || self
+                .modules
+                .iter()
+                .any(|m| m.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("9p.ko")))
+    }
+}
+
 /// Finds the kernel to boot: `VMHOST_KERNEL` (with `VMHOST_MODULES`), else the minimal
 /// kernel when one was built, else the cached stock kernel, else provisions
 /// [`DEFAULT_PACKAGE`] into the cache. `VMHOST_KERNEL_KIND=stock|minimal` picks among the

@@ -56,6 +56,45 @@ use crate::image::rootfs::Source;
 use crate::progress::Progress;
 use crate::wire::{InstanceNew, InstanceOptions, SourceType};
 
+/// Where the guest mounts the host directory shared under `tag`.
+pub fn mount_point(tag: &str) -> String {
+    format!("{}/{tag}", crate::agent::MOUNT_ROOT)
+}
+
+/// Checks host mounts: tags of letters, digits, `_`, `-` and `.`, at most 31 bytes and
+/// unique; host paths existing directories (made absolute).
+pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wire::MountConfig>> {
+    let bad = |m: String| Error::InvalidArgument { op: "mount".into(), message: m };
+    let mut out: Vec<crate::wire::MountConfig> = Vec::new();
+    for m in mounts {
+        let tag_ok = !m.tag.is_empty()
+            && m.tag.len() <= 31
+            && m.tag != "."
+            && m.tag != ".."
+            && m.tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !tag_ok {
+            return Err(bad(format!("mount tag {:?}: use 1 to 31 letters, digits, '_', '-' or '.'", m.tag)));
+        }
+        if out.iter().any(|o| o.tag == m.tag) {
+            return Err(bad(format!("mount tag {:?} is used twice", m.tag)));
+        }
+        let path = std::fs::canonicalize(&m.host_path)
+            .map_err(|e| Error::io("mount host directory", &m.host_path, e))?;
+        if !path.is_dir() {
+            return Err(bad(format!("{} is not a directory", path.display())));
+        }
+        let Some(host_path) = path.to_str() else {
+            return Err(bad(format!("{} is not UTF-8", path.display())));
+        };
+        out.push(crate::wire::MountConfig {
+            tag: m.tag.clone(),
+            host_path: host_path.into(),
+            writable: m.writable,
+        });
+    }
+    Ok(out)
+}
+
 /// Everything needed to boot one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -111,14 +150,19 @@ impl InstanceSpec {
             }
             _ => {}
         }
-        if !self.options.mounts.is_empty() {
-            return Err(Error::InvalidArgument {
-                op: "InstanceNew".into(),
-                message: "host mounts are not supported by this build yet".into(),
-            });
-        }
+        let mounts = check_mounts(&self.options.mounts)?;
         let t = std::time::Instant::now();
         let kernel = crate::image::kernel::resolve(&self.cache_dir, progress)?;
+        if !mounts.is_empty() && !kernel.has_9p() {
+            return Err(Error::InvalidArgument {
+                op: "InstanceNew".into(),
+                message: format!(
+                    "host mounts need 9p over virtio, which the kernel {} lacks; build vmhost's own kernel \
+                     (`vmhost kernel build`) or set VMHOST_KERNEL to one with CONFIG_9P_FS",
+                    kernel.origin
+                ),
+            });
+        }
         let agent = crate::image::initramfs::find_agent()?;
         let t_agent = t.elapsed();
         let initramfs =
@@ -133,6 +177,7 @@ impl InstanceSpec {
         }
         cfg.timeout = self.options.timeout;
         cfg.dmesg = self.options.dmesg;
+        cfg.mounts = mounts;
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg)
     }

@@ -110,6 +110,8 @@ pub struct BootConfig {
     pub machine: MachineType,
     /// Accelerator.
     pub accel: Accel,
+    /// Host directories shared over virtio-9p (checked by [`crate::vm::check_mounts`]).
+    pub mounts: Vec<crate::wire::MountConfig>,
 }
 
 impl BootConfig {
@@ -131,6 +133,7 @@ impl BootConfig {
             boot_timeout,
             machine: MachineType::Microvm,
             accel: Accel::choose()?,
+            mounts: Vec::new(),
         })
     }
 }
@@ -602,6 +605,16 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
             append.push("pci=off");
         }
     }
+    // The agent mounts each shared directory (crate::agent::init reads this).
+    let mounts_arg = (!cfg.mounts.is_empty()).then(|| {
+        let list: Vec<String> = cfg
+            .mounts
+            .iter()
+            .map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" }))
+            .collect();
+        format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(","))
+    });
+    append.extend(mounts_arg.as_deref());
     let extra = std::env::var("VMHOST_KERNEL_ARGS").unwrap_or_default();
     append.extend(extra.split_whitespace());
     if !cfg.dmesg {
@@ -661,6 +674,16 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
         "-device".into(),
         format!("{net_dev},netdev={NET_ID}"),
     ];
+    let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        // In QEMU option values a comma is written twice.
+        let path = m.host_path.replace(',', ",,");
+        let ro = if m.writable { "" } else { ",readonly=on" };
+        args.push("-fsdev".into());
+        args.push(format!("local,id=fs{i},path={path},security_model=none{ro}"));
+        args.push("-device".into());
+        args.push(format!("{ninep},fsdev=fs{i},mount_tag={}", m.tag));
+    }
     if cfg.accel == Accel::Kvm && cfg.machine == MachineType::Microvm {
         args.push("-global".into());
         args.push("kvm-pit.lost_tick_policy=discard".into());

@@ -58,7 +58,8 @@ macro_rules! catalogue {
 /// The message catalogue: every type number of the helper protocol.
 ///
 /// Numbers 0x0100..=0x0700 and 0xFF00/0xFF01 are those of v0.0.2; 0x040E..=0x0411,
-/// 0xFF02 and 0xFF03 are the streaming additions of the later revision.
+/// 0xFF02 and 0xFF03 are the streaming additions of the later revision; 0x0412
+/// (CmdSetTty) is vmhost's own.
 pub mod msg {
     catalogue! {
         /// Create the instance (boot the VM).
@@ -167,6 +168,8 @@ pub mod msg {
         CMD_STDERR_PIPE = 0x0410 => "CmdStderrPipe",
         /// Run a command, streaming its output as it comes.
         CMD_RUN_STREAMING = 0x0411 => "CmdRunStreaming",
+        /// Run a command on a terminal (vmhost's addition).
+        CMD_SET_TTY = 0x0412 => "CmdSetTty",
         /// Listen on a guest network address.
         NET_LISTEN = 0x0500 => "NetListen",
         /// Accept one connection on a listener.
@@ -1347,6 +1350,8 @@ requests! {
     CmdStderrPipe = CMD_STDERR_PIPE { handle: u64 },
     /// Run, streaming output.
     CmdRunStreaming = CMD_RUN_STREAMING { handle: u64 },
+    /// Run it on a terminal sized by InstanceSetConsole (vmhost's addition).
+    CmdSetTty = CMD_SET_TTY { handle: u64, enabled: bool },
     /// Listen in the guest.
     NetListen = NET_LISTEN { network: String, address: String },
     /// Accept a connection.
@@ -1626,7 +1631,7 @@ mod tests {
         for pair in msg::ALL.windows(2) {
             assert!(pair[0].0 < pair[1].0, "{:?} before {:?}", pair[0], pair[1]);
         }
-        assert_eq!(msg::ALL.len(), 71);
+        assert_eq!(msg::ALL.len(), 72);
         assert_eq!(type_name(0x0999), "0x0999");
         assert_eq!(type_name(msg::FS_READ_DIR), "FsReadDir");
     }

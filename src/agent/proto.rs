@@ -32,7 +32,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -52,6 +52,9 @@ pub const EXEC: u16 = 0x0101;
 pub const STDIN: u16 = 0x0102;
 /// Signal a process (its whole process group): `i32 signal`.
 pub const SIGNAL: u16 = 0x0103;
+/// Resize a process's terminal (one started with a tty): `u32 process id, u16 cols,
+/// u16 rows`. OK when done.
+pub const RESIZE: u16 = 0x0105;
 /// Grant a process more output: `u32 bytes`. Not answered.
 pub const CREDIT: u16 = 0x0104;
 /// A filesystem request: `u16 helper-protocol type` (an Fs* or File* message) then
@@ -80,6 +83,7 @@ pub fn name(ty: u16) -> &'static str {
         STDIN => "Stdin",
         SIGNAL => "Signal",
         CREDIT => "Credit",
+        RESIZE => "Resize",
         FS => "Fs",
         SHUTDOWN => "Shutdown",
         PING => "Ping",
@@ -167,6 +171,10 @@ pub struct ExecRequest {
     pub user: String,
     /// Whether stdin is a pipe fed with [`STDIN`] (else `/dev/null`).
     pub stdin: bool,
+    /// A terminal of (cols, rows) instead of pipes: the process gets a new session
+    /// with the pty as its controlling terminal on stdin, stdout and stderr; its
+    /// output comes as stdout, STDIN bytes are typed into it.
+    pub tty: Option<(u16, u16)>,
 }
 
 impl ExecRequest {
@@ -178,6 +186,10 @@ impl ExecRequest {
             .string(&self.dir)
             .string(&self.user)
             .bool(self.stdin);
+        match self.tty {
+            Some((cols, rows)) => enc.bool(true).u16(cols).u16(rows),
+            None => enc.bool(false).u16(0).u16(0),
+        };
     }
 
     /// Reads a whole payload.
@@ -190,6 +202,11 @@ impl ExecRequest {
             dir: d.string()?,
             user: d.string()?,
             stdin: d.bool()?,
+            tty: {
+                let on = d.bool()?;
+                let size = (d.u16()?, d.u16()?);
+                on.then_some(size)
+            },
         };
         d.finish()?;
         Ok(r)
@@ -222,6 +239,7 @@ mod tests {
             dir: "/tmp".into(),
             user: "nobody".into(),
             stdin: true,
+            tty: Some((100, 30)),
         };
         let mut e = Encoder::new();
         r.encode(&mut e);

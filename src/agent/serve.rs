@@ -115,6 +115,8 @@ struct Proc {
     credit: Mutex<u64>,
     credit_cv: Condvar,
     stdin: Option<Sender<(u32, Vec<u8>)>>,
+    /// The terminal's master side, for a process started on one.
+    pty: Option<File>,
     /// Set once the process's Exit was sent: output after it (from children that kept
     /// the pipes) is read and dropped, so they never block on a full pipe.
     detached: std::sync::atomic::AtomicBool,
@@ -265,6 +267,34 @@ impl Server {
                     None => w.error(f.id, ErrorCode::InvalidHandle, &format!("no running process {pid}")),
                 }
             }
+            proto::RESIZE => {
+                let (Ok(id), Ok(cols), Ok(rows)) = (d.u32(), d.u16(), d.u16()) else {
+                    return w.error(f.id, ErrorCode::InvalidArgument, "bad Resize payload");
+                };
+                let proc = self.procs.lock().get(&id).cloned();
+                match proc.as_ref().and_then(|p| p.pty.as_ref()) {
+                    Some(pty) => {
+                        let ws = spawn::winsize(cols, rows);
+                        // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
+                        let r = unsafe {
+                            nix::libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(pty), nix::libc::TIOCSWINSZ, &ws)
+                        };
+                        if r == 0 {
+                            w.ok(f.id, &[]);
+                        } else {
+                            let e = std::io::Error::last_os_error();
+                            w.error(
+                                f.id,
+                                ErrorCode::Io,
+                                &format!("resize the terminal of process {id}: {e}"),
+                            );
+                        }
+                    }
+                    None => {
+                        w.error(f.id, ErrorCode::InvalidHandle, &format!("no process {id} on a terminal"))
+                    }
+                }
+            }
             proto::CREDIT => {
                 if let (Ok(pid), Ok(n)) = (d.u32(), d.u32()) {
                     if let Some(p) = self.procs.lock().get(&pid) {
@@ -353,6 +383,7 @@ impl Server {
             uid: user.uid,
             gid: user.gid,
             groups: &user.groups,
+            tty: req.tty,
         };
         // The host prefixes "exec PROGRAM: "; the message is the cause alone.
         let child = spawn::spawn(&spec).map_err(|e| match e.raw_os_error() {
@@ -363,7 +394,7 @@ impl Server {
             None => (ErrorCode::Unknown, e.to_string()),
         })?;
         let pid = child.pid;
-        let stdin = child.stdin.map(|pipe| {
+        let stdin = child.stdin.filter(|_| req.stdin).map(|pipe| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let w = self.writer.clone();
             thread::spawn(move || feed_stdin(pipe, rx, w));
@@ -374,10 +405,12 @@ impl Server {
             credit: Mutex::new(proto::INITIAL_CREDIT as u64),
             credit_cv: Condvar::new(),
             stdin,
+            pty: child.pty,
             detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
-        let pipes = vec![(1u8, child.stdout), (2u8, child.stderr)];
+        let mut pipes = vec![(1u8, child.stdout)];
+        pipes.extend(child.stderr.map(|e| (2u8, e)));
         // One thread per process carries its output and its end: thread creation is
         // costly in an emulated guest kernel, and exec latency is what users feel.
         thread::spawn(move || self.run_process(id, pid, &proc, pipes));

@@ -44,6 +44,8 @@ pub struct Spec<'a> {
     pub gid: u32,
     /// Supplementary groups.
     pub groups: &'a [u32],
+    /// A terminal of (cols, rows) instead of pipes.
+    pub tty: Option<(u16, u16)>,
 }
 
 /// A started process and the host ends of its pipes.
@@ -52,14 +54,19 @@ pub struct Spawned {
     pub pid: i32,
     /// The write end of its stdin, when piped.
     pub stdin: Option<File>,
-    /// The read end of its stdout.
+    /// The read end of its stdout (a terminal's master side with a tty).
     pub stdout: File,
-    /// The read end of its stderr.
-    pub stderr: File,
+    /// The read end of its stderr (none with a tty: it goes to the terminal).
+    pub stderr: Option<File>,
+    /// The terminal's master side, to resize it.
+    pub pty: Option<File>,
 }
 
 /// Starts the process; the error is the one exec would give (NotFound and the like).
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
+    if let Some((cols, rows)) = spec.tty {
+        return spawn_pty(spec, cols, rows);
+    }
     if same_identity(spec.uid, spec.gid, spec.groups) {
         spawn_vfork(spec)
     } else {
@@ -237,7 +244,8 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
             pid,
             stdin: stdin.map(|(_, w)| File::from(w)),
             stdout: File::from(out_r),
-            stderr: File::from(err_r),
+            stderr: Some(File::from(err_r)),
+            pty: None,
         })
     }
 }
@@ -269,6 +277,59 @@ fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
         pid: child.id() as i32,
         stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
         stdout: File::from(OwnedFd::from(child.stdout.take().ok_or_else(missing)?)),
-        stderr: File::from(OwnedFd::from(child.stderr.take().ok_or_else(missing)?)),
+        stderr: Some(File::from(OwnedFd::from(child.stderr.take().ok_or_else(missing)?))),
+        pty: None,
+    })
+}
+
+/// The terminal size as the kernel takes it.
+pub fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
+    nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 }
+}
+
+/// Starts the process on a new pseudo-terminal: a new session whose controlling
+/// terminal is the pty, on all three standard descriptors.
+fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
+    let program = resolve(spec.program, spec.env, spec.dir)?;
+    let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
+    let master = File::from(pty.master);
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let slave = File::from(pty.slave);
+    let mut cmd = Command::new(&program);
+    cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir);
+    if !spec.env.iter().any(|(k, _)| k == "TERM") {
+        cmd.env("TERM", "xterm");
+    }
+    cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave.try_clone()?);
+    let (uid, gid) = (spec.uid, spec.gid);
+    let change = !same_identity(uid, gid, spec.groups);
+    let gids: Vec<nix::unistd::Gid> = spec.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
+    // SAFETY: setsid, ioctl, setgroups, setgid and setuid are async-signal-safe system
+    // calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::unistd::{Gid, Uid};
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if change {
+                nix::unistd::setgroups(&gids).map_err(io::Error::from)?;
+                nix::unistd::setgid(Gid::from_raw(gid)).map_err(io::Error::from)?;
+                nix::unistd::setuid(Uid::from_raw(uid)).map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(slave);
+    Ok(Spawned {
+        pid: child.id() as i32,
+        stdin: Some(master.try_clone()?),
+        stdout: master.try_clone()?,
+        stderr: None,
+        pty: Some(master),
     })
 }

@@ -16,9 +16,11 @@ const USAGE: &str = "\
 vmhost: boot Linux micro-VMs and drive them
 
 USAGE:
-    vmhost run [VM OPTIONS] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
-        Boot a guest, run CMD in it with its stdout and stderr on ours, and exit with
-        its exit code (125 when vmhost itself fails).
+    vmhost run [VM OPTIONS] [-t] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
+        Boot a guest, run CMD in it with our stdin fed to it and its stdout and stderr
+        on ours as they come, and exit with its exit code (125 when vmhost itself
+        fails). -t runs it on a terminal in the guest: ours in raw mode, window size
+        changes followed.
 
     vmhost host --name NAME --dir DIR [VM OPTIONS]
         Boot one guest and serve it: the control protocol on DIR/vmhost.sock (pid in
@@ -342,10 +344,11 @@ impl VmFlags {
 }
 
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
-    let usage = "usage: vmhost run [VM OPTIONS] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+    let usage = "usage: vmhost run [VM OPTIONS] [-t] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
+    let mut tty = false;
     let mut i = 0;
     let mut cmd = Vec::new();
     while i < args.len() {
@@ -361,6 +364,8 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             env.push((k.to_string(), val.to_string()));
         } else if let Some(v) = flag_value(args, &mut i, dir_flag)? {
             dir = Some(v);
+        } else if args[i] == "-t" || args[i] == "--tty" {
+            tty = true;
         } else if args[i].starts_with('-') {
             return Err(format!("run: unknown option {:?}; {usage}", args[i]));
         } else {
@@ -374,6 +379,17 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         eprintln!("vmhost: {e}");
         Ok(ExitCode::from(125))
     };
+    // A terminal: both ends must be one; window changes arrive as SIGWINCH, taken
+    // before any thread starts so that every thread leaves it to the watcher.
+    let winch = if tty {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+            return Err("run -t: stdin and stdout must be a terminal (drop -t to pipe them)".into());
+        }
+        Some(vmhost::signals::watch(&[nix::sys::signal::Signal::SIGWINCH]).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     let inst = match vmhost::Instance::new(vm.image(), vm.options.clone()) {
         Ok(i) => i,
         Err(e) => return fail(e),
@@ -386,7 +402,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     }
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let mut pipe_closed = false;
-    let code = c.stream(|stream, data| {
+    let mut forward = |stream: u8, data: &[u8]| {
         let w: &mut dyn Write = if stream == vmhost::wire::STREAM_STDERR { &mut err } else { &mut out };
         match w.write_all(data).and_then(|()| w.flush()) {
             Ok(()) => Ok(()),
@@ -398,7 +414,39 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             }
             Err(_) => Ok(()),
         }
-    });
+    };
+    let code = match winch {
+        None => c.stream_stdin(std::io::stdin(), &mut forward),
+        Some(winch) => {
+            if let Ok(term) = std::env::var("TERM") {
+                c.env("TERM", term);
+            }
+            c.tty(true);
+            let (cols, rows) = terminal_size();
+            if let Err(e) = inst.set_console(cols, rows) {
+                return fail(e);
+            }
+            let raw = RawMode::enter().map_err(|e| format!("run -t: raw mode: {e}"))?;
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let code = std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        if winch.recv_timeout(Duration::from_millis(100)).is_ok() {
+                            let (cols, rows) = terminal_size();
+                            if let Err(e) = inst.set_console(cols, rows) {
+                                log::debug!("resizing the guest terminal: {e}");
+                            }
+                        }
+                    }
+                });
+                let code = c.stream_stdin(std::io::stdin(), &mut forward);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                code
+            });
+            drop(raw);
+            code
+        }
+    };
     log::debug!("{program} ended: {code:?}");
     // The guest is thrown away: no need for its orderly shutdown.
     if let Err(e) = inst.kill() {
@@ -413,6 +461,43 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             Ok(ExitCode::from(125))
         }
         Err(e) => fail(e),
+    }
+}
+
+/// The size of our terminal (stdout), or 80x24.
+fn terminal_size() -> (u16, u16) {
+    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    let r = unsafe { nix::libc::ioctl(1, nix::libc::TIOCGWINSZ, &mut ws) };
+    if r == 0 && ws.ws_col > 0 && ws.ws_row > 0 {
+        (ws.ws_col, ws.ws_row)
+    } else {
+        (80, 24)
+    }
+}
+
+/// Our terminal in raw mode (keys go to the guest as typed, Ctrl-C included) until
+/// dropped, which restores it.
+struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    fn enter() -> nix::Result<RawMode> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin)?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw)?;
+        Ok(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.saved);
     }
 }
 

@@ -183,6 +183,12 @@ impl Instance {
         self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
     }
 
+    /// Sets the console size (columns, rows): commands on a terminal
+    /// ([`Command::tty`]) are resized at once, later ones start with it.
+    pub fn set_console(&self, cols: u16, rows: u16) -> Result<()> {
+        self.t.call(&Request::InstanceSetConsole { cols: cols as i32, rows: rows as i32 }).map(drop)
+    }
+
     /// Connects (`true`) or disconnects the guest's network. The guest is 10.0.2.15
     /// behind QEMU's user-mode NAT and reaches the host as 10.0.2.2; it starts
     /// disconnected.
@@ -224,6 +230,7 @@ impl Instance {
             env: Vec::new(),
             dir: None,
             stdio: [Stdio::Null; 3],
+            tty: false,
         }
     }
 
@@ -350,6 +357,7 @@ pub struct Command<'a> {
     env: Vec<(String, String)>,
     dir: Option<String>,
     stdio: [Stdio; 3],
+    tty: bool,
 }
 
 impl<'a> Command<'a> {
@@ -404,6 +412,14 @@ impl<'a> Command<'a> {
         self
     }
 
+    /// Runs it on a terminal in the guest (a pty, sized by [`Instance::set_console`]):
+    /// its output, stdout and stderr together, comes as stdout with the terminal's
+    /// line endings, and stdin is typed into the terminal.
+    pub fn tty(&mut self, on: bool) -> &mut Self {
+        self.tty = on;
+        self
+    }
+
     /// Creates the command handle in the helper, with env and directory applied.
     fn prepare(&self) -> Result<u64> {
         let t = &self.inst.t;
@@ -418,6 +434,9 @@ impl<'a> Command<'a> {
             }
             if let Some(d) = &self.dir {
                 t.call(&Request::CmdSetDir { handle: h, dir: d.clone() })?;
+            }
+            if self.tty {
+                t.call(&Request::CmdSetTty { handle: h, enabled: true })?;
             }
             Ok(())
         };
@@ -465,6 +484,82 @@ impl<'a> Command<'a> {
                 })?;
             let mut d = r.decoder();
             d.i32().map_err(decode("StreamEnd"))
+        })
+    }
+
+    /// Like [`Command::stream`], feeding `input` to the command's stdin as it is read
+    /// and closing it at `input`'s end. `input` is read on a thread of its own, which is
+    /// left to end by itself if the command ends first (a terminal nobody types into).
+    ///
+    /// ```no_run
+    /// use vmhost::{Image, Instance};
+    /// let vm = Instance::new(Image::Default, Default::default())?;
+    /// let mut out = Vec::new();
+    /// let code = vm.command("wc").arg("-c").stream_stdin(&b"12345"[..], |_, d| {
+    ///     out.extend_from_slice(d);
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!((code, out.as_slice()), (0, &b"5\n"[..]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stream_stdin(
+        &self,
+        mut input: impl std::io::Read + Send + 'static,
+        mut f: impl FnMut(u8, &[u8]) -> Result<()>,
+    ) -> Result<i32> {
+        use crossbeam_channel::RecvTimeoutError;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        self.with_handle(|h| {
+            let t = &self.inst.t;
+            let pipe = t
+                .call(&Request::CmdStdinPipe { handle: h })?
+                .decoder()
+                .u64()
+                .map_err(decode("CmdStdinPipe"))?;
+            let mut stdin = ChildStdin(Pipe { inst: self.inst, handle: pipe, closed: false });
+            // The reader may block for ever: a detached thread, passing chunks on.
+            let (tx, rx) = crossbeam_channel::bounded::<Option<Vec<u8>>>(4);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let chunk = match input.read(&mut buf) {
+                        Ok(0) | Err(_) => None,
+                        Ok(n) => Some(buf[..n].to_vec()),
+                    };
+                    let last = chunk.is_none();
+                    if tx.send(chunk).is_err() || last {
+                        return;
+                    }
+                }
+            });
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let writer = s.spawn(|| {
+                    loop {
+                        match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                            Ok(Some(d)) => {
+                                if std::io::Write::write_all(&mut stdin, &d).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) | Err(RecvTimeoutError::Disconnected) => break,
+                            Err(RecvTimeoutError::Timeout) if done.load(Ordering::SeqCst) => return,
+                            Err(RecvTimeoutError::Timeout) => {}
+                        }
+                    }
+                    let _ = stdin.close();
+                });
+                let r = t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
+                    if ty != msg::STREAM_CHUNK {
+                        return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
+                    }
+                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
+                    f(chunk.stream, &chunk.data)
+                });
+                done.store(true, Ordering::SeqCst);
+                let _ = writer.join();
+                r.and_then(|r| r.decoder().i32().map_err(decode("StreamEnd")))
+            })
         })
     }
 

@@ -277,7 +277,7 @@ fn serve_pipe(
     match req {
         Request::FileClose { .. } => {
             files.lock().remove(h, "file")?;
-            slot.close(stream)?;
+            slot.close(stream, cancelled)?;
             Ok(Reply::ok())
         }
         Request::FileRead { max, .. } if stream != 0 => {
@@ -288,7 +288,7 @@ fn serve_pipe(
         }
         Request::FileRead { .. } => wrong("FileRead (stdin is write-only)"),
         Request::FileWrite { data, .. } if stream == 0 => {
-            slot.io()?.write_stdin(&data)?;
+            slot.write_stdin(&data, cancelled)?;
             Ok(Reply::with(|e| {
                 e.u32(data.len() as u32);
             }))

@@ -99,6 +99,8 @@ struct Cmd {
     done: Condvar,
     /// Its pipe requests and, once started with any, its I/O.
     pipes: Arc<PipeSlot>,
+    /// Run on a terminal (CmdSetTty).
+    tty: std::sync::atomic::AtomicBool,
 }
 
 impl Cmd {
@@ -111,10 +113,12 @@ impl Cmd {
                 dir: String::new(),
                 user: user.to_string(),
                 stdin: false,
+                tty: None,
             }),
             run: Mutex::new(RunState::NotStarted),
             done: Condvar::new(),
             pipes: Arc::new(PipeSlot::default()),
+            tty: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -133,7 +137,8 @@ impl Cmd {
     /// Starts the process; its events are consumed by [`Cmd::finish`] or by the caller.
     /// The state lock is not held while the agent starts it, so Kill, ExitCode and Wait
     /// on the same handle answer meanwhile.
-    fn start(&self, vm: &QemuVm) -> Result<Arc<Process>, ErrorFrame> {
+    fn start(&self, inst: &Instance) -> Result<Arc<Process>, ErrorFrame> {
+        let vm = &inst.vm;
         {
             let mut run = self.run.lock();
             if !matches!(*run, RunState::NotStarted) {
@@ -146,16 +151,28 @@ impl Cmd {
             *run = RunState::Starting;
         }
         let mut spec = self.spec.lock().clone();
-        spec.stdin = self.pipes.wants.lock().stdin;
+        spec.stdin = self.pipes.begin_start().stdin;
+        let tty = self.tty.load(std::sync::atomic::Ordering::SeqCst);
+        if tty {
+            let (cols, rows) = *inst.console.lock();
+            spec.tty = Some((cols.clamp(1, 10_000) as u16, rows.clamp(1, 10_000) as u16));
+        }
         let started = vm.agent().and_then(|agent| agent.exec(&spec));
         let mut run = self.run.lock();
         match started {
             Ok(p) => {
                 let p = Arc::new(p);
                 *run = RunState::Running(p.clone());
+                self.pipes.end_start(Some(p.clone()));
+                if tty {
+                    let mut ttys = inst.ttys.lock();
+                    ttys.retain(|w| w.strong_count() > 0);
+                    ttys.push(Arc::downgrade(&p));
+                }
                 Ok(p)
             }
             Err(e) => {
+                self.pipes.end_start(None);
                 *run = RunState::Failed(e.to_string());
                 self.done.notify_all();
                 Err(frame(&e, &spec.program))
@@ -243,6 +260,8 @@ struct Instance {
     cmds: Mutex<Table<Arc<Cmd>>>,
     files: super::fs::Files,
     console: Mutex<(i32, i32)>,
+    /// Running commands on a terminal, resized with the console.
+    ttys: Mutex<Vec<std::sync::Weak<Process>>>,
 }
 
 /// The helper-protocol service of one helper process.
@@ -364,6 +383,7 @@ fn new_instance(vm: QemuVm, user: String) -> Instance {
         cmds: Mutex::new(Table::new()),
         files: Mutex::new(Table::new()),
         console: Mutex::new((80, 24)),
+        ttys: Mutex::new(Vec::new()),
     }
 }
 
@@ -454,28 +474,51 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
                 ));
             }
             *inst.console.lock() = (cols, rows);
+            let live: Vec<Arc<Process>> =
+                inst.ttys.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
+            for p in live {
+                if let Err(e) = p.resize(cols as u16, rows as u16) {
+                    log::debug!("resizing a guest terminal: {e}"); // it may just have exited
+                }
+            }
             Ok(Reply::ok())
         }
         Request::InstanceSetNetwork { enabled } => {
             vm.set_network(enabled).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
         }
         Request::InstanceExec { name, args } => {
-            // The main process: its output goes to our stderr (the instance's console as
-            // the host program sees it); answered when it exits.
+            // The main process, attached to the console: a terminal in the guest sized by
+            // InstanceSetConsole, our stdin typed into it, its output on our stdout.
+            // Answered with its exit code when it exits.
             let c = Cmd::new(name, args, &inst.user);
-            let p = c.start(vm)?;
-            let code = p
-                .drain_until(
-                    |_, data| {
-                        use std::io::Write;
-                        let _ = std::io::stderr().write_all(data);
-                        Ok(())
-                    },
-                    &call.canceller(),
-                )
-                .map_err(|e| frame(&e, ""))?;
+            c.tty.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(term) = std::env::var("TERM") {
+                c.set_env("TERM", &term);
+            }
+            c.pipes.want(0)?;
+            let p = c.start(inst)?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let typist = {
+                let (p, stop) = (p.clone(), stop.clone());
+                std::thread::spawn(move || forward_console_input(&p, &stop))
+            };
+            let code = p.drain_until(
+                |_, data| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(data).and_then(|()| out.flush());
+                    Ok(())
+                },
+                &call.canceller(),
+            );
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = typist.join();
+            c.record(&code);
+            let code = code.map_err(|e| frame(&e, ""))?;
             log::info!("InstanceExec main process exited with {code}");
-            Ok(Reply::ok())
+            Ok(Reply::with(|e| {
+                e.i32(code);
+            }))
         }
         Request::CmdNew { name, args } => {
             let h = st.handle();
@@ -528,8 +571,8 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         Request::CmdStart { handle } => {
             // Output goes to the pipes the client asked for, the rest is discarded.
             let c = cmd(handle)?;
-            let p = c.start(vm)?;
-            let wants = *c.pipes.wants.lock();
+            let p = c.start(inst)?;
+            let wants = c.pipes.wants();
             let end = c.clone();
             let io = CmdIo::start(p, wants, move |r| end.record(&r));
             *c.pipes.io.lock() = Some(io);
@@ -543,7 +586,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         }
         Request::CmdRun { handle } => {
             let c = cmd(handle)?;
-            let p = c.start(vm)?;
+            let p = c.start(inst)?;
             let (code, _) = c.finish(&p, Sink::Discard, &call.canceller())?;
             Ok(Reply::with(|e| {
                 e.i32(code);
@@ -552,7 +595,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         Request::CmdOutput { handle } | Request::CmdCombinedOutput { handle } => {
             let combined = matches!(req, Request::CmdCombinedOutput { .. });
             let c = cmd(handle)?;
-            let p = c.start(vm)?;
+            let p = c.start(inst)?;
             let sink = if combined { Sink::Combined(Vec::new()) } else { Sink::Stdout(Vec::new()) };
             let (code, sink) = c.finish(&p, sink, &call.canceller())?;
             let out = match sink {
@@ -583,9 +626,17 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
                 None => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not running")),
             }
         }
+        Request::CmdSetTty { handle, enabled } => {
+            let c = cmd(handle)?;
+            if !matches!(*c.run.lock(), RunState::NotStarted) {
+                return Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command already started"));
+            }
+            c.tty.store(enabled, std::sync::atomic::Ordering::SeqCst);
+            Ok(Reply::ok())
+        }
         Request::CmdRunStreaming { handle } => {
             let c = cmd(handle)?;
-            let p = c.start(vm)?;
+            let p = c.start(inst)?;
             let cancelled = call.canceller();
             let mut client_gone = None;
             let result = p.drain_until(
@@ -623,7 +674,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
                     "pipes must be asked for before the command starts",
                 ));
             }
-            c.pipes.wants.lock().add(stream)?;
+            c.pipes.want(stream)?;
             let h = st.handle();
             let pipe = super::fs::HostFile::Pipe { slot: c.pipes.clone(), stream, cmd: handle };
             inst.files.lock().insert(h, Arc::new(pipe));
@@ -632,5 +683,31 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             }))
         }
         other => Err(not_yet(other.name())),
+    }
+}
+
+/// Types our stdin into the console's process until `stop`; EOF on our stdin sends
+/// nothing (a terminal has no EOF of its own: the user types Ctrl-D).
+fn forward_console_input(p: &Process, stop: &std::sync::atomic::AtomicBool) {
+    // Raw reads of fd 0: std's buffered Stdin could hold bytes that poll cannot see.
+    let fd = 0;
+    let mut buf = [0u8; 4096];
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut pfd = nix::libc::pollfd { fd, events: nix::libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { nix::libc::poll(&mut pfd, 1, 100) };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: read into a buffer we own, at most its length.
+        let r = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(r) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if p.write_stdin(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }

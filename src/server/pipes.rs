@@ -47,41 +47,134 @@ impl Wants {
     }
 }
 
+/// Where a command is in its start, as its pipes see it.
+enum Phase {
+    NotStarted,
+    Starting,
+    Started(Arc<Process>),
+    /// It failed to start, or ran through a message that takes no pipes' I/O.
+    Failed,
+}
+
+struct SlotState {
+    wants: Wants,
+    phase: Phase,
+}
+
 /// A command's pipe requests and, once it runs, its I/O: shared by the command and
-/// its pipe handles.
-#[derive(Default)]
+/// its pipe handles. Stdin writes made before the start wait for it, as writes to a
+/// pipe whose reader has not started would.
 pub(super) struct PipeSlot {
-    pub wants: Mutex<Wants>,
+    st: Mutex<SlotState>,
+    cv: Condvar,
+    /// The output side, once started by CmdStart.
     pub io: Mutex<Option<Arc<CmdIo>>>,
 }
 
+impl Default for PipeSlot {
+    fn default() -> PipeSlot {
+        PipeSlot {
+            st: Mutex::new(SlotState { wants: Wants::default(), phase: Phase::NotStarted }),
+            cv: Condvar::new(),
+            io: Mutex::new(None),
+        }
+    }
+}
+
 impl PipeSlot {
-    /// The running command's I/O.
+    /// Records a pipe request (0 stdin, 1 stdout, 2 stderr): only before the start.
+    pub fn want(&self, stream: u8) -> Result<(), ErrorFrame> {
+        let mut st = self.st.lock();
+        if !matches!(st.phase, Phase::NotStarted) {
+            return Err(ErrorFrame::new(
+                ErrorCode::InvalidArgument,
+                "",
+                "pipes must be asked for before the command starts",
+            ));
+        }
+        st.wants.add(stream)
+    }
+
+    /// The pipes asked for.
+    pub fn wants(&self) -> Wants {
+        self.st.lock().wants
+    }
+
+    /// The start begins: the pipes asked for are fixed from here on.
+    pub fn begin_start(&self) -> Wants {
+        let mut st = self.st.lock();
+        st.phase = Phase::Starting;
+        st.wants
+    }
+
+    /// The start ended: the process, or None when it failed.
+    pub fn end_start(&self, p: Option<Arc<Process>>) {
+        self.st.lock().phase = p.map_or(Phase::Failed, Phase::Started);
+        self.cv.notify_all();
+    }
+
+    /// The running process, waiting for the start if it has not happened yet.
+    fn process(&self, cancelled: &dyn Fn() -> bool) -> Result<Arc<Process>, ErrorFrame> {
+        let mut st = self.st.lock();
+        loop {
+            match &st.phase {
+                Phase::Started(p) => return Ok(p.clone()),
+                Phase::Failed => {
+                    return Err(ErrorFrame::new(ErrorCode::NotRunning, "", "the command did not start"))
+                }
+                Phase::NotStarted | Phase::Starting => {
+                    if cancelled() {
+                        return Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
+                    }
+                    self.cv.wait_for(&mut st, Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// The output side (only CmdStart gives one).
     pub fn io(&self) -> Result<Arc<CmdIo>, ErrorFrame> {
         self.io.lock().clone().ok_or_else(|| {
             ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not started (CmdStart it first)")
         })
     }
 
+    /// Writes to the process's stdin, once it has started.
+    pub fn write_stdin(&self, data: &[u8], cancelled: &dyn Fn() -> bool) -> Result<(), ErrorFrame> {
+        self.process(cancelled)?.write_stdin(data).map_err(|e| stdin_error(&e))
+    }
+
     /// The pipe handle of `stream` was closed: before the start that withdraws the
-    /// request (the stream is discarded, stdin is empty); after it, EOF or discard.
-    pub fn close(&self, stream: u8) -> Result<(), ErrorFrame> {
-        let io = self.io.lock().clone();
-        match (io, stream) {
-            (None, s) => {
-                let mut w = self.wants.lock();
-                match s {
-                    0 => w.stdin = false,
-                    1 => w.stdout = false,
-                    _ => w.stderr = false,
+    /// request (the stream is discarded, stdin is empty); after it, EOF or discard. A
+    /// process that already ended is no error.
+    pub fn close(&self, stream: u8, cancelled: &dyn Fn() -> bool) -> Result<(), ErrorFrame> {
+        {
+            let mut st = self.st.lock();
+            if matches!(st.phase, Phase::NotStarted) {
+                match stream {
+                    0 => st.wants.stdin = false,
+                    1 => st.wants.stdout = false,
+                    _ => st.wants.stderr = false,
                 }
-                Ok(())
+                return Ok(());
             }
-            (Some(io), 0) => io.close_stdin(),
-            (Some(io), s) => {
-                io.close_reader(s);
-                Ok(())
+        }
+        if stream != 0 {
+            if let Some(io) = self.io.lock().clone() {
+                io.close_reader(stream);
             }
+            return Ok(());
+        }
+        let process = match self.process(cancelled) {
+            Ok(p) => p,
+            Err(ef) if ef.code == ErrorCode::NotRunning => return Ok(()),
+            Err(ef) => return Err(ef),
+        };
+        match process.close_stdin() {
+            Ok(()) => Ok(()),
+            Err(Error::Remote(ef)) if ef.code == ErrorCode::InvalidHandle => Ok(()), // it exited
+            Err(Error::Closed) => Ok(()),
+            Err(e) => Err(stdin_error(&e)),
         }
     }
 }
@@ -192,22 +285,6 @@ impl CmdIo {
         self.cv.notify_all();
         if n > 0 {
             self.process.grant(n as u32);
-        }
-    }
-
-    /// Writes to the process's stdin.
-    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ErrorFrame> {
-        self.process.write_stdin(data).map_err(|e| stdin_error(&e))
-    }
-
-    /// Sends EOF to the process's stdin. A process that already ended is no error.
-    pub fn close_stdin(&self) -> Result<(), ErrorFrame> {
-        if self.state.lock().ended {
-            return Ok(());
-        }
-        match self.process.close_stdin() {
-            Err(Error::Remote(ef)) if ef.code == ErrorCode::InvalidHandle => Ok(()), // just exited
-            r => r.map_err(|e| stdin_error(&e)),
         }
     }
 }

@@ -357,6 +357,13 @@ impl Process {
         self.link.request(proto::STDIN, e.as_bytes(), None).map(drop)
     }
 
+    /// Resizes the process's terminal (it must have been started with a tty).
+    pub fn resize(&self, cols: u16, rows: u16) -> Result<()> {
+        let mut e = Encoder::new();
+        e.u32(self.id).u16(cols).u16(rows);
+        self.link.request(proto::RESIZE, e.as_bytes(), Some(Duration::from_secs(10))).map(drop)
+    }
+
     /// Sends `signal` to the process's group.
     pub fn signal(&self, signal: i32) -> Result<()> {
         let mut e = Encoder::new();

@@ -20,6 +20,12 @@
 //! [`EXEC`]'s id also names the process for the rest of its life: its output comes as
 //! [`OUTPUT`] frames and its end as one [`EXIT`] frame, all with that id.
 //!
+//! Filesystem requests ([`FS`]) carry a helper-protocol Fs*/File* message whole, with
+//! the agent's own file handles, and are answered with that message's response fields
+//! (see [`crate::agent::fs`]); they are served off the read loop, so a slow one does
+//! not hold the others. A process started with a terminal ([`ExecRequest::tty`]) is
+//! resized with [`RESIZE`].
+//!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
 //! [`CREDIT`] as its consumer takes the data. Standard input is paced by the replies:

@@ -60,7 +60,7 @@ fn main() {
     let bare = || -> f64 {
         let t = Instant::now();
         let st = Command::new(&qemu)
-            .args(["-M", "microvm,acpi=off", "-accel", accel.as_str(), "-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+            .args(["-M", "microvm,acpi=off", "-accel", accel.as_str(), "-cpu", &vmhost::vm::qemu::cpu_model(accel)])
             .args(["-m", "256M", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel"])
             .arg(&minimal.vmlinux)
             .arg("-initrd")

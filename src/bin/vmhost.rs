@@ -68,6 +68,7 @@ ENVIRONMENT:
     VMHOST_KERNEL       kernel to boot (vmlinux or bzImage); VMHOST_MODULES its modules dir
     VMHOST_AGENT        the static guest agent (scripts/build-agent.sh builds it)
     VMHOST_ACCEL        kvm, tcg or auto (default: kvm where hardware virtualization exists)
+    VMHOST_CPU          QEMU -cpu model (default: host with kvm, max,-erms,-fsrm with tcg)
     XDG_CACHE_HOME      cache root (kernels, images, initramfs): $XDG_CACHE_HOME/vmhost
     VMHOST_LOG          log filter (error, warn, info, debug, trace; default warn)
     VMHOST_HELPER_PATH  the helper binary a library client starts

@@ -375,7 +375,7 @@ impl QemuVm {
             }
             thread::sleep(Duration::from_millis(5));
         }
-        let stream = unix::dial(&qmp_path, Duration::from_secs(10))?;
+        let stream = self.dial_socket(&qmp_path)?;
         let q = qmp::Client::connect(stream, Duration::from_secs(30)).map_err(Error::Qmp)?;
         // No network until asked for: the link is down before the guest boots.
         q.execute_raw(
@@ -385,11 +385,30 @@ impl QemuVm {
         )
         .map_err(Error::Qmp)?;
         let _ = sh.qmp.set(q);
-        let stream = unix::dial(&agent_path, Duration::from_secs(10))?;
+        let stream = self.dial_socket(&agent_path)?;
         let link = AgentLink::connect(stream, cfg.boot_timeout)?;
         let _ = sh.agent.set(link);
         log::info!("{} booted in {:?} ({})", sh.id, start.elapsed(), sh.accel.as_str());
         Ok(())
+    }
+
+    /// Connects to one of QEMU's listening sockets. The file appears at bind(2) and
+    /// connections are refused until listen(2): a refusal is retried while QEMU runs
+    /// (for at most 10 s).
+    fn dial_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixStream> {
+        let start = Instant::now();
+        loop {
+            match unix::dial(path, Duration::from_secs(10)) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && !self.shared.state.lock().is_final()
+                        && start.elapsed() < Duration::from_secs(10) =>
+                {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
     }
 
     fn boot_error(&self, e: Error) -> Error {

@@ -30,6 +30,35 @@ fn run_feeds_its_stdin_to_the_guest_command() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "<one>\n<two>\nend\n");
     assert!(out.status.success());
+
+    // -n: nothing is fed (the command reads /dev/null), even from a pipe.
+    let mut child = Command::new(common::vmhost_bin())
+        .args(["run", "-n", "--", "sh", "-c", "cat; echo end"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"not for the guest\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
+}
+
+#[test]
+fn input_to_a_command_that_left_a_child_behind_does_not_hang() {
+    if !vm_ready("input_to_a_command_that_left_a_child_behind_does_not_hang") {
+        return;
+    }
+    // sh exits at once; its background sleep keeps the stdin pipe and never reads it.
+    // Endless input must not keep the call waiting for the sleep.
+    let vm = Instance::new_in_process(Image::Default, Default::default()).unwrap();
+    let t = std::time::Instant::now();
+    let code = vm
+        .command("sh")
+        .args(["-c", "sleep 60 & exit 3"])
+        .stream_stdin(std::io::repeat(b'y'), |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(code, 3);
+    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
 }
 
 #[test]
@@ -93,6 +122,24 @@ fn set_console_resizes_a_running_terminal() {
     assert!(text.starts_with("20 70\r\n"), "{text:?}");
     assert!(text.contains("41 120"), "no resize seen: {text:?}");
     assert_eq!(code, 0, "{text:?}");
+
+    // The end of input on a terminal is its EOF character: cat ends, with or without
+    // a final newline.
+    for input in [&b"abc\n"[..], &b"no newline"[..]] {
+        let mut seen = Vec::new();
+        let code = vm
+            .command("cat")
+            .tty(true)
+            .stream_stdin(input, |_, d| {
+                seen.extend_from_slice(d);
+                Ok(())
+            })
+            .unwrap();
+        let seen = String::from_utf8_lossy(&seen).into_owned();
+        assert_eq!(code, 0, "{seen:?}");
+        let first = String::from_utf8_lossy(input).trim_end().to_string();
+        assert!(seen.contains(&first), "{seen:?}");
+    }
 }
 
 #[test]

@@ -77,6 +77,22 @@ fn guest_path(p: &str) -> Result<PathBuf, FsError> {
     Ok(Path::new("/").join(p))
 }
 
+/// `p` with `.` and `..` resolved lexically (symlinks are not followed).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn cpath(p: &Path) -> Result<CString, FsError> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| invalid("NUL byte in path"))
 }
@@ -192,7 +208,17 @@ impl Files {
             Request::FsRemoveAll { path } => {
                 // Go's os.RemoveAll: everything under it; a missing path is no error.
                 let p = guest_path(&path)?;
-                if p == Path::new("/") {
+                // Go refuses a path ending in "." or ".." (EINVAL); and whatever spelling
+                // names the root ("/", "/tmp/..", "a/../") is refused.
+                if path
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|last| last == "." || last == "..")
+                {
+                    return Err(invalid(format!("{path}: a path ending in . or .. cannot be removed")));
+                }
+                if normalize(&p) == Path::new("/") {
                     return Err(invalid("refusing to remove the guest's whole root"));
                 }
                 let r = match std::fs::symlink_metadata(&p) {

@@ -117,6 +117,8 @@ struct Proc {
     stdin: Option<Sender<(u32, Vec<u8>)>>,
     /// The terminal's master side, for a process started on one.
     pty: Option<File>,
+    /// Set when the process has exited: its stdin feeder gives up on a full pipe.
+    ended: Arc<std::sync::atomic::AtomicBool>,
     /// Set once the process's Exit was sent: output after it (from children that kept
     /// the pipes) is read and dropped, so they never block on a full pipe.
     detached: std::sync::atomic::AtomicBool,
@@ -318,7 +320,12 @@ impl Server {
     fn dispatch_fs(self: &Arc<Self>, f: proto::Frame) {
         use std::sync::atomic::Ordering;
         let pool = &self.fs_pool;
-        if pool.idle.load(Ordering::SeqCst) == 0 && pool.workers.load(Ordering::SeqCst) < MAX_FS_WORKERS {
+        let _ = pool.tx.send(f);
+        // More requests waiting than idle workers to take them (an idle worker counts
+        // as idle until it has taken one): one more worker.
+        if pool.rx.len() > pool.idle.load(Ordering::SeqCst)
+            && pool.workers.load(Ordering::SeqCst) < MAX_FS_WORKERS
+        {
             pool.workers.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
             thread::spawn(move || loop {
@@ -331,7 +338,6 @@ impl Server {
                 }
             });
         }
-        let _ = pool.tx.send(f);
     }
 
     fn serve_fs(&self, f: proto::Frame) {
@@ -394,10 +400,12 @@ impl Server {
             None => (ErrorCode::Unknown, e.to_string()),
         })?;
         let pid = child.pid;
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tty = req.tty.is_some();
         let stdin = child.stdin.filter(|_| req.stdin).map(|pipe| {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let w = self.writer.clone();
-            thread::spawn(move || feed_stdin(pipe, rx, w));
+            let (w, ended) = (self.writer.clone(), ended.clone());
+            thread::spawn(move || feed_stdin(pipe, rx, w, ended, tty));
             tx
         });
         let proc = Arc::new(Proc {
@@ -406,6 +414,7 @@ impl Server {
             credit_cv: Condvar::new(),
             stdin,
             pty: child.pty,
+            ended,
             detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
@@ -456,6 +465,7 @@ impl Server {
             }
             if fds.len() > pipes.len() && fds[pipes.len()].revents != 0 {
                 exited_at = Some(Instant::now());
+                proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             if pidfd.is_none() && exited_at.is_none() && matches!(spawn::wait(pid, true), Ok(Some(_))) {
                 exited_at = Some(Instant::now());
@@ -475,6 +485,7 @@ impl Server {
                 pipes.remove(i);
             }
         }
+        proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         let status =
             spawn::wait(pid, false).and_then(|s| s.ok_or_else(|| std::io::Error::other("still running")));
         proc.detach();
@@ -523,15 +534,70 @@ fn send_output(stream: u8, id: u32, data: &[u8], proc: &Proc, w: &Writer) {
 }
 
 /// Writes stdin chunks in order, answering each request when it is written.
-fn feed_stdin(mut pipe: File, rx: Receiver<(u32, Vec<u8>)>, w: Writer) {
+/// Writes a process's stdin as the host sends it, each chunk answered once written.
+/// The pipe is non-blocking and polled, so that a process that stops reading (or a
+/// leftover child holding the pipe) cannot hold the feeder once the process has ended:
+/// then pending chunks are answered AlreadyClosed. On a terminal, the end of input is
+/// the terminal's EOF character (typed twice when a line is pending), as a user would.
+fn feed_stdin(
+    pipe: File,
+    rx: Receiver<(u32, Vec<u8>)>,
+    w: Writer,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+    tty: bool,
+) {
+    use std::os::fd::AsRawFd;
+    let fd = pipe.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = nix::libc::fcntl(fd, nix::libc::F_GETFL);
+        nix::libc::fcntl(fd, nix::libc::F_SETFL, fl | nix::libc::O_NONBLOCK);
+    }
+    let mut last = b'\n';
+    let write_all = |data: &[u8]| -> Result<(), String> {
+        let mut done = 0;
+        while done < data.len() {
+            // SAFETY: write from a live slice.
+            let n = unsafe { nix::libc::write(fd, data[done..].as_ptr().cast(), data.len() - done) };
+            if n >= 0 {
+                done += n as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock => {
+                    if ended.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err("the process has exited; its stdin is closed".into());
+                    }
+                    let mut pfd = nix::libc::pollfd { fd, events: nix::libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    unsafe { nix::libc::poll(&mut pfd, 1, 200) };
+                }
+                _ => return Err(format!("write stdin: {e}")),
+            }
+        }
+        Ok(())
+    };
     while let Ok((req, data)) = rx.recv() {
         if data.is_empty() {
+            if tty {
+                let eof = nix::sys::termios::tcgetattr(&pipe).map_or(4, |t| t.control_chars[nix::libc::VEOF]);
+                let times = if last == b'\n' || last == eof { 1 } else { 2 };
+                let _ = write_all(&vec![eof; times]);
+            }
             w.ok(req, &[]);
             return; // dropping the pipe closes the process's stdin
         }
-        match pipe.write_all(&data) {
-            Ok(()) => w.ok(req, &[]),
-            Err(e) => w.error(req, ErrorCode::Io, &format!("write stdin: {e}")),
+        match write_all(&data) {
+            Ok(()) => {
+                last = *data.last().unwrap_or(&last);
+                w.ok(req, &[])
+            }
+            Err(m) if ended.load(std::sync::atomic::Ordering::SeqCst) => {
+                w.error(req, ErrorCode::AlreadyClosed, &m)
+            }
+            Err(m) => w.error(req, ErrorCode::Io, &m),
         }
     }
 }

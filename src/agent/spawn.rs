@@ -153,15 +153,34 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// posix_spawn's attribute and file-action objects, destroyed on drop.
+/// posix_spawn's attribute and file-action objects, both initialised; destroyed on drop.
 struct SpawnObjects {
     attr: libc::posix_spawnattr_t,
     actions: libc::posix_spawn_file_actions_t,
 }
 
+impl SpawnObjects {
+    fn new() -> io::Result<Box<SpawnObjects>> {
+        // SAFETY: both objects are initialised by their init functions before a
+        // SpawnObjects exists (whose drop destroys them); on a failed init, what was
+        // initialised is destroyed here and nothing else is.
+        unsafe {
+            let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+            check(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
+            let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+            if let Err(e) = check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr())) {
+                libc::posix_spawnattr_destroy(attr.as_mut_ptr());
+                return Err(e);
+            }
+            // Boxed: the objects stay at one address from here on.
+            Ok(Box::new(SpawnObjects { attr: attr.assume_init(), actions: actions.assume_init() }))
+        }
+    }
+}
+
 impl Drop for SpawnObjects {
     fn drop(&mut self) {
-        // SAFETY: both were initialised in spawn_vfork before this value existed.
+        // SAFETY: both were initialised in SpawnObjects::new.
         unsafe {
             libc::posix_spawnattr_destroy(&mut self.attr);
             libc::posix_spawn_file_actions_destroy(&mut self.actions);
@@ -201,14 +220,8 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
     // SpawnObjects' drop; every pointer handed to posix_spawn (path, argv, envp and the
     // strings they point to, the descriptors) outlives the call, which returns only
     // after the child has exec'd or failed to.
+    let mut o = SpawnObjects::new()?;
     unsafe {
-        let mut o: SpawnObjects = std::mem::zeroed();
-        check(libc::posix_spawnattr_init(&mut o.attr))?;
-        if let Err(e) = check(libc::posix_spawn_file_actions_init(&mut o.actions)) {
-            libc::posix_spawnattr_destroy(&mut o.attr);
-            std::mem::forget(o);
-            return Err(e);
-        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -293,9 +306,12 @@ fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
     let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
     let master = File::from(pty.master);
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::F_SETFD, libc::FD_CLOEXEC) };
     let slave = File::from(pty.slave);
+    // Both ends close on exec: only the copies placed on 0, 1 and 2 reach the program.
+    for f in [&master, &slave] {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let mut cmd = Command::new(&program);
     cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir);

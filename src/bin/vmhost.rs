@@ -16,11 +16,12 @@ const USAGE: &str = "\
 vmhost: boot Linux micro-VMs and drive them
 
 USAGE:
-    vmhost run [VM OPTIONS] [-t] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
-        Boot a guest, run CMD in it with our stdin fed to it and its stdout and stderr
-        on ours as they come, and exit with its exit code (125 when vmhost itself
-        fails). -t runs it on a terminal in the guest: ours in raw mode, window size
-        changes followed.
+    vmhost run [VM OPTIONS] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
+        Boot a guest, run CMD in it with its stdout and stderr on ours as they come,
+        and exit with its exit code (125 when vmhost itself fails). Our stdin is fed to
+        CMD when it is a pipe or a file (-i: from a terminal too; -n: never; else CMD
+        reads /dev/null). -t runs CMD on a terminal in the guest: ours in raw mode,
+        keys typed into it, window size changes followed.
 
     vmhost host --name NAME --dir DIR [VM OPTIONS]
         Boot one guest and serve it: the control protocol on DIR/vmhost.sock (pid in
@@ -345,11 +346,14 @@ impl VmFlags {
 }
 
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
-    let usage = "usage: vmhost run [VM OPTIONS] [-t] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+    let usage = "usage: vmhost run [VM OPTIONS] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
     let mut tty = false;
+    // Our stdin goes to the command when it is not a terminal (piped or redirected),
+    // with -i also from a terminal, never with -n (like ssh -n).
+    let mut stdin_mode = None;
     let mut i = 0;
     let mut cmd = Vec::new();
     while i < args.len() {
@@ -367,6 +371,10 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             dir = Some(v);
         } else if args[i] == "-t" || args[i] == "--tty" {
             tty = true;
+        } else if args[i] == "-i" || args[i] == "--interactive" {
+            stdin_mode = Some(true);
+        } else if args[i] == "-n" || args[i] == "--no-stdin" {
+            stdin_mode = Some(false);
         } else if args[i].starts_with('-') {
             return Err(format!("run: unknown option {:?}; {usage}", args[i]));
         } else {
@@ -416,8 +424,13 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             Err(_) => Ok(()),
         }
     };
+    let feed_stdin = stdin_mode.unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        !std::io::stdin().is_terminal()
+    });
     let code = match winch {
-        None => c.stream_stdin(std::io::stdin(), &mut forward),
+        None if feed_stdin => c.stream_stdin(std::io::stdin(), &mut forward),
+        None => c.stream(&mut forward),
         Some(winch) => {
             if let Ok(term) = std::env::var("TERM") {
                 c.env("TERM", term);

@@ -198,7 +198,12 @@ impl<'a> Fs<'a> {
     /// Removes a directory and everything in it.
     pub fn remove_dir_all(&self, path: impl AsRef<Path>) -> Result<()> {
         let p = path_str(path.as_ref())?;
-        if !self.symlink_metadata(&p)?.is_dir() {
+        let m = self.symlink_metadata(&p)?;
+        if m.is_symlink() {
+            // As std: the link goes, not what it points to.
+            return self.call(Request::FsRemove { path: p }).map(drop);
+        }
+        if !m.is_dir() {
             let ef =
                 wire::ErrorFrame::new(wire::ErrorCode::Io, "FsRemoveAll", "Not a directory").with_path(p);
             return Err(Error::Remote(ef));

@@ -42,6 +42,18 @@ fn ask(agent: &AgentLink, req: &Request, path: &str) -> Result<Vec<u8>, ErrorFra
     agent.fs(req).map_err(|e| frame(&e, path))
 }
 
+/// Sends a request on a file the helper's table knew: if the guest no longer has it,
+/// a concurrent FileClose closed it.
+fn ask_open(agent: &AgentLink, req: &Request) -> Result<Vec<u8>, ErrorFrame> {
+    ask(agent, req, "").map_err(|mut ef| {
+        if ef.code == ErrorCode::InvalidHandle {
+            ef.code = ErrorCode::AlreadyClosed;
+            ef.message = "the file was closed".into();
+        }
+        ef
+    })
+}
+
 fn decode_u64(answer: &[u8], what: &str) -> Result<u64, ErrorFrame> {
     Decoder::new(answer).u64().map_err(|e| {
         ErrorFrame::new(ErrorCode::Unknown, "", format!("bad {what} answer from the guest: {e}"))
@@ -134,7 +146,8 @@ fn read_through_handle(agent: &AgentLink, path: &str) -> Result<Vec<u8>, ErrorFr
 fn write_chunks(agent: &AgentLink, a: u64, data: &[u8], path: &str) -> Result<u64, ErrorFrame> {
     let mut written = 0u64;
     for chunk in data.chunks(MAX_CHUNK - 64) {
-        let answer = ask(agent, &Request::FileWrite { handle: a, data: chunk.to_vec() }, path)?;
+        let answer = ask_open(agent, &Request::FileWrite { handle: a, data: chunk.to_vec() })
+            .map_err(|ef| if ef.path.is_empty() { ef.with_path(path) } else { ef })?;
         written += Decoder::new(&answer).u32().unwrap_or(0) as u64;
     }
     Ok(written)
@@ -188,7 +201,10 @@ pub(super) fn serve(
             }
             r => fields(r?),
         },
-        Request::FsWriteFile { ref path, ref data, perm } if data.len() > MAX_CHUNK - 1024 => {
+        // What does not fit in one agent frame goes through a handle.
+        Request::FsWriteFile { ref path, ref data, perm }
+            if 2 + 4 + path.len() + 4 + data.len() + 4 > MAX_CHUNK =>
+        {
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
             let open = Request::FsOpenFile { path: path.clone(), flags, perm };
             let a = decode_u64(&ask(agent, &open, path)?, "FsOpenFile")?;
@@ -224,7 +240,7 @@ pub(super) fn serve(
         Request::FileRead { handle, max } => {
             let a = agent_handle(files, handle)?;
             let max = max.min(MAX_CHUNK as u32);
-            fields(ask(agent, &Request::FileRead { handle: a, max }, "")?)
+            fields(ask_open(agent, &Request::FileRead { handle: a, max })?)
         }
         Request::FileWrite { handle, data } => {
             let a = agent_handle(files, handle)?;
@@ -235,23 +251,23 @@ pub(super) fn serve(
         }
         Request::FileSeek { handle, offset, whence } => {
             let a = agent_handle(files, handle)?;
-            fields(ask(agent, &Request::FileSeek { handle: a, offset, whence }, "")?)
+            fields(ask_open(agent, &Request::FileSeek { handle: a, offset, whence })?)
         }
         Request::FileSync { handle } => {
             let a = agent_handle(files, handle)?;
-            fields(ask(agent, &Request::FileSync { handle: a }, "")?)
+            fields(ask_open(agent, &Request::FileSync { handle: a })?)
         }
         Request::FileTruncate { handle, size } => {
             let a = agent_handle(files, handle)?;
-            fields(ask(agent, &Request::FileTruncate { handle: a, size }, "")?)
+            fields(ask_open(agent, &Request::FileTruncate { handle: a, size })?)
         }
         Request::FileStat { handle } => {
             let a = agent_handle(files, handle)?;
-            fields(ask(agent, &Request::FileStat { handle: a }, "")?)
+            fields(ask_open(agent, &Request::FileStat { handle: a })?)
         }
         Request::FileName { handle } => {
             let a = agent_handle(files, handle)?;
-            fields(ask(agent, &Request::FileName { handle: a }, "")?)
+            fields(ask_open(agent, &Request::FileName { handle: a })?)
         }
         other => Err(ErrorFrame::new(
             ErrorCode::InvalidArgument,
@@ -281,7 +297,7 @@ fn serve_pipe(
             Ok(Reply::ok())
         }
         Request::FileRead { max, .. } if stream != 0 => {
-            let data = slot.io()?.read(stream, (max as usize).min(MAX_CHUNK), cancelled)?;
+            let data = slot.io(cancelled)?.read(stream, (max as usize).min(MAX_CHUNK), cancelled)?;
             Ok(Reply::with(|e| {
                 e.bytes(&data);
             }))

@@ -138,6 +138,11 @@ impl Cmd {
     /// The state lock is not held while the agent starts it, so Kill, ExitCode and Wait
     /// on the same handle answer meanwhile.
     fn start(&self, inst: &Instance) -> Result<Arc<Process>, ErrorFrame> {
+        self.start_with(inst, false)
+    }
+
+    /// Starts the process; `with_output`: CmdStart, whose output goes to the pipes.
+    fn start_with(&self, inst: &Instance, with_output: bool) -> Result<Arc<Process>, ErrorFrame> {
         let vm = &inst.vm;
         {
             let mut run = self.run.lock();
@@ -151,7 +156,7 @@ impl Cmd {
             *run = RunState::Starting;
         }
         let mut spec = self.spec.lock().clone();
-        spec.stdin = self.pipes.begin_start().stdin;
+        spec.stdin = self.pipes.begin_start(with_output).stdin;
         let tty = self.tty.load(std::sync::atomic::Ordering::SeqCst);
         if tty {
             let (cols, rows) = *inst.console.lock();
@@ -168,6 +173,13 @@ impl Cmd {
                     let mut ttys = inst.ttys.lock();
                     ttys.retain(|w| w.strong_count() > 0);
                     ttys.push(Arc::downgrade(&p));
+                    drop(ttys);
+                    // A resize that came during the start missed it: catch up.
+                    let (cols, rows) = *inst.console.lock();
+                    let now = (cols.clamp(1, 10_000) as u16, rows.clamp(1, 10_000) as u16);
+                    if Some(now) != spec.tty {
+                        let _ = p.resize(now.0, now.1);
+                    }
                 }
                 Ok(p)
             }
@@ -571,11 +583,9 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         Request::CmdStart { handle } => {
             // Output goes to the pipes the client asked for, the rest is discarded.
             let c = cmd(handle)?;
-            let p = c.start(inst)?;
-            let wants = c.pipes.wants();
+            let p = c.start_with(inst, true)?;
             let end = c.clone();
-            let io = CmdIo::start(p, wants, move |r| end.record(&r));
-            *c.pipes.io.lock() = Some(io);
+            c.pipes.publish(|open| CmdIo::start(p, open, move |r| end.record(&r)));
             Ok(Reply::ok())
         }
         Request::CmdWait { handle } => {

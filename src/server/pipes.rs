@@ -52,33 +52,52 @@ enum Phase {
     NotStarted,
     Starting,
     Started(Arc<Process>),
-    /// It failed to start, or ran through a message that takes no pipes' I/O.
+    /// It failed to start.
     Failed,
+}
+
+/// The output side of a command's pipes.
+enum Output {
+    /// None: not started by CmdStart (the collecting messages consume the output).
+    None,
+    /// CmdStart is starting it.
+    Pending,
+    Ready(Arc<CmdIo>),
 }
 
 struct SlotState {
     wants: Wants,
     phase: Phase,
+    output: Output,
+    /// Output pipes closed while CmdStart was starting the command.
+    closed: [bool; 2],
 }
 
 /// A command's pipe requests and, once it runs, its I/O: shared by the command and
 /// its pipe handles. Stdin writes made before the start wait for it, as writes to a
-/// pipe whose reader has not started would.
+/// pipe whose reader has not started would; reads and closes made while CmdStart is
+/// starting the command wait for it or are applied when it is up.
 pub(super) struct PipeSlot {
     st: Mutex<SlotState>,
     cv: Condvar,
-    /// The output side, once started by CmdStart.
-    pub io: Mutex<Option<Arc<CmdIo>>>,
 }
 
 impl Default for PipeSlot {
     fn default() -> PipeSlot {
         PipeSlot {
-            st: Mutex::new(SlotState { wants: Wants::default(), phase: Phase::NotStarted }),
+            st: Mutex::new(SlotState {
+                wants: Wants::default(),
+                phase: Phase::NotStarted,
+                output: Output::None,
+                closed: [false; 2],
+            }),
             cv: Condvar::new(),
-            io: Mutex::new(None),
         }
     }
+}
+
+fn not_started() -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not started (CmdStart it first)")
 }
 
 impl PipeSlot {
@@ -95,48 +114,77 @@ impl PipeSlot {
         st.wants.add(stream)
     }
 
-    /// The pipes asked for.
-    pub fn wants(&self) -> Wants {
-        self.st.lock().wants
-    }
-
-    /// The start begins: the pipes asked for are fixed from here on.
-    pub fn begin_start(&self) -> Wants {
+    /// The start begins (`with_output`: CmdStart, whose output the pipes will carry):
+    /// the pipes asked for are fixed from here on.
+    pub fn begin_start(&self, with_output: bool) -> Wants {
         let mut st = self.st.lock();
         st.phase = Phase::Starting;
+        if with_output {
+            st.output = Output::Pending;
+        }
         st.wants
     }
 
     /// The start ended: the process, or None when it failed.
     pub fn end_start(&self, p: Option<Arc<Process>>) {
-        self.st.lock().phase = p.map_or(Phase::Failed, Phase::Started);
+        let mut st = self.st.lock();
+        if p.is_none() {
+            st.output = Output::None;
+        }
+        st.phase = p.map_or(Phase::Failed, Phase::Started);
+        drop(st);
         self.cv.notify_all();
+    }
+
+    /// CmdStart's process is up: `make` builds its output side for the output pipes
+    /// still open (those closed meanwhile are discarded).
+    pub fn publish(&self, make: impl FnOnce(Wants) -> Arc<CmdIo>) {
+        let mut st = self.st.lock();
+        let mut open = st.wants;
+        open.stdout &= !st.closed[0];
+        open.stderr &= !st.closed[1];
+        st.output = Output::Ready(make(open));
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Waits while `busy` says the start is under way; gives up when `cancelled()`.
+    fn wait_while(
+        &self,
+        busy: impl Fn(&SlotState) -> bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<parking_lot::MutexGuard<'_, SlotState>, ErrorFrame> {
+        let mut st = self.st.lock();
+        while busy(&st) {
+            if cancelled() {
+                return Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
+            }
+            self.cv.wait_for(&mut st, Duration::from_millis(200));
+        }
+        Ok(st)
     }
 
     /// The running process, waiting for the start if it has not happened yet.
     fn process(&self, cancelled: &dyn Fn() -> bool) -> Result<Arc<Process>, ErrorFrame> {
-        let mut st = self.st.lock();
-        loop {
-            match &st.phase {
-                Phase::Started(p) => return Ok(p.clone()),
-                Phase::Failed => {
-                    return Err(ErrorFrame::new(ErrorCode::NotRunning, "", "the command did not start"))
-                }
-                Phase::NotStarted | Phase::Starting => {
-                    if cancelled() {
-                        return Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
-                    }
-                    self.cv.wait_for(&mut st, Duration::from_millis(200));
-                }
-            }
+        let st = self.wait_while(|st| matches!(st.phase, Phase::NotStarted | Phase::Starting), cancelled)?;
+        match &st.phase {
+            Phase::Started(p) => Ok(p.clone()),
+            _ => Err(ErrorFrame::new(ErrorCode::NotRunning, "", "the command did not start")),
         }
     }
 
-    /// The output side (only CmdStart gives one).
-    pub fn io(&self) -> Result<Arc<CmdIo>, ErrorFrame> {
-        self.io.lock().clone().ok_or_else(|| {
-            ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command is not started (CmdStart it first)")
-        })
+    /// The output side, waiting while CmdStart is starting the command.
+    pub fn io(&self, cancelled: &dyn Fn() -> bool) -> Result<Arc<CmdIo>, ErrorFrame> {
+        let st = self.wait_while(|st| matches!(st.output, Output::Pending), cancelled)?;
+        match &st.output {
+            Output::Ready(io) => Ok(io.clone()),
+            _ if matches!(st.phase, Phase::NotStarted) => Err(not_started()),
+            _ => Err(ErrorFrame::new(
+                ErrorCode::InvalidArgument,
+                "",
+                "the command's output is consumed by the message that ran it (use CmdStart to read pipes)",
+            )),
+        }
     }
 
     /// Writes to the process's stdin, once it has started.
@@ -158,12 +206,14 @@ impl PipeSlot {
                 }
                 return Ok(());
             }
-        }
-        if stream != 0 {
-            if let Some(io) = self.io.lock().clone() {
-                io.close_reader(stream);
+            if stream != 0 {
+                match &st.output {
+                    Output::Ready(io) => io.close_reader(stream),
+                    Output::Pending => st.closed[index(stream)] = true,
+                    Output::None => {}
+                }
+                return Ok(());
             }
-            return Ok(());
         }
         let process = match self.process(cancelled) {
             Ok(p) => p,

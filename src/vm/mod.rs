@@ -5,6 +5,7 @@
 //! a machine trait here; until they exist the helper refuses to create instances.
 
 pub mod agent_link;
+pub mod kvm;
 pub mod qemu;
 pub mod stop;
 

@@ -1,0 +1,4 @@
+//! Device models of the KVM backend.
+
+pub mod i8042;
+pub mod serial;

@@ -1,0 +1,238 @@
+//! The KVM backend's VMM core on the real /dev/kvm: small guest programs, assembled
+//! here by hand in real mode, exercise the vCPU loop, port-I/O and MMIO exits into
+//! devices, the UART, two vCPUs at once, pause and resume, stopping a vCPU that never
+//! leaves the guest, and a guest fault reported as an error.
+//!
+//! On these machines /dev/kvm is PVM (no hardware virtualization): kernel- and real-mode
+//! guest code is emulated by KVM, which is enough for these programs, not for Linux.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use vmhost::vm::kvm::devices::i8042::I8042;
+use vmhost::vm::kvm::devices::serial::Serial;
+use vmhost::vm::kvm::vcpu::VcpuState;
+use vmhost::vm::kvm::{BusDevice, VcpuSetup, Vmm};
+
+const GUARD: Duration = Duration::from_secs(30);
+
+/// Whether /dev/kvm can be used; under CI its absence fails the test.
+fn kvm_ready(test: &str) -> bool {
+    match kvm_ioctls::Kvm::new() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(!common::under_ci(), "{test}: /dev/kvm: {e}");
+            eprintln!("SKIP {test}: /dev/kvm cannot be opened: {e}");
+            false
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// 1 MiB of RAM with the 0xA0000-0xBFFFF hole for MMIO, and a UART at 0x3f8.
+fn machine() -> (Vmm, Sink) {
+    let vmm = Vmm::new(1 << 20, &[(0xA_0000, 0x2_0000)]).unwrap();
+    let sink = Sink::default();
+    let uart = Serial::new(Box::new(sink.clone()), Box::new(|| {}));
+    vmm.pio().insert(0x3f8, 8, Arc::new(Mutex::new(uart))).unwrap();
+    (vmm, sink)
+}
+
+/// Counts writes per port and remembers MMIO writes; reads answer 0x37.
+#[derive(Default)]
+struct Probe {
+    writes: Vec<(u64, Vec<u8>)>,
+}
+impl BusDevice for Probe {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0x37);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+struct Counter(Arc<AtomicU64>);
+impl BusDevice for Counter {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_real_mode_program_prints_through_the_uart_and_halts() {
+    if !kvm_ready("a_real_mode_program_prints_through_the_uart_and_halts") {
+        return;
+    }
+    let (mut vmm, sink) = machine();
+    #[rustfmt::skip]
+    let mut code = vec![
+        0xBA, 0xF8, 0x03,       // mov dx, 0x3f8
+        0xBE, 0x0F, 0x10,       // mov si, 0x100f (the message)
+        0xAC,                   // l: lodsb
+        0x84, 0xC0,             // test al, al
+        0x74, 0x03,             // jz done
+        0xEE,                   // out dx, al
+        0xEB, 0xF8,             // jmp l
+        0xF4,                   // done: hlt
+    ];
+    code.extend_from_slice(b"hello from kvm\n\0");
+    vmm.memory().write(0x1000, &code).unwrap();
+    let t = Instant::now();
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    let st = v.wait_for(GUARD, |s| *s != VcpuState::Running);
+    assert_eq!(st, VcpuState::Halted, "after {:?}", t.elapsed());
+    assert_eq!(String::from_utf8_lossy(&sink.0.lock()), "hello from kvm\n");
+    assert_eq!(vmm.pio().unclaimed(), 0);
+    vmm.stop();
+}
+
+#[test]
+fn mmio_reads_and_writes_reach_the_device_in_the_hole() {
+    if !kvm_ready("mmio_reads_and_writes_reach_the_device_in_the_hole") {
+        return;
+    }
+    let (mut vmm, sink) = machine();
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    vmm.mmio().insert(0xA_0000, 0x1000, probe.clone()).unwrap();
+    #[rustfmt::skip]
+    let code = [
+        0xB8, 0x00, 0xA0,                   // mov ax, 0xA000
+        0x8E, 0xC0,                         // mov es, ax
+        0x26, 0xC6, 0x06, 0x10, 0x00, 0x42, // mov byte [es:0x10], 0x42
+        0x26, 0xA0, 0x20, 0x00,             // mov al, [es:0x20]
+        0xBA, 0xF8, 0x03,                   // mov dx, 0x3f8
+        0xEE,                               // out dx, al
+        0xF4,                               // hlt
+    ];
+    vmm.memory().write(0x1000, &code).unwrap();
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    assert_eq!(v.wait_for(GUARD, |s| *s != VcpuState::Running), VcpuState::Halted);
+    assert_eq!(probe.lock().writes, vec![(0x10, vec![0x42])]);
+    assert_eq!(*sink.0.lock(), b"7", "the MMIO read's 0x37 went out of the UART");
+    vmm.stop();
+}
+
+/// `mov cx, n; l: out dx, al; loop l; hlt` with dx = the port.
+fn out_loop(n: u16) -> Vec<u8> {
+    let [lo, hi] = n.to_le_bytes();
+    vec![0xB9, lo, hi, 0xEE, 0xE2, 0xFD, 0xF4]
+}
+
+#[test]
+fn two_vcpus_run_at_once_on_their_own_ports() {
+    if !kvm_ready("two_vcpus_run_at_once_on_their_own_ports") {
+        return;
+    }
+    let (mut vmm, _) = machine();
+    let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    for (i, c) in counts.iter().enumerate() {
+        vmm.pio().insert(0x500 + i as u64, 1, Arc::new(Mutex::new(Counter(c.clone())))).unwrap();
+    }
+    vmm.memory().write(0x2000, &out_loop(500)).unwrap();
+    for id in 0..2u8 {
+        let mut setup = VcpuSetup::real_mode(0, 0x2000);
+        setup.regs.rdx = 0x500 + id as u64;
+        vmm.start_vcpu(id, setup, false).unwrap();
+    }
+    for v in vmm.vcpus() {
+        assert_eq!(v.wait_for(GUARD, |s| *s != VcpuState::Running), VcpuState::Halted, "vCPU {}", v.id());
+    }
+    assert_eq!(counts[0].load(Ordering::SeqCst), 500);
+    assert_eq!(counts[1].load(Ordering::SeqCst), 500);
+    vmm.stop();
+}
+
+#[test]
+fn pause_resume_and_stop_a_running_vcpu() {
+    if !kvm_ready("pause_resume_and_stop_a_running_vcpu") {
+        return;
+    }
+    let (mut vmm, _) = machine();
+    let count = Arc::new(AtomicU64::new(0));
+    vmm.pio().insert(0x510, 1, Arc::new(Mutex::new(Counter(count.clone())))).unwrap();
+    // l: inc ax; out dx, al; jmp l   (for ever, one exit per turn)
+    vmm.memory().write(0x3000, &[0x40, 0xEE, 0xEB, 0xFC]).unwrap();
+    // jmp $   (for ever, never leaving the guest by itself)
+    vmm.memory().write(0x3100, &[0xEB, 0xFE]).unwrap();
+    let mut setup = VcpuSetup::real_mode(0, 0x3000);
+    setup.regs.rdx = 0x510;
+    vmm.start_vcpu(0, setup, true).unwrap();
+    vmm.start_vcpu(1, VcpuSetup::real_mode(0, 0x3100), false).unwrap();
+    let (looper, spinner) = (&vmm.vcpus()[0], &vmm.vcpus()[1]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count.load(Ordering::SeqCst), 0, "started paused");
+    looper.resume();
+    assert!(common::wait_until(GUARD, || count.load(Ordering::SeqCst) > 100));
+    assert_eq!(looper.pause(), VcpuState::Paused);
+    let at = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count.load(Ordering::SeqCst), at, "a paused vCPU runs no guest code");
+    looper.resume();
+    assert!(common::wait_until(GUARD, || count.load(Ordering::SeqCst) > at + 100));
+    // The spinner never exits on its own: pause and stop must kick it out.
+    assert_eq!(spinner.pause(), VcpuState::Paused);
+    spinner.resume();
+    let t = Instant::now();
+    vmm.stop();
+    assert!(t.elapsed() < GUARD, "stopping took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_guest_fault_is_reported_as_an_error() {
+    if !kvm_ready("a_guest_fault_is_reported_as_an_error") {
+        return;
+    }
+    let (mut vmm, _) = machine();
+    // A jump into the MMIO hole, where there is no memory to fetch instructions from:
+    // KVM cannot run it, and the vCPU ends with the reason and where.
+    vmm.memory().write(0x4000, &[0xEA, 0x00, 0x08, 0x00, 0xA0]).unwrap(); // jmp 0xA000:0x0800
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x4000), false).unwrap();
+    let st = v.wait_for(GUARD, |s| *s != VcpuState::Running);
+    match &st {
+        VcpuState::Failed(why) => assert!(why.contains("rip"), "{why}"),
+        VcpuState::Shutdown => {}
+        other => panic!("got {other:?}"),
+    }
+    assert!(st.is_final());
+    vmm.stop();
+}
+
+#[test]
+fn the_i8042_reset_line_reaches_its_handler() {
+    if !kvm_ready("the_i8042_reset_line_reaches_its_handler") {
+        return;
+    }
+    let (mut vmm, _) = machine();
+    let resets = Arc::new(AtomicU64::new(0));
+    let r = resets.clone();
+    let kbd = I8042::new(Box::new(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+    }));
+    vmm.pio().insert(0x60, 5, Arc::new(Mutex::new(kbd))).unwrap();
+    // mov al, 0xfe; out 0x64, al; hlt
+    vmm.memory().write(0x5000, &[0xB0, 0xFE, 0xE6, 0x64, 0xF4]).unwrap();
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x5000), false).unwrap();
+    assert_eq!(v.wait_for(GUARD, |s| *s != VcpuState::Running), VcpuState::Halted);
+    assert_eq!(resets.load(Ordering::SeqCst), 1);
+    vmm.stop();
+}

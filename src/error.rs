@@ -152,6 +152,13 @@ pub enum Error {
     },
     /// A QMP exchange with QEMU failed.
     Qmp(crate::qmp::Error),
+    /// The backend asked for cannot run here.
+    BackendUnavailable {
+        /// The backend ("kvm").
+        backend: String,
+        /// Why, and what to use instead.
+        why: String,
+    },
     /// An argument was refused.
     InvalidArgument {
         /// The operation.
@@ -197,7 +204,9 @@ impl Error {
             Error::Decode { .. } | Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             Error::Timeout { .. } | Error::ConnectTimeout { .. } => ErrorCode::Timeout,
             Error::Closed => ErrorCode::AlreadyClosed,
-            Error::HelperNotFound { .. } | Error::HelperExited { .. } => ErrorCode::HypervisorUnavailable,
+            Error::HelperNotFound { .. } | Error::HelperExited { .. } | Error::BackendUnavailable { .. } => {
+                ErrorCode::HypervisorUnavailable
+            }
             _ => ErrorCode::Unknown,
         }
     }
@@ -260,6 +269,9 @@ impl fmt::Display for Error {
                 write!(f, "{op}: timed out after {:.1} s", after.as_secs_f64())
             }
             Error::InvalidArgument { op, message } => write!(f, "{op}: {message}"),
+            Error::BackendUnavailable { backend, why } => {
+                write!(f, "the {backend} backend cannot run here: {why}")
+            }
             Error::Qmp(e) => write!(f, "{e}"),
         }
     }

@@ -909,6 +909,46 @@ pub struct InstanceOptions {
     pub dmesg: bool,
     /// Host directories shared into the guest.
     pub mounts: Vec<MountConfig>,
+    /// Which VMM runs the instance.
+    pub backend: Backend,
+}
+
+/// Which VMM runs an instance. On the wire it is an optional trailing `u8` of
+/// InstanceOptions (1 qemu, 2 kvm), absent for `Auto`, so that v0.0.2 layouts are
+/// unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// KVM where hardware virtualization is present (and the kvm backend can boot the
+    /// guest), else QEMU.
+    #[default]
+    Auto,
+    /// QEMU, supervised over QMP.
+    Qemu,
+    /// vmhost's own VMM on /dev/kvm.
+    Kvm,
+}
+
+impl Backend {
+    /// Its name: "auto", "qemu" or "kvm".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Qemu => "qemu",
+            Backend::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "qemu" => Ok(Backend::Qemu),
+            "kvm" => Ok(Backend::Kvm),
+            other => Err(format!("backend {other:?}: use kvm, qemu or auto")),
+        }
+    }
 }
 
 impl Wire for InstanceOptions {
@@ -918,6 +958,15 @@ impl Wire for InstanceOptions {
         enc.u32(self.mounts.len() as u32);
         for m in &self.mounts {
             m.encode(enc);
+        }
+        match self.backend {
+            Backend::Auto => {}
+            Backend::Qemu => {
+                enc.u8(1);
+            }
+            Backend::Kvm => {
+                enc.u8(2);
+            }
         }
     }
 
@@ -930,6 +979,22 @@ impl Wire for InstanceOptions {
         // A mount is at least two empty strings and a bool: 9 bytes.
         let n = dec.count("mount list", 9)?;
         let mounts = (0..n).map(|_| MountConfig::decode(dec)).collect::<Result<_, _>>()?;
+        // vmhost's optional trailing backend byte (InstanceOptions ends InstanceNew).
+        let backend = if dec.remaining() == 0 {
+            Backend::Auto
+        } else {
+            // Auto is said by leaving the byte out: one encoding per value.
+            match dec.u8()? {
+                1 => Backend::Qemu,
+                2 => Backend::Kvm,
+                b => {
+                    return Err(DecodeError::OutOfRange {
+                        field: "backend",
+                        reason: format!("{b} (1 qemu, 2 kvm; auto is no byte)"),
+                    })
+                }
+            }
+        };
         Ok(InstanceOptions {
             memory_mb,
             cpus,
@@ -937,6 +1002,7 @@ impl Wire for InstanceOptions {
             user,
             dmesg,
             mounts,
+            backend,
         })
     }
 }
@@ -1624,6 +1690,24 @@ pub fn write_frame(w: &mut impl Write, ty: u16, payload: &[u8], max: u32) -> Res
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_backend_is_an_optional_trailing_byte_of_instance_options() {
+        let auto = InstanceOptions::default();
+        let kvm = InstanceOptions { backend: Backend::Kvm, ..Default::default() };
+        let (a, k) = (auto.to_payload(), kvm.to_payload());
+        assert_eq!(k.len(), a.len() + 1, "auto adds nothing: v0.0.2 layout");
+        assert_eq!((&k[..a.len()], k[a.len()]), (&a[..], 2));
+        assert_eq!(InstanceOptions::from_payload(&k).unwrap().backend, Backend::Kvm);
+        assert_eq!(InstanceOptions::from_payload(&a).unwrap().backend, Backend::Auto);
+        for b in [0u8, 3, 9] {
+            let mut bad = a.clone();
+            bad.push(b);
+            assert!(InstanceOptions::from_payload(&bad).is_err(), "{b}");
+        }
+        assert_eq!("qemu".parse::<Backend>(), Ok(Backend::Qemu));
+        assert!("xen".parse::<Backend>().is_err());
+    }
     use super::*;
 
     #[test]

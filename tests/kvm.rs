@@ -236,3 +236,24 @@ fn the_i8042_reset_line_reaches_its_handler() {
     assert_eq!(resets.load(Ordering::SeqCst), 1);
     vmm.stop();
 }
+
+#[test]
+fn backend_kvm_is_refused_with_why_and_qemu_suggested() {
+    // No guest boots here: the refusal comes before anything starts.
+    let out = std::process::Command::new(common::vmhost_bin())
+        .args(["run", "--backend", "kvm", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("kvm backend cannot run here") && err.contains("qemu"), "{err}");
+    if vmhost::vm::kvm::probe().is_err() {
+        assert!(err.contains("hardware virtualization"), "{err}");
+    }
+    assert!(err.contains("(6)"), "HypervisorUnavailable: {err}");
+    // auto never picks a backend that cannot boot the guest.
+    assert_eq!(
+        vmhost::vm::resolve_backend(vmhost::wire::Backend::Auto).unwrap(),
+        vmhost::wire::Backend::Qemu
+    );
+}

@@ -141,6 +141,7 @@ fn options() -> InstanceOptions {
             MountConfig { tag: "a".into(), host_path: "/a".into(), writable: false },
             MountConfig { tag: "b".into(), host_path: "/b".into(), writable: true },
         ],
+        backend: vmhost::wire::Backend::Kvm,
     }
 }
 

@@ -60,6 +60,8 @@ VM OPTIONS:
     --cpus N          vCPUs (default 1)
     --timeout SECS    stop the guest after this long
     --user USER       run commands as USER (name from the image's /etc/passwd, or uid[:gid])
+    --backend B       kvm, qemu or auto (default): auto takes kvm where hardware
+                      virtualization exists and the kvm backend can boot the guest
     --mount DIR:TAG[:ro]
                       share host directory DIR with the guest at /mnt/TAG (over virtio-9p;
                       :ro makes it read-only); repeatable
@@ -318,6 +320,8 @@ impl VmFlags {
                 Some(Duration::from_secs_f64(num(v, "--timeout")?.clamp(0.001, 31_536_000.0)));
         } else if let Some(v) = flag_value(args, i, "--user")? {
             self.options.user = v;
+        } else if let Some(v) = flag_value(args, i, "--backend")? {
+            self.options.backend = v.parse()?;
         } else if let Some(v) = flag_value(args, i, "--mount")? {
             // HOSTDIR:TAG[:ro]; the guest sees it at /mnt/TAG.
             let (rest, writable) = match v.strip_suffix(":ro") {

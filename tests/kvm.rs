@@ -257,3 +257,124 @@ fn backend_kvm_is_refused_with_why_and_qemu_suggested() {
         vmhost::wire::Backend::Qemu
     );
 }
+
+/// A 64-bit ELF "kernel": one PT_LOAD of `code` at `paddr`, and the PVH entry note.
+fn pvh_elf(code: &[u8], paddr: u64) -> Vec<u8> {
+    let (phoff, note_off, code_off) = (64u64, 176u64, 200u64);
+    let mut f = vec![0u8; code_off as usize];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little-endian
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&phoff.to_le_bytes());
+    f[52..54].copy_from_slice(&64u16.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let ph = |ty: u32, off: u64, addr: u64, size: u64| {
+        let mut h = vec![0u8; 56];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[4..8].copy_from_slice(&5u32.to_le_bytes());
+        h[8..16].copy_from_slice(&off.to_le_bytes());
+        h[16..24].copy_from_slice(&addr.to_le_bytes());
+        h[24..32].copy_from_slice(&addr.to_le_bytes());
+        h[32..40].copy_from_slice(&size.to_le_bytes());
+        h[40..48].copy_from_slice(&(size + 4096).to_le_bytes()); // and some bss
+        h
+    };
+    f[64..120].copy_from_slice(&ph(1, code_off, paddr, code.len() as u64));
+    f[120..176].copy_from_slice(&ph(4, note_off, 0, 20));
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&18u32.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(paddr as u32).to_le_bytes());
+    f[note_off as usize..note_off as usize + 20].copy_from_slice(&note);
+    f.extend_from_slice(code);
+    f
+}
+
+#[test]
+fn pvh_entry_in_protected_mode_reads_its_start_info() {
+    if !kvm_ready("pvh_entry_in_protected_mode_reads_its_start_info") {
+        return;
+    }
+    use vmhost::vm::kvm::boot;
+    let base = 0x10_0000u32;
+    let bad_msg = base + 31;
+    #[rustfmt::skip]
+    let mut code = vec![
+        0x81, 0x3B, 0x78, 0xC5, 0x6E, 0x33, // cmp dword [ebx], 0x336ec578 (hvm_start_info magic)
+        0x75, 0x05,                         // jne bad
+        0x8B, 0x73, 0x18,                   // mov esi, [ebx+24]: the command line
+        0xEB, 0x05,                         // jmp print
+        0xBE,                               // bad: mov esi, bad_msg
+    ];
+    code.extend_from_slice(&bad_msg.to_le_bytes());
+    #[rustfmt::skip]
+    code.extend_from_slice(&[
+        0x66, 0xBA, 0xF8, 0x03,             // print: mov dx, 0x3f8
+        0xAC,                               // l: lodsb
+        0x84, 0xC0,                         // test al, al
+        0x74, 0x03,                         // jz done
+        0xEE,                               // out dx, al
+        0xEB, 0xF8,                         // jmp l
+        0xF4,                               // done: hlt
+    ]);
+    assert_eq!(code.len(), 31);
+    code.extend_from_slice(b"bad magic\n\0");
+    let elf = pvh_elf(&code, base as u64);
+
+    let size = 16u64 << 20;
+    let vmm = Vmm::new(size, &[]).unwrap();
+    let sink = Sink::default();
+    let uart = Serial::new(Box::new(sink.clone()), Box::new(|| {}));
+    vmm.pio().insert(0x3f8, 8, Arc::new(Mutex::new(uart))).unwrap();
+    let k = boot::load_kernel(vmm.memory(), &elf).unwrap();
+    assert_eq!(k.entry, base);
+    assert_eq!(k.end, base as u64 + code.len() as u64 + 4096);
+    let cmdline = "console=ttyS0 vmhost-pvh-test\n";
+    let placed = boot::setup_pvh(vmm.memory(), size, &[], &k, cmdline, Some(b"initramfs")).unwrap();
+    assert!(placed.is_some());
+    let mut vmm = vmm;
+    let v = vmm.start_vcpu(0, boot::pvh_vcpu(k.entry), false).unwrap();
+    let st = v.wait_for(GUARD, |s| *s != VcpuState::Running);
+    assert_eq!(st, VcpuState::Halted, "output so far: {:?}", String::from_utf8_lossy(&sink.0.lock()));
+    assert_eq!(
+        String::from_utf8_lossy(&sink.0.lock()),
+        cmdline,
+        "the guest found the command line through ebx"
+    );
+    vmm.stop();
+}
+
+#[test]
+fn the_minimal_kernel_loads_at_its_pvh_entry() {
+    let cache = vmhost::image::cache_dir();
+    let Some(k) = vmhost::image::kernel::cached_minimal(&cache).ok().flatten() else {
+        assert!(!common::under_ci(), "CI builds the minimal kernel first");
+        eprintln!("SKIP the_minimal_kernel_loads_at_its_pvh_entry: no minimal kernel built");
+        return;
+    };
+    let vmlinux = std::fs::read(&k.vmlinux).unwrap();
+    let entry = vmhost::image::elf::pvh_entry(&vmlinux).expect("CONFIG_PVH gives the note");
+    let segs = vmhost::image::elf::load_segments(&vmlinux).unwrap();
+    assert!(
+        segs.iter().any(|s| (s.paddr..s.paddr + s.mem_size).contains(&(entry as u64))),
+        "entry inside a segment"
+    );
+    let mem = vmhost::vm::kvm::GuestMemory::new(128 << 20, &[]).unwrap();
+    let loaded = vmhost::vm::kvm::boot::load_kernel(&mem, &vmlinux).unwrap();
+    assert_eq!(loaded.entry, entry);
+    // Byte for byte: each segment's file bytes are in guest memory at its address.
+    for s in &segs {
+        let n = s.file_size.min(4096) as usize;
+        let mut got = vec![0u8; n];
+        mem.read(s.paddr, &mut got).unwrap();
+        assert_eq!(got, vmlinux[s.offset as usize..s.offset as usize + n], "segment at {:#x}", s.paddr);
+    }
+}

@@ -24,6 +24,97 @@ pub fn has_interp(data: &[u8]) -> bool {
     })
 }
 
+/// A loadable segment (PT_LOAD) of a 64-bit ELF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Where the file bytes start.
+    pub offset: u64,
+    /// How many bytes the file holds for it.
+    pub file_size: u64,
+    /// Its physical load address.
+    pub paddr: u64,
+    /// Its size in memory (the rest past `file_size` is zeros).
+    pub mem_size: u64,
+}
+
+/// The program headers of a 64-bit ELF: (type, offset, file size, paddr, mem size);
+/// None when they do not lie within `data`.
+fn program_headers(data: &[u8]) -> Option<Vec<(u32, Segment)>> {
+    if !is_elf64(data) {
+        return None;
+    }
+    let phoff = LE::read_u64(&data[32..40]) as usize;
+    let phentsize = LE::read_u16(&data[54..56]) as usize;
+    let phnum = LE::read_u16(&data[56..58]) as usize;
+    if phentsize < 56 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(phnum);
+    for i in 0..phnum {
+        let off = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        let h = data.get(off..off.checked_add(56)?)?;
+        let seg = Segment {
+            offset: LE::read_u64(&h[8..16]),
+            paddr: LE::read_u64(&h[24..32]),
+            file_size: LE::read_u64(&h[32..40]),
+            mem_size: LE::read_u64(&h[40..48]),
+        };
+        out.push((LE::read_u32(&h[0..4]), seg));
+    }
+    Some(out)
+}
+
+/// The loadable segments, each checked to lie within `data` and to fit its memory
+/// size; None for anything else.
+pub fn load_segments(data: &[u8]) -> Option<Vec<Segment>> {
+    let mut out = Vec::new();
+    for (ty, seg) in program_headers(data)? {
+        if ty != 1 {
+            continue; // PT_LOAD only
+        }
+        let end = seg.offset.checked_add(seg.file_size)?;
+        if end > data.len() as u64
+            || seg.file_size > seg.mem_size
+            || seg.paddr.checked_add(seg.mem_size).is_none()
+        {
+            return None;
+        }
+        out.push(seg);
+    }
+    Some(out)
+}
+
+/// The 32-bit PVH entry point of a kernel: the Xen ELF note
+/// `XEN_ELFNOTE_PHYS32_ENTRY` (type 18, name "Xen") in a PT_NOTE segment.
+pub fn pvh_entry(data: &[u8]) -> Option<u32> {
+    for (ty, seg) in program_headers(data)? {
+        if ty != 4 {
+            continue; // PT_NOTE
+        }
+        let notes = data.get(seg.offset as usize..(seg.offset.checked_add(seg.file_size)? as usize))?;
+        let mut at = 0usize;
+        while at + 12 <= notes.len() {
+            let namesz = LE::read_u32(&notes[at..at + 4]) as usize;
+            let descsz = LE::read_u32(&notes[at + 4..at + 8]) as usize;
+            let nty = LE::read_u32(&notes[at + 8..at + 12]);
+            let name_at = at + 12;
+            let desc_at = name_at.checked_add(namesz.checked_add(3)? & !3)?;
+            let next = desc_at.checked_add(descsz.checked_add(3)? & !3)?;
+            let name = notes.get(name_at..name_at.checked_add(namesz)?)?;
+            if nty == 18 && name.strip_suffix(b"\0").unwrap_or(name) == b"Xen" {
+                let desc = notes.get(desc_at..desc_at.checked_add(descsz)?)?;
+                return match descsz {
+                    4 => Some(LE::read_u32(desc)),
+                    8 => u32::try_from(LE::read_u64(desc)).ok(),
+                    _ => None,
+                };
+            }
+            at = next;
+        }
+    }
+    None
+}
+
 /// The contents of the section named `name`, if present.
 pub fn section<'a>(data: &'a [u8], name: &str) -> Option<&'a [u8]> {
     if !is_elf64(data) {

@@ -17,6 +17,7 @@
 //! `/dev/kvm` is not hardware-backed (PVM) small guest programs still run, which is
 //! what the tests use.
 
+pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod memory;

@@ -378,3 +378,58 @@ fn the_minimal_kernel_loads_at_its_pvh_entry() {
         assert_eq!(got, vmlinux[s.offset as usize..s.offset as usize + n], "segment at {:#x}", s.paddr);
     }
 }
+
+#[test]
+fn vcpus_see_kvm_cpuid_with_their_own_apic_id() {
+    if !kvm_ready("vcpus_see_kvm_cpuid_with_their_own_apic_id") {
+        return;
+    }
+    let (mut vmm, _) = machine();
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    vmm.pio().insert(0x600, 1, probe.clone()).unwrap();
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xB8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x0F, 0xA2,                         // cpuid (sets eax, ebx, ecx, edx)
+        0x66, 0xC1, 0xEB, 0x18,             // shr ebx, 24: the initial APIC id
+        0x88, 0xD8,                         // mov al, bl
+        0xBA, 0x00, 0x06,                   // mov dx, 0x600
+        0xEE,                               // out dx, al
+        0xF4,                               // hlt
+    ];
+    vmm.memory().write(0x6000, &code).unwrap();
+    for id in 0..2u8 {
+        vmm.start_vcpu(id, VcpuSetup::real_mode(0, 0x6000), false).unwrap();
+    }
+    for v in vmm.vcpus() {
+        assert_eq!(v.wait_for(GUARD, |s| *s != VcpuState::Running), VcpuState::Halted);
+    }
+    let mut ids: Vec<u8> = probe.lock().writes.iter().map(|(_, d)| d[0]).collect();
+    ids.sort();
+    assert_eq!(ids, vec![0, 1], "each vCPU read its own APIC id from CPUID");
+    vmm.stop();
+}
+
+#[test]
+fn with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it() {
+    if !kvm_ready("with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it") {
+        return;
+    }
+    let vmm = Vmm::new(1 << 20, &[]).unwrap();
+    vmm.add_irqchip_and_pit().unwrap();
+    let sink = Sink::default();
+    vmm.pio()
+        .insert(0x3f8, 8, Arc::new(Mutex::new(Serial::new(Box::new(sink.clone()), Box::new(|| {})))))
+        .unwrap();
+    // mov dx, 0x3f8; mov al, 'k'; out dx, al; cli; hlt
+    vmm.memory().write(0x1000, &[0xBA, 0xF8, 0x03, 0xB0, b'k', 0xEE, 0xFA, 0xF4]).unwrap();
+    let mut vmm = vmm;
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    assert!(common::wait_until(GUARD, || !sink.0.lock().is_empty()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(v.state(), VcpuState::Running, "HLT did not exit to us: the kernel waits");
+    let t = Instant::now();
+    vmm.stop();
+    assert!(t.elapsed() < GUARD);
+    assert_eq!(*sink.0.lock(), b"k");
+}

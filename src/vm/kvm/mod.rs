@@ -146,6 +146,29 @@ impl Vmm {
         })
     }
 
+    /// Adds the in-kernel interrupt controllers (PIC, IOAPIC, and a LAPIC per vCPU
+    /// created after) and the PIT, as a booted Linux guest needs. Call before creating
+    /// vCPUs. With them, HLT waits in the kernel for an interrupt instead of exiting.
+    pub fn add_irqchip_and_pit(&self) -> Result<()> {
+        // The TSS and identity-map pages Intel's VMX needs, below the 4 GiB MMIO top.
+        self.vm.set_identity_map_address(0xfffb_c000).map_err(kvm_err("set the identity map address"))?;
+        self.vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
+        self.vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit =
+            kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+        Ok(())
+    }
+
+    /// The CPUID table vCPUs get: what KVM supports on this host
+    /// (KVM_GET_SUPPORTED_CPUID), with each vCPU's APIC id filled in by
+    /// [`Vmm::start_vcpu`].
+    pub fn supported_cpuid(&self) -> Result<kvm_bindings::CpuId> {
+        self.kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    }
+
     /// The KVM system handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -175,6 +198,15 @@ impl Vmm {
     /// [`Vcpu::resume`] when `paused`).
     pub fn start_vcpu(&mut self, id: u8, setup: VcpuSetup, paused: bool) -> Result<&Vcpu> {
         let fd = self.vm.create_vcpu(id as u64).map_err(kvm_err(format!("create vCPU {id}")))?;
+        // CPUID: what KVM supports here, with this vCPU's initial APIC id (leaf 1,
+        // EBX[31:24]) so that a multi-vCPU guest tells its CPUs apart.
+        let mut cpuid = self.supported_cpuid()?;
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(kvm_err(format!("vCPU {id}: set CPUID")))?;
         let v = Vcpu::start(id, fd, setup, self.pio.clone(), self.mmio.clone(), paused)?;
         self.vcpus.push(v);
         Ok(self.vcpus.last().expect("just pushed"))

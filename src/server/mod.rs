@@ -377,13 +377,18 @@ impl Server {
         }
     }
 
+    /// Registers the connection on the accepting thread (so that connections are
+    /// registered in accept order, and close() sees every accepted one), then serves it
+    /// on a thread of its own.
     fn spawn_conn(&self, stream: UnixStream) {
         self.inner.active.fetch_add(1, Ordering::SeqCst);
+        let Some(id) = self.inner.register(&stream) else { return };
         let inner = self.inner.clone();
         let spawned =
-            thread::Builder::new().name("vmhost-conn".into()).spawn(move || inner.serve_conn(stream));
+            thread::Builder::new().name("vmhost-conn".into()).spawn(move || inner.serve_conn(id, stream));
         if let Err(e) = spawned {
             log::error!("cannot start a connection thread: {e}");
+            self.inner.conns.lock().remove(&id);
             self.inner.conn_finished();
         }
     }
@@ -393,7 +398,9 @@ impl Server {
     pub fn serve_one(&self) -> Result<()> {
         if let Some(stream) = self.accept()? {
             self.inner.active.fetch_add(1, Ordering::SeqCst);
-            self.inner.clone().serve_conn(stream);
+            if let Some(id) = self.inner.register(&stream) {
+                self.inner.clone().serve_conn(id, stream);
+            }
         }
         Ok(())
     }
@@ -483,18 +490,24 @@ impl Inner {
         }
     }
 
-    fn serve_conn(self: Arc<Self>, mut stream: UnixStream) {
+    /// Gives an accepted connection its id and keeps a handle on it for close(); None
+    /// (the connection dropped and counted finished) when it cannot be.
+    fn register(&self, stream: &UnixStream) -> Option<u64> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         match stream.try_clone() {
             Ok(c) => {
                 self.conns.lock().insert(id, c);
+                Some(id)
             }
             Err(e) => {
                 log::error!("connection {id}: cannot register: {e}");
                 self.conn_finished();
-                return;
+                None
             }
         }
+    }
+
+    fn serve_conn(self: Arc<Self>, id: u64, mut stream: UnixStream) {
         // close() may have run between accept and registration.
         if !self.closed.load(Ordering::SeqCst) {
             self.handler.connected(id);

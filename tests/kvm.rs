@@ -433,3 +433,34 @@ fn with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it() {
     assert!(t.elapsed() < GUARD);
     assert_eq!(*sink.0.lock(), b"k");
 }
+
+#[test]
+fn a_guest_reads_the_virtio_mmio_registers() {
+    if !kvm_ready("a_guest_reads_the_virtio_mmio_registers") {
+        return;
+    }
+    use vmhost::vm::kvm::devices::virtio::{console::Console, MmioTransport, MMIO_SIZE};
+    let (mut vmm, _) = machine();
+    let console = Console::new(Box::new(std::io::sink()));
+    let transport = MmioTransport::new(console, vmm.memory().clone(), Arc::new(|| {}));
+    vmm.mmio().insert(0xA_0000, MMIO_SIZE, Arc::new(Mutex::new(transport))).unwrap();
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    vmm.pio().insert(0x700, 4, probe.clone()).unwrap();
+    #[rustfmt::skip]
+    let code = [
+        0xB8, 0x00, 0xA0,                   // mov ax, 0xA000
+        0x8E, 0xC0,                         // mov es, ax
+        0xBA, 0x00, 0x07,                   // mov dx, 0x700
+        0x66, 0x26, 0xA1, 0x00, 0x00,       // mov eax, [es:0x000]: MagicValue
+        0x66, 0xEF,                         // out dx, eax
+        0x66, 0x26, 0xA1, 0x08, 0x00,       // mov eax, [es:0x008]: DeviceID
+        0x66, 0xEF,                         // out dx, eax
+        0xF4,                               // hlt
+    ];
+    vmm.memory().write(0x1000, &code).unwrap();
+    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    assert_eq!(v.wait_for(GUARD, |s| *s != VcpuState::Running), VcpuState::Halted);
+    let writes = probe.lock().writes.clone();
+    assert_eq!(writes, vec![(0, b"virt".to_vec()), (0, 3u32.to_le_bytes().to_vec())]);
+    vmm.stop();
+}

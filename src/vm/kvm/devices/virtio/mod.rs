@@ -267,6 +267,7 @@ mod tests {
         t: MmioTransport<Console>,
         irqs: Arc<AtomicUsize>,
         sink: Sink,
+        nqueues: u32,
     }
 
     const QSIZE: u16 = 16;
@@ -278,18 +279,21 @@ mod tests {
 
     impl Driver {
         fn new() -> Driver {
-            let mem = Arc::new(GuestMemory::new(1 << 20, &[]).unwrap());
+            let sink = Sink::default();
+            Driver::with(Console::new(Box::new(sink.clone())), 2, sink)
+        }
+        fn with(console: Console, nqueues: u32, sink: Sink) -> Driver {
+            let mem = Arc::new(GuestMemory::new(2 << 20, &[]).unwrap());
             let irqs = Arc::new(AtomicUsize::new(0));
             let i = irqs.clone();
-            let sink = Sink::default();
             let t = MmioTransport::new(
-                Console::new(Box::new(sink.clone())),
+                console,
                 mem.clone(),
                 Arc::new(move || {
                     i.fetch_add(1, Ordering::SeqCst);
                 }),
             );
-            Driver { mem, t, irqs, sink }
+            Driver { mem, t, irqs, sink, nqueues }
         }
         fn r(&mut self, off: u64) -> u32 {
             let mut b = [0u8; 4];
@@ -311,7 +315,7 @@ mod tests {
             if self.r(0x070) & STATUS_FEATURES_OK == 0 {
                 return false;
             }
-            for q in 0..2u32 {
+            for q in 0..self.nqueues {
                 self.w(0x030, q);
                 assert_eq!(self.r(0x034), 256, "queue {q} max size");
                 self.w(0x038, QSIZE as u32);
@@ -427,5 +431,78 @@ mod tests {
         assert!(d.sink.0.lock().is_empty());
         // A notification for a queue that does not exist is ignored.
         d.w(0x050, 7);
+    }
+
+    /// The first `count` control messages the device returned in the control-receive
+    /// buffers (buffer i posted at 0x8_0000 + 0x100 * i).
+    fn control_messages(d: &Driver, count: u16) -> Vec<(u32, u16, u16, Vec<u8>)> {
+        let used = rings(2).2;
+        (0..count)
+            .map(|k| {
+                let mut e = [0u8; 8];
+                d.mem.read(used + 4 + 8 * k as u64, &mut e).unwrap();
+                let id = u32::from_le_bytes(e[0..4].try_into().unwrap()) as u64;
+                let len = u32::from_le_bytes(e[4..8].try_into().unwrap()) as usize;
+                let mut m = vec![0u8; len];
+                d.mem.read(0x8_0000 + 0x100 * id, &mut m).unwrap();
+                let port = u32::from_le_bytes(m[0..4].try_into().unwrap());
+                (port, u16::from_le_bytes([m[4], m[5]]), u16::from_le_bytes([m[6], m[7]]), m[8..].to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn multiport_handshake_names_the_agent_port_and_carries_its_bytes() {
+        use super::console::{control, event, F_MULTIPORT};
+        let agent = Sink::default();
+        let console = Console::multiport(vec![
+            (None, Box::new(std::io::sink())),
+            (Some("vmhost.agent".into()), Box::new(agent.clone())),
+        ]);
+        let mut d = Driver::with(console, 6, agent.clone());
+        d.w(0x014, 0);
+        assert_eq!(d.r(0x010) as u64 & F_MULTIPORT, F_MULTIPORT, "MULTIPORT offered");
+        let mut n = [0u8; 4];
+        d.t.read(0x104, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 2, "max_nr_ports");
+        assert!(d.init(F_VERSION_1 | F_MULTIPORT));
+        // Control-receive buffers for the device's messages (queue 2).
+        for i in 0..8u16 {
+            d.desc(2, i, 0x8_0000 + 0x100 * i as u64, 0x100, queue::DESC_F_WRITE, 0);
+            d.offer(2, i, i, i + 1);
+        }
+        // The driver is ready: DEVICE_READY on the control-transmit queue (3).
+        let send = |d: &mut Driver, slot: u16, m: Vec<u8>| {
+            let at = 0x9_0000 + 0x100 * slot as u64;
+            d.mem.write(at, &m).unwrap();
+            d.desc(3, slot, at, m.len() as u32, 0, 0);
+            d.offer(3, slot, slot, slot + 1);
+            d.w(0x050, 3);
+        };
+        send(&mut d, 0, control(0, event::DEVICE_READY, 1, &[]));
+        let msgs = control_messages(&d, 2);
+        assert_eq!(msgs, vec![(0, event::DEVICE_ADD, 1, vec![]), (1, event::DEVICE_ADD, 1, vec![])]);
+        // Port 1 set up: the device names it and opens its host end.
+        send(&mut d, 1, control(1, event::PORT_READY, 1, &[]));
+        let msgs = control_messages(&d, 4);
+        assert_eq!(msgs[2], (1, event::PORT_NAME, 1, b"vmhost.agent".to_vec()));
+        assert_eq!(msgs[3], (1, event::PORT_OPEN, 1, vec![]));
+        send(&mut d, 2, control(1, event::PORT_OPEN, 1, &[]));
+        assert!(d.t.device_mut().guest_open(1));
+        // Port 1's data: guest to host on queue 5, host to guest on queue 4.
+        d.mem.write(0xA_0000, b"hello agent").unwrap();
+        d.desc(5, 0, 0xA_0000, 11, 0, 0);
+        d.offer(5, 0, 0, 1);
+        d.w(0x050, 5);
+        assert_eq!(*agent.0.lock(), b"hello agent");
+        d.desc(4, 0, 0xB_0000, 64, queue::DESC_F_WRITE, 0);
+        d.offer(4, 0, 0, 1);
+        d.t.device_mut().enqueue_port(1, b"from host");
+        d.t.poll();
+        let mut b = [0u8; 9];
+        d.mem.read(0xB_0000, &mut b).unwrap();
+        assert_eq!(&b, b"from host");
+        // A short control message is ignored, not a panic.
+        send(&mut d, 3, vec![1, 2, 3]);
     }
 }

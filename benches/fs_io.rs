@@ -12,18 +12,8 @@ use std::time::Instant;
 
 use vmhost::{Image, Instance, InstanceOptions};
 
-fn noise(n: usize) -> Vec<u8> {
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -38,7 +28,7 @@ fn main() {
     let rounds = 3;
     let size = 64usize << 20;
     let mb = size as f64 / 1e6;
-    let data = noise(size);
+    let data = common::noise(size, 0x2545_F491_4F6C_DD1D);
     let vm =
         Instance::new_with_helper(Image::Default, InstanceOptions { memory_mb: 512, ..Default::default() })
             .expect("boot");
@@ -102,7 +92,7 @@ fn main() {
     println!("  File, 1 MiB writes                  : {:8.1} ms  {:7.0} MB/s", fw * 1e3, mb / fw);
     println!("  File, 1 MiB reads                   : {:8.1} ms  {:7.0} MB/s", fr * 1e3, mb / fr);
 
-    let small = noise(4096);
+    let small = common::noise(4096, 7);
     fs.create_dir_all("/tmp/small").unwrap();
     let ops = |name: &str, n: usize, f: &dyn Fn(usize)| {
         let t = Instant::now();

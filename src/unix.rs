@@ -128,13 +128,24 @@ fn connect_once(path: &Path) -> io::Result<UnixStream> {
 /// Connects to `path`, retrying every `interval` while the socket is missing, refuses
 /// connections or has a full backlog, until `timeout` has passed. Never blocks longer.
 pub fn connect_retry(path: &Path, timeout: Duration, interval: Duration) -> Result<UnixStream> {
+    connect_retry_while(path, timeout, interval, &|| true)
+}
+
+/// [`connect_retry`], giving up early (with the last error) once `worth_it()` says the
+/// listener will never come, e.g. because the process that would create it has exited.
+pub fn connect_retry_while(
+    path: &Path,
+    timeout: Duration,
+    interval: Duration,
+    worth_it: &dyn Fn() -> bool,
+) -> Result<UnixStream> {
     check_socket_path(path)?;
     let start = Instant::now();
     loop {
         match connect_once(path) {
             Ok(s) => return Ok(s),
             Err(e) if retryable(&e) => {
-                if start.elapsed() >= timeout {
+                if start.elapsed() >= timeout || !worth_it() {
                     return Err(Error::ConnectTimeout {
                         path: path.to_path_buf(),
                         waited: start.elapsed(),

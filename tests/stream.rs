@@ -8,25 +8,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{vm_ready, wait_until};
+use common::{shared_guest, wait_until};
 use vmhost::wire::{self, msg, ErrorCode, Request, StreamChunk, Wire};
-use vmhost::{Error, Image, Instance, InstanceOptions, Stdio};
-
-fn guest(test: &str) -> Option<&'static Instance> {
-    static VM: OnceLock<Option<Instance>> = OnceLock::new();
-    if !vm_ready(test) {
-        return None;
-    }
-    VM.get_or_init(|| {
-        std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
-        let opts = InstanceOptions { timeout: Some(Duration::from_secs(900)), ..Default::default() };
-        Some(Instance::new_with_helper(Image::Default, opts).expect("boot the shared guest"))
-    })
-    .as_ref()
-}
+use vmhost::{Error, Instance, Stdio};
 
 fn sh(vm: &Instance, script: &str) -> String {
     let out = vm.command("sh").arg("-c").arg(script).output().unwrap();
@@ -35,11 +21,15 @@ fn sh(vm: &Instance, script: &str) -> String {
 
 #[test]
 fn streamed_output_keeps_the_order_of_stdout_and_stderr() {
-    let Some(vm) = guest("streamed_output_keeps_the_order_of_stdout_and_stderr") else { return };
-    // Each line is written only after the previous one has been read back (the guest
-    // waits for a file the test creates), so the order is the guest's real order.
+    let Some(vm) = shared_guest("streamed_output_keeps_the_order_of_stdout_and_stderr") else { return };
+    // Each line is written only after the test has seen the previous one (the guest
+    // waits for an acknowledgement file the test writes from the stream's callback), so
+    // the order seen is the guest's real order.
+    let fs = vm.fs();
+    fs.create_dir_all("/tmp/order").unwrap();
     let mut seen: Vec<(u8, String)> = Vec::new();
-    let script = "for i in 1 2 3; do echo out$i; sleep 0.1; echo err$i >&2; sleep 0.1; done; exit 7";
+    let script = "ack() { while [ ! -e /tmp/order/$1 ]; do sleep 0.01; done; }; \
+                  for i in 1 2 3; do echo out$i; ack out$i; echo err$i >&2; ack err$i; done; exit 7";
     let code = vm
         .command("sh")
         .arg("-c")
@@ -47,6 +37,7 @@ fn streamed_output_keeps_the_order_of_stdout_and_stderr() {
         .stream(|stream, data| {
             for line in String::from_utf8_lossy(data).lines() {
                 seen.push((stream, line.to_string()));
+                fs.write(format!("/tmp/order/{line}"), b"")?;
             }
             Ok(())
         })
@@ -60,7 +51,7 @@ fn streamed_output_keeps_the_order_of_stdout_and_stderr() {
 
 #[test]
 fn stdin_to_cat_and_back_through_pipes() {
-    let Some(vm) = guest("stdin_to_cat_and_back_through_pipes") else { return };
+    let Some(vm) = shared_guest("stdin_to_cat_and_back_through_pipes") else { return };
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let mut child = vm.command("cat").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
@@ -95,7 +86,7 @@ fn stdin_to_cat_and_back_through_pipes() {
 
 #[test]
 fn a_stalled_reader_stops_the_guest_process_at_its_credit() {
-    let Some(vm) = guest("a_stalled_reader_stops_the_guest_process_at_its_credit") else { return };
+    let Some(vm) = shared_guest("a_stalled_reader_stops_the_guest_process_at_its_credit") else { return };
     // 2,000 blocks of 4 KiB (8 MB), each counted in a file as it is written.
     let script =
         "n=0; while [ $n -lt 2000 ]; do head -c 4096 /dev/zero; n=$((n+1)); echo $n > /tmp/progress; done";
@@ -129,7 +120,7 @@ fn a_stalled_reader_stops_the_guest_process_at_its_credit() {
 
 #[test]
 fn pipe_messages_on_the_wire() {
-    let Some(vm) = guest("pipe_messages_on_the_wire") else { return };
+    let Some(vm) = shared_guest("pipe_messages_on_the_wire") else { return };
     let call = |r: Request| vm.request(&r);
     let h = call(Request::CmdNew { name: "sh".into(), args: vec!["-c".into(), "cat; echo e >&2".into()] })
         .unwrap()
@@ -179,7 +170,7 @@ fn pipe_messages_on_the_wire() {
 
 #[test]
 fn a_client_gone_mid_stream_takes_its_guest_process_down() {
-    let Some(vm) = guest("a_client_gone_mid_stream_takes_its_guest_process_down") else { return };
+    let Some(vm) = shared_guest("a_client_gone_mid_stream_takes_its_guest_process_down") else { return };
     let sock = vm.helper_socket().expect("a helper").to_path_buf();
     // A second client on its own connection: CmdRunStreaming of an endless writer.
     let mut conn = UnixStream::connect(&sock).unwrap();

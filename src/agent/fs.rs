@@ -55,7 +55,9 @@ pub struct Files {
     open: Mutex<HashMap<u64, Arc<OpenFile>>>,
 }
 
-fn io_error(e: io::Error) -> FsError {
+/// An I/O failure as the host sees it: code IO and the errno's text (the host adds
+/// the operation and the path).
+pub(crate) fn io_error(e: io::Error) -> FsError {
     match e.raw_os_error() {
         Some(n) => (ErrorCode::Io, nix::errno::Errno::from_raw(n).desc().to_string()),
         None => (ErrorCode::Io, e.to_string()),

@@ -216,7 +216,6 @@ impl Server {
             proto::PING => w.ok(f.id, &[]),
             proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
-                Ok(req) if super::verbose() && trace_exec(&req) => unreachable!(),
                 Ok(req) if !setup_done() => {
                     trace(format_args!("Exec {} waits for setup", req.program));
                     // Rare: a command in the first tens of ms. Wait off the read loop.
@@ -392,12 +391,9 @@ impl Server {
             tty: req.tty,
         };
         // The host prefixes "exec PROGRAM: "; the message is the cause alone.
-        let child = spawn::spawn(&spec).map_err(|e| match e.raw_os_error() {
-            Some(n) => (ErrorCode::Io, nix::errno::Errno::from_raw(n).desc().to_string()),
-            None if e.kind() == std::io::ErrorKind::InvalidInput => {
-                (ErrorCode::InvalidArgument, e.to_string())
-            }
-            None => (ErrorCode::Unknown, e.to_string()),
+        let child = spawn::spawn(&spec).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
+            _ => super::fs::io_error(e),
         })?;
         let pid = child.pid;
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -658,9 +654,4 @@ fn resolve_user(spec: &str) -> Result<User, String> {
         }
     }
     Ok(user)
-}
-
-fn trace_exec(req: &ExecRequest) -> bool {
-    trace(format_args!("Exec {} received", req.program));
-    false
 }

@@ -30,9 +30,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::libc;
 
-use super::instance::Instance;
+use super::instance::{decode, Instance};
 use crate::error::{Error, Result};
 use crate::wire::{self, FileInfo, FileMode, Request, Wire};
+
+/// What FsReadFile's refusal of a file larger than one answer says (then read it
+/// through a handle).
+pub const READ_FILE_TOO_LARGE: &str = "larger than one answer";
 
 /// The most one FileRead asks for: one agent frame's worth.
 pub const READ_CHUNK: usize = crate::agent::fs::MAX_CHUNK;
@@ -54,10 +58,6 @@ fn path_str(p: &Path) -> Result<String> {
     })
 }
 
-fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
-    move |source| Error::Decode { msg: msg.into(), source }
-}
-
 fn secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
@@ -71,7 +71,7 @@ impl<'a> Fs<'a> {
     }
 
     fn call(&self, req: Request) -> Result<super::Response> {
-        self.inst.call(&req)
+        self.inst.request(&req)
     }
 
     fn info(&self, req: Request) -> Result<Metadata> {
@@ -394,7 +394,12 @@ pub struct File<'a> {
     closed: bool,
 }
 
-impl File<'_> {
+impl<'a> File<'a> {
+    /// A command pipe handle (CmdStdinPipe and friends), read and written like a file.
+    pub(super) fn pipe(inst: &'a Instance, handle: u64, stream: &str) -> File<'a> {
+        File { inst, handle, name: format!("|{stream}"), closed: false }
+    }
+
     /// The name it was opened with.
     pub fn name(&self) -> &str {
         &self.name
@@ -407,35 +412,35 @@ impl File<'_> {
 
     /// Its metadata.
     pub fn metadata(&self) -> Result<Metadata> {
-        let r = self.inst.call(&Request::FileStat { handle: self.handle })?;
+        let r = self.inst.request(&Request::FileStat { handle: self.handle })?;
         let info = FileInfo::decode(&mut r.decoder()).map_err(decode("FileStat"))?;
         Ok(Metadata { info })
     }
 
     /// Flushes its data and metadata to the guest's storage.
     pub fn sync_all(&self) -> Result<()> {
-        self.inst.call(&Request::FileSync { handle: self.handle }).map(drop)
+        self.inst.request(&Request::FileSync { handle: self.handle }).map(drop)
     }
 
     /// Truncates or extends it to `size` bytes.
     pub fn set_len(&self, size: u64) -> Result<()> {
-        self.inst.call(&Request::FileTruncate { handle: self.handle, size: size as i64 }).map(drop)
+        self.inst.request(&Request::FileTruncate { handle: self.handle, size: size as i64 }).map(drop)
     }
 
     /// Closes it, reporting any error.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.inst.call(&Request::FileClose { handle: self.handle }).map(drop)
+        self.inst.request(&Request::FileClose { handle: self.handle }).map(drop)
     }
 
     fn write_some(&self, data: &[u8]) -> Result<usize> {
-        let r = self.inst.call(&Request::FileWrite { handle: self.handle, data: data.to_vec() })?;
+        let r = self.inst.request(&Request::FileWrite { handle: self.handle, data: data.to_vec() })?;
         Ok(r.decoder().u32().map_err(decode("FileWrite"))? as usize)
     }
 
     fn read_some(&self, max: usize) -> Result<Vec<u8>> {
         let max = max.min(READ_CHUNK) as u32;
-        let r = self.inst.call(&Request::FileRead { handle: self.handle, max })?;
+        let r = self.inst.request(&Request::FileRead { handle: self.handle, max })?;
         r.decoder().bytes().map_err(decode("FileRead"))
     }
 }
@@ -481,7 +486,7 @@ impl Seek for File<'_> {
             SeekFrom::Current(n) => (n, 1),
             SeekFrom::End(n) => (n, 2),
         };
-        let r = self.inst.call(&Request::FileSeek { handle: self.handle, offset, whence })?;
+        let r = self.inst.request(&Request::FileSeek { handle: self.handle, offset, whence })?;
         Ok(r.decoder().i64().map_err(decode("FileSeek"))? as u64)
     }
 }
@@ -489,7 +494,7 @@ impl Seek for File<'_> {
 impl Drop for File<'_> {
     fn drop(&mut self) {
         if !self.closed {
-            if let Err(e) = self.inst.call(&Request::FileClose { handle: self.handle }) {
+            if let Err(e) = self.inst.request(&Request::FileClose { handle: self.handle }) {
                 log::debug!("closing guest file {} (handle {}): {e}", self.name, self.handle);
             }
         }

@@ -13,6 +13,7 @@ use crate::progress::Progress;
 use crate::server::helper::Helper;
 use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType, StreamChunk, Wire};
 
+use super::fs::File;
 use super::{Client, Response};
 
 /// Where an instance's root filesystem comes from.
@@ -201,11 +202,6 @@ impl Instance {
         super::fs::Fs::new(self)
     }
 
-    /// Sends one request to the instance's handlers.
-    pub(super) fn call(&self, req: &Request) -> Result<Response> {
-        self.t.call(req)
-    }
-
     /// Sends one raw helper-protocol request (any message of the catalogue) and returns
     /// its Response; an Error frame is [`Error::Remote`]. The typed API is built on
     /// this; it is here for what the typed API does not cover.
@@ -287,7 +283,7 @@ impl Drop for Instance {
     }
 }
 
-fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
+pub(super) fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
     move |source| Error::Decode { msg: msg.into(), source }
 }
 
@@ -473,18 +469,19 @@ impl<'a> Command<'a> {
     /// Runs the command, passing its output to `f` as it comes (stream 1 stdout, 2
     /// stderr). Returns the exit code.
     pub fn stream(&self, mut f: impl FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
-        self.with_handle(|h| {
-            let r =
-                self.inst.t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
-                    if ty != msg::STREAM_CHUNK {
-                        return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
-                    }
-                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
-                    f(chunk.stream, &chunk.data)
-                })?;
-            let mut d = r.decoder();
-            d.i32().map_err(decode("StreamEnd"))
-        })
+        self.with_handle(|h| self.run_streaming(h, &mut f))
+    }
+
+    /// CmdRunStreaming of command `h`: its chunks to `f`, its exit code back.
+    fn run_streaming(&self, h: u64, f: &mut dyn FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
+        let r = self.inst.t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
+            if ty != msg::STREAM_CHUNK {
+                return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
+            }
+            let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
+            f(chunk.stream, &chunk.data)
+        })?;
+        r.decoder().i32().map_err(decode("StreamEnd"))
     }
 
     /// Like [`Command::stream`], feeding `input` to the command's stdin as it is read
@@ -516,7 +513,7 @@ impl<'a> Command<'a> {
                 .decoder()
                 .u64()
                 .map_err(decode("CmdStdinPipe"))?;
-            let mut stdin = ChildStdin(Pipe { inst: self.inst, handle: pipe, closed: false });
+            let mut stdin = ChildStdin(File::pipe(self.inst, pipe, "stdin"));
             // The reader may block for ever: a detached thread, passing chunks on.
             let (tx, rx) = crossbeam_channel::bounded::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || {
@@ -549,16 +546,10 @@ impl<'a> Command<'a> {
                     }
                     let _ = stdin.close();
                 });
-                let r = t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
-                    if ty != msg::STREAM_CHUNK {
-                        return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
-                    }
-                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
-                    f(chunk.stream, &chunk.data)
-                });
+                let r = self.run_streaming(h, &mut f);
                 done.store(true, Ordering::SeqCst);
                 let _ = writer.join();
-                r.and_then(|r| r.decoder().i32().map_err(decode("StreamEnd")))
+                r
             })
         })
     }
@@ -621,7 +612,8 @@ impl<'a> Command<'a> {
             }
             t.call(&Request::CmdStart { handle: h }).map(drop)
         })();
-        let pipe = |i: usize| pipes[i].map(|handle| Pipe { inst: self.inst, handle, closed: false });
+        let names = ["stdin", "stdout", "stderr"];
+        let pipe = |i: usize| pipes[i].map(|handle| File::pipe(self.inst, handle, names[i]));
         if let Err(e) = started {
             for i in 0..3 {
                 drop(pipe(i));
@@ -640,79 +632,49 @@ impl<'a> Command<'a> {
     }
 }
 
-/// A pipe handle of a spawned command; closed on drop.
-struct Pipe<'a> {
-    inst: &'a Instance,
-    handle: u64,
-    closed: bool,
-}
-
-impl Pipe<'_> {
-    fn close(&mut self) -> Result<()> {
-        if std::mem::replace(&mut self.closed, true) {
-            return Ok(());
-        }
-        self.inst.t.call(&Request::FileClose { handle: self.handle }).map(drop)
-    }
-}
-
-impl Drop for Pipe<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.close() {
-            log::debug!("closing command pipe {}: {e}", self.handle);
-        }
-    }
-}
-
 /// The write end of a spawned guest command's stdin; dropping it sends EOF.
-pub struct ChildStdin<'a>(Pipe<'a>);
+pub struct ChildStdin<'a>(File<'a>);
 
 impl ChildStdin<'_> {
     /// Closes it (EOF for the command), reporting any error.
-    pub fn close(mut self) -> Result<()> {
+    pub fn close(self) -> Result<()> {
         self.0.close()
     }
 }
 
 impl std::io::Write for ChildStdin<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let chunk = &buf[..buf.len().min(super::fs::WRITE_CHUNK)];
-        let r = self.0.inst.t.call(&Request::FileWrite { handle: self.0.handle, data: chunk.to_vec() })?;
-        Ok(r.decoder().u32().map_err(decode("FileWrite"))? as usize)
+        self.0.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(()) // each write is acknowledged by the guest
+        self.0.flush()
     }
-}
-
-fn read_pipe(p: &Pipe<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
-    if buf.is_empty() {
-        return Ok(0);
-    }
-    let max = buf.len().min(super::fs::READ_CHUNK) as u32;
-    let r = p.inst.t.call(&Request::FileRead { handle: p.handle, max })?;
-    let data = r.decoder().bytes().map_err(decode("FileRead"))?;
-    let n = data.len().min(buf.len());
-    buf[..n].copy_from_slice(&data[..n]);
-    Ok(n)
 }
 
 /// The read end of a spawned guest command's stdout.
-pub struct ChildStdout<'a>(Pipe<'a>);
+pub struct ChildStdout<'a>(File<'a>);
 
 impl std::io::Read for ChildStdout<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        read_pipe(&self.0, buf)
+        self.0.read(buf)
+    }
+
+    fn read_to_end(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        self.0.read_to_end(buf)
     }
 }
 
 /// The read end of a spawned guest command's stderr.
-pub struct ChildStderr<'a>(Pipe<'a>);
+pub struct ChildStderr<'a>(File<'a>);
 
 impl std::io::Read for ChildStderr<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        read_pipe(&self.0, buf)
+        self.0.read(buf)
+    }
+
+    fn read_to_end(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        self.0.read_to_end(buf)
     }
 }
 

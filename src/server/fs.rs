@@ -98,7 +98,8 @@ fn too_large(size: usize) -> ErrorFrame {
         ErrorCode::InvalidArgument,
         "",
         format!(
-            "the file ({size} bytes) is larger than one answer ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead"
+            "the file ({size} bytes) is {} ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead",
+            crate::client::fs::READ_FILE_TOO_LARGE
         ),
     )
 }

@@ -29,7 +29,7 @@ use crate::vm::{InstanceSpec, VmState};
 use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, StreamEnd, Wire};
 
 /// The default `PATH` of guest commands.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::agent::spawn::DEFAULT_PATH;
 
 /// A table of handles of one kind. Handles come from one counter shared by every table,
 /// starting at 1; a handle this table gave out and took back is "already closed", any

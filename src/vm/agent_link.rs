@@ -242,9 +242,9 @@ impl AgentLink {
     /// A filesystem request (an Fs* or File* helper-protocol request, file handles being
     /// the agent's): the answer is the helper protocol's response fields.
     pub fn fs(&self, req: &crate::wire::Request) -> Result<Vec<u8>> {
-        let payload = req.to_payload();
-        let mut e = Encoder::with_capacity(2 + payload.len());
-        e.u16(req.ty()).raw(&payload);
+        let mut e = Encoder::new();
+        e.u16(req.ty());
+        req.encode(&mut e);
         self.request(proto::FS, e.as_bytes(), None)
     }
 

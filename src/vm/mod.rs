@@ -84,11 +84,6 @@ pub fn resolve_backend(asked: crate::wire::Backend) -> Result<crate::wire::Backe
     }
 }
 
-/// Where the guest mounts the host directory shared under `tag`.
-pub fn mount_point(tag: &str) -> String {
-    format!("{}/{tag}", crate::agent::MOUNT_ROOT)
-}
-
 /// Checks host mounts: tags of letters, digits, `_`, `-` and `.`, at most 31 bytes and
 /// unique; host paths existing directories (made absolute).
 pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wire::MountConfig>> {

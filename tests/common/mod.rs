@@ -175,3 +175,31 @@ pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
 }
+
+/// One guest behind the real helper process, booted by the first test of a test
+/// binary that asks and shared by all of them (boots are slow under TCG); None when VM
+/// tests cannot run here (outside CI; under CI that fails instead).
+pub fn shared_guest(test: &str) -> Option<&'static vmhost::Instance> {
+    static VM: std::sync::OnceLock<vmhost::Instance> = std::sync::OnceLock::new();
+    if !vm_ready(test) {
+        return None;
+    }
+    Some(VM.get_or_init(|| {
+        std::env::set_var("VMHOST_HELPER_PATH", vmhost_bin());
+        let opts = vmhost::InstanceOptions { timeout: Some(Duration::from_secs(900)), ..Default::default() };
+        vmhost::Instance::new_with_helper(vmhost::Image::Default, opts).expect("boot the shared guest")
+    }))
+}
+
+/// `n` deterministic bytes (xorshift64 from `seed`) that do not repeat in a pattern.
+pub fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}

@@ -30,7 +30,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 pub use bus::{Bus, BusDevice};
 pub use memory::GuestMemory;
-pub use vcpu::{Vcpu, VcpuEvent, VcpuSetup};
+pub use vcpu::{Vcpu, VcpuSetup};
 
 /// Errors of the KVM backend.
 #[derive(Debug)]
@@ -61,11 +61,6 @@ pub enum Error {
         /// What failed.
         message: String,
     },
-    /// This host cannot run the kvm backend for Linux guests.
-    Unavailable {
-        /// Why, and what to do instead.
-        why: String,
-    },
 }
 
 impl fmt::Display for Error {
@@ -77,7 +72,6 @@ impl fmt::Display for Error {
                 write!(f, "bus: the range {base:#x}+{len:#x} overlaps a device already there")
             }
             Error::Vcpu { id, message } => write!(f, "vCPU {id}: {message}"),
-            Error::Unavailable { why } => write!(f, "the kvm backend is unavailable here: {why}"),
         }
     }
 }

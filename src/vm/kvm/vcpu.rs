@@ -7,7 +7,7 @@
 //! so `KVM_RUN` returns at once (also when the signal lands just before it is entered)
 //! and the loop reads its commands. What ends or parks a vCPU (HLT without an in-kernel
 //! irqchip, a shutdown such as a triple fault, a failed entry, an emulation failure) is
-//! reported as its [`VcpuState`] and as a [`VcpuEvent`].
+//! reported as its [`VcpuState`], which [`Vcpu::wait_for`] waits on.
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
@@ -46,9 +46,8 @@ extern "C" fn on_kick(_: nix::libc::c_int, _: *mut nix::libc::siginfo_t, _: *mut
 }
 
 fn install_kick_handler() -> Result<()> {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    static mut FAILED: bool = false;
-    ONCE.call_once(|| {
+    static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *INSTALLED.get_or_init(|| {
         // SAFETY: installs a handler that only touches this thread's kvm_run; zeroed
         // sigaction fields are valid defaults.
         unsafe {
@@ -56,13 +55,10 @@ fn install_kick_handler() -> Result<()> {
             sa.sa_sigaction = on_kick as *const () as usize;
             sa.sa_flags = nix::libc::SA_SIGINFO;
             nix::libc::sigemptyset(&mut sa.sa_mask);
-            if nix::libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
-                FAILED = true;
-            }
+            nix::libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) == 0
         }
     });
-    // SAFETY: written once inside call_once, read after it.
-    if unsafe { FAILED } {
+    if !ok {
         return Err(Error::Vcpu { id: 0, message: "cannot install the vCPU kick signal handler".into() });
     }
     Ok(())
@@ -115,15 +111,6 @@ impl VcpuState {
     }
 }
 
-/// A change of a vCPU's state, for observers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VcpuEvent {
-    /// Which vCPU.
-    pub id: u8,
-    /// Its new state.
-    pub state: VcpuState,
-}
-
 enum Command {
     Pause,
     Resume,
@@ -133,14 +120,13 @@ enum Command {
 struct Shared {
     state: Mutex<VcpuState>,
     changed: Condvar,
-    events: Sender<VcpuEvent>,
 }
 
 impl Shared {
     fn set(&self, id: u8, state: VcpuState) {
-        *self.state.lock() = state.clone();
+        log::debug!("vCPU {id}: {state:?}");
+        *self.state.lock() = state;
         self.changed.notify_all();
-        let _ = self.events.send(VcpuEvent { id, state });
     }
 }
 
@@ -149,7 +135,6 @@ pub struct Vcpu {
     id: u8,
     tx: Sender<Command>,
     shared: Arc<Shared>,
-    events: Receiver<VcpuEvent>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pthread: nix::libc::pthread_t,
 }
@@ -170,16 +155,15 @@ impl Vcpu {
         fd.set_sregs(&sregs).map_err(kvm_err(format!("vCPU {id}: set sregs")))?;
         fd.set_regs(&setup.regs).map_err(kvm_err(format!("vCPU {id}: set regs")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (etx, erx) = crossbeam_channel::unbounded();
         let initial = if paused { VcpuState::Paused } else { VcpuState::Running };
-        let shared = Arc::new(Shared { state: Mutex::new(initial), changed: Condvar::new(), events: etx });
+        let shared = Arc::new(Shared { state: Mutex::new(initial), changed: Condvar::new() });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vmhost-vcpu{id}"))
             .spawn(move || run_loop(id, fd, rx, &sh, &pio, &mmio, paused))
             .map_err(|e| Error::Vcpu { id, message: format!("start its thread: {e}") })?;
         let pthread = thread.as_pthread_t();
-        Ok(Vcpu { id, tx, shared, events: erx, thread: Mutex::new(Some(thread)), pthread })
+        Ok(Vcpu { id, tx, shared, thread: Mutex::new(Some(thread)), pthread })
     }
 
     /// Its index.
@@ -190,11 +174,6 @@ impl Vcpu {
     /// Its state now.
     pub fn state(&self) -> VcpuState {
         self.shared.state.lock().clone()
-    }
-
-    /// Its state changes, as they happen.
-    pub fn events(&self) -> &Receiver<VcpuEvent> {
-        &self.events
     }
 
     fn kick(&self) {

@@ -362,19 +362,6 @@ impl QemuVm {
         let sh = &self.shared;
         let start = Instant::now();
         let (qmp_path, agent_path) = (sh.dir.0.join("qmp.sock"), sh.dir.0.join("agent.sock"));
-        // QEMU creates its sockets while starting up.
-        while !(qmp_path.exists() && agent_path.exists()) {
-            if sh.state.lock().is_final() {
-                return Err(Error::Vm { op: "boot".into(), message: "QEMU exited while starting".into() });
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Timeout {
-                    op: "boot: waiting for QEMU's sockets".into(),
-                    after: start.elapsed(),
-                });
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
         let stream = self.dial_socket(&qmp_path)?;
         let q = qmp::Client::connect(stream, Duration::from_secs(30)).map_err(Error::Qmp)?;
         // No network until asked for: the link is down before the guest boots.
@@ -392,22 +379,17 @@ impl QemuVm {
         Ok(())
     }
 
-    /// Connects to one of QEMU's listening sockets. The file appears at bind(2) and
-    /// connections are refused until listen(2): a refusal is retried while QEMU runs
-    /// (for at most 10 s).
+    /// Connects to one of the sockets QEMU creates while starting: the file appears at
+    /// bind(2) and connections are refused until listen(2), so a missing or refusing
+    /// socket is retried while QEMU runs (for at most 30 s).
     fn dial_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixStream> {
-        let start = Instant::now();
-        loop {
-            match unix::dial(path, Duration::from_secs(10)) {
-                Err(Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::ConnectionRefused
-                        && !self.shared.state.lock().is_final()
-                        && start.elapsed() < Duration::from_secs(10) =>
-                {
-                    thread::sleep(Duration::from_millis(5));
-                }
-                r => return r,
+        let running = || !self.shared.state.lock().is_final();
+        let r = unix::connect_retry_while(path, Duration::from_secs(30), Duration::from_millis(5), &running);
+        match r {
+            Err(_) if !running() => {
+                Err(Error::Vm { op: "boot".into(), message: "QEMU exited while starting".into() })
             }
+            r => r,
         }
     }
 

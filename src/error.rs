@@ -152,6 +152,8 @@ pub enum Error {
     },
     /// A QMP exchange with QEMU failed.
     Qmp(crate::qmp::Error),
+    /// The kvm backend's VMM failed (a KVM ioctl, guest memory, a vCPU).
+    Kvm(crate::vm::kvm::Error),
     /// The backend asked for cannot run here.
     BackendUnavailable {
         /// The backend ("kvm").
@@ -273,6 +275,7 @@ impl fmt::Display for Error {
                 write!(f, "the {backend} backend cannot run here: {why}")
             }
             Error::Qmp(e) => write!(f, "{e}"),
+            Error::Kvm(e) => write!(f, "kvm backend: {e}"),
         }
     }
 }
@@ -284,8 +287,15 @@ impl std::error::Error for Error {
             Error::Frame { source, .. } => Some(source),
             Error::Decode { source, .. } => Some(source),
             Error::Qmp(e) => Some(e),
+            Error::Kvm(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl From<crate::vm::kvm::Error> for Error {
+    fn from(e: crate::vm::kvm::Error) -> Error {
+        Error::Kvm(e)
     }
 }
 

@@ -426,7 +426,7 @@ fn with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it() {
     if !kvm_ready("with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it") {
         return;
     }
-    let vmm = Vmm::new(1 << 20, &[]).unwrap();
+    let mut vmm = Vmm::new(1 << 20, &[]).unwrap();
     vmm.add_irqchip_and_pit().unwrap();
     let sink = Sink::default();
     vmm.pio()
@@ -434,7 +434,6 @@ fn with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it() {
         .unwrap();
     // mov dx, 0x3f8; mov al, 'k'; out dx, al; cli; hlt
     vmm.memory().write(0x1000, &[0xBA, 0xF8, 0x03, 0xB0, b'k', 0xEE, 0xFA, 0xF4]).unwrap();
-    let mut vmm = vmm;
     let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
     assert!(common::wait_until(GUARD, || !sink.0.lock().is_empty()));
     std::thread::sleep(Duration::from_millis(200));
@@ -473,4 +472,97 @@ fn a_guest_reads_the_virtio_mmio_registers() {
     let writes = probe.lock().writes.clone();
     assert_eq!(writes, vec![(0, b"virt".to_vec()), (0, 3u32.to_le_bytes().to_vec())]);
     vmm.stop();
+}
+
+/// Boots the kvm backend's whole machine on a PVH "kernel" made of `code`; returns the
+/// boot error (these programs never start an agent) and how long the boot took.
+fn boot_machine(code: &[u8], boot_timeout: Duration) -> String {
+    let dir = common::TempDir::new("kvm-machine");
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, pvh_elf(code, 0x10_0000)).unwrap();
+    let cfg = vmhost::vm::kvm::KvmConfig {
+        vmlinux: kernel,
+        initramfs: None,
+        memory_mb: 64,
+        cpus: 1,
+        extra_args: vec!["vmhost.test=1".into()],
+        dmesg: false,
+        timeout: None,
+        boot_timeout,
+    };
+    match vmhost::vm::kvm::KvmVm::boot(cfg) {
+        Ok(vm) => {
+            let _ = vm.force_stop();
+            panic!("a program without an agent booted")
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_machine_boots_a_pvh_program_that_prints_its_command_line_finds_virtio_and_resets() {
+    if !kvm_ready("the_machine_boots_a_pvh_program_that_prints_its_command_line_finds_virtio_and_resets") {
+        return;
+    }
+    #[rustfmt::skip]
+    let code = [
+        0x8B, 0x73, 0x18,             // mov esi, [ebx+24]     ; start_info.cmdline_paddr
+        0x66, 0xBA, 0xF8, 0x03,       // mov dx, 0x3f8
+        0x8A, 0x06,                   // loop: mov al, [esi]
+        0x84, 0xC0,                   // test al, al
+        0x74, 0x04,                   // jz done
+        0xEE,                         // out dx, al
+        0x46,                         // inc esi
+        0xEB, 0xF6,                   // jmp loop
+        0xA1, 0x00, 0x00, 0x00, 0xD0, // done: mov eax, [0xd0000000]
+        0x3D, 0x76, 0x69, 0x72, 0x74, // cmp eax, "virt"
+        0x75, 0x03,                   // jne skip
+        0xB0, b'V',                   // mov al, 'V'
+        0xEE,                         // out dx, al
+        0xB0, 0xFE,                   // skip: mov al, 0xfe
+        0xE6, 0x64,                   // out 0x64, al          ; i8042 reset
+        0xF4,                         // hlt
+        0xEB, 0xFD,                   // jmp hlt
+    ];
+    let err = boot_machine(&code, GUARD);
+    // The guest printed the machine's command line, with the virtio device on it and
+    // the extra argument after it, then found the virtio magic at the device's address.
+    let want = "virtio_mmio.device=4K@0xd0000000:5 vmhost.test=1 quiet loglevel=1V";
+    assert!(err.contains(want), "{err}");
+    assert!(err.contains("console=ttyS0 reboot=t"), "{err}");
+    assert!(err.contains("the VM ended: the guest reset the machine through the i8042"), "{err}");
+    assert!(err.contains("closed before the agent said hello"), "{err}");
+}
+
+#[test]
+fn the_machine_reports_a_guest_fault_with_its_address() {
+    if !kvm_ready("the_machine_reports_a_guest_fault_with_its_address") {
+        return;
+    }
+    // mov al, 'F'; out 0x3f8 via dx; jmp to memory nothing backs (past the hole's start)
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xBA, 0xF8, 0x03,             // mov dx, 0x3f8
+        0xB0, b'F',                         // mov al, 'F'
+        0xEE,                               // out dx, al
+        0xB8, 0x00, 0x00, 0x00, 0xF0,       // mov eax, 0xf0000000
+        0xFF, 0xE0,                         // jmp eax
+    ];
+    let err = boot_machine(&code, GUARD);
+    assert!(err.contains("the VM ended: vCPU 0 failed"), "{err}");
+    assert!(err.contains("at rip 0xf0000000"), "{err}");
+    assert!(err.starts_with("VM boot: the guest did not boot: the agent channel closed"), "{err}");
+    assert!(err.contains("last console lines:\nF"), "{err}");
+}
+
+#[test]
+fn the_machine_ends_a_guest_that_never_reaches_its_agent() {
+    if !kvm_ready("the_machine_ends_a_guest_that_never_reaches_its_agent") {
+        return;
+    }
+    // jmp $: the guest runs for ever, never speaking on the agent channel.
+    let err = boot_machine(&[0xEB, 0xFE], Duration::from_secs(1));
+    assert!(err.contains("waiting for the guest agent: timed out after 1.0 s"), "{err}");
+    assert!(err.contains("the VM ended: stopped by the host"), "{err}");
+    assert!(err.contains("the guest console stayed empty"), "{err}");
 }

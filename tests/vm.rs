@@ -257,7 +257,7 @@ fn helper_killed_takes_qemu_with_it_and_leaves_nothing() {
         children_of(helper).into_iter().filter(|(_, c)| c.starts_with("qemu")).map(|(p, _)| p).collect();
     assert_eq!(qemu.len(), 1, "one QEMU under the helper");
     let run_dirs = |pid: u32| {
-        std::fs::read_dir(vmhost::vm::qemu::run_base())
+        std::fs::read_dir(vmhost::vm::run_dir::run_base())
             .map(|d| {
                 d.flatten()
                     .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("vm-{pid}-")))

@@ -442,7 +442,7 @@ impl Client {
             let _ = child.wait();
         }
         // A helper that died abruptly left its VM's run directory behind.
-        crate::vm::qemu::sweep_stale(&crate::vm::qemu::run_base());
+        crate::vm::run_dir::sweep_stale(&crate::vm::run_dir::run_base());
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(Error::io("remove socket", &self.path, e))

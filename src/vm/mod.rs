@@ -5,8 +5,11 @@
 //! a machine trait here; until they exist the helper refuses to create instances.
 
 pub mod agent_link;
+pub mod console;
 pub mod kvm;
+pub(crate) mod lifecycle;
 pub mod qemu;
+pub mod run_dir;
 pub mod stop;
 
 use std::fmt;
@@ -81,6 +84,14 @@ pub fn resolve_backend(asked: crate::wire::Backend) -> Result<crate::wire::Backe
         (Backend::Auto, Ok(())) | (Backend::Kvm, Ok(())) => Ok(Backend::Kvm),
         (Backend::Auto, Err(_)) => Ok(Backend::Qemu),
         (Backend::Kvm, Err(why)) => Err(Error::BackendUnavailable { backend: "kvm".into(), why }),
+    }
+}
+
+/// The first line of a boot error: `e` without a repeated "VM boot:".
+pub(crate) fn boot_failure(e: &Error) -> String {
+    match e {
+        Error::Vm { op, message } if op == "boot" => format!("the guest did not boot: {message}"),
+        e => format!("the guest did not boot: {e}"),
     }
 }
 

@@ -20,7 +20,9 @@
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod machine;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 
 use std::fmt;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 use kvm_ioctls::{Kvm, VmFd};
 
 pub use bus::{Bus, BusDevice};
+pub use machine::{KvmConfig, KvmVm};
 pub use memory::GuestMemory;
 pub use vcpu::{Vcpu, VcpuSetup};
 
@@ -54,6 +57,13 @@ pub enum Error {
         /// Its length.
         len: u64,
     },
+    /// A host resource (an eventfd, a socket, a thread) could not be set up.
+    Host {
+        /// What was being set up.
+        op: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A vCPU thread could not be started or controlled.
     Vcpu {
         /// Which vCPU.
@@ -71,6 +81,7 @@ impl fmt::Display for Error {
             Error::BusOverlap { base, len } => {
                 write!(f, "bus: the range {base:#x}+{len:#x} overlaps a device already there")
             }
+            Error::Host { op, source } => write!(f, "{op}: {source}"),
             Error::Vcpu { id, message } => write!(f, "vCPU {id}: {message}"),
         }
     }
@@ -80,6 +91,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Kvm { source, .. } => Some(source),
+            Error::Host { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -112,6 +124,46 @@ pub fn probe() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The CPUID table of vCPU `id`, from what KVM supports: its initial APIC id (leaf 1
+/// EBX[31:24], and leaf 0xB EDX, its x2APIC id) so that a multi-vCPU guest tells its
+/// CPUs apart, and the hypervisor bit (leaf 1 ECX[31]) so that the guest looks for
+/// KVM's paravirtual clock.
+pub fn vcpu_cpuid(cpuid: &mut kvm_bindings::CpuId, id: u8) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                e.ecx |= 1 << 31;
+            }
+            0xb => e.edx = id as u32,
+            _ => {}
+        }
+    }
+}
+
+/// LAPIC register offsets of the local interrupt pins.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+/// Delivery modes (LVT bits 10:8).
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Sets LINT0 to ExtINT and LINT1 to NMI in a LAPIC register page.
+pub fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
+    let mut set = |off: usize, mode: u32| {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = lapic.regs[off + i] as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, x) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *x as _;
+        }
+    };
+    set(APIC_LVT0, APIC_MODE_EXTINT);
+    set(APIC_LVT1, APIC_MODE_NMI);
+}
+
 /// A VM: its KVM file, its memory, its buses and its vCPUs.
 pub struct Vmm {
     kvm: Kvm,
@@ -120,6 +172,10 @@ pub struct Vmm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     vcpus: Vec<Vcpu>,
+    /// Whether the in-kernel irqchip is there (vCPUs then get their LAPIC set up).
+    irqchip: bool,
+    /// vCPU ids, sent by each vCPU thread as it ends.
+    ended: (crossbeam_channel::Sender<u8>, crossbeam_channel::Receiver<u8>),
 }
 
 impl Vmm {
@@ -137,13 +193,16 @@ impl Vmm {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
             vcpus: Vec::new(),
+            irqchip: false,
+            // One message per vCPU, never more than there can be vCPUs.
+            ended: crossbeam_channel::bounded(256),
         })
     }
 
     /// Adds the in-kernel interrupt controllers (PIC, IOAPIC, and a LAPIC per vCPU
     /// created after) and the PIT, as a booted Linux guest needs. Call before creating
     /// vCPUs. With them, HLT waits in the kernel for an interrupt instead of exiting.
-    pub fn add_irqchip_and_pit(&self) -> Result<()> {
+    pub fn add_irqchip_and_pit(&mut self) -> Result<()> {
         // The TSS and identity-map pages Intel's VMX needs, below the 4 GiB MMIO top.
         self.vm.set_identity_map_address(0xfffb_c000).map_err(kvm_err("set the identity map address"))?;
         self.vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
@@ -151,6 +210,7 @@ impl Vmm {
         let pit =
             kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+        self.irqchip = true;
         Ok(())
     }
 
@@ -192,18 +252,42 @@ impl Vmm {
     /// [`Vcpu::resume`] when `paused`).
     pub fn start_vcpu(&mut self, id: u8, setup: VcpuSetup, paused: bool) -> Result<&Vcpu> {
         let fd = self.vm.create_vcpu(id as u64).map_err(kvm_err(format!("create vCPU {id}")))?;
-        // CPUID: what KVM supports here, with this vCPU's initial APIC id (leaf 1,
-        // EBX[31:24]) so that a multi-vCPU guest tells its CPUs apart.
         let mut cpuid = self.supported_cpuid()?;
-        for e in cpuid.as_mut_slice() {
-            if e.function == 1 {
-                e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
-            }
-        }
+        vcpu_cpuid(&mut cpuid, id);
         fd.set_cpuid2(&cpuid).map_err(kvm_err(format!("vCPU {id}: set CPUID")))?;
-        let v = Vcpu::start(id, fd, setup, self.pio.clone(), self.mmio.clone(), paused)?;
+        if self.irqchip {
+            // The local interrupt pins as a PC's firmware leaves them: the PIC on
+            // LINT0 (virtual wire mode, until the guest sets up its I/O APIC), NMI on
+            // LINT1.
+            let mut lapic = fd.get_lapic().map_err(kvm_err(format!("vCPU {id}: get LAPIC")))?;
+            set_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err(format!("vCPU {id}: set LAPIC")))?;
+        }
+        let v =
+            Vcpu::start(id, fd, setup, self.pio.clone(), self.mmio.clone(), paused, self.ended.0.clone())?;
         self.vcpus.push(v);
         Ok(self.vcpus.last().expect("just pushed"))
+    }
+
+    /// Receives the id of each vCPU whose thread ends (shutdown, failure or stop).
+    pub fn ended(&self) -> &crossbeam_channel::Receiver<u8> {
+        &self.ended.1
+    }
+
+    /// An interrupt line: a KVM irqfd on `gsi` of the in-kernel irqchip, returned as the
+    /// function a device calls to raise it (an edge: ISA and virtio-mmio interrupts).
+    pub fn irq_line(&self, gsi: u32) -> Result<devices::virtio::Interrupt> {
+        let fd = vmm_sys_util::eventfd::EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| Error::Host {
+            op: format!("create the eventfd of interrupt {gsi}"),
+            source: e,
+        })?;
+        self.vm
+            .register_irqfd(&fd, gsi)
+            .map_err(kvm_err(format!("register the irqfd of interrupt {gsi}")))?;
+        Ok(Arc::new(move || {
+            // Fails only when the counter would overflow: the interrupt is pending anyway.
+            let _ = fd.write(1);
+        }))
     }
 
     /// The vCPUs, in creation order.

@@ -148,6 +148,7 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         paused: bool,
+        ended: Sender<u8>,
     ) -> Result<Vcpu> {
         install_kick_handler()?;
         let mut sregs = fd.get_sregs().map_err(kvm_err(format!("vCPU {id}: get sregs")))?;
@@ -160,7 +161,10 @@ impl Vcpu {
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vmhost-vcpu{id}"))
-            .spawn(move || run_loop(id, fd, rx, &sh, &pio, &mmio, paused))
+            .spawn(move || {
+                run_loop(id, fd, rx, &sh, &pio, &mmio, paused);
+                let _ = ended.try_send(id);
+            })
             .map_err(|e| Error::Vcpu { id, message: format!("start its thread: {e}") })?;
         let pthread = thread.as_pthread_t();
         Ok(Vcpu { id, tx, shared, thread: Mutex::new(Some(thread)), pthread })

@@ -22,9 +22,10 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-
 use super::agent_link::AgentLink;
+use super::console::ConsoleLog;
+use super::lifecycle::Lifecycle;
+use super::run_dir::RunDir;
 use super::stop::{self, StopSteps, VmProcess};
 use super::VmState;
 use crate::error::{Error, Result};
@@ -157,95 +158,22 @@ pub fn qemu_binary() -> Result<PathBuf> {
         })
 }
 
-/// A private directory for one VM's sockets and logs, removed when dropped.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new() -> Result<RunDir> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let private = run_base();
-        unix::ensure_private_dir(&private)?;
-        sweep_stale(&private);
-        let dir = private.join(format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_dir_all(&dir);
-        unix::ensure_private_dir(&dir)?;
-        Ok(RunDir(dir))
-    }
-}
-
-/// Removes run directories (`vm-<pid>-<n>`) whose owning process is gone: what a
-/// process killed with SIGKILL could not clean up itself.
-pub fn sweep_stale(private: &Path) {
-    let Ok(entries) = std::fs::read_dir(private) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) =
-            name.strip_prefix("vm-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            log::info!("removing stale VM directory {}", e.path().display());
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// The private directory all VM run directories of this user live in.
-pub fn run_base() -> PathBuf {
-    let base = ["XDG_RUNTIME_DIR", "TMPDIR"]
-        .iter()
-        .filter_map(std::env::var_os)
-        .find(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    let private = base.join(format!("vmhost-{}", nix::unistd::geteuid().as_raw()));
-    if private.as_os_str().len() > 60 {
-        PathBuf::from(format!("/tmp/vmhost-{}", nix::unistd::geteuid().as_raw()))
-    } else {
-        private
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Shared {
     id: String,
     dir: RunDir,
-    state: Mutex<VmState>,
-    state_cv: Condvar,
+    life: Lifecycle,
     process: OnceLock<Arc<VmProcess>>,
     qmp: OnceLock<qmp::Client>,
     agent: OnceLock<AgentLink>,
-    /// Why the VM ended, once it has.
-    ended: Mutex<Option<std::result::Result<(), String>>>,
     accel: Accel,
-    /// The last [`CONSOLE_TAIL`] bytes of the guest console.
-    console_tail: Mutex<std::collections::VecDeque<u8>>,
+    console: ConsoleLog,
     /// Set when the console reader has read everything there will be.
     console_done: std::sync::atomic::AtomicBool,
 }
 
-/// How much of the console is kept in memory for error messages.
-const CONSOLE_TAIL: usize = 64 << 10;
-/// How much of the console goes to `console.log` (a guest may print without end, and
-/// the run directory is usually in RAM).
-const CONSOLE_LOG_MAX: u64 = 8 << 20;
-
 impl Shared {
-    fn console(&self) -> PathBuf {
-        self.dir.0.join("console.log")
-    }
-
     fn set_state(&self, s: VmState) {
-        let mut st = self.state.lock();
-        if !st.is_final() {
-            *st = s;
-        }
-        self.state_cv.notify_all();
+        self.life.set(s);
     }
 }
 
@@ -281,14 +209,7 @@ impl StopSteps for Shared {
     }
 
     fn wait_exit(&self, timeout: Duration) -> bool {
-        let mut st = self.state.lock();
-        let deadline = Instant::now() + timeout;
-        while !st.is_final() {
-            if self.state_cv.wait_until(&mut st, deadline).timed_out() {
-                return st.is_final();
-            }
-        }
-        true
+        self.life.wait_final(timeout)
     }
 }
 
@@ -305,18 +226,17 @@ impl QemuVm {
         static N: AtomicU64 = AtomicU64::new(1);
         let qemu = qemu_binary()?;
         let dir = RunDir::new()?;
+        let console = ConsoleLog::new(Some(&dir.0.join("console.log")), cfg.dmesg);
         let id = format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
             id,
             dir,
-            state: Mutex::new(VmState::Created),
-            state_cv: Condvar::new(),
+            life: Lifecycle::new(),
             process: OnceLock::new(),
             qmp: OnceLock::new(),
             agent: OnceLock::new(),
-            ended: Mutex::new(None),
             accel: cfg.accel,
-            console_tail: Mutex::new(std::collections::VecDeque::new()),
+            console,
             console_done: std::sync::atomic::AtomicBool::new(false),
         });
         let vm = QemuVm { shared: shared.clone() };
@@ -326,11 +246,10 @@ impl QemuVm {
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
         let console = open_console(&shared.dir.0)?;
         let reader = shared.clone();
-        let dmesg = cfg.dmesg;
         thread::Builder::new()
             .name("vmhost-console".into())
             .spawn(move || {
-                read_console(&reader, console, dmesg);
+                read_console(&reader, console);
                 reader.console_done.store(true, Ordering::SeqCst);
             })
             .map_err(|e| Error::io("start console reader", &shared.dir.0, e))?;
@@ -383,7 +302,7 @@ impl QemuVm {
     /// bind(2) and connections are refused until listen(2), so a missing or refusing
     /// socket is retried while QEMU runs (for at most 30 s).
     fn dial_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixStream> {
-        let running = || !self.shared.state.lock().is_final();
+        let running = || !self.shared.life.state().is_final();
         let r = unix::connect_retry_while(path, Duration::from_secs(30), Duration::from_millis(5), &running);
         match r {
             Err(_) if !running() => {
@@ -399,22 +318,14 @@ impl QemuVm {
         while !self.shared.console_done.load(Ordering::SeqCst) && Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
         }
-        // From the kernel's panic line when there is one (its stack trace follows it),
-        // else the last lines.
-        let all = self.console_tail(200);
-        let lines: Vec<&str> = all.lines().collect();
-        let from = lines
-            .iter()
-            .rposition(|l| l.contains("Kernel panic"))
-            .map_or(lines.len().saturating_sub(25), |i| i.min(lines.len().saturating_sub(12)));
-        let console = lines[from..lines.len().min(from + 40)].join("\n");
+        let console = self.shared.console.boot_excerpt();
         let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
-        let mut msg = format!("the guest did not boot: {e}");
+        let mut msg = super::boot_failure(&e);
         if !qemu_log.trim().is_empty() {
             msg.push_str(&format!("\nQEMU said:\n{}", qemu_log.trim_end()));
         }
-        if !console.trim().is_empty() {
-            msg.push_str(&format!("\nlast console lines:\n{}", console.trim_end()));
+        if !console.is_empty() {
+            msg.push_str(&format!("\nlast console lines:\n{console}"));
         } else {
             msg.push_str("\nthe guest console stayed empty");
         }
@@ -428,7 +339,7 @@ impl QemuVm {
 
     /// The lifecycle state.
     pub fn state(&self) -> VmState {
-        *self.shared.state.lock()
+        self.shared.life.state()
     }
 
     /// The agent.
@@ -473,10 +384,7 @@ impl QemuVm {
 
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
-        let text: Vec<u8> = self.shared.console_tail.lock().iter().copied().collect();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.shared.console.tail(n)
     }
 
     /// Stops the VM: agent, ACPI, SIGTERM, SIGKILL, each step bounded by `timeout`.
@@ -502,22 +410,7 @@ impl QemuVm {
 
     /// Like [`QemuVm::wait`], giving up after `timeout` (`None`: still running).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
-        let mut st = self.shared.state.lock();
-        let deadline = Instant::now() + timeout;
-        while !st.is_final() {
-            if self.shared.state_cv.wait_until(&mut st, deadline).timed_out() && !st.is_final() {
-                return None;
-            }
-        }
-        drop(st);
-        Some(self.end_result())
-    }
-
-    fn end_result(&self) -> Result<()> {
-        match self.shared.ended.lock().clone() {
-            Some(Err(m)) => Err(Error::Vm { op: "wait".into(), message: m }),
-            _ => Ok(()),
-        }
+        self.shared.life.wait_timeout(timeout)
     }
 
     /// The escalation steps, for the control server.
@@ -544,13 +437,9 @@ fn open_console(dir: &Path) -> Result<File> {
         .map_err(|e| Error::io("open console", &out, e))
 }
 
-/// Reads the guest console until the VM ends: keeps its tail in memory, writes up to
-/// [`CONSOLE_LOG_MAX`] bytes to `console.log`, and copies it to our stderr in dmesg mode.
-fn read_console(sh: &Shared, fifo: File, dmesg: bool) {
-    use std::io::Write;
+/// Reads the guest console until the VM ends, into the VM's [`ConsoleLog`].
+fn read_console(sh: &Shared, fifo: File) {
     use std::os::fd::AsRawFd;
-    let mut log = File::create(sh.console()).ok();
-    let mut logged = 0u64;
     let mut buf = vec![0u8; 16 << 10];
     let mut fifo = fifo;
     loop {
@@ -559,33 +448,14 @@ fn read_console(sh: &Shared, fifo: File, dmesg: bool) {
         // SAFETY: one valid pollfd on a descriptor we own.
         let ready = unsafe { nix::libc::poll(&mut pfd, 1, 200) } > 0;
         if !ready {
-            if sh.state.lock().is_final() {
+            if sh.life.state().is_final() {
                 return;
             }
             continue;
         }
-        let n = match fifo.read(&mut buf) {
+        match fifo.read(&mut buf) {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let data = &buf[..n];
-        {
-            let mut tail = sh.console_tail.lock();
-            tail.extend(data);
-            let excess = tail.len().saturating_sub(CONSOLE_TAIL);
-            tail.drain(..excess);
-        }
-        if let Some(f) = log.as_mut() {
-            let room = CONSOLE_LOG_MAX.saturating_sub(logged) as usize;
-            let _ = f.write_all(&data[..data.len().min(room)]);
-            logged += data.len().min(room) as u64;
-            if logged >= CONSOLE_LOG_MAX {
-                let _ = f.write_all(b"\n[vmhost: console log truncated here; the rest is not kept]\n");
-                log = None;
-            }
-        }
-        if dmesg {
-            let _ = std::io::stderr().write_all(data);
+            Ok(n) => sh.console.append(&buf[..n]),
         }
     }
 }
@@ -757,8 +627,10 @@ fn supervise(
         if deadline.is_some() && !timed_out && wait.is_zero() {
             timed_out = true;
             log::warn!("{}: instance timeout reached; stopping it", sh.id);
-            *sh.ended.lock() =
-                Some(Err(format!("the instance timeout of {:?} was reached", timeout.unwrap_or_default())));
+            sh.life.set_end_reason(Err(format!(
+                "the instance timeout of {:?} was reached",
+                timeout.unwrap_or_default()
+            )));
             let steps = sh.clone();
             thread::spawn(move || {
                 steps.set_state(VmState::Stopping);
@@ -790,18 +662,13 @@ fn supervise(
     }
     {
         // An exit nobody asked for (QEMU crashed, or was killed from outside) is an error.
-        let asked = matches!(*sh.state.lock(), VmState::Stopping);
-        let status = process.exit_status();
-        let mut ended = sh.ended.lock();
-        ended.get_or_insert(match status {
+        let asked = matches!(sh.life.state(), VmState::Stopping);
+        sh.life.set_end_reason(match process.exit_status() {
             Some(st) if !asked && !st.success() => Err(format!("QEMU exited unexpectedly ({st})")),
             _ => Ok(()),
         });
     }
-    let mut st = sh.state.lock();
-    *st = if matches!(*sh.ended.lock(), Some(Err(_))) { VmState::Error } else { VmState::Stopped };
-    sh.state_cv.notify_all();
-    drop(st);
+    sh.life.finish();
 }
 
 impl crate::server::control::VmController for QemuVm {

@@ -115,6 +115,11 @@ impl Console {
         self.ports.first().map_or(0, |p| p.input.len())
     }
 
+    /// Bytes still waiting for a guest buffer on `port`.
+    pub fn pending_port(&self, port: usize) -> usize {
+        self.ports.get(port).map_or(0, |p| p.input.len())
+    }
+
     /// Whether the guest has opened `port`.
     pub fn guest_open(&self, port: usize) -> bool {
         self.ports.get(port).is_some_and(|p| p.guest_open)
@@ -130,6 +135,11 @@ impl Console {
     fn fill_rx(&mut self, port: usize, queues: &mut [Queue]) {
         let Some(mem) = self.mem.clone() else { return };
         let (Some(rx), Some(p)) = (queues.get_mut(rx_queue(port)), self.ports.get_mut(port)) else { return };
+        // Linux discards what arrives on a port it has not opened (QEMU holds it back
+        // the same way): input waits for PORT_OPEN.
+        if self.multiport && !p.guest_open {
+            return;
+        }
         let mut used = false;
         while !p.input.is_empty() {
             let chain = match rx.pop(&mem) {
@@ -297,6 +307,10 @@ impl VirtioDevice for Console {
             3 if self.multiport => {
                 self.take_tx(3, queues, |me, m| me.on_control(m));
                 self.fill_control(queues);
+                // A port just opened gets what waited for it.
+                for port in 0..self.ports.len() {
+                    self.fill_rx(port, queues);
+                }
             }
             i => {
                 let port = if i < 2 { 0 } else { i / 2 - 1 };

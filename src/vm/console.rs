@@ -1,0 +1,131 @@
+//! The guest's serial console as every backend keeps it: the last [`TAIL`] bytes in
+//! memory (for error messages), up to [`LOG_MAX`] bytes in `console.log`, and a copy on
+//! our stderr in dmesg mode.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use parking_lot::Mutex;
+
+/// How much of the console is kept in memory for error messages.
+pub const TAIL: usize = 64 << 10;
+/// How much of the console goes to `console.log` (a guest may print without end, and
+/// the run directory is usually in RAM).
+pub const LOG_MAX: u64 = 8 << 20;
+
+struct LogFile {
+    file: Option<File>,
+    written: u64,
+}
+
+/// One VM's console output.
+pub struct ConsoleLog {
+    tail: Mutex<VecDeque<u8>>,
+    log: Mutex<LogFile>,
+    dmesg: bool,
+}
+
+impl ConsoleLog {
+    /// A console log writing `path` (when it can be created), copying to stderr when
+    /// `dmesg`.
+    pub fn new(path: Option<&Path>, dmesg: bool) -> ConsoleLog {
+        let file = path.and_then(|p| File::create(p).ok());
+        ConsoleLog { tail: Mutex::new(VecDeque::new()), log: Mutex::new(LogFile { file, written: 0 }), dmesg }
+    }
+
+    /// Takes in what the guest printed.
+    pub fn append(&self, data: &[u8]) {
+        {
+            let mut tail = self.tail.lock();
+            tail.extend(data);
+            let excess = tail.len().saturating_sub(TAIL);
+            tail.drain(..excess);
+        }
+        let mut log = self.log.lock();
+        let room = LOG_MAX.saturating_sub(log.written) as usize;
+        let n = data.len().min(room);
+        if let Some(f) = log.file.as_mut() {
+            let _ = f.write_all(&data[..n]);
+        }
+        log.written += n as u64;
+        if log.written >= LOG_MAX {
+            if let Some(mut f) = log.file.take() {
+                let _ = f.write_all(b"\n[vmhost: console log truncated here; the rest is not kept]\n");
+            }
+        }
+        drop(log);
+        if self.dmesg {
+            let _ = std::io::stderr().write_all(data);
+        }
+    }
+
+    /// The last `n` lines.
+    pub fn tail(&self, n: usize) -> String {
+        let text: Vec<u8> = self.tail.lock().iter().copied().collect();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// What a boot error shows: from the kernel's panic line when there is one (its
+    /// stack trace follows it), else the last lines; empty when the guest printed
+    /// nothing.
+    pub fn boot_excerpt(&self) -> String {
+        let all = self.tail(200);
+        let lines: Vec<&str> = all.lines().collect();
+        let from = lines
+            .iter()
+            .rposition(|l| l.contains("Kernel panic"))
+            .map_or(lines.len().saturating_sub(25), |i| i.min(lines.len().saturating_sub(12)));
+        lines[from..lines.len().min(from + 40)].join("\n").trim_end().to_string()
+    }
+}
+
+/// A [`Write`] into a shared [`ConsoleLog`], for device models that print.
+pub struct ConsoleWriter(pub std::sync::Arc<ConsoleLog>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.append(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_tail_and_a_bounded_log() {
+        let dir = std::env::temp_dir().join(format!("vmhost-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let c = ConsoleLog::new(Some(&path), false);
+        c.append(b"one\ntwo\n");
+        c.append(b"three\n");
+        assert_eq!(c.tail(2), "two\nthree");
+        let big = vec![b'x'; (LOG_MAX as usize) + 1000];
+        c.append(&big);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len <= LOG_MAX + 100, "console.log grew to {len}");
+        assert!(c.tail.lock().len() <= TAIL);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn boot_excerpt_starts_at_the_panic() {
+        let c = ConsoleLog::new(None, false);
+        for i in 0..50 {
+            c.append(format!("line {i}\n").as_bytes());
+        }
+        c.append(b"Kernel panic - not syncing: VFS\n trace 1\n trace 2\n");
+        let e = c.boot_excerpt();
+        assert!(e.contains("Kernel panic") && e.ends_with("trace 2"), "{e}");
+        assert!(!e.contains("line 30"), "{e}");
+    }
+}

@@ -1,0 +1,454 @@
+//! The kvm backend's machine: the pieces of this module put together into a VM that
+//! boots vmhost's minimal kernel with the agent, as the QEMU backend's microvm does.
+//!
+//! The layout, fixed like Firecracker's:
+//!
+//! | what                          | where                              | interrupt |
+//! |-------------------------------|------------------------------------|-----------|
+//! | RAM                           | 0 .. `memory_mb`, less the hole    |           |
+//! | MP table                      | 0x9FC00 (reserved in e820)         |           |
+//! | 16550 UART, `ttyS0` console   | ports 0x3F8..0x3FF                 | 4         |
+//! | i8042 (reset line)            | ports 0x60..0x64                   |           |
+//! | virtio console, the agent     | MMIO 0xD000_0000, 4 KiB            | 5         |
+//! | I/O APIC, LAPICs (in-kernel)  | 0xFEC0_0000, 0xFEE0_0000           |           |
+//!
+//! RAM beyond 3.25 GiB continues above 4 GiB, past the MMIO hole. The guest finds the
+//! virtio device on its command line (`virtio_mmio.device=4K@0xd0000000:5`), which
+//! needs `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`: vmhost's own kernel has it, Debian's
+//! kernels do not (they find devices through ACPI or PCI, which this machine does not
+//! offer yet).
+//!
+//! Interrupts are edges through KVM irqfds into the in-kernel PIC and I/O APIC. The
+//! virtio console is multiport: port 1 is named [`crate::agent::PORT_NAME`] and carries
+//! the agent channel to one end of a socket pair, whose other end the host's
+//! [`AgentLink`] uses as it uses QEMU's chardev socket.
+//!
+//! Threads: one per vCPU, one pump moving the agent's host-to-guest bytes into the
+//! device, and one supervisor that ends the VM when the guest resets, powers off,
+//! faults, or reaches its timeout, or when asked to stop.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::devices::i8042::I8042;
+use super::devices::serial::Serial;
+use super::devices::virtio::console::Console;
+use super::devices::virtio::MmioTransport;
+use super::vcpu::{VcpuSetup, VcpuState};
+use super::{boot, mptable, Vmm};
+use crate::error::{Error, Result};
+use crate::vm::agent_link::AgentLink;
+use crate::vm::console::{ConsoleLog, ConsoleWriter};
+use crate::vm::lifecycle::Lifecycle;
+use crate::vm::stop::{self, StopSteps};
+use crate::vm::VmState;
+
+/// The MMIO hole below 4 GiB: devices, the I/O APIC and the LAPICs.
+pub const MMIO_HOLE: (u64, u64) = (0xd000_0000, 0x3000_0000);
+/// The virtio console's register block.
+pub const VIRTIO_CONSOLE_BASE: u64 = 0xd000_0000;
+/// Its interrupt.
+pub const VIRTIO_CONSOLE_IRQ: u32 = 5;
+/// The UART's ports.
+pub const UART_BASE: u64 = 0x3f8;
+/// Its interrupt.
+pub const UART_IRQ: u32 = 4;
+/// The i8042's ports (data at 0x60, command at 0x64).
+pub const I8042_BASE: u64 = 0x60;
+/// The virtio console port of the agent channel.
+pub const AGENT_PORT: usize = 1;
+/// Host-to-guest agent bytes the device holds before the pump waits for the guest.
+const PUMP_HIGH_WATER: usize = 256 << 10;
+
+/// How to boot a VM on the kvm backend.
+#[derive(Debug, Clone)]
+pub struct KvmConfig {
+    /// The uncompressed kernel, entered through its PVH note.
+    pub vmlinux: PathBuf,
+    /// The initramfs, if any.
+    pub initramfs: Option<PathBuf>,
+    /// Guest memory in MiB.
+    pub memory_mb: u64,
+    /// vCPUs (1 to [`mptable::MAX_CPUS`]).
+    pub cpus: u32,
+    /// Kernel parameters after the machine's own.
+    pub extra_args: Vec<String>,
+    /// Show the guest console on our stderr.
+    pub dmesg: bool,
+    /// Wall-clock limit of the VM.
+    pub timeout: Option<Duration>,
+    /// How long the guest may take to reach its agent.
+    pub boot_timeout: Duration,
+}
+
+/// The kernel command line: the machine's devices, then `extra_args`.
+pub fn kernel_cmdline(cfg: &KvmConfig) -> String {
+    let mut a: Vec<String> = [
+        "console=ttyS0",
+        // A reboot ends the VM: the triple fault is a KVM shutdown exit.
+        "reboot=t",
+        "panic=-1",
+        "pci=off",
+        "8250.nr_uarts=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("virtio_mmio.device=4K@{VIRTIO_CONSOLE_BASE:#x}:{VIRTIO_CONSOLE_IRQ}"));
+    a.extend(cfg.extra_args.iter().cloned());
+    if !cfg.dmesg {
+        a.extend(["quiet".to_string(), "loglevel=1".to_string()]);
+    }
+    a.join(" ")
+}
+
+/// Why the supervisor ends the VM.
+enum End {
+    /// A vCPU thread ended (its id).
+    Vcpu(u8),
+    /// The guest pulsed the reset line.
+    Reset,
+    /// We were asked to.
+    Stop,
+    /// The instance timeout.
+    Timeout,
+}
+
+struct Shared {
+    id: String,
+    life: Lifecycle,
+    console: Arc<ConsoleLog>,
+    agent: OnceLock<AgentLink>,
+    /// Asks the supervisor to end the VM.
+    stop_tx: Sender<()>,
+    /// The host end of the agent channel, shut down when the VM ends.
+    channel: UnixStream,
+    /// How the VM ended, in words.
+    how: OnceLock<String>,
+}
+
+impl StopSteps for Shared {
+    fn agent_shutdown(&self) -> Result<()> {
+        let agent =
+            self.agent.get().ok_or_else(|| Error::Vm { op: "stop".into(), message: "no agent".into() })?;
+        if !agent.is_alive() {
+            return Err(Error::Vm { op: "stop".into(), message: "the agent channel is down".into() });
+        }
+        let a = agent.clone();
+        thread::spawn(move || {
+            let _ = a.shutdown(Duration::from_secs(30));
+        });
+        Ok(())
+    }
+
+    fn acpi_powerdown(&self) -> Result<()> {
+        Err(Error::Vm {
+            op: "stop".into(),
+            message: "the kvm backend's machine has no ACPI power button".into(),
+        })
+    }
+
+    fn terminate(&self) -> Result<()> {
+        let _ = self.stop_tx.try_send(());
+        Ok(())
+    }
+
+    fn kill(&self) -> Result<()> {
+        self.terminate()
+    }
+
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        self.life.wait_final(timeout)
+    }
+}
+
+/// A VM running on the kvm backend.
+#[derive(Clone)]
+pub struct KvmVm {
+    shared: Arc<Shared>,
+}
+
+fn host_err(op: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| super::Error::Host { op: op.to_string(), source }.into()
+}
+
+impl KvmVm {
+    /// Builds the machine, boots the kernel and returns once the agent answered (or
+    /// with an error carrying why the guest ended and its last console lines).
+    pub fn boot(cfg: KvmConfig) -> Result<KvmVm> {
+        static N: AtomicU64 = AtomicU64::new(1);
+        let start = Instant::now();
+        if cfg.cpus == 0 || cfg.cpus > mptable::MAX_CPUS as u32 {
+            return Err(Error::InvalidArgument {
+                op: "boot".into(),
+                message: format!("{} vCPUs: the kvm backend runs 1 to {}", cfg.cpus, mptable::MAX_CPUS),
+            });
+        }
+        if cfg.memory_mb < 64 || cfg.memory_mb > (1 << 20) {
+            return Err(Error::InvalidArgument {
+                op: "boot".into(),
+                message: format!("{} MiB of memory: the kvm backend runs 64 MiB to 1 TiB", cfg.memory_mb),
+            });
+        }
+        let id = format!("kvm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let vmlinux = std::fs::read(&cfg.vmlinux).map_err(|e| Error::io("read kernel", &cfg.vmlinux, e))?;
+        let initramfs = match &cfg.initramfs {
+            Some(p) => Some(std::fs::read(p).map_err(|e| Error::io("read initramfs", p, e))?),
+            None => None,
+        };
+
+        // Memory: RAM from 0, continued above 4 GiB past the MMIO hole.
+        let ram = cfg.memory_mb << 20;
+        let span = if ram > MMIO_HOLE.0 { ram + MMIO_HOLE.1 } else { ram };
+        let holes = [MMIO_HOLE];
+        let mut vmm = Vmm::new(span, &holes)?;
+        vmm.add_irqchip_and_pit()?;
+        let kernel = boot::load_kernel(vmm.memory(), &vmlinux)?;
+        drop(vmlinux);
+        let cmdline = kernel_cmdline(&cfg);
+        log::debug!("{id}: kernel command line: {cmdline}");
+        boot::setup_pvh(vmm.memory(), span, &holes, &kernel, &cmdline, initramfs.as_deref())?;
+        drop(initramfs);
+        mptable::write(vmm.memory(), cfg.cpus as u8)?;
+
+        // Devices.
+        let console = Arc::new(ConsoleLog::new(None, cfg.dmesg));
+        let uart_irq = vmm.irq_line(UART_IRQ)?;
+        let uart = Serial::new(Box::new(ConsoleWriter(console.clone())), Box::new(move || uart_irq()));
+        vmm.pio().insert(UART_BASE, 8, Arc::new(Mutex::new(uart)))?;
+        let (reset_tx, reset_rx) = crossbeam_channel::bounded::<()>(1);
+        let kbd = I8042::new(Box::new(move || {
+            let _ = reset_tx.try_send(());
+        }));
+        vmm.pio().insert(I8042_BASE, 5, Arc::new(Mutex::new(kbd)))?;
+        let (host_end, link_end) = UnixStream::pair().map_err(host_err("create the agent channel"))?;
+        let to_link = host_end.try_clone().map_err(host_err("clone the agent channel"))?;
+        let device = Console::multiport(vec![
+            (None, Box::new(ConsoleWriter(console.clone()))),
+            (Some(crate::agent::PORT_NAME.to_string()), Box::new(to_link)),
+        ]);
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            vmm.memory().clone(),
+            vmm.irq_line(VIRTIO_CONSOLE_IRQ)?,
+        )));
+        vmm.mmio().insert(VIRTIO_CONSOLE_BASE, 0x1000, transport.clone())?;
+
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            id: id.clone(),
+            life: Lifecycle::new(),
+            console,
+            agent: OnceLock::new(),
+            stop_tx,
+            channel: host_end.try_clone().map_err(host_err("clone the agent channel"))?,
+            how: OnceLock::new(),
+        });
+
+        // vCPUs: the first enters the kernel; the others wait in KVM for the INIT and
+        // SIPI the kernel sends them (the in-kernel LAPIC runs that protocol).
+        for cpu in 0..cfg.cpus as u8 {
+            let setup = if cpu == 0 { boot::pvh_vcpu(kernel.entry) } else { VcpuSetup::real_mode(0, 0) };
+            vmm.start_vcpu(cpu, setup, false)?;
+        }
+        let pump = {
+            let sh = shared.clone();
+            let t = transport.clone();
+            thread::Builder::new()
+                .name(format!("vmhost-{id}-agent-pump"))
+                .spawn(move || pump(&sh, host_end, &t))
+                .map_err(host_err("start the agent channel pump"))?
+        };
+        {
+            let sh = shared.clone();
+            let timeout = cfg.timeout;
+            thread::Builder::new()
+                .name(format!("vmhost-{id}"))
+                .spawn(move || supervise(&sh, vmm, stop_rx, reset_rx, timeout, pump))
+                .map_err(host_err("start the VM supervisor"))?;
+        }
+        let vm = KvmVm { shared };
+        match AgentLink::connect(link_end, cfg.boot_timeout) {
+            Ok(link) => {
+                let _ = vm.shared.agent.set(link);
+                vm.shared.life.set(VmState::Running);
+                log::info!("{id} booted in {:?} (kvm)", start.elapsed());
+                Ok(vm)
+            }
+            Err(e) => {
+                let _ = vm.force_stop();
+                Err(vm.boot_error(e))
+            }
+        }
+    }
+
+    fn boot_error(&self, e: Error) -> Error {
+        let mut msg = crate::vm::boot_failure(&e);
+        if let Some(how) = self.shared.how.get() {
+            msg.push_str(&format!("\nthe VM ended: {how}"));
+        }
+        let console = self.shared.console.boot_excerpt();
+        if console.is_empty() {
+            msg.push_str("\nthe guest console stayed empty");
+        } else {
+            msg.push_str(&format!("\nlast console lines:\n{console}"));
+        }
+        Error::Vm { op: "boot".into(), message: msg }
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.shared.life.state()
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> Result<&AgentLink> {
+        match self.shared.agent.get() {
+            Some(a) if self.state() == VmState::Running => Ok(a),
+            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
+        }
+    }
+
+    /// The last `n` lines of the guest console.
+    pub fn console_tail(&self, n: usize) -> String {
+        self.shared.console.tail(n)
+    }
+
+    /// Stops the VM: the agent's shutdown, then ending the vCPUs, each bounded by
+    /// `timeout`.
+    pub fn stop(&self, timeout: Duration) -> Result<()> {
+        self.shared.life.set(VmState::Stopping);
+        stop::escalate(self.shared.clone(), timeout).map(drop)
+    }
+
+    /// Ends the VM at once.
+    pub fn force_stop(&self) -> Result<()> {
+        self.shared.life.set(VmState::Stopping);
+        stop::force_stop(self.shared.clone(), Duration::from_secs(5)).map(drop)
+    }
+
+    /// Blocks until the VM has ended, at most `timeout` (`None`: still running).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
+        self.shared.life.wait_timeout(timeout)
+    }
+
+    /// The escalation steps, for the control server.
+    pub fn stop_steps(&self) -> Arc<dyn StopSteps> {
+        self.shared.clone()
+    }
+}
+
+/// Moves the host's bytes for the agent into the virtio console, holding back (and so
+/// holding back the host's writes) while the guest has not taken what it has.
+fn pump(sh: &Shared, mut from: UnixStream, transport: &Mutex<MmioTransport<Console>>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        {
+            let mut t = transport.lock();
+            t.device_mut().enqueue_port(AGENT_PORT, &buf[..n]);
+            t.poll();
+        }
+        while transport.lock().device_mut().pending_port(AGENT_PORT) > PUMP_HIGH_WATER {
+            if sh.life.state().is_final() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+            transport.lock().poll();
+        }
+    }
+}
+
+/// Waits for the VM's end, then stops every vCPU and closes the agent channel.
+fn supervise(
+    sh: &Shared,
+    mut vmm: Vmm,
+    stop_rx: Receiver<()>,
+    reset_rx: Receiver<()>,
+    timeout: Option<Duration>,
+    pump: thread::JoinHandle<()>,
+) {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let end = {
+        let ended = vmm.ended().clone();
+        let wait = deadline.map_or(crossbeam_channel::never(), crossbeam_channel::at);
+        crossbeam_channel::select! {
+            recv(ended) -> id => id.map_or(End::Stop, End::Vcpu),
+            recv(reset_rx) -> _ => End::Reset,
+            recv(stop_rx) -> _ => End::Stop,
+            recv(wait) -> _ => End::Timeout,
+        }
+    };
+    let (why, how) = match end {
+        End::Vcpu(id) => match vmm.vcpus().iter().find(|v| v.id() == id).map(|v| v.state()) {
+            Some(VcpuState::Failed(why)) => {
+                let m = format!("vCPU {id} failed: {why}");
+                (Err(m.clone()), m)
+            }
+            Some(VcpuState::Shutdown) => {
+                (Ok(()), format!("the guest shut down or rebooted (a shutdown exit of vCPU {id})"))
+            }
+            _ => (Ok(()), format!("vCPU {id} stopped")),
+        },
+        End::Reset => (Ok(()), "the guest reset the machine through the i8042".to_string()),
+        End::Stop => (Ok(()), "stopped by the host".to_string()),
+        End::Timeout => {
+            let m = format!("the instance timeout of {:?} was reached", timeout.unwrap_or_default());
+            (Err(m.clone()), m)
+        }
+    };
+    log::info!("{}: {how}", sh.id);
+    let _ = sh.how.set(how);
+    sh.life.set_end_reason(why);
+    vmm.stop();
+    // EOF for the agent link and the pump.
+    let _ = sh.channel.shutdown(std::net::Shutdown::Both);
+    if let Some(a) = sh.agent.get() {
+        a.close();
+    }
+    let _ = pump.join();
+    drop(vmm);
+    log::info!("{}: VM ended", sh.id);
+    sh.life.finish();
+}
+
+impl crate::server::control::VmController for KvmVm {
+    fn state(&self) -> VmState {
+        KvmVm::state(self)
+    }
+    fn stop(&self, timeout: Duration) -> Result<()> {
+        KvmVm::stop(self, timeout)
+    }
+    fn force_stop(&self) -> Result<()> {
+        KvmVm::force_stop(self)
+    }
+    fn ssh_port(&self) -> u16 {
+        0
+    }
+    fn backend(&self) -> &str {
+        "kvm"
+    }
+    fn wait(&self) -> Result<()> {
+        loop {
+            if let Some(r) = self.wait_timeout(Duration::from_secs(3600)) {
+                return r;
+            }
+        }
+    }
+}

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
 use crate::vm::agent_link::Process;
-use crate::vm::qemu::QemuVm;
+use crate::vm::Machine;
 use crate::vm::{InstanceSpec, VmState};
 use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, StreamEnd, Wire};
 
@@ -267,7 +267,7 @@ impl Cmd {
 
 /// The instance and its handle tables.
 struct Instance {
-    vm: QemuVm,
+    vm: Machine,
     user: String,
     cmds: Mutex<Table<Arc<Cmd>>>,
     files: super::fs::Files,
@@ -315,7 +315,7 @@ impl Helper {
     }
 
     /// A helper serving an instance that is already running (the per-VM host process).
-    pub fn with_vm(vm: QemuVm, user: String) -> Arc<Helper> {
+    pub fn with_vm(vm: Machine, user: String) -> Arc<Helper> {
         Helper::build(Some((vm, user)), Progress::quiet())
     }
 
@@ -325,7 +325,7 @@ impl Helper {
         Helper::build(None, progress)
     }
 
-    fn build(vm: Option<(QemuVm, String)>, progress: Progress) -> Arc<Helper> {
+    fn build(vm: Option<(Machine, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
             instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user)))),
             booting: std::sync::atomic::AtomicBool::new(false),
@@ -388,7 +388,7 @@ impl Handler for Helper {
     }
 }
 
-fn new_instance(vm: QemuVm, user: String) -> Instance {
+fn new_instance(vm: Machine, user: String) -> Instance {
     Instance {
         vm,
         user,

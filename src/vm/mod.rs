@@ -1,8 +1,6 @@
-//! Virtual machines: the lifecycle states every backend reports, and the stop
-//! escalation every backend shares ([`stop`]).
-//!
-//! The backends themselves (QEMU supervised over QMP, and our own KVM VMM) plug in behind
-//! a machine trait here; until they exist the helper refuses to create instances.
+//! Virtual machines: the lifecycle states every backend reports, the stop escalation
+//! every backend shares ([`stop`]), and [`Machine`], a running VM on either backend:
+//! QEMU supervised over QMP ([`qemu`]) or vmhost's own KVM VMM ([`kvm`]).
 
 pub mod agent_link;
 pub mod console;
@@ -13,6 +11,7 @@ pub mod run_dir;
 pub mod stop;
 
 use std::fmt;
+use std::time::Duration;
 
 /// Lifecycle state of a VM, as the control protocol reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,31 +59,153 @@ use crate::image::rootfs::Source;
 use crate::progress::Progress;
 use crate::wire::{InstanceNew, InstanceOptions, SourceType};
 
-/// Whether this build's kvm backend can boot a Linux guest. Not yet: its VMM core
-/// (memory, vCPUs, buses, UART) runs, the Linux boot and the virtio console are to
-/// come, so `auto` picks QEMU everywhere for now.
-pub const KVM_BOOTS_LINUX: bool = false;
-
-/// The backend an instance runs on, from the one asked for: `auto` picks kvm where
-/// hardware virtualization is present and the kvm backend can boot the guest, else
-/// qemu; `kvm` is refused, saying why and suggesting qemu, where it cannot run.
+/// Whether this host can run the kvm backend: `Ok` where hardware virtualization is
+/// present, else why not ([`kvm::probe`]). `asked` qemu is always qemu; `auto` becomes
+/// kvm only where it can run (and [`InstanceSpec::boot`] then also checks the guest's
+/// needs); `kvm` is refused, saying why and suggesting qemu, where it cannot.
 pub fn resolve_backend(asked: crate::wire::Backend) -> Result<crate::wire::Backend> {
     use crate::wire::Backend;
-    let kvm = kvm::probe().and_then(|()| {
-        if KVM_BOOTS_LINUX {
-            Ok(())
-        } else {
-            Err("this build's kvm backend does not boot Linux guests yet (its VMM core runs small \
-                 guest programs); use --backend qemu"
-                .into())
-        }
-    });
-    match (asked, kvm) {
+    match (asked, kvm::probe()) {
         (Backend::Qemu, _) => Ok(Backend::Qemu),
         (Backend::Auto, Ok(())) | (Backend::Kvm, Ok(())) => Ok(Backend::Kvm),
         (Backend::Auto, Err(_)) => Ok(Backend::Qemu),
         (Backend::Kvm, Err(why)) => Err(Error::BackendUnavailable { backend: "kvm".into(), why }),
     }
+}
+
+/// What the kvm backend's machine cannot give this guest, if anything: it boots only a
+/// kernel that finds virtio-mmio devices on its command line (vmhost's own), and has no
+/// 9p device for host mounts yet.
+pub fn kvm_unsupported(
+    kernel: &crate::image::kernel::Kernel,
+    mounts: &[crate::wire::MountConfig],
+) -> Option<String> {
+    if kernel.kind != crate::image::kernel::KernelKind::Minimal {
+        return Some(format!(
+            "it boots vmhost's own kernel (`vmhost kernel build`), which finds virtio-mmio devices on its \
+             command line; the kernel {} finds devices only through ACPI or PCI, which the kvm machine \
+             does not offer yet; use --backend qemu",
+            kernel.origin
+        ));
+    }
+    if !mounts.is_empty() {
+        return Some("host mounts (virtio-9p) are not on the kvm backend yet; use --backend qemu".into());
+    }
+    None
+}
+
+/// A running VM, on one of the backends.
+#[derive(Clone)]
+pub enum Machine {
+    /// A QEMU process supervised over QMP.
+    Qemu(qemu::QemuVm),
+    /// vmhost's own KVM VMM.
+    Kvm(kvm::KvmVm),
+}
+
+macro_rules! on_backend {
+    ($m:expr, $v:ident => $e:expr) => {
+        match $m {
+            Machine::Qemu($v) => $e,
+            Machine::Kvm($v) => $e,
+        }
+    };
+}
+
+impl Machine {
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        on_backend!(self, v => v.id())
+    }
+
+    /// The backend it runs on: "qemu" or "kvm".
+    pub fn backend(&self) -> crate::wire::Backend {
+        match self {
+            Machine::Qemu(_) => crate::wire::Backend::Qemu,
+            Machine::Kvm(_) => crate::wire::Backend::Kvm,
+        }
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> VmState {
+        on_backend!(self, v => v.state())
+    }
+
+    /// The guest agent (while the VM runs).
+    pub fn agent(&self) -> Result<&agent_link::AgentLink> {
+        on_backend!(self, v => v.agent())
+    }
+
+    /// Connects or disconnects the guest's network. The kvm backend has no network
+    /// device yet.
+    pub fn set_network(&self, up: bool) -> Result<()> {
+        match self {
+            Machine::Qemu(v) => v.set_network(up),
+            Machine::Kvm(_) => Err(Error::BackendUnavailable {
+                backend: "kvm".into(),
+                why: "its machine has no network device yet; use --backend qemu for a guest network".into(),
+            }),
+        }
+    }
+
+    /// The last `n` lines of the guest console.
+    pub fn console_tail(&self, n: usize) -> String {
+        on_backend!(self, v => v.console_tail(n))
+    }
+
+    /// Stops the VM gracefully, each step of the escalation bounded by `timeout`.
+    pub fn stop(&self, timeout: Duration) -> Result<()> {
+        on_backend!(self, v => v.stop(timeout))
+    }
+
+    /// Ends the VM at once.
+    pub fn force_stop(&self) -> Result<()> {
+        on_backend!(self, v => v.force_stop())
+    }
+
+    /// Blocks until the VM has ended, at most `timeout` (`None`: still running).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
+        on_backend!(self, v => v.wait_timeout(timeout))
+    }
+
+    /// Blocks until the VM has ended; an error if it ended badly.
+    pub fn wait(&self) -> Result<()> {
+        loop {
+            if let Some(r) = self.wait_timeout(Duration::from_secs(3600)) {
+                return r;
+            }
+        }
+    }
+}
+
+impl crate::server::control::VmController for Machine {
+    fn state(&self) -> VmState {
+        Machine::state(self)
+    }
+    fn stop(&self, timeout: Duration) -> Result<()> {
+        Machine::stop(self, timeout)
+    }
+    fn force_stop(&self) -> Result<()> {
+        Machine::force_stop(self)
+    }
+    fn ssh_port(&self) -> u16 {
+        0
+    }
+    fn backend(&self) -> &str {
+        Machine::backend(self).as_str()
+    }
+    fn wait(&self) -> Result<()> {
+        Machine::wait(self)
+    }
+}
+
+/// How long a guest may take to reach its agent: `VMHOST_BOOT_TIMEOUT` (seconds) or
+/// 120 s.
+pub fn boot_timeout() -> Duration {
+    std::env::var("VMHOST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(Duration::from_secs(120), |s| Duration::from_secs_f64(s.clamp(1.0, 3600.0)))
 }
 
 /// The first line of a boot error: `e` without a repeated "VM boot:".
@@ -165,8 +286,10 @@ impl InstanceSpec {
         Ok(InstanceSpec { source, cache_dir, options: req.options.clone() })
     }
 
-    /// Checks the spec, prepares kernel and initramfs, and boots the VM.
-    pub fn boot(&self, progress: &Progress) -> Result<qemu::QemuVm> {
+    /// Checks the spec, prepares kernel and initramfs, and boots the VM on the backend
+    /// asked for. `auto` takes kvm where it can run this guest, and falls back to qemu
+    /// (with a warning naming why) if the kvm boot fails.
+    pub fn boot(&self, progress: &Progress) -> Result<Machine> {
         match &self.source {
             Source::Dir(p) if !p.is_dir() => {
                 return Err(Error::io(
@@ -184,11 +307,22 @@ impl InstanceSpec {
             }
             _ => {}
         }
-        let backend = resolve_backend(self.options.backend)?;
-        log::debug!("backend {} (asked: {})", backend.as_str(), self.options.backend.as_str());
+        use crate::wire::Backend;
+        let asked = self.options.backend;
+        let mut backend = resolve_backend(asked)?;
         let mounts = check_mounts(&self.options.mounts)?;
         let t = std::time::Instant::now();
         let kernel = crate::image::kernel::resolve(&self.cache_dir, progress)?;
+        if backend == Backend::Kvm {
+            if let Some(why) = kvm_unsupported(&kernel, &mounts) {
+                if asked == Backend::Kvm {
+                    return Err(Error::BackendUnavailable { backend: "kvm".into(), why });
+                }
+                log::debug!("auto: qemu, because the kvm backend {why}");
+                backend = Backend::Qemu;
+            }
+        }
+        log::debug!("backend {} (asked: {})", backend.as_str(), asked.as_str());
         if !mounts.is_empty() && !kernel.has_9p() {
             return Err(Error::InvalidArgument {
                 op: "InstanceNew".into(),
@@ -204,17 +338,52 @@ impl InstanceSpec {
         let initramfs =
             crate::image::initramfs::build(&self.cache_dir, &kernel, &agent, &self.source, progress)?;
         log::debug!("kernel and agent found in {t_agent:?}, initramfs ready at {:?}", t.elapsed());
+        let memory_mb = if self.options.memory_mb > 0 { self.options.memory_mb } else { 256 };
+        let cpus = if self.options.cpus > 0 { self.options.cpus as u32 } else { 1 };
+        let extra_args = guest_args(&mounts);
+        if backend == Backend::Kvm {
+            let cfg = kvm::KvmConfig {
+                vmlinux: kernel.vmlinux.clone(),
+                initramfs: Some(initramfs.clone()),
+                memory_mb,
+                cpus,
+                extra_args: extra_args.clone(),
+                dmesg: self.options.dmesg,
+                console_log: None,
+                timeout: self.options.timeout,
+                boot_timeout: boot_timeout(),
+            };
+            progress.step(&format!("booting (kvm backend, {memory_mb} MiB, {cpus} vCPU)"));
+            match kvm::KvmVm::boot(cfg) {
+                Ok(vm) => return Ok(Machine::Kvm(vm)),
+                Err(e) if asked == Backend::Auto => {
+                    log::warn!("the kvm backend did not boot the guest; falling back to qemu: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut cfg = qemu::BootConfig::new(kernel, initramfs)?;
-        if self.options.memory_mb > 0 {
-            cfg.memory_mb = self.options.memory_mb;
-        }
-        if self.options.cpus > 0 {
-            cfg.cpus = self.options.cpus as u32;
-        }
+        cfg.memory_mb = memory_mb;
+        cfg.cpus = cpus;
         cfg.timeout = self.options.timeout;
         cfg.dmesg = self.options.dmesg;
         cfg.mounts = mounts;
+        cfg.extra_args = extra_args;
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
-        qemu::QemuVm::boot(cfg)
+        qemu::QemuVm::boot(cfg).map(Machine::Qemu)
     }
+}
+
+/// The kernel parameters for the agent, the same on every backend: the host mounts it
+/// mounts, then `VMHOST_KERNEL_ARGS`.
+pub fn guest_args(mounts: &[crate::wire::MountConfig]) -> Vec<String> {
+    let mut args = Vec::new();
+    if !mounts.is_empty() {
+        let list: Vec<String> =
+            mounts.iter().map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" })).collect();
+        args.push(format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(",")));
+    }
+    let extra = std::env::var("VMHOST_KERNEL_ARGS").unwrap_or_default();
+    args.extend(extra.split_whitespace().map(String::from));
+    args
 }

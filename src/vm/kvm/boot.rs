@@ -17,6 +17,12 @@
 //! 0x20000 the command line, NUL-terminated (at most 4 KiB)
 //! 1 MiB+  the kernel; the initramfs at the top of RAM below 4 GiB, page-aligned
 //! ```
+//!
+//! 64-bit entry (what a bzImage's 64-bit boot protocol and small 64-bit programs need)
+//! is here too: [`setup_long_mode`] writes identity-mapping page tables for the first
+//! GiB (PML4 at 0x9000, PDPT at 0xA000, one page directory of 2 MiB pages at 0xB000, as
+//! Firecracker lays them out) and a GDT with a 64-bit code segment, and
+//! [`long_mode_vcpu`] gives the vCPU state: paging and PAE on, EFER.LME/LMA set.
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -55,6 +61,78 @@ pub const GDT: [u64; 4] = [
     0x00cf_9300_0000_ffff, // data: base 0, limit 4 GiB, 32-bit, read/write, accessed
     0x0000_8b00_0000_0067, // TSS: present, busy 32-bit TSS, limit 0x67
 ];
+
+/// The GDT for 64-bit entry: null, 64-bit code (0x08), data (0x10), a TSS (0x18).
+pub const GDT64: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff, // code: 64-bit (L), execute/read, accessed
+    0x00cf_9300_0000_ffff, // data: read/write, accessed
+    0x0000_8b00_0000_0067, // TSS: present, busy, limit 0x67
+];
+/// The page-map level 4 table's address.
+pub const PML4_ADDR: u64 = 0x9000;
+/// The page directory pointer table's address.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// The page directory's address (512 entries of 2 MiB: the first GiB).
+pub const PD_ADDR: u64 = 0xb000;
+
+/// Page-table entry bits: present, writable, a 2 MiB page.
+const PTE_PRESENT: u64 = 1;
+const PTE_WRITE: u64 = 2;
+const PTE_HUGE: u64 = 0x80;
+
+/// Writes the 64-bit GDT and page tables identity-mapping the first GiB.
+pub fn setup_long_mode(mem: &GuestMemory) -> Result<()> {
+    let mut gdt = [0u8; 32];
+    for (i, e) in GDT64.iter().enumerate() {
+        LE::write_u64(&mut gdt[i * 8..i * 8 + 8], *e);
+    }
+    mem.write(GDT_ADDR, &gdt)?;
+    let mut pml4 = [0u8; 4096];
+    LE::write_u64(&mut pml4[..8], PDPT_ADDR | PTE_PRESENT | PTE_WRITE);
+    mem.write(PML4_ADDR, &pml4)?;
+    let mut pdpt = [0u8; 4096];
+    LE::write_u64(&mut pdpt[..8], PD_ADDR | PTE_PRESENT | PTE_WRITE);
+    mem.write(PDPT_ADDR, &pdpt)?;
+    let mut pd = [0u8; 4096];
+    for i in 0..512u64 {
+        LE::write_u64(
+            &mut pd[i as usize * 8..i as usize * 8 + 8],
+            (i << 21) | PTE_PRESENT | PTE_WRITE | PTE_HUGE,
+        );
+    }
+    mem.write(PD_ADDR, &pd)
+}
+
+/// The vCPU state of 64-bit entry at `entry` (with [`setup_long_mode`]'s tables):
+/// long mode, paging on, the 64-bit GDT loaded, interrupts off, `rsi` = `rsi` (the
+/// boot protocol passes its boot_params there).
+pub fn long_mode_vcpu(entry: u64, rsi: u64) -> VcpuSetup {
+    let regs = kvm_regs { rip: entry, rsi, rflags: 0x2, ..Default::default() };
+    VcpuSetup {
+        regs,
+        sregs: std::sync::Arc::new(|s: &mut kvm_sregs| {
+            let code = segment(0x08, GDT64[1]);
+            let data = segment(0x10, GDT64[2]);
+            s.cs = code;
+            s.ds = data;
+            s.es = data;
+            s.fs = data;
+            s.gs = data;
+            s.ss = data;
+            let mut tr = segment(0x18, GDT64[3]);
+            tr.limit = 0x67;
+            tr.g = 0;
+            s.tr = tr;
+            s.gdt.base = GDT_ADDR;
+            s.gdt.limit = (GDT64.len() * 8 - 1) as u16;
+            s.cr3 = PML4_ADDR;
+            s.cr4 = 0x20; // PAE
+            s.cr0 = 0x8000_0011; // PG, ET, PE
+            s.efer = 0x500; // LME, LMA
+        }),
+    }
+}
 
 /// The kernel as loaded: where it ends, and its PVH entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +399,31 @@ mod tests {
         );
         assert!(load_kernel(&mem, b"not an elf").is_err());
         assert!(load_kernel(&mem, &crate::image::elf::exit_program()).is_err(), "no PVH note");
+    }
+
+    #[test]
+    fn long_mode_page_tables_identity_map_the_first_gib_byte_for_byte() {
+        let mem = GuestMemory::new(2 << 20, &[]).unwrap();
+        setup_long_mode(&mem).unwrap();
+        let q = |gpa: u64| {
+            let mut b = [0u8; 8];
+            mem.read(gpa, &mut b).unwrap();
+            u64::from_le_bytes(b)
+        };
+        assert_eq!(q(PML4_ADDR), 0xa003);
+        assert_eq!(q(PML4_ADDR + 8), 0, "one PML4 entry");
+        assert_eq!(q(PDPT_ADDR), 0xb003);
+        assert_eq!(q(PDPT_ADDR + 8), 0, "one GiB");
+        assert_eq!(q(PD_ADDR), 0x83);
+        assert_eq!(q(PD_ADDR + 8), 0x20_0083);
+        assert_eq!(q(PD_ADDR + 511 * 8), 0x3fe0_0083, "the last 2 MiB page below 1 GiB");
+        assert_eq!(q(GDT_ADDR + 8), 0x00af_9b00_0000_ffff);
+        let v = long_mode_vcpu(0x10_0000, 0x7000);
+        let mut s = kvm_sregs::default();
+        (v.sregs)(&mut s);
+        assert_eq!((s.cs.selector, s.cs.l, s.cs.db), (0x08, 1, 0), "64-bit code segment");
+        assert_eq!((s.cr0 >> 31, s.cr4 & 0x20, s.efer, s.cr3), (1, 0x20, 0x500, PML4_ADDR));
+        assert_eq!((v.regs.rip, v.regs.rsi), (0x10_0000, 0x7000));
     }
 
     #[test]

@@ -81,15 +81,18 @@ pub struct KvmConfig {
     pub cpus: u32,
     /// Kernel parameters after the machine's own.
     pub extra_args: Vec<String>,
-    /// Show the guest console on our stderr.
+    /// Show the guest console on our stderr (and let the kernel print).
     pub dmesg: bool,
+    /// A file that receives the guest console (bounded, as QEMU's `console.log`).
+    pub console_log: Option<PathBuf>,
     /// Wall-clock limit of the VM.
     pub timeout: Option<Duration>,
     /// How long the guest may take to reach its agent.
     pub boot_timeout: Duration,
 }
 
-/// The kernel command line: the machine's devices, then `extra_args`.
+/// The kernel command line: the machine's devices, `quiet` unless in dmesg mode, then
+/// `extra_args` (which may override any of them).
 pub fn kernel_cmdline(cfg: &KvmConfig) -> String {
     let mut a: Vec<String> = [
         "console=ttyS0",
@@ -103,10 +106,10 @@ pub fn kernel_cmdline(cfg: &KvmConfig) -> String {
     .map(|s| s.to_string())
     .collect();
     a.push(format!("virtio_mmio.device=4K@{VIRTIO_CONSOLE_BASE:#x}:{VIRTIO_CONSOLE_IRQ}"));
-    a.extend(cfg.extra_args.iter().cloned());
     if !cfg.dmesg {
         a.extend(["quiet".to_string(), "loglevel=1".to_string()]);
     }
+    a.extend(cfg.extra_args.iter().cloned());
     a.join(" ")
 }
 
@@ -220,7 +223,7 @@ impl KvmVm {
         mptable::write(vmm.memory(), cfg.cpus as u8)?;
 
         // Devices.
-        let console = Arc::new(ConsoleLog::new(None, cfg.dmesg));
+        let console = Arc::new(ConsoleLog::new(cfg.console_log.as_deref(), cfg.dmesg));
         let uart_irq = vmm.irq_line(UART_IRQ)?;
         let uart = Serial::new(Box::new(ConsoleWriter(console.clone())), Box::new(move || uart_irq()));
         vmm.pio().insert(UART_BASE, 8, Arc::new(Mutex::new(uart)))?;

@@ -277,10 +277,8 @@ impl Vmm {
     /// An interrupt line: a KVM irqfd on `gsi` of the in-kernel irqchip, returned as the
     /// function a device calls to raise it (an edge: ISA and virtio-mmio interrupts).
     pub fn irq_line(&self, gsi: u32) -> Result<devices::virtio::Interrupt> {
-        let fd = vmm_sys_util::eventfd::EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| Error::Host {
-            op: format!("create the eventfd of interrupt {gsi}"),
-            source: e,
-        })?;
+        let fd = vmm_sys_util::eventfd::EventFd::new(nix::libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Host { op: format!("create the eventfd of interrupt {gsi}"), source: e })?;
         self.vm
             .register_irqfd(&fd, gsi)
             .map_err(kvm_err(format!("register the irqfd of interrupt {gsi}")))?;

@@ -113,16 +113,14 @@ pub struct BootConfig {
     pub accel: Accel,
     /// Host directories shared over virtio-9p (checked by [`crate::vm::check_mounts`]).
     pub mounts: Vec<crate::wire::MountConfig>,
+    /// Kernel parameters after the machine's own ([`crate::vm::guest_args`]).
+    pub extra_args: Vec<String>,
 }
 
 impl BootConfig {
     /// Defaults for `kernel` and `initramfs`: 256 MiB, 1 vCPU, microvm, probed
     /// accelerator, `VMHOST_BOOT_TIMEOUT` (seconds) or 120 s to boot.
     pub fn new(kernel: Kernel, initramfs: PathBuf) -> Result<BootConfig> {
-        let boot_timeout = std::env::var("VMHOST_BOOT_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(Duration::from_secs(120), |s| Duration::from_secs_f64(s.clamp(1.0, 3600.0)));
         Ok(BootConfig {
             memory_mb: 256,
             cpus: 1,
@@ -131,10 +129,11 @@ impl BootConfig {
             initramfs,
             dmesg: false,
             timeout: None,
-            boot_timeout,
+            boot_timeout: super::boot_timeout(),
             machine: MachineType::Microvm,
             accel: Accel::choose()?,
             mounts: Vec::new(),
+            extra_args: super::guest_args(&[]),
         })
     }
 }
@@ -476,18 +475,7 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
             append.push("pci=off");
         }
     }
-    // The agent mounts each shared directory (crate::agent::init reads this).
-    let mounts_arg = (!cfg.mounts.is_empty()).then(|| {
-        let list: Vec<String> = cfg
-            .mounts
-            .iter()
-            .map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" }))
-            .collect();
-        format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(","))
-    });
-    append.extend(mounts_arg.as_deref());
-    let extra = std::env::var("VMHOST_KERNEL_ARGS").unwrap_or_default();
-    append.extend(extra.split_whitespace());
+    append.extend(cfg.extra_args.iter().map(String::as_str));
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }

@@ -69,9 +69,9 @@ impl ConsoleLog {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// What a boot error shows: from the kernel's panic line when there is one (its
-    /// stack trace follows it), else the last lines; empty when the guest printed
-    /// nothing.
+    /// What a boot error shows of the console, on lines of its own: from the kernel's
+    /// panic line when there is one (its stack trace follows it), else the last lines;
+    /// or that the guest printed nothing.
     pub fn boot_excerpt(&self) -> String {
         let all = self.tail(200);
         let lines: Vec<&str> = all.lines().collect();
@@ -79,7 +79,12 @@ impl ConsoleLog {
             .iter()
             .rposition(|l| l.contains("Kernel panic"))
             .map_or(lines.len().saturating_sub(25), |i| i.min(lines.len().saturating_sub(12)));
-        lines[from..lines.len().min(from + 40)].join("\n").trim_end().to_string()
+        let excerpt = lines[from..lines.len().min(from + 40)].join("\n");
+        if excerpt.trim().is_empty() {
+            "\nthe guest console stayed empty".into()
+        } else {
+            format!("\nlast console lines:\n{}", excerpt.trim_end())
+        }
     }
 }
 
@@ -125,7 +130,8 @@ mod tests {
         }
         c.append(b"Kernel panic - not syncing: VFS\n trace 1\n trace 2\n");
         let e = c.boot_excerpt();
-        assert!(e.contains("Kernel panic") && e.ends_with("trace 2"), "{e}");
+        // The panic with the lines just before it (at least 12 lines are shown).
+        assert!(e.starts_with("\nlast console lines:\nline 41\n") && e.ends_with("trace 2"), "{e}");
         assert!(!e.contains("line 30"), "{e}");
     }
 }

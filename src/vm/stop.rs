@@ -40,6 +40,21 @@ pub trait StopSteps: Send + Sync + 'static {
     fn wait_exit(&self, timeout: Duration) -> bool;
 }
 
+/// The agent step of [`StopSteps`] for a backend whose guest runs vmhost's agent: asks
+/// it to sync and power off. Made, not awaited: an unresponsive agent shows in the wait
+/// that follows.
+pub fn ask_agent_to_power_off(agent: Option<&crate::vm::agent_link::AgentLink>) -> Result<()> {
+    let agent = agent.ok_or_else(|| Error::Vm { op: "stop".into(), message: "no agent".into() })?;
+    if !agent.is_alive() {
+        return Err(Error::Vm { op: "stop".into(), message: "the agent channel is down".into() });
+    }
+    let a = agent.clone();
+    thread::spawn(move || {
+        let _ = a.shutdown(Duration::from_secs(30));
+    });
+    Ok(())
+}
+
 /// One step of the escalation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopStep {

@@ -112,20 +112,7 @@ pub fn long_mode_vcpu(entry: u64, rsi: u64) -> VcpuSetup {
     VcpuSetup {
         regs,
         sregs: std::sync::Arc::new(|s: &mut kvm_sregs| {
-            let code = segment(0x08, GDT64[1]);
-            let data = segment(0x10, GDT64[2]);
-            s.cs = code;
-            s.ds = data;
-            s.es = data;
-            s.fs = data;
-            s.gs = data;
-            s.ss = data;
-            let mut tr = segment(0x18, GDT64[3]);
-            tr.limit = 0x67;
-            tr.g = 0;
-            s.tr = tr;
-            s.gdt.base = GDT_ADDR;
-            s.gdt.limit = (GDT64.len() * 8 - 1) as u16;
+            load_gdt(s, &GDT64);
             s.cr3 = PML4_ADDR;
             s.cr4 = 0x20; // PAE
             s.cr0 = 0x8000_0011; // PG, ET, PE
@@ -264,6 +251,25 @@ pub fn setup_pvh(
     Ok(placed)
 }
 
+/// Loads `gdt` (at [`GDT_ADDR`]) into the vCPU state: code 0x08, data 0x10 in every
+/// data segment register, the TSS 0x18.
+fn load_gdt(s: &mut kvm_sregs, gdt: &[u64; 4]) {
+    let code = segment(0x08, gdt[1]);
+    let data = segment(0x10, gdt[2]);
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    let mut tr = segment(0x18, gdt[3]);
+    tr.limit = 0x67;
+    tr.g = 0;
+    s.tr = tr;
+    s.gdt.base = GDT_ADDR;
+    s.gdt.limit = (gdt.len() * 8 - 1) as u16;
+}
+
 fn segment(selector: u16, descriptor: u64) -> kvm_segment {
     let flags = (descriptor >> 40) as u16;
     kvm_segment {
@@ -290,20 +296,7 @@ pub fn pvh_vcpu(entry: u32) -> VcpuSetup {
     VcpuSetup {
         regs,
         sregs: std::sync::Arc::new(|s: &mut kvm_sregs| {
-            let code = segment(0x08, GDT[1]);
-            let data = segment(0x10, GDT[2]);
-            s.cs = code;
-            s.ds = data;
-            s.es = data;
-            s.fs = data;
-            s.gs = data;
-            s.ss = data;
-            let mut tr = segment(0x18, GDT[3]);
-            tr.limit = 0x67;
-            tr.g = 0;
-            s.tr = tr;
-            s.gdt.base = GDT_ADDR;
-            s.gdt.limit = (GDT.len() * 8 - 1) as u16;
+            load_gdt(s, &GDT);
             s.cr0 = 0x11; // PE, ET: protected mode, paging off
             s.cr4 = 0;
             s.efer = 0;

@@ -140,16 +140,7 @@ struct Shared {
 
 impl StopSteps for Shared {
     fn agent_shutdown(&self) -> Result<()> {
-        let agent =
-            self.agent.get().ok_or_else(|| Error::Vm { op: "stop".into(), message: "no agent".into() })?;
-        if !agent.is_alive() {
-            return Err(Error::Vm { op: "stop".into(), message: "the agent channel is down".into() });
-        }
-        let a = agent.clone();
-        thread::spawn(move || {
-            let _ = a.shutdown(Duration::from_secs(30));
-        });
-        Ok(())
+        stop::ask_agent_to_power_off(self.agent.get())
     }
 
     fn acpi_powerdown(&self) -> Result<()> {
@@ -298,12 +289,7 @@ impl KvmVm {
         if let Some(how) = self.shared.how.get() {
             msg.push_str(&format!("\nthe VM ended: {how}"));
         }
-        let console = self.shared.console.boot_excerpt();
-        if console.is_empty() {
-            msg.push_str("\nthe guest console stayed empty");
-        } else {
-            msg.push_str(&format!("\nlast console lines:\n{console}"));
-        }
+        msg.push_str(&self.shared.console.boot_excerpt());
         Error::Vm { op: "boot".into(), message: msg }
     }
 
@@ -429,29 +415,4 @@ fn supervise(
     drop(vmm);
     log::info!("{}: VM ended", sh.id);
     sh.life.finish();
-}
-
-impl crate::server::control::VmController for KvmVm {
-    fn state(&self) -> VmState {
-        KvmVm::state(self)
-    }
-    fn stop(&self, timeout: Duration) -> Result<()> {
-        KvmVm::stop(self, timeout)
-    }
-    fn force_stop(&self) -> Result<()> {
-        KvmVm::force_stop(self)
-    }
-    fn ssh_port(&self) -> u16 {
-        0
-    }
-    fn backend(&self) -> &str {
-        "kvm"
-    }
-    fn wait(&self) -> Result<()> {
-        loop {
-            if let Some(r) = self.wait_timeout(Duration::from_secs(3600)) {
-                return r;
-            }
-        }
-    }
 }

@@ -178,17 +178,7 @@ impl Shared {
 
 impl StopSteps for Shared {
     fn agent_shutdown(&self) -> Result<()> {
-        // Made, not awaited: an unresponsive agent shows in the wait that follows.
-        let agent =
-            self.agent.get().ok_or_else(|| Error::Vm { op: "stop".into(), message: "no agent".into() })?;
-        if !agent.is_alive() {
-            return Err(Error::Vm { op: "stop".into(), message: "the agent channel is down".into() });
-        }
-        let a = agent.clone();
-        thread::spawn(move || {
-            let _ = a.shutdown(Duration::from_secs(30));
-        });
-        Ok(())
+        stop::ask_agent_to_power_off(self.agent.get())
     }
 
     fn acpi_powerdown(&self) -> Result<()> {
@@ -317,17 +307,12 @@ impl QemuVm {
         while !self.shared.console_done.load(Ordering::SeqCst) && Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
         }
-        let console = self.shared.console.boot_excerpt();
         let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
         let mut msg = super::boot_failure(&e);
         if !qemu_log.trim().is_empty() {
             msg.push_str(&format!("\nQEMU said:\n{}", qemu_log.trim_end()));
         }
-        if !console.is_empty() {
-            msg.push_str(&format!("\nlast console lines:\n{console}"));
-        } else {
-            msg.push_str("\nthe guest console stayed empty");
-        }
+        msg.push_str(&self.shared.console.boot_excerpt());
         Error::Vm { op: "boot".into(), message: msg }
     }
 
@@ -657,25 +642,4 @@ fn supervise(
         });
     }
     sh.life.finish();
-}
-
-impl crate::server::control::VmController for QemuVm {
-    fn state(&self) -> VmState {
-        QemuVm::state(self)
-    }
-    fn stop(&self, timeout: Duration) -> Result<()> {
-        QemuVm::stop(self, timeout)
-    }
-    fn force_stop(&self) -> Result<()> {
-        QemuVm::force_stop(self)
-    }
-    fn ssh_port(&self) -> u16 {
-        0
-    }
-    fn backend(&self) -> &str {
-        "qemu"
-    }
-    fn wait(&self) -> Result<()> {
-        QemuVm::wait(self)
-    }
 }

@@ -487,21 +487,26 @@ mod tests {
         let msgs = control_messages(&d, 4);
         assert_eq!(msgs[2], (1, event::PORT_NAME, 1, b"vmhost.agent".to_vec()));
         assert_eq!(msgs[3], (1, event::PORT_OPEN, 1, vec![]));
+        // Host bytes for a port the guest has not opened wait (Linux would drop them).
+        d.desc(4, 0, 0xB_0000, 64, queue::DESC_F_WRITE, 0);
+        d.offer(4, 0, 0, 1);
+        d.t.device_mut().enqueue_port(1, b"from host");
+        d.t.poll();
+        assert_eq!(d.used(4).0, 0, "nothing delivered before PORT_OPEN");
+        assert_eq!(d.t.device_mut().pending_port(1), 9);
+        // The guest opens the port: what waited goes out at once.
         send(&mut d, 2, control(1, event::PORT_OPEN, 1, &[]));
         assert!(d.t.device_mut().guest_open(1));
-        // Port 1's data: guest to host on queue 5, host to guest on queue 4.
+        let mut b = [0u8; 9];
+        d.mem.read(0xB_0000, &mut b).unwrap();
+        assert_eq!(&b, b"from host");
+        assert_eq!(d.t.device_mut().pending_port(1), 0);
+        // Guest to host on queue 5.
         d.mem.write(0xA_0000, b"hello agent").unwrap();
         d.desc(5, 0, 0xA_0000, 11, 0, 0);
         d.offer(5, 0, 0, 1);
         d.w(0x050, 5);
         assert_eq!(*agent.0.lock(), b"hello agent");
-        d.desc(4, 0, 0xB_0000, 64, queue::DESC_F_WRITE, 0);
-        d.offer(4, 0, 0, 1);
-        d.t.device_mut().enqueue_port(1, b"from host");
-        d.t.poll();
-        let mut b = [0u8; 9];
-        d.mem.read(0xB_0000, &mut b).unwrap();
-        assert_eq!(&b, b"from host");
         // A short control message is ignored, not a panic.
         send(&mut d, 3, vec![1, 2, 3]);
     }

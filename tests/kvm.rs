@@ -269,46 +269,6 @@ fn backend_kvm_is_refused_with_why_and_qemu_suggested() {
     );
 }
 
-/// A 64-bit ELF "kernel": one PT_LOAD of `code` at `paddr`, and the PVH entry note.
-fn pvh_elf(code: &[u8], paddr: u64) -> Vec<u8> {
-    let (phoff, note_off, code_off) = (64u64, 176u64, 200u64);
-    let mut f = vec![0u8; code_off as usize];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little-endian
-    f[6] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&paddr.to_le_bytes());
-    f[32..40].copy_from_slice(&phoff.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&2u16.to_le_bytes());
-    let ph = |ty: u32, off: u64, addr: u64, size: u64| {
-        let mut h = vec![0u8; 56];
-        h[0..4].copy_from_slice(&ty.to_le_bytes());
-        h[4..8].copy_from_slice(&5u32.to_le_bytes());
-        h[8..16].copy_from_slice(&off.to_le_bytes());
-        h[16..24].copy_from_slice(&addr.to_le_bytes());
-        h[24..32].copy_from_slice(&addr.to_le_bytes());
-        h[32..40].copy_from_slice(&size.to_le_bytes());
-        h[40..48].copy_from_slice(&(size + 4096).to_le_bytes()); // and some bss
-        h
-    };
-    f[64..120].copy_from_slice(&ph(1, code_off, paddr, code.len() as u64));
-    f[120..176].copy_from_slice(&ph(4, note_off, 0, 20));
-    let mut note = Vec::new();
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&4u32.to_le_bytes());
-    note.extend_from_slice(&18u32.to_le_bytes());
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(paddr as u32).to_le_bytes());
-    f[note_off as usize..note_off as usize + 20].copy_from_slice(&note);
-    f.extend_from_slice(code);
-    f
-}
-
 #[test]
 fn pvh_entry_in_protected_mode_reads_its_start_info() {
     if !kvm_ready("pvh_entry_in_protected_mode_reads_its_start_info") {
@@ -338,7 +298,7 @@ fn pvh_entry_in_protected_mode_reads_its_start_info() {
     ]);
     assert_eq!(code.len(), 31);
     code.extend_from_slice(b"bad magic\n\0");
-    let elf = pvh_elf(&code, base as u64);
+    let elf = vmhost::image::elf::pvh_program(&code, base as u64);
 
     let size = 16u64 << 20;
     let vmm = Vmm::new(size, &[]).unwrap();
@@ -536,7 +496,7 @@ fn a_guest_reads_the_virtio_mmio_registers() {
 fn boot_machine(code: &[u8], boot_timeout: Duration) -> String {
     let dir = common::TempDir::new("kvm-machine");
     let kernel = dir.path().join("vmlinux");
-    std::fs::write(&kernel, pvh_elf(code, 0x10_0000)).unwrap();
+    std::fs::write(&kernel, vmhost::image::elf::pvh_program(code, 0x10_0000)).unwrap();
     let cfg = vmhost::vm::kvm::KvmConfig {
         vmlinux: kernel,
         initramfs: None,
@@ -653,4 +613,21 @@ fn a_long_mode_program_runs_64_bit_code_through_the_page_tables() {
     vmm.memory().read(0x2000, &mut got).unwrap();
     assert_eq!(u64::from_le_bytes(got), 0x1122_3344_5566_7788);
     vmm.stop();
+}
+
+/// lidt [0] (limit 0: no vector is valid), then ud2: #UD, #GP, #DF, triple fault.
+const TRIPLE_FAULT: [u8; 9] = [0x0F, 0x01, 0x1D, 0, 0, 0, 0, 0x0F, 0x0B];
+
+#[test]
+fn the_machine_ends_when_the_guest_triple_faults() {
+    if !kvm_ready("the_machine_ends_when_the_guest_triple_faults") {
+        return;
+    }
+    // lidt [0] (limit 0: no vector is valid), then ud2: #UD, #GP, #DF, triple fault.
+    let err = boot_machine(&TRIPLE_FAULT, GUARD);
+    // What `reboot=t` does: a clean end, not a failure.
+    assert!(
+        err.contains("the VM ended: the guest shut down or rebooted (a shutdown exit of vCPU 0)"),
+        "{err}"
+    );
 }

@@ -201,6 +201,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pvh_program_has_its_entry_note_and_one_segment() {
+        let p = pvh_program(&[0xF4, 0x90], 0x20_0000);
+        assert_eq!(pvh_entry(&p), Some(0x20_0000));
+        let segs = load_segments(&p).unwrap();
+        assert_eq!(segs.len(), 1);
+        let s = segs[0];
+        assert_eq!((s.paddr, s.file_size, s.mem_size), (0x20_0000, 2, 2 + 4096));
+        assert_eq!(&p[s.offset as usize..], &[0xF4, 0x90]);
+    }
+
+    #[test]
     fn garbage_is_not_elf_and_never_panics() {
         assert!(!is_elf64(b"hello"));
         assert!(section(b"\x7fELF", ".modinfo").is_none());
@@ -213,4 +224,48 @@ mod tests {
         assert!(modinfo(&fake).is_empty());
         assert!(!has_interp(&fake));
     }
+}
+
+/// A 64-bit ELF "kernel" for tests and benchmarks of the kvm backend: one PT_LOAD of
+/// `code` at `paddr` (with 4 KiB of bss after it), and the PVH entry note pointing at
+/// its first byte, where the vCPU starts in 32-bit protected mode.
+pub fn pvh_program(code: &[u8], paddr: u64) -> Vec<u8> {
+    let (phoff, note_off, code_off) = (64u64, 176u64, 200u64);
+    let mut f = vec![0u8; code_off as usize];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little-endian
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&phoff.to_le_bytes());
+    f[52..54].copy_from_slice(&64u16.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let ph = |ty: u32, off: u64, addr: u64, size: u64, mem_size: u64| {
+        let mut h = vec![0u8; 56];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[4..8].copy_from_slice(&5u32.to_le_bytes());
+        h[8..16].copy_from_slice(&off.to_le_bytes());
+        h[16..24].copy_from_slice(&addr.to_le_bytes());
+        h[24..32].copy_from_slice(&addr.to_le_bytes());
+        h[32..40].copy_from_slice(&size.to_le_bytes());
+        h[40..48].copy_from_slice(&mem_size.to_le_bytes());
+        h[48..56].copy_from_slice(&4u64.to_le_bytes()); // alignment (QEMU's loader divides by it)
+        h
+    };
+    let len = code.len() as u64;
+    f[64..120].copy_from_slice(&ph(1, code_off, paddr, len, len + 4096)); // and some bss
+    f[120..176].copy_from_slice(&ph(4, note_off, 0, 20, 20));
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&4u32.to_le_bytes());
+    note.extend_from_slice(&18u32.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(paddr as u32).to_le_bytes());
+    f[note_off as usize..note_off as usize + 20].copy_from_slice(&note);
+    f.extend_from_slice(code);
+    f
 }

@@ -196,36 +196,6 @@ pub fn exit_program() -> Vec<u8> {
     e
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pvh_program_has_its_entry_note_and_one_segment() {
-        let p = pvh_program(&[0xF4, 0x90], 0x20_0000);
-        assert_eq!(pvh_entry(&p), Some(0x20_0000));
-        let segs = load_segments(&p).unwrap();
-        assert_eq!(segs.len(), 1);
-        let s = segs[0];
-        assert_eq!((s.paddr, s.file_size, s.mem_size), (0x20_0000, 2, 2 + 4096));
-        assert_eq!(&p[s.offset as usize..], &[0xF4, 0x90]);
-    }
-
-    #[test]
-    fn garbage_is_not_elf_and_never_panics() {
-        assert!(!is_elf64(b"hello"));
-        assert!(section(b"\x7fELF", ".modinfo").is_none());
-        let mut fake = vec![0u8; 64];
-        fake[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        fake[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
-        fake[58..60].copy_from_slice(&64u16.to_le_bytes());
-        fake[60..62].copy_from_slice(&3u16.to_le_bytes());
-        assert!(section(&fake, ".modinfo").is_none());
-        assert!(modinfo(&fake).is_empty());
-        assert!(!has_interp(&fake));
-    }
-}
-
 /// A 64-bit ELF "kernel" for tests and benchmarks of the kvm backend: one PT_LOAD of
 /// `code` at `paddr` (with 4 KiB of bss after it), and the PVH entry note pointing at
 /// its first byte, where the vCPU starts in 32-bit protected mode.
@@ -268,4 +238,34 @@ pub fn pvh_program(code: &[u8], paddr: u64) -> Vec<u8> {
     f[note_off as usize..note_off as usize + 20].copy_from_slice(&note);
     f.extend_from_slice(code);
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pvh_program_has_its_entry_note_and_one_segment() {
+        let p = pvh_program(&[0xF4, 0x90], 0x20_0000);
+        assert_eq!(pvh_entry(&p), Some(0x20_0000));
+        let segs = load_segments(&p).unwrap();
+        assert_eq!(segs.len(), 1);
+        let s = segs[0];
+        assert_eq!((s.paddr, s.file_size, s.mem_size), (0x20_0000, 2, 2 + 4096));
+        assert_eq!(&p[s.offset as usize..], &[0xF4, 0x90]);
+    }
+
+    #[test]
+    fn garbage_is_not_elf_and_never_panics() {
+        assert!(!is_elf64(b"hello"));
+        assert!(section(b"\x7fELF", ".modinfo").is_none());
+        let mut fake = vec![0u8; 64];
+        fake[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        fake[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        fake[58..60].copy_from_slice(&64u16.to_le_bytes());
+        fake[60..62].copy_from_slice(&3u16.to_le_bytes());
+        assert!(section(&fake, ".modinfo").is_none());
+        assert!(modinfo(&fake).is_empty());
+        assert!(!has_interp(&fake));
+    }
 }

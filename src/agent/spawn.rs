@@ -30,7 +30,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub struct Spec<'a> {
     /// The program: a path, or a name looked up in the environment's PATH.
     pub program: &'a str,
-    /// Arguments after argv[0] (which is `program` as given).
+    /// Arguments after `argv[0]` (which is `program` as given).
     pub args: &'a [String],
     /// The whole environment.
     pub env: &'a [(String, String)],

@@ -2,7 +2,7 @@
 //!
 //! Every request type of the catalogue is registered in the [`Mux`]: its payload is
 //! decoded into a [`Request`] (a malformed one is answered with code 2 before anything
-//! happens) and served by [`Helper::dispatch`]. Until an instance exists,
+//! happens) and served by `dispatch`. Until an instance exists,
 //! instance-scoped messages answer Error code 3 (NotRunning) naming the operation.
 //!
 //! The same service runs without a socket for the library's in-process mode

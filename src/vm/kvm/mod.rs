@@ -9,13 +9,30 @@
 //! - [`vcpu`]: one thread per vCPU running `KVM_RUN`, controlled over a crossbeam
 //!   channel (pause, resume, stop) and kicked out of the guest with a signal and
 //!   `immediate_exit`; it reports what ended it (HLT, shutdown, a fault) as events;
-//! - [`devices`]: the 16550 UART console and the i8042 reset line.
+//! - [`devices`]: the 16550 UART console, the i8042 reset line, and virtio over MMIO
+//!   (the transport, split virtqueues, and the multiport console that carries the agent);
+//! - [`boot`]: PVH entry of an uncompressed vmlinux (start info, e820, command line,
+//!   initramfs, GDT) and 64-bit entry (identity page tables);
+//! - [`mptable`]: the MultiProcessor table that tells a guest without ACPI its CPUs and
+//!   its I/O APIC;
+//! - [`machine`]: all of it put together into the backend's VM ([`KvmVm`]).
 //!
-//! [`Vmm`] ties them together: a VM with its memory, its buses and its vCPUs.
+//! [`Vmm`] ties the first ones together: a VM with its memory, its buses, its interrupt
+//! lines (irqfds into the in-kernel irqchip) and its vCPUs.
+//!
+//! KVM is reached through rust-vmm's `kvm-ioctls` and `kvm-bindings`, the crates
+//! Firecracker and cloud-hypervisor use: typed ioctls and the kernel's structures,
+//! maintained against new kernels, where hand-written nix ioctls would repeat them.
 //!
 //! Hardware virtualization is needed to boot Linux ([`probe`]); on hosts whose
 //! `/dev/kvm` is not hardware-backed (PVM) small guest programs still run, which is
-//! what the tests use.
+//! what most tests use, and the minimal kernel runs until PVM's emulator gives up.
+//!
+//! Devices are found through the kernel command line (`virtio_mmio.device=`), which
+//! vmhost's own kernel understands. Debian's stock kernels do not; they would need ACPI
+//! tables (a DSDT describing the virtio-mmio devices, as Firecracker now generates) or
+//! PCI (config space at ports 0xCF8/0xCFC and a virtio-pci transport). Neither is built
+//! yet: the kvm backend boots vmhost's own kernel, and asked to boot another it says so.
 
 pub mod boot;
 pub mod bus;
@@ -125,8 +142,8 @@ pub fn probe() -> std::result::Result<(), String> {
 }
 
 /// The CPUID table of vCPU `id`, from what KVM supports: its initial APIC id (leaf 1
-/// EBX[31:24], and leaf 0xB EDX, its x2APIC id) so that a multi-vCPU guest tells its
-/// CPUs apart, and the hypervisor bit (leaf 1 ECX[31]) so that the guest looks for
+/// EBX bits 31..24, and leaf 0xB EDX, its x2APIC id) so that a multi-vCPU guest tells its
+/// CPUs apart, and the hypervisor bit (leaf 1 ECX bit 31) so that the guest looks for
 /// KVM's paravirtual clock.
 pub fn vcpu_cpuid(cpuid: &mut kvm_bindings::CpuId, id: u8) {
     for e in cpuid.as_mut_slice() {

@@ -2,7 +2,7 @@
 //! its CPUs, its I/O APIC and how ISA interrupts are wired to it.
 //!
 //! Linux finds the floating pointer by scanning the last KiB of base memory
-//! (0x9FC00), where [`write`] puts it, followed by the configuration table: one
+//! (0x9FC00), where [`write()`] puts it, followed by the configuration table: one
 //! processor entry per vCPU, the ISA bus, the in-kernel I/O APIC, interrupts 0..=23
 //! routed one to one to its pins, and the local interrupts (ExtINT on LINT0, NMI on
 //! LINT1). Both structures carry checksums that make their bytes sum to zero.

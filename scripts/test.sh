@@ -37,3 +37,8 @@ say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 say "cargo test"
 cargo test
+# Said in the log, not only in captured test output: the kvm backend's Linux boot test
+# (exec_suite_on_the_kvm_backend) needs hardware virtualization.
+if ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
+  say "note: no hardware virtualization (vmx/svm) here: the kvm backend's Linux boot test was skipped"
+fi

@@ -27,7 +27,8 @@ impl Host {
         let dir = TempDir::new(tag);
         let log = std::fs::File::create(dir.join("host.log")).unwrap();
         let child = Command::new(vmhost_bin())
-            .args(["host", "--name", tag, "--dir"])
+            // These tests are about the QEMU process and its ACPI step.
+            .args(["host", "--backend", "qemu", "--name", tag, "--dir"])
             .arg(dir.join("vm"))
             .env("VMHOST_LOG", "info")
             .envs(env.iter().copied())

@@ -251,7 +251,12 @@ fn helper_killed_takes_qemu_with_it_and_leaves_nothing() {
         return;
     }
     std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
-    let vm = Instance::new_with_helper(Image::Default, InstanceOptions::default()).unwrap();
+    // About the QEMU process: on QEMU wherever the test runs.
+    let vm = Instance::new_with_helper(
+        Image::Default,
+        InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+    )
+    .unwrap();
     let helper = vm.helper_pid().unwrap();
     let qemu: Vec<u32> =
         children_of(helper).into_iter().filter(|(_, c)| c.starts_with("qemu")).map(|(p, _)| p).collect();
@@ -281,7 +286,8 @@ fn qemu_killed_under_a_running_command_gives_a_clear_error() {
         return;
     }
     std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
-    let vm = Arc::new(Instance::new_with_helper(Image::Default, InstanceOptions::default()).unwrap());
+    let opts = InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() };
+    let vm = Arc::new(Instance::new_with_helper(Image::Default, opts).unwrap());
     let helper = vm.helper_pid().unwrap();
     let qemu = children_of(helper).into_iter().find(|(_, c)| c.starts_with("qemu")).unwrap().0;
     let v = vm.clone();
@@ -368,7 +374,12 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
         }
         n
     });
-    let vm = Instance::new_in_process(Image::Default, InstanceOptions::default()).unwrap();
+    // User-mode networking is QEMU's (the kvm machine has no network device yet).
+    let vm = Instance::new_in_process(
+        Image::Default,
+        InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+    )
+    .unwrap();
     // busybox nc, not wget: the static busybox's wget crashes in glibc's resolver
     // without NSS modules, even for a literal address.
     let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c 11");
@@ -392,7 +403,7 @@ fn a_client_killed_mid_command_takes_the_helper_and_qemu_down() {
         return;
     }
     let mut run = std::process::Command::new(common::vmhost_bin())
-        .args(["run", "--", "sleep", "1000"])
+        .args(["run", "--backend", "qemu", "--", "sleep", "1000"])
         .env("VMHOST_USE_HELPER", "1")
         .env("VMHOST_HELPER_PATH", common::vmhost_bin())
         .stdout(std::process::Stdio::null())

@@ -288,7 +288,7 @@ impl InstanceSpec {
 
     /// Checks the spec, prepares kernel and initramfs, and boots the VM on the backend
     /// asked for. `auto` takes kvm where it can run this guest, and falls back to qemu
-    /// (with a warning naming why) if the kvm boot fails.
+    /// (with a warning naming why) if the kvm machine cannot be set up.
     pub fn boot(&self, progress: &Progress) -> Result<Machine> {
         match &self.source {
             Source::Dir(p) if !p.is_dir() => {
@@ -340,14 +340,13 @@ impl InstanceSpec {
         log::debug!("kernel and agent found in {t_agent:?}, initramfs ready at {:?}", t.elapsed());
         let memory_mb = if self.options.memory_mb > 0 { self.options.memory_mb } else { 256 };
         let cpus = if self.options.cpus > 0 { self.options.cpus as u32 } else { 1 };
-        let extra_args = guest_args(&mounts);
         if backend == Backend::Kvm {
             let cfg = kvm::KvmConfig {
                 vmlinux: kernel.vmlinux.clone(),
                 initramfs: Some(initramfs.clone()),
                 memory_mb,
                 cpus,
-                extra_args: extra_args.clone(),
+                extra_args: kernel_args_from_env(),
                 dmesg: self.options.dmesg,
                 console_log: None,
                 timeout: self.options.timeout,
@@ -356,8 +355,10 @@ impl InstanceSpec {
             progress.step(&format!("booting (kvm backend, {memory_mb} MiB, {cpus} vCPU)"));
             match kvm::KvmVm::boot(cfg) {
                 Ok(vm) => return Ok(Machine::Kvm(vm)),
-                Err(e) if asked == Backend::Auto => {
-                    log::warn!("the kvm backend did not boot the guest; falling back to qemu: {e}");
+                // Only when the machine itself could not be set up: a guest that fails
+                // to boot would fail on QEMU too, after a second boot timeout.
+                Err(e @ Error::Kvm(_)) if asked == Backend::Auto => {
+                    log::warn!("the kvm backend could not set up the machine; falling back to qemu: {e}");
                 }
                 Err(e) => return Err(e),
             }
@@ -368,22 +369,13 @@ impl InstanceSpec {
         cfg.timeout = self.options.timeout;
         cfg.dmesg = self.options.dmesg;
         cfg.mounts = mounts;
-        cfg.extra_args = extra_args;
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg).map(Machine::Qemu)
     }
 }
 
-/// The kernel parameters for the agent, the same on every backend: the host mounts it
-/// mounts, then `VMHOST_KERNEL_ARGS`.
-pub fn guest_args(mounts: &[crate::wire::MountConfig]) -> Vec<String> {
-    let mut args = Vec::new();
-    if !mounts.is_empty() {
-        let list: Vec<String> =
-            mounts.iter().map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" })).collect();
-        args.push(format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(",")));
-    }
-    let extra = std::env::var("VMHOST_KERNEL_ARGS").unwrap_or_default();
-    args.extend(extra.split_whitespace().map(String::from));
-    args
+/// The user's kernel parameters, `VMHOST_KERNEL_ARGS`, which every backend puts last on
+/// the command line (so they can override the machine's own).
+pub fn kernel_args_from_env() -> Vec<String> {
+    std::env::var("VMHOST_KERNEL_ARGS").unwrap_or_default().split_whitespace().map(String::from).collect()
 }

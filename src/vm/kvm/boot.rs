@@ -41,8 +41,9 @@ pub const MODLIST_ADDR: u64 = 0x6040;
 pub const MEMMAP_ADDR: u64 = 0x7000;
 /// The command line's address.
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
-/// The longest command line, with its NUL.
-pub const CMDLINE_MAX: usize = 4096;
+/// The longest command line, with its NUL: x86 Linux copies `COMMAND_LINE_SIZE`
+/// (2048) bytes of it, so a longer one is refused rather than cut.
+pub const CMDLINE_MAX: usize = 2048;
 /// Where the PC's extended BIOS data area starts: RAM below it is usable.
 pub const EBDA_START: u64 = 0x9_fc00;
 /// Where high memory starts.
@@ -145,6 +146,14 @@ pub fn load_kernel(mem: &GuestMemory, vmlinux: &[u8]) -> Result<LoadedKernel> {
     for s in &segments {
         if s.paddr < HIGH_MEMORY {
             return Err(bad(&format!("a segment at {:#x} below 1 MiB", s.paddr)));
+        }
+        if s.paddr.saturating_add(s.mem_size) > mem.size() {
+            return Err(bad(&format!(
+                "a segment at {:#x} of {:#x} bytes does not fit in {} MiB of memory",
+                s.paddr,
+                s.mem_size,
+                mem.size() >> 20
+            )));
         }
         let file = &vmlinux[s.offset as usize..(s.offset + s.file_size) as usize];
         mem.write(s.paddr, file)?;

@@ -6,7 +6,7 @@
 //! | what                          | where                              | interrupt |
 //! |-------------------------------|------------------------------------|-----------|
 //! | RAM                           | 0 .. `memory_mb`, less the hole    |           |
-//! | MP table                      | 0x9FC00 (reserved in e820)         |           |
+//! | MP table                      | 0x9FC00 (left out of the e820 map) |           |
 //! | 16550 UART, `ttyS0` console   | ports 0x3F8..0x3FF                 | 4         |
 //! | i8042 (reset line)            | ports 0x60..0x64                   |           |
 //! | virtio console, the agent     | MMIO 0xD000_0000, 4 KiB            | 5         |
@@ -355,7 +355,8 @@ fn pump(sh: &Shared, mut from: UnixStream, transport: &Mutex<MmioTransport<Conso
             t.poll();
         }
         while transport.lock().device_mut().pending_port(AGENT_PORT) > PUMP_HIGH_WATER {
-            if sh.life.state().is_final() {
+            // Set by the supervisor before it joins this thread.
+            if sh.how.get().is_some() {
                 return;
             }
             thread::sleep(Duration::from_millis(1));
@@ -405,12 +406,13 @@ fn supervise(
     log::info!("{}: {how}", sh.id);
     let _ = sh.how.set(how);
     sh.life.set_end_reason(why);
-    vmm.stop();
-    // EOF for the agent link and the pump.
+    // EOF for the agent link and the pump, first: a vCPU blocked writing to the
+    // channel then fails its write instead of holding up the stop.
     let _ = sh.channel.shutdown(std::net::Shutdown::Both);
     if let Some(a) = sh.agent.get() {
         a.close();
     }
+    vmm.stop();
     let _ = pump.join();
     drop(vmm);
     log::info!("{}: VM ended", sh.id);

@@ -162,8 +162,15 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vmhost-vcpu{id}"))
             .spawn(move || {
+                // Reports the end however the thread ends, a device model's panic too.
+                struct Ended(Sender<u8>, u8);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        let _ = self.0.try_send(self.1);
+                    }
+                }
+                let _ended = Ended(ended, id);
                 run_loop(id, fd, rx, &sh, &pio, &mmio, paused);
-                let _ = ended.try_send(id);
             })
             .map_err(|e| Error::Vcpu { id, message: format!("start its thread: {e}") })?;
         let pthread = thread.as_pthread_t();

@@ -113,7 +113,8 @@ pub struct BootConfig {
     pub accel: Accel,
     /// Host directories shared over virtio-9p (checked by [`crate::vm::check_mounts`]).
     pub mounts: Vec<crate::wire::MountConfig>,
-    /// Kernel parameters after the machine's own ([`crate::vm::guest_args`]).
+    /// Kernel parameters after the machine's own and the agent's (by default
+    /// [`crate::vm::kernel_args_from_env`]).
     pub extra_args: Vec<String>,
 }
 
@@ -133,7 +134,7 @@ impl BootConfig {
             machine: MachineType::Microvm,
             accel: Accel::choose()?,
             mounts: Vec::new(),
-            extra_args: super::guest_args(&[]),
+            extra_args: super::kernel_args_from_env(),
         })
     }
 }
@@ -460,10 +461,21 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
             append.push("pci=off");
         }
     }
-    append.extend(cfg.extra_args.iter().map(String::as_str));
+    // The agent mounts each shared directory (crate::agent::init reads this).
+    let mounts_arg = (!cfg.mounts.is_empty()).then(|| {
+        let list: Vec<String> = cfg
+            .mounts
+            .iter()
+            .map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" }))
+            .collect();
+        format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(","))
+    });
+    append.extend(mounts_arg.as_deref());
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
+    // Last, so that they can override any of the above.
+    append.extend(cfg.extra_args.iter().map(String::as_str));
     let (machine, serial_dev, net_dev) = match cfg.machine {
         MachineType::Microvm if minimal => ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device"),
         MachineType::Microvm => ("microvm", "virtio-serial-device", "virtio-net-device"),

@@ -334,6 +334,7 @@ impl VirtioDevice for Console {
         self.control_out.clear();
         for p in &mut self.ports {
             p.guest_open = false;
+            p.input.clear();
         }
     }
 

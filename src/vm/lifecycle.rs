@@ -1,10 +1,13 @@
 //! A VM's lifecycle as every backend tracks it: the state, who waits for it to change,
 //! and why the VM ended.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::agent_link::AgentLink;
+use super::stop::{self, StopSteps};
 use super::VmState;
 use crate::error::{Error, Result};
 
@@ -56,6 +59,27 @@ impl Lifecycle {
             }
         }
         true
+    }
+
+    /// The VM's agent `link`, while the VM runs.
+    pub(crate) fn agent<'a>(&self, link: &'a OnceLock<AgentLink>) -> Result<&'a AgentLink> {
+        match link.get() {
+            Some(a) if self.state() == VmState::Running => Ok(a),
+            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
+        }
+    }
+
+    /// Stops the VM through its backend's `steps`, escalating, each step bounded by
+    /// `timeout` ([`stop::escalate`]).
+    pub(crate) fn stop(&self, steps: Arc<dyn StopSteps>, timeout: Duration) -> Result<()> {
+        self.set(VmState::Stopping);
+        stop::escalate(steps, timeout).map(drop)
+    }
+
+    /// Ends the VM at once through its backend's `steps` ([`stop::force_stop`]).
+    pub(crate) fn force_stop(&self, steps: Arc<dyn StopSteps>) -> Result<()> {
+        self.set(VmState::Stopping);
+        stop::force_stop(steps, Duration::from_secs(5)).map(drop)
     }
 
     /// Waits up to `timeout` for the VM to end: `None` while it runs, else how it ended.

@@ -136,6 +136,8 @@ struct Shared {
     channel: UnixStream,
     /// How the VM ended, in words.
     how: OnceLock<String>,
+    /// Wakes the pump from its wait for the guest.
+    wake_pump: Sender<()>,
 }
 
 impl StopSteps for Shared {
@@ -225,10 +227,14 @@ impl KvmVm {
         vmm.pio().insert(I8042_BASE, 5, Arc::new(Mutex::new(kbd)))?;
         let (host_end, link_end) = UnixStream::pair().map_err(host_err("create the agent channel"))?;
         let to_link = host_end.try_clone().map_err(host_err("clone the agent channel"))?;
-        let device = Console::multiport(vec![
+        let mut device = Console::multiport(vec![
             (None, Box::new(ConsoleWriter(console.clone()))),
             (Some(crate::agent::PORT_NAME.to_string()), Box::new(to_link)),
         ]);
+        // Wakes the pump when the guest takes input, and (from the supervisor) when the
+        // VM ends.
+        let (taken_tx, taken_rx) = crossbeam_channel::bounded(1);
+        device.on_input_taken(taken_tx.clone());
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             device,
             vmm.memory().clone(),
@@ -245,6 +251,7 @@ impl KvmVm {
             stop_tx,
             channel: host_end.try_clone().map_err(host_err("clone the agent channel"))?,
             how: OnceLock::new(),
+            wake_pump: taken_tx,
         });
 
         // vCPUs: the first enters the kernel; the others wait in KVM for the INIT and
@@ -258,7 +265,7 @@ impl KvmVm {
             let t = transport.clone();
             thread::Builder::new()
                 .name(format!("vmhost-{id}-agent-pump"))
-                .spawn(move || pump(&sh, host_end, &t))
+                .spawn(move || pump(&sh, host_end, &t, &taken_rx))
                 .map_err(host_err("start the agent channel pump"))?
         };
         {
@@ -303,12 +310,9 @@ impl KvmVm {
         self.shared.life.state()
     }
 
-    /// The agent.
+    /// The agent, while the VM runs.
     pub fn agent(&self) -> Result<&AgentLink> {
-        match self.shared.agent.get() {
-            Some(a) if self.state() == VmState::Running => Ok(a),
-            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
-        }
+        self.shared.life.agent(&self.shared.agent)
     }
 
     /// The last `n` lines of the guest console.
@@ -319,30 +323,25 @@ impl KvmVm {
     /// Stops the VM: the agent's shutdown, then ending the vCPUs, each bounded by
     /// `timeout`.
     pub fn stop(&self, timeout: Duration) -> Result<()> {
-        self.shared.life.set(VmState::Stopping);
-        stop::escalate(self.shared.clone(), timeout).map(drop)
+        self.shared.life.stop(self.shared.clone(), timeout)
     }
 
     /// Ends the VM at once.
     pub fn force_stop(&self) -> Result<()> {
-        self.shared.life.set(VmState::Stopping);
-        stop::force_stop(self.shared.clone(), Duration::from_secs(5)).map(drop)
+        self.shared.life.force_stop(self.shared.clone())
     }
 
     /// Blocks until the VM has ended, at most `timeout` (`None`: still running).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
         self.shared.life.wait_timeout(timeout)
     }
-
-    /// The escalation steps, for the control server.
-    pub fn stop_steps(&self) -> Arc<dyn StopSteps> {
-        self.shared.clone()
-    }
 }
 
 /// Moves the host's bytes for the agent into the virtio console, holding back (and so
-/// holding back the host's writes) while the guest has not taken what it has.
-fn pump(sh: &Shared, mut from: UnixStream, transport: &Mutex<MmioTransport<Console>>) {
+/// holding back the host's writes) while the guest has not taken what it has: it waits
+/// on `taken`, which the device signals as the guest takes input (the driver notifies
+/// the device each time it posts receive buffers) and the supervisor at the VM's end.
+fn pump(sh: &Shared, mut from: UnixStream, transport: &Mutex<MmioTransport<Console>>, taken: &Receiver<()>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match from.read(&mut buf) {
@@ -355,12 +354,11 @@ fn pump(sh: &Shared, mut from: UnixStream, transport: &Mutex<MmioTransport<Conso
             t.poll();
         }
         while transport.lock().device_mut().pending_port(AGENT_PORT) > PUMP_HIGH_WATER {
-            // Set by the supervisor before it joins this thread.
+            // Set by the supervisor before it wakes and joins this thread.
             if sh.how.get().is_some() {
                 return;
             }
-            thread::sleep(Duration::from_millis(1));
-            transport.lock().poll();
+            let _ = taken.recv();
         }
     }
 }
@@ -405,6 +403,7 @@ fn supervise(
     };
     log::info!("{}: {how}", sh.id);
     let _ = sh.how.set(how);
+    let _ = sh.wake_pump.try_send(());
     sh.life.set_end_reason(why);
     // EOF for the agent link and the pump, first: a vCPU blocked writing to the
     // channel then fails its write instead of holding up the stop.

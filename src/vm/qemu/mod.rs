@@ -171,12 +171,6 @@ struct Shared {
     console_done: std::sync::atomic::AtomicBool,
 }
 
-impl Shared {
-    fn set_state(&self, s: VmState) {
-        self.life.set(s);
-    }
-}
-
 impl StopSteps for Shared {
     fn agent_shutdown(&self) -> Result<()> {
         stop::ask_agent_to_power_off(self.agent.get())
@@ -257,7 +251,7 @@ impl QemuVm {
         }
         match vm.connect(&cfg) {
             Ok(()) => {
-                shared.set_state(VmState::Running);
+                shared.life.set(VmState::Running);
                 Ok(vm)
             }
             Err(e) => {
@@ -327,12 +321,9 @@ impl QemuVm {
         self.shared.life.state()
     }
 
-    /// The agent.
+    /// The agent, while the VM runs.
     pub fn agent(&self) -> Result<&AgentLink> {
-        match self.shared.agent.get() {
-            Some(a) if self.state() == VmState::Running => Ok(a),
-            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
-        }
+        self.shared.life.agent(&self.shared.agent)
     }
 
     /// Connects or disconnects the guest's network (QEMU user-mode networking: the
@@ -374,33 +365,18 @@ impl QemuVm {
 
     /// Stops the VM: agent, ACPI, SIGTERM, SIGKILL, each step bounded by `timeout`.
     pub fn stop(&self, timeout: Duration) -> Result<()> {
-        self.shared.set_state(VmState::Stopping);
-        stop::escalate(self.shared.clone(), timeout).map(drop)
+        self.shared.life.stop(self.shared.clone(), timeout)
     }
 
     /// Ends the VM at once: SIGTERM, 1 s, SIGKILL.
     pub fn force_stop(&self) -> Result<()> {
-        self.shared.set_state(VmState::Stopping);
-        stop::force_stop(self.shared.clone(), Duration::from_secs(5)).map(drop)
+        self.shared.life.force_stop(self.shared.clone())
     }
 
-    /// Blocks until the VM has ended; an error if it ended badly.
-    pub fn wait(&self) -> Result<()> {
-        loop {
-            if let Some(r) = self.wait_timeout(Duration::from_secs(3600)) {
-                return r;
-            }
-        }
-    }
-
-    /// Like [`QemuVm::wait`], giving up after `timeout` (`None`: still running).
+    /// Blocks until the VM has ended, at most `timeout` (`None`: still running); an
+    /// error if it ended badly.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
         self.shared.life.wait_timeout(timeout)
-    }
-
-    /// The escalation steps, for the control server.
-    pub fn stop_steps(&self) -> Arc<dyn StopSteps> {
-        self.shared.clone()
     }
 }
 
@@ -618,7 +594,7 @@ fn supervise(
             )));
             let steps = sh.clone();
             thread::spawn(move || {
-                steps.set_state(VmState::Stopping);
+                steps.life.set(VmState::Stopping);
                 let _ = stop::escalate(steps, Duration::from_secs(2));
             });
             continue;

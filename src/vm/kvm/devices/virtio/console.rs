@@ -65,6 +65,8 @@ pub struct Console {
     control_out: VecDeque<Vec<u8>>,
     mem: Option<Arc<GuestMemory>>,
     interrupt: Option<Interrupt>,
+    /// Told each time the guest takes queued input (see [`Console::on_input_taken`]).
+    input_taken: Option<crossbeam_channel::Sender<()>>,
 }
 
 /// Port `port`'s receive queue index (its transmit queue is the next one).
@@ -93,7 +95,14 @@ impl Console {
             .into_iter()
             .map(|(name, out)| Port { name, out, input: VecDeque::new(), guest_open: false })
             .collect();
-        Console { ports, multiport, control_out: VecDeque::new(), mem: None, interrupt: None }
+        Console {
+            ports,
+            multiport,
+            control_out: VecDeque::new(),
+            mem: None,
+            interrupt: None,
+            input_taken: None,
+        }
     }
 
     /// Queues bytes for the guest on port 0.
@@ -113,6 +122,12 @@ impl Console {
     /// Bytes still waiting for a guest buffer on port 0.
     pub fn pending(&self) -> usize {
         self.ports.first().map_or(0, |p| p.input.len())
+    }
+
+    /// Sends on `tx` (without waiting) each time the guest takes queued input, so that a
+    /// feeder holding back can go on.
+    pub fn on_input_taken(&mut self, tx: crossbeam_channel::Sender<()>) {
+        self.input_taken = Some(tx);
     }
 
     /// Bytes still waiting for a guest buffer on `port`.
@@ -142,13 +157,9 @@ impl Console {
         }
         let mut used = false;
         while !p.input.is_empty() {
-            let chain = match rx.pop(&mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("virtio console port {port} receive queue: {e}");
-                    break;
-                }
+            let Some(chain) = rx.next_chain(&mem, format_args!("virtio console port {port} receive queue"))
+            else {
+                break;
             };
             let mut written = 0u32;
             for d in chain.descriptors.iter().filter(|d| d.writable) {
@@ -169,6 +180,9 @@ impl Console {
         }
         if used {
             self.raise();
+            if let Some(tx) = &self.input_taken {
+                let _ = tx.try_send(());
+            }
         }
     }
 
@@ -179,13 +193,9 @@ impl Console {
         let mut used = false;
         loop {
             let Some(tx) = queues.get_mut(index) else { return };
-            let chain = match tx.pop(&mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("virtio console transmit queue {index}: {e}");
-                    break;
-                }
+            let Some(chain) = tx.next_chain(&mem, format_args!("virtio console transmit queue {index}"))
+            else {
+                break;
             };
             let mut bytes = Vec::new();
             for d in chain.descriptors.iter().filter(|d| !d.writable) {
@@ -242,13 +252,8 @@ impl Console {
         let (Some(mem), Some(rx)) = (self.mem.clone(), queues.get_mut(2)) else { return };
         let mut used = false;
         while let Some(m) = self.control_out.front() {
-            let chain = match rx.pop(&mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("virtio console control queue: {e}");
-                    break;
-                }
+            let Some(chain) = rx.next_chain(&mem, format_args!("virtio console control queue")) else {
+                break;
             };
             let Some(d) = chain.descriptors.iter().find(|d| d.writable && d.len as usize >= m.len()) else {
                 log::warn!("virtio console: a control buffer too small for {} bytes", m.len());

@@ -490,9 +490,12 @@ mod tests {
         // Host bytes for a port the guest has not opened wait (Linux would drop them).
         d.desc(4, 0, 0xB_0000, 64, queue::DESC_F_WRITE, 0);
         d.offer(4, 0, 0, 1);
+        let (taken_tx, taken) = crossbeam_channel::bounded(1);
+        d.t.device_mut().on_input_taken(taken_tx);
         d.t.device_mut().enqueue_port(1, b"from host");
         d.t.poll();
         assert_eq!(d.used(4).0, 0, "nothing delivered before PORT_OPEN");
+        assert!(taken.try_recv().is_err(), "nothing taken yet");
         assert_eq!(d.t.device_mut().pending_port(1), 9);
         // The guest opens the port: what waited goes out at once.
         send(&mut d, 2, control(1, event::PORT_OPEN, 1, &[]));
@@ -501,6 +504,7 @@ mod tests {
         d.mem.read(0xB_0000, &mut b).unwrap();
         assert_eq!(&b, b"from host");
         assert_eq!(d.t.device_mut().pending_port(1), 0);
+        assert!(taken.try_recv().is_ok(), "a feeder waiting for room is told");
         // Guest to host on queue 5.
         d.mem.write(0xA_0000, b"hello agent").unwrap();
         d.desc(5, 0, 0xA_0000, 11, 0, 0);

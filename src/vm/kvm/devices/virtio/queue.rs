@@ -74,6 +74,18 @@ impl Queue {
         *self = Queue::new(self.max_size);
     }
 
+    /// Like [`Queue::pop`], for a device's processing loop: a broken queue (the driver's
+    /// error) is logged with `what` and ends the loop like an empty one.
+    pub fn next_chain(&mut self, mem: &GuestMemory, what: std::fmt::Arguments<'_>) -> Option<Chain> {
+        match self.pop(mem) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("{what}: {e}");
+                None
+            }
+        }
+    }
+
     /// The next chain the driver made available, if any.
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>> {
         if !self.is_valid() {

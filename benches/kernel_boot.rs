@@ -57,6 +57,8 @@ fn main() {
     w.file("init", Meta::root(0o755), &vmhost::image::elf::exit_program()).unwrap();
     w.finish().unwrap();
     let qemu = vmhost::vm::qemu::qemu_binary().unwrap();
+    // The same TSC parameters as vmhost's own command line.
+    let tsc = vmhost::vm::clock::kernel_args().join(" ");
     let bare = || -> f64 {
         let t = Instant::now();
         let st = Command::new(&qemu)
@@ -65,10 +67,10 @@ fn main() {
             .arg(&minimal.vmlinux)
             .arg("-initrd")
             .arg(&bare_ir)
-            .args([
-                "-append",
-                "console=ttyS0 panic=-1 tsc_early_khz=2000000 tsc=reliable quiet loglevel=1 reboot=t no_timer_check 8250.nr_uarts=1 nolapic_timer pci=off",
-            ])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 {tsc} quiet loglevel=1 reboot=t no_timer_check 8250.nr_uarts=1 nolapic_timer pci=off"
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

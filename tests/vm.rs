@@ -26,6 +26,33 @@ fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
     let sh = |script: &str| vm.command("sh").arg("-c").arg(script).output().map_err(|e| e.to_string());
 
     check(
+        "the guest clock keeps the host's time",
+        (|| {
+            let uptime = || -> Result<f64, String> {
+                let out = sh("cat /proc/uptime")?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.split_whitespace().next().and_then(|v| v.parse().ok()).ok_or(format!("uptime {text:?}"))
+            };
+            let t0 = Instant::now();
+            let g0 = uptime()?;
+            let t1 = Instant::now();
+            thread::sleep(Duration::from_secs(3));
+            let t2 = Instant::now();
+            let g1 = uptime()?;
+            let t3 = Instant::now();
+            // The guest read its clock within [t0, t1] and [t2, t3]: a clock at the
+            // host's pace moved between (t2 - t1) and (t3 - t0), give or take 2 % and
+            // /proc/uptime's 10 ms steps. A guest told the wrong TSC rate runs 10-20 % off.
+            let (guest, lo, hi) = (g1 - g0, (t2 - t1).as_secs_f64(), (t3 - t0).as_secs_f64());
+            if guest < lo * 0.98 - 0.02 || guest > hi * 1.02 + 0.02 {
+                return Err(format!(
+                    "guest clock moved {guest:.3} s while the host's moved {lo:.3}-{hi:.3} s"
+                ));
+            }
+            Ok(())
+        })(),
+    );
+    check(
         "exit codes",
         (|| {
             for code in [0, 1, 42, 255] {

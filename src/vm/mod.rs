@@ -3,6 +3,7 @@
 //! QEMU supervised over QMP ([`qemu`]) or vmhost's own KVM VMM ([`kvm`]).
 
 pub mod agent_link;
+pub mod clock;
 pub mod console;
 pub mod kvm;
 pub(crate) mod lifecycle;

@@ -423,8 +423,11 @@ fn read_console(sh: &Shared, fifo: File) {
 
 fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
-    let mut append =
-        vec!["console=ttyS0", "panic=-1", "tsc_early_khz=2000000", "tsc=reliable", "cryptomgr.notests"];
+    // The host's TSC rate, so that guest clocks keep the host's time (see vm::clock).
+    let tsc = crate::vm::clock::kernel_args();
+    let mut append = vec!["console=ttyS0", "panic=-1"];
+    append.extend(tsc.iter().map(String::as_str));
+    append.push("cryptomgr.notests");
     if minimal {
         // No ACPI: devices come on the command line (QEMU's microvm adds them), reboot
         // by triple fault (which -no-reboot turns into QEMU exiting).

@@ -411,9 +411,21 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
     // without NSS modules, even for a literal address.
     let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c 11");
     let carrier = || vm.command("cat").arg("/sys/class/net/eth0/carrier").output().unwrap().stdout;
-    assert_eq!(carrier(), b"0\n", "the link must start down");
+    let state = || vm.command("cat").arg("/sys/class/net/eth0/operstate").output().unwrap().stdout;
+    // Not even configured until the network is first enabled.
+    assert_eq!(state(), b"down\n", "eth0 must start down");
+    let addr = || {
+        let out = vm.command("ip").args(["-4", "addr", "show", "eth0"]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).contains("inet 10.0.2.15/24")
+    };
+    assert!(!addr());
     vm.set_network(true).unwrap();
     assert_eq!(carrier(), b"1\n");
+    assert_eq!(state(), b"up\n");
+    assert!(addr());
+    // Enabling again is harmless.
+    vm.set_network(true).unwrap();
     let out = vm.command("sh").args(["-c", &fetch]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello guest", "{out:?}");
     vm.set_network(false).unwrap();

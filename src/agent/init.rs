@@ -27,27 +27,41 @@ pub fn run() -> i32 {
     // memory, where an exec would fault in the binary again (tens of ms emulated).
     // Forked while init has a single thread, so the child is in a consistent state.
     // SAFETY: no other thread exists yet; the child only runs the server and exits.
+    // Init closes its end of this pipe when the guest is set up: the server's waiters
+    // wake on the EOF at once instead of polling.
+    let (setup_r, setup_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            say(format_args!("cannot create the setup pipe: {e}"));
+            power_off();
+        }
+    };
     let server = match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => std::process::exit(super::serve::run()),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(setup_w);
+            std::process::exit(super::serve::run_forked(setup_r))
+        }
         Ok(nix::unistd::ForkResult::Parent { child }) => child,
         Err(e) => {
             say(format_args!("cannot start the agent server: {e}"));
             power_off();
         }
     };
+    drop(setup_r);
     let late = late.to_vec();
     thread::spawn(move || {
         load_modules(&late);
         trace(format_args!("all modules loaded"));
-        // Networking (lo too: ~15 ms of first-time kernel paths under TCG) is set up
-        // beside the server's start, not before it; commands wait for it either way.
+        // lo (~15 ms of first-time kernel paths under TCG) comes up beside the server's
+        // start, not before it; commands wait for it either way. eth0 is configured
+        // only when the host first connects the network (proto::NETWORK_UP).
         if let Err(e) = interface_up("lo", None) {
             say(format_args!("cannot bring lo up: {e}"));
         }
-        configure_network();
         mount_shared();
         let _ = std::fs::write(super::SETUP_DONE, b"");
-        trace(format_args!("network configured; setup done"));
+        drop(setup_w);
+        trace(format_args!("lo up; setup done"));
         watch_power_button();
     });
     trace(format_args!("server started"));
@@ -150,20 +164,24 @@ pub const GUEST_ADDR: [u8; 4] = [10, 0, 2, 15];
 pub const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 const DNS: &str = "10.0.2.3";
 
-fn configure_network() {
+/// Configures eth0 for QEMU's user-mode network: address, netmask, up, default route,
+/// and /etc/resolv.conf when the image has none. Idempotent: a second call finds it
+/// configured (the route already there) and succeeds.
+pub(crate) fn configure_network() -> std::io::Result<()> {
     if !std::path::Path::new("/sys/class/net/eth0").exists() {
-        return;
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the guest has no eth0"));
     }
-    if let Err(e) =
-        interface_up("eth0", Some((GUEST_ADDR, [255, 255, 255, 0]))).and_then(|()| default_route(GATEWAY))
-    {
-        say(format_args!("cannot configure eth0: {e}"));
-        return;
+    interface_up("eth0", Some((GUEST_ADDR, [255, 255, 255, 0])))?;
+    match default_route(GATEWAY) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+        r => r?,
     }
     let resolv = std::path::Path::new("/etc/resolv.conf");
     if std::fs::metadata(resolv).map_or(true, |m| m.len() == 0) {
-        let _ = std::fs::write(resolv, format!("nameserver {DNS}\n"));
+        std::fs::write(resolv, format!("nameserver {DNS}\n"))?;
     }
+    trace(format_args!("eth0 configured"));
+    Ok(())
 }
 
 /// Mounts the host directories the host listed on the kernel command line

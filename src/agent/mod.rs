@@ -23,7 +23,7 @@ pub mod spawn;
 pub const PORT_NAME: &str = "vmhost.agent";
 /// Where the initramfs keeps the agent's files (modules, module list).
 pub const AGENT_DIR: &str = "/vmhost";
-/// Created by init once the guest is fully set up (all modules, network); commands
+/// Created by init once the guest is fully set up (all modules, lo, host mounts); commands
 /// wait for it, so that they never see a half-configured guest.
 pub const SETUP_DONE: &str = "/run/vmhost-setup-done";
 

@@ -38,7 +38,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -71,6 +71,11 @@ pub const FS: u16 = 0x0301;
 pub const SHUTDOWN: u16 = 0x0201;
 /// Liveness check. OK with no payload.
 pub const PING: u16 = 0x0202;
+/// Configure the guest's network interface (address, default route, DNS server), once
+/// the guest is set up; no payload, OK when done (at once when it already is). The host
+/// sends it before it first connects the link: a guest without network does not spend
+/// boot time on an interface nobody uses. Since version 3.
+pub const NETWORK_UP: u16 = 0x0203;
 /// Success: request-specific payload.
 pub const OK: u16 = 0xFF00;
 /// Failure: `u8 code (helper protocol error codes), string message`.
@@ -93,6 +98,7 @@ pub fn name(ty: u16) -> &'static str {
         FS => "Fs",
         SHUTDOWN => "Shutdown",
         PING => "Ping",
+        NETWORK_UP => "NetworkUp",
         OK => "Ok",
         ERROR => "Error",
         OUTPUT => "Output",

@@ -214,6 +214,18 @@ impl Server {
                 }
             }
             proto::PING => w.ok(f.id, &[]),
+            proto::NETWORK_UP => {
+                // Off the read loop: it waits for the guest's setup (the network
+                // driver's module, on a stock kernel).
+                let w = w.clone();
+                thread::spawn(move || {
+                    wait_setup();
+                    match super::init::configure_network() {
+                        Ok(()) => w.ok(f.id, &[]),
+                        Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure eth0: {e}")),
+                    }
+                });
+            }
             proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
                 Ok(req) if !setup_done() => {
@@ -505,15 +517,44 @@ impl Server {
     }
 }
 
+/// The read end of a pipe whose write end init closes when the guest is set up (the
+/// server forked by init has it; a server started as `/init serve` has not).
+static SETUP_PIPE: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+
+/// Runs the server as init's forked child, told of the end of setup by `setup` (see
+/// [`SETUP_PIPE`]).
+pub fn run_forked(setup: std::os::fd::OwnedFd) -> i32 {
+    let _ = SETUP_PIPE.set(setup);
+    run()
+}
+
 fn setup_done() -> bool {
-    std::path::Path::new(super::SETUP_DONE).exists()
+    match SETUP_PIPE.get() {
+        Some(fd) => setup_pipe_closed(fd, 0),
+        None => std::path::Path::new(super::SETUP_DONE).exists(),
+    }
+}
+
+/// Whether the setup pipe's write end is closed (EOF), waiting at most `ms`.
+fn setup_pipe_closed(fd: &std::os::fd::OwnedFd, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = nix::libc::pollfd { fd: fd.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on a descriptor we hold open.
+    unsafe { nix::libc::poll(&mut p, 1, ms) > 0 }
 }
 
 /// Waits (at most 10 s) for init to finish setting the guest up.
 fn wait_setup() {
     let until = Instant::now() + Duration::from_secs(10);
-    while !setup_done() && Instant::now() < until {
-        thread::sleep(Duration::from_millis(5));
+    while !setup_done() {
+        let Some(left) = until.checked_duration_since(Instant::now()) else { return };
+        match SETUP_PIPE.get() {
+            // Woken the moment init closes its end (EINTR just goes round again).
+            Some(fd) => {
+                setup_pipe_closed(fd, left.as_millis().clamp(1, i32::MAX as u128) as i32);
+            }
+            None => thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 

@@ -248,6 +248,11 @@ impl AgentLink {
         self.request(proto::FS, e.as_bytes(), None)
     }
 
+    /// Has the guest configure its network interface (see [`proto::NETWORK_UP`]).
+    pub fn network_up(&self, timeout: Duration) -> Result<()> {
+        self.request(proto::NETWORK_UP, &[], Some(timeout)).map(drop)
+    }
+
     /// Asks the guest to sync and power off; returns once the agent acknowledged.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
         self.request(proto::SHUTDOWN, &[], Some(timeout)).map(drop)

@@ -108,6 +108,12 @@ fn main() {
     println!("the tool's overhead, minimal kernel");
     println!("  bare QEMU boot to an /init that exits : {}", show(&b));
     println!("  vmhost run -- true (boot, exec, stop) : {}", show(&r));
-    println!("  ratio {:.2}x (target <= 1.3x)", median(r) / median(b));
+    // Noise on a shared host only ever adds time: the fastest runs show the floor.
+    let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+    println!(
+        "  ratio {:.2}x of medians, {:.2}x of the fastest runs (target <= 1.3x)",
+        median(r.clone()) / median(b.clone()),
+        min(&r) / min(&b)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,10 +23,6 @@ pub fn run() -> i32 {
     let (early, late) = modules.split_at(split);
     load_modules(early);
     let _ = nix::unistd::sethostname("vmhost");
-    // The server is a fork of init, not a new exec: its pages are init's, already in
-    // memory, where an exec would fault in the binary again (tens of ms emulated).
-    // Forked while init has a single thread, so the child is in a consistent state.
-    // SAFETY: no other thread exists yet; the child only runs the server and exits.
     // Init closes its end of this pipe when the guest is set up: the server's waiters
     // wake on the EOF at once instead of polling.
     let (setup_r, setup_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
@@ -36,6 +32,10 @@ pub fn run() -> i32 {
             power_off();
         }
     };
+    // The server is a fork of init, not a new exec: its pages are init's, already in
+    // memory, where an exec would fault in the binary again (tens of ms emulated).
+    // Forked while init has a single thread, so the child is in a consistent state.
+    // SAFETY: no other thread exists yet; the child only runs the server and exits.
     let server = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(setup_w);

@@ -414,6 +414,10 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
     let state = || vm.command("cat").arg("/sys/class/net/eth0/operstate").output().unwrap().stdout;
     // Not even configured until the network is first enabled.
     assert_eq!(state(), b"down\n", "eth0 must start down");
+    // And the link itself is down: root in the guest bringing eth0 up gets no carrier.
+    let up = vm.command("ip").args(["link", "set", "eth0", "up"]).output().unwrap();
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(carrier(), b"0\n", "the link must start down");
     let addr = || {
         let out = vm.command("ip").args(["-4", "addr", "show", "eth0"]).output().unwrap();
         assert!(out.status.success(), "{out:?}");

@@ -61,7 +61,7 @@ pub fn run() -> i32 {
         mount_shared();
         let _ = std::fs::write(super::SETUP_DONE, b"");
         drop(setup_w);
-        trace(format_args!("lo up; setup done"));
+        trace(format_args!("setup done"));
         watch_power_button();
     });
     trace(format_args!("server started"));
@@ -166,19 +166,24 @@ const DNS: &str = "10.0.2.3";
 
 /// Configures eth0 for QEMU's user-mode network: address, netmask, up, default route,
 /// and /etc/resolv.conf when the image has none. Idempotent: a second call finds it
-/// configured (the route already there) and succeeds.
-pub(crate) fn configure_network() -> std::io::Result<()> {
+/// configured (the route already there) and succeeds. The error names the step.
+pub(crate) fn configure_network() -> Result<(), String> {
     if !std::path::Path::new("/sys/class/net/eth0").exists() {
-        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the guest has no eth0"));
+        return Err("the guest has no eth0".into());
     }
-    interface_up("eth0", Some((GUEST_ADDR, [255, 255, 255, 0])))?;
+    interface_up("eth0", Some((GUEST_ADDR, [255, 255, 255, 0])))
+        .map_err(|e| format!("address, netmask and up on eth0: {e}"))?;
     match default_route(GATEWAY) {
         Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-        r => r?,
+        r => r.map_err(|e| format!("default route via eth0: {e}"))?,
     }
+    // Best effort: an image's resolv.conf may be a dangling link (systemd-resolved's),
+    // which must not cost the guest its network.
     let resolv = std::path::Path::new("/etc/resolv.conf");
     if std::fs::metadata(resolv).map_or(true, |m| m.len() == 0) {
-        std::fs::write(resolv, format!("nameserver {DNS}\n"))?;
+        if let Err(e) = std::fs::write(resolv, format!("nameserver {DNS}\n")) {
+            say(format_args!("cannot write {}: {e}", resolv.display()));
+        }
     }
     trace(format_args!("eth0 configured"));
     Ok(())

@@ -23,8 +23,10 @@ pub mod spawn;
 pub const PORT_NAME: &str = "vmhost.agent";
 /// Where the initramfs keeps the agent's files (modules, module list).
 pub const AGENT_DIR: &str = "/vmhost";
-/// Created by init once the guest is fully set up (all modules, lo, host mounts); commands
-/// wait for it, so that they never see a half-configured guest.
+/// Created by init once the guest is fully set up (all modules, lo, host mounts), when it
+/// also closes the setup pipe the server it forked waits on; a server started as
+/// `/init serve` waits for this file instead. Either way commands never see a
+/// half-configured guest.
 pub const SETUP_DONE: &str = "/run/vmhost-setup-done";
 
 /// Host directories shared with the guest are mounted at `MOUNT_ROOT/<tag>`.

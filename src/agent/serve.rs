@@ -222,7 +222,9 @@ impl Server {
                     wait_setup();
                     match super::init::configure_network() {
                         Ok(()) => w.ok(f.id, &[]),
-                        Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure eth0: {e}")),
+                        Err(e) => {
+                            w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}"))
+                        }
                     }
                 });
             }

@@ -39,21 +39,41 @@ pub fn kernel_args() -> Vec<String> {
     }
 }
 
+/// TSC rates outside 100 MHz to 10 GHz are taken for failed measurements.
+const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u32> = 100_000..=10_000_000;
+
 fn cached_or_measured(cache: &Path) -> Option<u32> {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return measure_if_invariant();
+    };
     let boot_id = boot_id.trim();
     if let Ok(text) = std::fs::read_to_string(cache) {
         if let Some((id, khz)) = text.trim().split_once(' ') {
             if id == boot_id {
-                return khz.parse().ok().filter(|k| *k > 0);
+                if khz == "none" {
+                    return None;
+                }
+                if let Some(k) = khz.parse().ok().filter(|k| PLAUSIBLE_KHZ.contains(k)) {
+                    return Some(k);
+                }
             }
         }
     }
-    let khz = measure_if_invariant();
-    let value = khz.map_or("0".to_string(), |k| k.to_string());
+    let invariant = invariant_tsc(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
+    let khz = if invariant { measure_tsc_khz(Duration::from_millis(20)) } else { None };
+    // Remembered: a rate, or that the TSC is not invariant. A failed measurement is not,
+    // so the next VM measures again.
+    let value = match khz {
+        Some(k) => k.to_string(),
+        None if !invariant => "none".to_string(),
+        None => return None,
+    };
     // Written whole under another name and renamed: a concurrent reader sees all or nothing.
     let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
-    if std::fs::write(&tmp, format!("{boot_id} {value}\n")).is_ok() && std::fs::rename(&tmp, cache).is_err() {
+    if std::fs::write(&tmp, format!("{boot_id} {value}\n"))
+        .and_then(|()| std::fs::rename(&tmp, cache))
+        .is_err()
+    {
         let _ = std::fs::remove_file(&tmp);
     }
     khz
@@ -110,7 +130,7 @@ fn measure_tsc_khz(span: Duration) -> Option<u32> {
     let (c1, t1) = sample()?;
     let ns = t1.checked_sub(t0).filter(|ns| *ns > 0)?;
     let khz = (c1.checked_sub(c0)? as u128 * 1_000_000 / ns) as u64;
-    u32::try_from(khz).ok().filter(|k| *k > 0)
+    u32::try_from(khz).ok().filter(|k| PLAUSIBLE_KHZ.contains(k))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -150,9 +170,14 @@ mod tests {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
         std::fs::write(&cache, format!("{} 1234567\n", boot_id.trim())).unwrap();
         assert_eq!(cached_or_measured(&cache), Some(1234567));
-        // One from another boot is measured again.
-        std::fs::write(&cache, "another-boot 1234567\n").unwrap();
-        assert!(cached_or_measured(&cache).unwrap().abs_diff(a) as f64 <= a as f64 * 0.005);
+        // One from another boot is measured again, and so is a value out of range.
+        for stale in ["another-boot 1234567".to_string(), format!("{} 0", boot_id.trim())] {
+            std::fs::write(&cache, format!("{stale}\n")).unwrap();
+            assert!(cached_or_measured(&cache).unwrap().abs_diff(a) as f64 <= a as f64 * 0.005, "{stale}");
+        }
+        // A host without an invariant TSC is remembered as such.
+        std::fs::write(&cache, format!("{} none\n", boot_id.trim())).unwrap();
+        assert_eq!(cached_or_measured(&cache), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -328,7 +328,7 @@ impl QemuVm {
 
     /// Connects or disconnects the guest's network (QEMU user-mode networking: the
     /// guest is 10.0.2.15, the host is 10.0.2.2). Connecting has the agent configure
-    /// eth0 first (once per boot): a guest that never connects skips that work.
+    /// eth0 first (again harmlessly when it is): a guest never connected skips that work.
     pub fn set_network(&self, up: bool) -> Result<()> {
         let q = self
             .shared
@@ -337,7 +337,8 @@ impl QemuVm {
             .ok_or_else(|| Error::Vm { op: "set network".into(), message: "no QMP connection".into() })?;
         if up {
             // The guest configures eth0 only when asked: boots without network skip it.
-            self.agent()?.network_up(Duration::from_secs(10))?;
+            // Beyond the agent's own 10 s wait for the guest's setup.
+            self.agent()?.network_up(Duration::from_secs(20))?;
         }
         q.execute_raw(
             "set_link",

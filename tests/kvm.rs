@@ -27,6 +27,12 @@ fn settle(v: &Vcpu) -> VcpuState {
     v.wait_for(GUARD, |s| *s != VcpuState::Running)
 }
 
+/// Writes `code` at `at` (below 64 KiB) and starts vCPU 0 there in real mode.
+fn start_real_mode<'a>(vmm: &'a mut Vmm, at: u16, code: &[u8]) -> &'a Vcpu {
+    vmm.memory().write(at as u64, code).unwrap();
+    vmm.start_vcpu(0, VcpuSetup::real_mode(0, at), false).unwrap()
+}
+
 /// Asks `v` to stop and checks that it does: a vCPU that never leaves the guest by
 /// itself must be kicked out of it.
 fn assert_stops(v: &Vcpu) {
@@ -114,8 +120,7 @@ fn a_real_mode_program_prints_through_the_uart_and_halts() {
         0xF4,                   // done: hlt
     ];
     code.extend_from_slice(b"hello from kvm\n\0");
-    vmm.memory().write(0x1000, &code).unwrap();
-    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    let v = start_real_mode(&mut vmm, 0x1000, &code);
     assert_eq!(settle(v), VcpuState::Halted);
     assert_eq!(String::from_utf8_lossy(&sink.0.lock()), "hello from kvm\n");
     assert_eq!(vmm.pio().unclaimed(), 0);
@@ -140,8 +145,7 @@ fn mmio_reads_and_writes_reach_the_device_in_the_hole() {
         0xEE,                               // out dx, al
         0xF4,                               // hlt
     ];
-    vmm.memory().write(0x1000, &code).unwrap();
-    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    let v = start_real_mode(&mut vmm, 0x1000, &code);
     assert_eq!(settle(v), VcpuState::Halted);
     assert_eq!(probe.lock().writes, vec![(0x10, vec![0x42])]);
     assert_eq!(*sink.0.lock(), b"7", "the MMIO read's 0x37 went out of the UART");
@@ -246,8 +250,7 @@ fn the_i8042_reset_line_reaches_its_handler() {
     }));
     vmm.pio().insert(0x60, 5, Arc::new(Mutex::new(kbd))).unwrap();
     // mov al, 0xfe; out 0x64, al; hlt
-    vmm.memory().write(0x5000, &[0xB0, 0xFE, 0xE6, 0x64, 0xF4]).unwrap();
-    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x5000), false).unwrap();
+    let v = start_real_mode(&mut vmm, 0x5000, &[0xB0, 0xFE, 0xE6, 0x64, 0xF4]);
     assert_eq!(settle(v), VcpuState::Halted);
     assert_eq!(resets.load(Ordering::SeqCst), 1);
     vmm.stop();
@@ -450,8 +453,7 @@ fn with_the_in_kernel_irqchip_hlt_waits_in_the_kernel_and_stop_still_ends_it() {
     let (mut vmm, sink) = machine_with(1 << 20, &[]);
     vmm.add_irqchip_and_pit().unwrap();
     // mov dx, 0x3f8; mov al, 'k'; out dx, al; cli; hlt
-    vmm.memory().write(0x1000, &[0xBA, 0xF8, 0x03, 0xB0, b'k', 0xEE, 0xFA, 0xF4]).unwrap();
-    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    let v = start_real_mode(&mut vmm, 0x1000, &[0xBA, 0xF8, 0x03, 0xB0, b'k', 0xEE, 0xFA, 0xF4]);
     assert!(common::wait_until(GUARD, || !sink.0.lock().is_empty()));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(v.state(), VcpuState::Running, "HLT did not exit to us: the kernel waits");
@@ -483,8 +485,7 @@ fn a_guest_reads_the_virtio_mmio_registers() {
         0x66, 0xEF,                         // out dx, eax
         0xF4,                               // hlt
     ];
-    vmm.memory().write(0x1000, &code).unwrap();
-    let v = vmm.start_vcpu(0, VcpuSetup::real_mode(0, 0x1000), false).unwrap();
+    let v = start_real_mode(&mut vmm, 0x1000, &code);
     assert_eq!(settle(v), VcpuState::Halted);
     let writes = probe.lock().writes.clone();
     assert_eq!(writes, vec![(0, b"virt".to_vec()), (0, 3u32.to_le_bytes().to_vec())]);

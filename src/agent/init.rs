@@ -39,7 +39,7 @@ pub fn run() -> i32 {
     let server = match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(setup_w);
-            std::process::exit(super::serve::run_forked(setup_r))
+            std::process::exit(super::serve::run(setup_r))
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => child,
         Err(e) => {
@@ -59,7 +59,6 @@ pub fn run() -> i32 {
             say(format_args!("cannot bring lo up: {e}"));
         }
         mount_shared();
-        let _ = std::fs::write(super::SETUP_DONE, b"");
         drop(setup_w);
         trace(format_args!("setup done"));
         watch_power_button();

@@ -6,7 +6,7 @@
 //!   loads the kernel modules the host listed, in dependency order; watches the ACPI
 //!   power button; starts the server; reaps every zombie; and when the server ends, or
 //!   the power button is pressed, syncs and powers the VM off.
-//! - **server** (`/init serve`, [`serve`]): finds its virtio-serial port by name, speaks
+//! - **server** (a fork of init, [`serve`]): finds its virtio-serial port by name, speaks
 //!   the agent protocol ([`proto`]) on it, and runs commands as its children.
 //!
 //! Keeping the server out of PID 1 keeps process reaping trivial (the server waits for
@@ -23,12 +23,6 @@ pub mod spawn;
 pub const PORT_NAME: &str = "vmhost.agent";
 /// Where the initramfs keeps the agent's files (modules, module list).
 pub const AGENT_DIR: &str = "/vmhost";
-/// Created by init once the guest is fully set up (all modules, lo, host mounts), when it
-/// also closes the setup pipe the server it forked waits on; a server started as
-/// `/init serve` waits for this file instead. Either way commands never see a
-/// half-configured guest.
-pub const SETUP_DONE: &str = "/run/vmhost-setup-done";
-
 /// Host directories shared with the guest are mounted at `MOUNT_ROOT/<tag>`.
 pub const MOUNT_ROOT: &str = "/mnt";
 
@@ -41,14 +35,11 @@ pub const MODULES_LIST: &str = "/vmhost/modules.load";
 
 /// Entry point of `vmhost-agent`.
 pub fn main() -> ! {
-    let args: Vec<String> = std::env::args().collect();
-    let code = match args.get(1).map(String::as_str) {
-        Some("serve") => serve::run(),
-        _ if std::process::id() == 1 => init::run(),
-        _ => {
-            eprintln!("vmhost-agent runs as /init inside a vmhost guest (or `serve` under it)");
-            2
-        }
+    let code = if std::process::id() == 1 {
+        init::run()
+    } else {
+        eprintln!("vmhost-agent runs as /init inside a vmhost guest");
+        2
     };
     std::process::exit(code)
 }

@@ -16,8 +16,9 @@ use super::proto::{self, ExecRequest};
 use super::{say, spawn, trace, PORT_NAME};
 use crate::wire::{Decoder, Encoder, ErrorCode};
 
-/// Runs the server until the channel fails for good.
-pub fn run() -> i32 {
+/// Runs the server until the channel fails for good. `setup` is the read end of the
+/// pipe init closes when the guest is set up (see [`Setup`]).
+pub fn run(setup: std::os::fd::OwnedFd) -> i32 {
     // The server runs with root's supplementary groups, so that a command run as root
     // starts the fast way (see `spawn`) with exactly the groups it should have.
     if let Ok(root) = resolve_user("root") {
@@ -57,6 +58,7 @@ pub fn run() -> i32 {
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
         fs_pool: FsPool::new(),
+        setup: Setup(setup),
     };
     server.serve(file)
 }
@@ -162,6 +164,7 @@ struct Server {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     files: super::fs::Files,
     fs_pool: FsPool,
+    setup: Setup,
 }
 
 /// The most threads serving filesystem requests at once.
@@ -217,25 +220,27 @@ impl Server {
             proto::NETWORK_UP => {
                 // Off the read loop: it waits for the guest's setup (the network
                 // driver's module, on a stock kernel).
-                let w = w.clone();
+                let me = self.clone();
                 thread::spawn(move || {
-                    wait_setup();
+                    me.setup.wait();
                     match super::init::configure_network() {
-                        Ok(()) => w.ok(f.id, &[]),
-                        Err(e) => {
-                            w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}"))
-                        }
+                        Ok(()) => me.writer.ok(f.id, &[]),
+                        Err(e) => me.writer.error(
+                            f.id,
+                            ErrorCode::Network,
+                            &format!("configure the guest network: {e}"),
+                        ),
                     }
                 });
             }
             proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
-                Ok(req) if !setup_done() => {
+                Ok(req) if !self.setup.is_over() => {
                     trace(format_args!("Exec {} waits for setup", req.program));
                     // Rare: a command in the first tens of ms. Wait off the read loop.
                     let me = self.clone();
                     thread::spawn(move || {
-                        wait_setup();
+                        me.setup.wait();
                         match me.clone().spawn(f.id, &req) {
                             Ok(pid) => me.writer.ok(f.id, &(pid as u32).to_be_bytes()),
                             Err((code, msg)) => me.writer.error(f.id, code, &msg),
@@ -519,43 +524,32 @@ impl Server {
     }
 }
 
-/// The read end of a pipe whose write end init closes when the guest is set up (the
-/// server forked by init has it; a server started as `/init serve` has not).
-static SETUP_PIPE: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+/// The end of the guest's setup (modules, lo, host mounts), which commands wait for so
+/// that they never see a half-configured guest: the read end of a pipe whose write end
+/// init closes when it is done (or gives up).
+struct Setup(std::os::fd::OwnedFd);
 
-/// Runs the server as init's forked child, told of the end of setup by `setup` (see
-/// [`SETUP_PIPE`]).
-pub fn run_forked(setup: std::os::fd::OwnedFd) -> i32 {
-    let _ = SETUP_PIPE.set(setup);
-    run()
-}
-
-fn setup_done() -> bool {
-    match SETUP_PIPE.get() {
-        Some(fd) => setup_pipe_closed(fd, 0),
-        None => std::path::Path::new(super::SETUP_DONE).exists(),
+impl Setup {
+    /// Whether setup is over, waiting for it at most `ms` (0: just look).
+    fn over_within(&self, ms: i32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = nix::libc::pollfd { fd: self.0.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on a descriptor we hold open.
+        unsafe { nix::libc::poll(&mut p, 1, ms) > 0 }
     }
-}
 
-/// Whether the setup pipe's write end is closed (EOF), waiting at most `ms`.
-fn setup_pipe_closed(fd: &std::os::fd::OwnedFd, ms: i32) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut p = nix::libc::pollfd { fd: fd.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd on a descriptor we hold open.
-    unsafe { nix::libc::poll(&mut p, 1, ms) > 0 }
-}
+    fn is_over(&self) -> bool {
+        self.over_within(0)
+    }
 
-/// Waits (at most 10 s) for init to finish setting the guest up.
-fn wait_setup() {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !setup_done() {
-        let Some(left) = until.checked_duration_since(Instant::now()) else { return };
-        match SETUP_PIPE.get() {
-            // Woken the moment init closes its end (EINTR just goes round again).
-            Some(fd) => {
-                setup_pipe_closed(fd, left.as_millis().clamp(1, i32::MAX as u128) as i32);
+    /// Waits (at most 10 s) for setup to end: woken the moment init closes its end.
+    fn wait(&self) {
+        let until = Instant::now() + Duration::from_secs(10);
+        // EINTR just goes round again.
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if self.over_within(left.as_millis().clamp(1, i32::MAX as u128) as i32) {
+                return;
             }
-            None => thread::sleep(Duration::from_millis(5)),
         }
     }
 }

@@ -357,15 +357,38 @@ fn tar_and_directory_images_boot() {
     if !vm_ready("tar_and_directory_images_boot") {
         return;
     }
-    // A directory image made from the default root plus a marker, and its tar.
+    // A directory image made from the default root plus a marker with a second name
+    // (a hard link), and its tar.
     let dir = TempDir::new("img");
     let root = dir.join("root");
     copy_default_root(&root);
     std::fs::write(root.join("etc/marker"), b"from a directory\n").unwrap();
+    std::fs::hard_link(root.join("etc/marker"), root.join("etc/marker2")).unwrap();
+    // The guest makes hard links at boot: the directories that get them keep the
+    // image's mtime all the same.
+    set_old_mtime(&root.join("etc"));
+    // Both names are one file (same inode, two links), applets reached through
+    // busybox's links run, and /etc has the image's mtime.
+    let check = |vm: &Instance, marker: &[u8]| {
+        assert_eq!(vm.command("cat").arg("/etc/marker2").output().unwrap().stdout, marker);
+        let out =
+            vm.command("stat").args(["-c", "%h %i", "/etc/marker", "/etc/marker2"]).output().unwrap().stdout;
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0], lines[1], "one inode for both names: {out}");
+        assert!(lines[0].starts_with("2 "), "two links: {out}");
+        let ls = vm.command("ls").arg("/etc/marker2").output().unwrap();
+        assert_eq!(ls.stdout, b"/etc/marker2\n");
+        let mtime = vm.command("stat").args(["-c", "%Y", "/etc"]).output().unwrap().stdout;
+        assert_eq!(mtime, b"1000000000\n");
+    };
     let vm = Instance::new_in_process(Image::Dir(root.clone()), InstanceOptions::default()).unwrap();
     assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a directory\n");
+    check(&vm, b"from a directory\n");
     vm.close().unwrap();
     std::fs::write(root.join("etc/marker"), b"from a tar\n").unwrap();
+    set_old_mtime(&root.join("etc"));
     let tar = dir.join("img.tar.gz");
     let st = std::process::Command::new("tar")
         .arg("-czf")
@@ -378,6 +401,7 @@ fn tar_and_directory_images_boot() {
     assert!(st.success());
     let vm = Instance::new_in_process(Image::Tar(tar), InstanceOptions::default()).unwrap();
     assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a tar\n");
+    check(&vm, b"from a tar\n");
     vm.close().unwrap();
 }
 
@@ -595,6 +619,12 @@ fn supplementary_groups_and_the_collected_output_bound() {
 }
 
 /// A copy of the default busybox root at `to`, to make test images from.
+/// Sets `path`'s mtime to 1000000000 (2001-09-09).
+fn set_old_mtime(path: &std::path::Path) {
+    let st = std::process::Command::new("touch").args(["-m", "-d", "@1000000000"]).arg(path).status();
+    assert!(st.unwrap().success());
+}
+
 fn copy_default_root(to: &std::path::Path) {
     let base = vmhost::image::rootfs::busybox_root(
         &vmhost::image::cache_dir(),

@@ -14,6 +14,7 @@ use super::{say, trace, MODULES_LIST};
 
 /// Runs init; never returns while the VM lives.
 pub fn run() -> i32 {
+    make_links();
     mount_filesystems();
     trace(format_args!("init: filesystems mounted"));
     let modules = module_list();
@@ -79,6 +80,55 @@ pub fn run() -> i32 {
             Err(_) => {}
         }
     }
+}
+
+/// The longest list of hard links read (a million links in an image would be ~100 MB).
+const MAX_LINKS_FILE: u64 = 256 << 20;
+
+/// Makes the hard links the initramfs lists instead of archiving them
+/// (`crate::image::cpio::LINKS_FILE`), then gives each directory that gained a name
+/// its mtime from the image back, so the guest sees the image as it was written.
+fn make_links() {
+    use std::os::unix::ffi::OsStrExt;
+    let list = std::path::Path::new("/").join(crate::image::cpio::LINKS_FILE);
+    let mut data = Vec::new();
+    match File::open(&list) {
+        Ok(f) => {
+            if let Err(e) = f.take(MAX_LINKS_FILE + 1).read_to_end(&mut data) {
+                return say(format_args!("read {}: {e}", list.display()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => return say(format_args!("read {}: {e}", list.display())),
+    }
+    if data.len() as u64 > MAX_LINKS_FILE {
+        return say(format_args!("{}: over {MAX_LINKS_FILE} bytes; no hard links made", list.display()));
+    }
+    let mut times = std::collections::HashMap::new();
+    let mut parts = data.split(|b| *b == 0);
+    let root = std::path::Path::new("/");
+    let mut made = 0;
+    while let (Some(target), Some(name)) = (parts.next(), parts.next()) {
+        let (target, name) =
+            (root.join(std::ffi::OsStr::from_bytes(target)), root.join(std::ffi::OsStr::from_bytes(name)));
+        let dir = name.parent().unwrap_or(root);
+        if !times.contains_key(dir) {
+            if let Ok(st) = nix::sys::stat::stat(dir) {
+                times.insert(dir.to_path_buf(), st);
+            }
+        }
+        match std::fs::hard_link(&target, &name) {
+            Ok(()) => made += 1,
+            Err(e) => say(format_args!("hard link {} -> {}: {e}", name.display(), target.display())),
+        }
+    }
+    for (dir, st) in times {
+        let at = nix::sys::time::TimeSpec::new(st.st_atime, st.st_atime_nsec);
+        let mt = nix::sys::time::TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+        let _ =
+            nix::sys::stat::utimensat(None, &dir, &at, &mt, nix::sys::stat::UtimensatFlags::NoFollowSymlink);
+    }
+    trace(format_args!("{made} hard links made"));
 }
 
 fn mount_filesystems() {

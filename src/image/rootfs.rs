@@ -121,12 +121,12 @@ fn write_dir<W: io::Write>(root: &Path, out: &mut cpio::Writer<W>) -> Result<()>
             out.symlink(rel, meta, &t.to_string_lossy()).map_err(io)
         } else if ft.is_file() && m.nlink() > 1 {
             // Hard links stay hard links: one copy of the data in the guest.
-            let (key, nlink) = ((m.dev(), m.ino()), m.nlink().min(u32::MAX as u64) as u32);
-            if out.hard_link(rel, meta, key, nlink).map_err(io)? {
+            let key = (m.dev(), m.ino());
+            if out.hard_link(rel, key).map_err(io)? {
                 return Ok(());
             }
             let mut f = std::fs::File::open(path).map_err(|e| Error::io("read image file", path, e))?;
-            out.linked_file_from(rel, meta, key, nlink, m.size(), &mut f).map_err(io)
+            out.linked_file_from(rel, meta, key, m.size(), &mut f).map_err(io)
         } else if ft.is_file() {
             let mut f = std::fs::File::open(path).map_err(|e| Error::io("read image file", path, e))?;
             out.file_from(rel, meta, m.size(), &mut f).map_err(io)
@@ -211,11 +211,8 @@ fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()>
             tar::Kind::Dir => out.dir(&e.path, meta),
             tar::Kind::File => out.file_from(&e.path, meta, e.size, data),
             tar::Kind::Symlink => out.symlink(&e.path, meta, &e.link),
-            // The cpio stream cannot point back at earlier data: a hard link becomes a
-            // symbolic link to its target, which resolves to the same content.
-            tar::Kind::Hardlink => {
-                out.symlink(&e.path, meta, &format!("/{}", e.link.trim_start_matches("./")))
-            }
+            // Made in the guest once the archive is unpacked (see cpio::LINKS_FILE).
+            tar::Kind::Hardlink => out.hard_link_to(&e.path, e.link.trim_start_matches("./")),
             tar::Kind::Char => out.special(&e.path, Meta { mode: cpio::S_IFCHR | e.mode, ..meta }),
             tar::Kind::Block => out.special(&e.path, Meta { mode: cpio::S_IFBLK | e.mode, ..meta }),
             tar::Kind::Fifo => out.special(&e.path, Meta { mode: cpio::S_IFIFO | e.mode, ..meta }),

@@ -114,10 +114,14 @@ fn unresponsive_agent_is_stopped_by_acpi() {
     }
     // ACPI needs the stock kernel: the minimal one has none (and no power button).
     let mut h = Host::start_with("host-acpi", &[("VMHOST_KERNEL_KIND", "stock")]);
+    // The agent is PID 1, which no signal stops: freeze its threads with ptrace instead,
+    // all but the power button's watchers (as a deadlocked server would leave them).
+    let freeze = freezer(&h.dir.join("."));
     {
         let vm = h.attach();
-        // The command's parent is the agent server: freeze it.
-        let _child = vm.command("sh").args(["-c", "kill -STOP $PPID"]).spawn().unwrap();
+        vm.fs().write("/tmp/freeze", &freeze).unwrap();
+        vm.fs().set_permissions("/tmp/freeze", std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let _child = vm.command("/tmp/freeze").spawn().unwrap();
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(h.ctl(&["stop", "--timeout", "3"]).0, 0);
@@ -125,6 +129,54 @@ fn unresponsive_agent_is_stopped_by_acpi() {
     let log = h.log();
     assert!(log.contains("stop step Agent: StillRunning"), "{log}");
     assert!(log.contains("stop step Acpi: Exited"), "{log}");
+}
+
+/// A static program for the guest that stops every thread of PID 1 but the power
+/// button's watchers under ptrace (PTRACE_SEIZE, PTRACE_INTERRUPT), then waits forever
+/// as their tracer. Built with the host's C compiler (present wherever the kernel is
+/// built).
+fn freezer(dir: &Path) -> Vec<u8> {
+    let src = dir.join("freeze.c");
+    std::fs::write(
+        &src,
+        format!(
+            r#"#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <unistd.h>
+int main(void) {{
+    DIR *d = opendir("/proc/1/task");
+    struct dirent *e;
+    char path[64], comm[64];
+    if (!d) return 1;
+    while ((e = readdir(d))) {{
+        int tid = atoi(e->d_name);
+        if (tid <= 0) continue;
+        snprintf(path, sizeof path, "/proc/1/task/%d/comm", tid);
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(comm, sizeof comm, f)) return 2;
+        fclose(f);
+        if (strncmp(comm, "{}", {}) == 0) continue;
+        if (ptrace(PTRACE_SEIZE, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return 3;
+    }}
+    for (;;) pause();
+}}
+"#,
+            vmhost::agent::init::POWER_BUTTON_THREAD,
+            vmhost::agent::init::POWER_BUTTON_THREAD.len()
+        ),
+    )
+    .unwrap();
+    let bin = dir.join("freeze");
+    let st = Command::new("cc").args(["-static", "-O2", "-o"]).arg(&bin).arg(&src).status();
+    assert!(
+        st.is_ok_and(|s| s.success()),
+        "building the guest freezer needs a C compiler and static libc: \
+         apt-get install -y --no-install-recommends gcc libc6-dev"
+    );
+    std::fs::read(bin).unwrap()
 }
 
 #[test]

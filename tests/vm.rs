@@ -197,6 +197,37 @@ fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
         },
     );
     check(
+        "an exec failing inside the spawn is a clear error, and the agent goes on",
+        (|| {
+            // Executable but neither ELF nor script: the child's execve fails with
+            // ENOEXEC, which the spawn (glibc's, or std's for another user) reaps itself.
+            let path = format!("/tmp/not-a-program-{expect_uid}");
+            sh(&format!("printf 'no\\001' > {path}; chmod 755 {path}"))?;
+            match vm.command(&path).output() {
+                Err(Error::Remote(ef)) if ef.message.contains("Exec format error") => {}
+                other => return Err(format!("{other:?}")),
+            }
+            let out = sh("echo still here")?;
+            if out.stdout != b"still here\n" {
+                return Err(format!("{out:?}"));
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "orphans are reaped",
+        (|| {
+            // The shell ends at once; its sleep is left to PID 1 (the agent) to reap.
+            sh("sleep 0.2 </dev/null >/dev/null 2>&1 &")?;
+            thread::sleep(Duration::from_millis(1500));
+            let out = sh("grep -l '^State:.*Z' /proc/[0-9]*/status || true")?;
+            if !out.stdout.is_empty() {
+                return Err(format!("zombies: {}", String::from_utf8_lossy(&out.stdout)));
+            }
+            Ok(())
+        })(),
+    );
+    check(
         "login environment and a missing working directory",
         (|| {
             let out = sh("echo $HOME:$USER:$LOGNAME")?;

@@ -1,4 +1,4 @@
-//! PID 1 in the guest: mounts, modules, power button, the server, reaping, power-off.
+//! PID 1 in the guest: links, mounts, modules, power button, the server, power-off.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -7,79 +7,40 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
 
 use super::{say, trace, MODULES_LIST};
 
-/// Runs init; never returns while the VM lives.
-pub fn run() -> i32 {
+/// Runs the agent as PID 1; powers the VM off when its server ends.
+pub fn run() -> ! {
     make_links();
     mount_filesystems();
     trace(format_args!("init: filesystems mounted"));
     let modules = module_list();
-    // What the agent's port needs first (the list is in dependency order and ends its
-    // console part with virtio_console); the rest loads while the server starts.
-    let split = modules.iter().position(|(f, _)| f.starts_with("virtio_console")).map_or(0, |i| i + 1);
-    let (early, late) = modules.split_at(split);
-    load_modules(early);
+    load_modules(&modules);
     let _ = nix::unistd::sethostname("vmhost");
-    // Init closes its end of this pipe when the guest is set up: the server's waiters
-    // wake on the EOF at once instead of polling.
-    let (setup_r, setup_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            say(format_args!("cannot create the setup pipe: {e}"));
-            power_off();
-        }
-    };
-    // The server is a fork of init, not a new exec: its pages are init's, already in
-    // memory, where an exec would fault in the binary again (tens of ms emulated).
-    // Forked while init has a single thread, so the child is in a consistent state.
-    // SAFETY: no other thread exists yet; the child only runs the server and exits.
-    let server = match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(setup_w);
-            std::process::exit(super::serve::run(setup_r))
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => child,
-        Err(e) => {
-            say(format_args!("cannot start the agent server: {e}"));
-            power_off();
-        }
-    };
-    drop(setup_r);
-    let late = late.to_vec();
-    thread::spawn(move || {
-        load_modules(&late);
-        trace(format_args!("all modules loaded"));
-        // lo (~15 ms of first-time kernel paths under TCG) comes up beside the server's
-        // start, not before it; commands wait for it either way. eth0 is configured
-        // only when the host first connects the network (proto::NETWORK_UP).
-        if let Err(e) = interface_up("lo", None) {
-            say(format_args!("cannot bring lo up: {e}"));
-        }
-        mount_shared();
-        drop(setup_w);
-        trace(format_args!("setup done"));
-        watch_power_button();
-    });
-    trace(format_args!("server started"));
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == server => {
-                say(format_args!("agent server exited with {code}; powering off"));
-                power_off();
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == server => {
-                say(format_args!("agent server killed by {sig:?}; powering off"));
-                power_off();
-            }
-            Ok(_) => {}
-            Err(nix::errno::Errno::ECHILD) => thread::sleep(Duration::from_millis(100)),
-            Err(_) => {}
-        }
+    super::serve::take_root_groups();
+    // eth0 is configured only when the host first connects the network
+    // (proto::NETWORK_UP).
+    if let Err(e) = interface_up("lo", None) {
+        say(format_args!("cannot bring lo up: {e}"));
     }
+    mount_shared();
+    // All of the setup is done before the server says Hello, on this thread: commands
+    // never see a half-configured guest, and nothing waits for setup. With one vCPU
+    // nothing could run beside it anyway; a setup thread cost the first command two
+    // thread starts (the setup's and its waiter's).
+    trace(format_args!("setup done"));
+    // PID 1 inherits every orphan of the guest, and starts the commands: one thread
+    // reaps them all (see spawn::reap_forever).
+    thread::spawn(super::spawn::reap_forever);
+    // The power button is an input device of ACPI machines (a stock kernel's).
+    if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
+        power_button_thread(watch_power_button);
+    }
+    // The server runs on this thread, in PID 1 itself: no fork, no second address space.
+    let code = super::serve::run();
+    say(format_args!("agent server ended ({code}); powering off"));
+    power_off();
 }
 
 /// The longest list of hard links read (a million links in an image would be ~100 MB).
@@ -343,6 +304,15 @@ fn default_route(gw: [u8; 4]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The name of the threads that watch the power button (which a test looks for).
+pub const POWER_BUTTON_THREAD: &str = "power-button";
+
+fn power_button_thread(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new().name(POWER_BUTTON_THREAD.into()).spawn(f) {
+        say(format_args!("cannot watch the power button: {e}"));
+    }
+}
+
 /// Watches every input device for the power key and powers off when it is pressed.
 fn watch_power_button() {
     // Devices may appear a little after the modules load.
@@ -356,7 +326,7 @@ fn watch_power_button() {
                     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("event"));
                 if is_event && !watched.contains(&path) {
                     watched.push(path.clone());
-                    thread::spawn(move || watch_device(&path));
+                    power_button_thread(move || watch_device(&path));
                 }
             }
         }

@@ -1,17 +1,20 @@
 //! The guest side: `vmhost-agent`, a static binary that the initramfs holds as `/init`.
 //!
-//! It runs as two processes, in the manner of tini plus a service:
+//! It is one process, PID 1, with a few threads ([`init`]):
 //!
-//! - **init** (PID 1, [`init`]): mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run;
-//!   loads the kernel modules the host listed, in dependency order; watches the ACPI
-//!   power button; starts the server; reaps every zombie; and when the server ends, or
-//!   the power button is pressed, syncs and powers the VM off.
-//! - **server** (a fork of init, [`serve`]): finds its virtio-serial port by name, speaks
-//!   the agent protocol ([`proto`]) on it, and runs commands as its children.
+//! - the **main thread** sets the guest up: makes the image's hard links; mounts /proc,
+//!   /sys, /dev, /dev/pts, /dev/shm, /tmp and /run; loads the kernel modules the host
+//!   listed, in dependency order; brings lo up; mounts the host's directories. Then it
+//!   runs the **server** ([`serve`]): finds its virtio-serial port by name, says Hello,
+//!   speaks the agent protocol ([`proto`]) on it and runs commands. When the server ends,
+//!   it syncs and powers the VM off.
+//! - the **power button** watcher, on machines with ACPI (a stock kernel's).
+//! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
+//!   status it keeps for the server) and the orphans every PID 1 inherits.
 //!
-//! Keeping the server out of PID 1 keeps process reaping trivial (the server waits for
-//! its own children; init reaps orphans) and keeps power-off working when the server
-//! is wedged.
+//! One process, not init plus a forked server: under emulation the fork, the second
+//! address space and the switches between the two cost ~10 ms of every boot. The price
+//! is that only the reaper may wait for children (see [`spawn`]).
 
 pub mod fs;
 pub mod init;
@@ -35,13 +38,11 @@ pub const MODULES_LIST: &str = "/vmhost/modules.load";
 
 /// Entry point of `vmhost-agent`.
 pub fn main() -> ! {
-    let code = if std::process::id() == 1 {
+    if std::process::id() == 1 {
         init::run()
-    } else {
-        eprintln!("vmhost-agent runs as /init inside a vmhost guest");
-        2
-    };
-    std::process::exit(code)
+    }
+    eprintln!("vmhost-agent runs as /init inside a vmhost guest");
+    std::process::exit(2)
 }
 
 /// Whether this is a verbose boot (no `quiet` on the kernel command line, as with

@@ -16,11 +16,10 @@ use super::proto::{self, ExecRequest};
 use super::{say, spawn, trace, PORT_NAME};
 use crate::wire::{Decoder, Encoder, ErrorCode};
 
-/// Runs the server until the channel fails for good. `setup` is the read end of the
-/// pipe init closes when the guest is set up (see [`Setup`]).
-pub fn run(setup: std::os::fd::OwnedFd) -> i32 {
-    // The server runs with root's supplementary groups, so that a command run as root
-    // starts the fast way (see `spawn`) with exactly the groups it should have.
+/// Gives the agent root's supplementary groups, so that a command run as root starts
+/// the fast way (see `spawn`) with exactly the groups it should have. Called before the
+/// agent starts its threads, so that glibc has no other thread to change them on.
+pub fn take_root_groups() {
     if let Ok(root) = resolve_user("root") {
         let gids: Vec<nix::unistd::Gid> =
             root.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
@@ -28,6 +27,10 @@ pub fn run(setup: std::os::fd::OwnedFd) -> i32 {
             say(format_args!("setgroups for root: {e}"));
         }
     }
+}
+
+/// Runs the server until the channel fails for good. The guest is set up by then.
+pub fn run() -> i32 {
     let port = match find_port(Duration::from_secs(60)) {
         Some(p) => p,
         None => {
@@ -58,7 +61,6 @@ pub fn run(setup: std::os::fd::OwnedFd) -> i32 {
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
         fs_pool: FsPool::new(),
-        setup: Setup(setup),
     };
     server.serve(file)
 }
@@ -164,7 +166,6 @@ struct Server {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     files: super::fs::Files,
     fs_pool: FsPool,
-    setup: Setup,
 }
 
 /// The most threads serving filesystem requests at once.
@@ -217,36 +218,12 @@ impl Server {
                 }
             }
             proto::PING => w.ok(f.id, &[]),
-            proto::NETWORK_UP => {
-                // Off the read loop: it waits for the guest's setup (the network
-                // driver's module, on a stock kernel).
-                let me = self.clone();
-                thread::spawn(move || {
-                    me.setup.wait();
-                    match super::init::configure_network() {
-                        Ok(()) => me.writer.ok(f.id, &[]),
-                        Err(e) => me.writer.error(
-                            f.id,
-                            ErrorCode::Network,
-                            &format!("configure the guest network: {e}"),
-                        ),
-                    }
-                });
-            }
+            proto::NETWORK_UP => match super::init::configure_network() {
+                Ok(()) => w.ok(f.id, &[]),
+                Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
+            },
             proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
-                Ok(req) if !self.setup.is_over() => {
-                    trace(format_args!("Exec {} waits for setup", req.program));
-                    // Rare: a command in the first tens of ms. Wait off the read loop.
-                    let me = self.clone();
-                    thread::spawn(move || {
-                        me.setup.wait();
-                        match me.clone().spawn(f.id, &req) {
-                            Ok(pid) => me.writer.ok(f.id, &(pid as u32).to_be_bytes()),
-                            Err((code, msg)) => me.writer.error(f.id, code, &msg),
-                        }
-                    });
-                }
                 Ok(req) => match self.clone().spawn(f.id, &req) {
                     Ok(pid) => {
                         w.ok(f.id, &(pid as u32).to_be_bytes());
@@ -482,7 +459,7 @@ impl Server {
                 exited_at = Some(Instant::now());
                 proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            if pidfd.is_none() && exited_at.is_none() && matches!(spawn::wait(pid, true), Ok(Some(_))) {
+            if pidfd.is_none() && exited_at.is_none() && spawn::has_ended(pid) {
                 exited_at = Some(Instant::now());
             }
             let mut closed = Vec::new();
@@ -501,8 +478,7 @@ impl Server {
             }
         }
         proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
-        let status =
-            spawn::wait(pid, false).and_then(|s| s.ok_or_else(|| std::io::Error::other("still running")));
+        let status = spawn::wait(pid);
         proc.detach();
         for (_, mut file) in pipes {
             // Leftover children still write: keep draining so they never block.
@@ -521,36 +497,6 @@ impl Server {
         e.i32(code).i32(sig);
         self.writer.send(proto::EXIT, id, e.as_bytes());
         trace(format_args!("process {id} exited with {code}"));
-    }
-}
-
-/// The end of the guest's setup (modules, lo, host mounts), which commands wait for so
-/// that they never see a half-configured guest: the read end of a pipe whose write end
-/// init closes when it is done (or gives up).
-struct Setup(std::os::fd::OwnedFd);
-
-impl Setup {
-    /// Whether setup is over, waiting for it at most `ms` (0: just look).
-    fn over_within(&self, ms: i32) -> bool {
-        use std::os::fd::AsRawFd;
-        let mut p = nix::libc::pollfd { fd: self.0.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd on a descriptor we hold open.
-        unsafe { nix::libc::poll(&mut p, 1, ms) > 0 }
-    }
-
-    fn is_over(&self) -> bool {
-        self.over_within(0)
-    }
-
-    /// Waits (at most 10 s) for setup to end: woken the moment init closes its end.
-    fn wait(&self) {
-        let until = Instant::now() + Duration::from_secs(10);
-        // EINTR just goes round again.
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            if self.over_within(left.as_millis().clamp(1, i32::MAX as u128) as i32) {
-                return;
-            }
-        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! A process that runs as the agent's own user (root, the common case) starts with
 //! `posix_spawn`, which glibc implements with `clone(CLONE_VM | CLONE_VFORK)`: no copy of
-//! the server's page tables and no copy-on-write faults in the server afterwards. Under
+//! the agent's page tables and no copy-on-write faults in the agent afterwards. Under
 //! TCG that is a few milliseconds of every exec. A process that needs another user,
 //! group or supplementary groups starts with `fork`, which can change identity before
 //! `exec`.
@@ -11,6 +11,11 @@
 //! default signal dispositions and an empty signal mask, the environment given and
 //! nothing else, its working directory, /dev/null or a pipe as stdin, and pipes as
 //! stdout and stderr.
+//!
+//! Waiting: the agent is PID 1, so the orphans of the whole guest are its children too.
+//! One thread, [`reap_forever`], waits for all of them; nothing else may call `wait`.
+//! [`spawn`] registers each process it starts, under the lock the reaper takes to reap,
+//! and [`wait`] returns the status the reaper kept.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -63,33 +68,113 @@ pub struct Spawned {
 }
 
 /// Starts the process; the error is the one exec would give (NotFound and the like).
+/// The process is registered for [`wait`] before any reaping can see it.
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
-    if let Some((cols, rows)) = spec.tty {
-        return spawn_pty(spec, cols, rows);
-    }
-    if same_identity(spec.uid, spec.gid, spec.groups) {
+    // Held from before the fork to the registration: the reaper cannot take the new
+    // process's status first, nor the status of a child whose exec failed, which the
+    // spawn itself (std's or glibc's) waits for before returning the error.
+    let mut table = CHILDREN.table.lock();
+    let spawned = if let Some((cols, rows)) = spec.tty {
+        spawn_pty(spec, cols, rows)
+    } else if same_identity(spec.uid, spec.gid, spec.groups) {
         spawn_vfork(spec)
     } else {
         spawn_fork(spec)
+    }?;
+    table.ours.insert(spawned.pid, None);
+    table.generation += 1;
+    CHILDREN.changed.notify_all();
+    Ok(spawned)
+}
+
+/// The agent's children. The agent is PID 1: every orphan in the guest becomes its
+/// child, beside the processes it starts. Only [`reap_forever`] waits for children; it
+/// keeps the status of those [`spawn`] started for [`wait`] and drops the others'.
+struct Children {
+    table: parking_lot::Mutex<Table>,
+    /// A status arrived, or a child was registered.
+    changed: parking_lot::Condvar,
+}
+
+struct Table {
+    /// The processes [`spawn`] started: None while they run, then their status.
+    ours: std::collections::BTreeMap<i32, Option<std::process::ExitStatus>>,
+    /// Counts registrations, so that the reaper sleeps through no new child.
+    generation: u64,
+}
+
+static CHILDREN: Children = Children {
+    table: parking_lot::const_mutex(Table { ours: std::collections::BTreeMap::new(), generation: 0 }),
+    changed: parking_lot::Condvar::new(),
+};
+
+/// The reaper: waits (without reaping) until some child has ended, then reaps every
+/// ended child under the table's lock. Runs on a thread of its own for the agent's life.
+pub fn reap_forever() -> ! {
+    loop {
+        let generation = CHILDREN.table.lock().generation;
+        // SAFETY: waitid writes one siginfo_t, which `info` is.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if r == 0 {
+            reap_ended();
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            // No children at all: sleep until one is registered.
+            Some(libc::ECHILD) => {
+                let mut table = CHILDREN.table.lock();
+                while table.generation == generation {
+                    CHILDREN.changed.wait(&mut table);
+                }
+            }
+            Some(libc::EINTR) => {}
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
     }
 }
 
-/// Waits for `pid` to end; `nohang` returns None while it still runs.
-pub fn wait(pid: i32, nohang: bool) -> io::Result<Option<std::process::ExitStatus>> {
+/// Reaps every ended child: keeps the status of ours, drops the orphans'.
+fn reap_ended() {
     use std::os::unix::process::ExitStatusExt;
-    let mut status = 0;
+    let mut table = CHILDREN.table.lock();
     loop {
+        let mut status = 0;
         // SAFETY: waitpid writes one int, which `status` is.
-        let r = unsafe { libc::waitpid(pid, &mut status, if nohang { libc::WNOHANG } else { 0 }) };
-        match r {
-            0 => return Ok(None),
-            r if r > 0 => return Ok(Some(std::process::ExitStatus::from_raw(status))),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            if let Some(slot) = table.ours.get_mut(&pid) {
+                *slot = Some(std::process::ExitStatus::from_raw(status));
+                CHILDREN.changed.notify_all();
             }
+            continue;
+        }
+        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return;
+    }
+}
+
+/// Whether a process [`spawn`] started has ended (and been reaped).
+pub fn has_ended(pid: i32) -> bool {
+    matches!(CHILDREN.table.lock().ours.get(&pid), Some(Some(_)))
+}
+
+/// Waits for a process [`spawn`] started to end, and forgets it.
+pub fn wait(pid: i32) -> io::Result<std::process::ExitStatus> {
+    let mut table = CHILDREN.table.lock();
+    loop {
+        match table.ours.get(&pid) {
+            Some(Some(status)) => {
+                let status = *status;
+                table.ours.remove(&pid);
+                return Ok(status);
+            }
+            Some(None) => CHILDREN.changed.wait(&mut table),
+            None => return Err(io::Error::other(format!("process {pid} was not started by the agent"))),
         }
     }
 }
@@ -263,8 +348,24 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
     }
 }
 
+/// Refuses a file the kernel cannot execute (neither ELF nor `#!` script) with ENOEXEC,
+/// as the kernel and posix_spawn do. std's Command execs with execvp, which would run
+/// such a file with /bin/sh instead: the fork paths look first, so that it is "Exec
+/// format error" whoever runs it. A file the agent cannot read is left to exec.
+fn check_format(path: &Path) -> io::Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let Ok(n) = File::open(path).and_then(|mut f| f.read(&mut head)) else { return Ok(()) };
+    if head[..n].starts_with(b"\x7fELF") || head[..n].starts_with(b"#!") {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::ENOEXEC))
+    }
+}
+
 fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
+    check_format(&Path::new(spec.dir).join(&program))?;
     let mut cmd = Command::new(&program);
     cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir).process_group(0);
@@ -304,6 +405,7 @@ pub fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
 /// terminal is the pty, on all three standard descriptors.
 fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
+    check_format(&Path::new(spec.dir).join(&program))?;
     let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
     let master = File::from(pty.master);
     let slave = File::from(pty.slave);

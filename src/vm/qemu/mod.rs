@@ -337,7 +337,6 @@ impl QemuVm {
             .ok_or_else(|| Error::Vm { op: "set network".into(), message: "no QMP connection".into() })?;
         if up {
             // The guest configures eth0 only when asked: boots without network skip it.
-            // Beyond the agent's own 10 s wait for the guest's setup.
             self.agent()?.network_up(Duration::from_secs(20))?;
         }
         q.execute_raw(

@@ -30,9 +30,6 @@ pub fn run() -> ! {
     // nothing could run beside it anyway; a setup thread cost the first command two
     // thread starts (the setup's and its waiter's).
     trace(format_args!("setup done"));
-    // PID 1 inherits every orphan of the guest, and starts the commands: one thread
-    // reaps them all (see spawn::reap_forever).
-    thread::spawn(super::spawn::reap_forever);
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
         power_button_thread(watch_power_button);

@@ -60,8 +60,14 @@ pub fn run() -> i32 {
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
-        fs_pool: FsPool::new(),
+        fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
+        proc_pool: Arc::new(Pool::new(usize::MAX)),
     };
+    // Started while the host answers the Hello, which the vCPU would otherwise idle
+    // through: the reaper (PID 1 inherits every orphan of the guest besides starting
+    // the commands; see spawn::reap_forever), and the worker for the first command.
+    thread::spawn(spawn::reap_forever);
+    server.proc_pool.start_worker();
     server.serve(file)
 }
 
@@ -165,26 +171,61 @@ struct Server {
     writer: Writer,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     files: super::fs::Files,
-    fs_pool: FsPool,
+    /// Serves filesystem requests (a FileRead of a FIFO may block for long).
+    fs_pool: Arc<Pool>,
+    /// Carries each process's output and end: one worker per running process.
+    proc_pool: Arc<Pool>,
 }
 
 /// The most threads serving filesystem requests at once.
 const MAX_FS_WORKERS: usize = 32;
 
-/// Threads that serve filesystem requests off the read loop. One more starts whenever
-/// all are busy (a FileRead of a FIFO may block for long), up to [`MAX_FS_WORKERS`];
-/// beyond that requests queue.
-struct FsPool {
-    tx: Sender<proto::Frame>,
-    rx: Receiver<proto::Frame>,
+/// A job for a [`Pool`] worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run jobs off the read loop. A job goes to an idle worker, or to a new
+/// one when all are busy, up to `max` (beyond that jobs queue); workers stay for the
+/// next job, since under emulation starting a thread costs milliseconds.
+struct Pool {
+    tx: Sender<Job>,
+    rx: Receiver<Job>,
     idle: std::sync::atomic::AtomicUsize,
     workers: std::sync::atomic::AtomicUsize,
+    max: usize,
 }
 
-impl FsPool {
-    fn new() -> FsPool {
+impl Pool {
+    fn new(max: usize) -> Pool {
         let (tx, rx) = crossbeam_channel::unbounded();
-        FsPool { tx, rx, idle: Default::default(), workers: Default::default() }
+        Pool { tx, rx, idle: Default::default(), workers: Default::default(), max }
+    }
+
+    /// Runs `job` on a worker, starting one when none is idle.
+    fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) {
+        use std::sync::atomic::Ordering;
+        let _ = self.tx.send(Box::new(job));
+        // More jobs waiting than idle workers to take them (an idle worker counts as
+        // idle until it has taken one): one more worker.
+        if self.rx.len() > self.idle.load(Ordering::SeqCst) && self.workers.load(Ordering::SeqCst) < self.max
+        {
+            self.start_worker();
+        }
+    }
+
+    /// Starts a worker that waits for jobs.
+    fn start_worker(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        self.workers.fetch_add(1, Ordering::SeqCst);
+        let me = self.clone();
+        thread::spawn(move || loop {
+            me.idle.fetch_add(1, Ordering::SeqCst);
+            let job = me.rx.recv();
+            me.idle.fetch_sub(1, Ordering::SeqCst);
+            match job {
+                Ok(job) => job(),
+                Err(_) => return,
+            }
+        });
     }
 }
 
@@ -311,28 +352,10 @@ impl Server {
         }
     }
 
-    /// Hands a filesystem request to the pool, starting a worker if none is idle.
+    /// Hands a filesystem request to the pool.
     fn dispatch_fs(self: &Arc<Self>, f: proto::Frame) {
-        use std::sync::atomic::Ordering;
-        let pool = &self.fs_pool;
-        let _ = pool.tx.send(f);
-        // More requests waiting than idle workers to take them (an idle worker counts
-        // as idle until it has taken one): one more worker.
-        if pool.rx.len() > pool.idle.load(Ordering::SeqCst)
-            && pool.workers.load(Ordering::SeqCst) < MAX_FS_WORKERS
-        {
-            pool.workers.fetch_add(1, Ordering::SeqCst);
-            let me = self.clone();
-            thread::spawn(move || loop {
-                me.fs_pool.idle.fetch_add(1, Ordering::SeqCst);
-                let got = me.fs_pool.rx.recv();
-                me.fs_pool.idle.fetch_sub(1, Ordering::SeqCst);
-                match got {
-                    Ok(f) => me.serve_fs(f),
-                    Err(_) => return,
-                }
-            });
-        }
+        let me = self.clone();
+        self.fs_pool.run(move || me.serve_fs(f));
     }
 
     fn serve_fs(&self, f: proto::Frame) {
@@ -412,9 +435,10 @@ impl Server {
         self.procs.lock().insert(id, proc.clone());
         let mut pipes = vec![(1u8, child.stdout)];
         pipes.extend(child.stderr.map(|e| (2u8, e)));
-        // One thread per process carries its output and its end: thread creation is
-        // costly in an emulated guest kernel, and exec latency is what users feel.
-        thread::spawn(move || self.run_process(id, pid, &proc, pipes));
+        // One worker per process carries its output and its end (a pool: thread creation
+        // is costly in an emulated guest kernel, and exec latency is what users feel).
+        let pool = self.proc_pool.clone();
+        pool.run(move || self.run_process(id, pid, &proc, pipes));
         Ok(pid)
     }
 

@@ -5,6 +5,7 @@
 use std::io::BufWriter;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::cpio::{self, Meta};
 use super::kernel::Kernel;
@@ -104,10 +105,12 @@ pub fn build(
     source.identity(&mut d)?;
     let out = cache.join("initramfs").join(format!("{}.cpio", d.hex()));
     if out.is_file() {
+        mark_used(&out);
         return Ok(out);
     }
     let _built_once = super::BUILD_LOCK.lock();
     if out.is_file() {
+        mark_used(&out);
         return Ok(out);
     }
     progress.step("building the initramfs");
@@ -143,5 +146,133 @@ pub fn build(
         return Err(e);
     }
     std::fs::rename(&tmp, &out).map_err(|e| Error::io("install initramfs", &out, e))?;
+    let dir = out.parent().expect("has a parent");
+    let removed = prune(dir, &out, std::time::SystemTime::now(), UNUSED_FOR, BUDGET);
+    if removed > 0 {
+        log::debug!("removed {removed} unused initramfs files from {}", dir.display());
+    }
     Ok(out)
+}
+
+/// A cached initramfs unused this long is removed when another is written.
+const UNUSED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Beyond this many bytes of cached initramfs files, the least recently used go too.
+const BUDGET: u64 = 2 << 30;
+/// A temporary file this old is the leftover of an interrupted write.
+const LEFTOVER_AFTER: Duration = Duration::from_secs(3600);
+
+/// Marks a cached initramfs as used now: its mtime, which [`prune`] goes by. Best
+/// effort (a read-only cache still boots).
+fn mark_used(path: &Path) {
+    use nix::sys::time::TimeSpec;
+    let _ = nix::sys::stat::utimensat(
+        None,
+        path,
+        &TimeSpec::UTIME_OMIT,
+        &TimeSpec::UTIME_NOW,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    );
+}
+
+/// Keeps the initramfs cache `dir` from growing without end (every new agent build or
+/// image writes another): removes the files unused for `unused_for` (by mtime, see
+/// [`mark_used`]), then the least recently used beyond `budget` bytes, and leftovers of
+/// interrupted writes; never `keep`, the one just written. Returns how many it removed.
+/// A VM already booted from a removed file is not affected: QEMU has read it.
+fn prune(dir: &Path, keep: &Path, now: std::time::SystemTime, unused_for: Duration, budget: u64) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let age = |m: &std::fs::Metadata| {
+        m.modified().ok().and_then(|t| now.duration_since(t).ok()).unwrap_or_default()
+    };
+    let mut cached = Vec::new();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(m) = e.metadata() else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = if name.ends_with(".cpio") {
+            path != keep && age(&m) > unused_for
+        } else {
+            name.contains(".tmp.") && age(&m) > LEFTOVER_AFTER
+        };
+        if stale {
+            removed += usize::from(std::fs::remove_file(&path).is_ok());
+        } else if name.ends_with(".cpio") && path != keep {
+            cached.push((age(&m), m.len(), path));
+        }
+    }
+    let mut total: u64 =
+        cached.iter().map(|(_, len, _)| len).sum::<u64>() + std::fs::metadata(keep).map_or(0, |m| m.len());
+    // Oldest first.
+    cached.sort_by_key(|c| std::cmp::Reverse(c.0));
+    for (_, len, path) in cached {
+        if total <= budget {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+            total -= len;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn prune_removes_the_unused_then_the_oldest_beyond_the_budget() {
+        let dir = std::env::temp_dir().join(format!("vmhost-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let file = |name: &str, len: usize, days_old: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, vec![0u8; len]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(now - day * days_old).unwrap();
+            p
+        };
+        let keep = file("new.cpio", 100, 0);
+        let recent = file("recent.cpio", 100, 1);
+        let older = file("older.cpio", 100, 5);
+        let unused = file("unused.cpio", 1, 40);
+        let leftover = file("x.cpio.tmp.1-0", 1, 2);
+        let writing = file("y.cpio.tmp.2-0", 1, 0);
+        let other = file("notes.txt", 1, 400);
+        // Budget for two and a half: "older" goes (oldest), "unused" goes (40 days), the old
+        // temporary file goes, the fresh one stays (being written), others are not ours.
+        let removed = prune(&dir, &keep, now, 30 * day, 250);
+        assert_eq!(removed, 3);
+        for (p, there) in [
+            (&keep, true),
+            (&recent, true),
+            (&older, false),
+            (&unused, false),
+            (&leftover, false),
+            (&writing, true),
+            (&other, true),
+        ] {
+            assert_eq!(p.exists(), there, "{}", p.display());
+        }
+        // The one just written stays even over budget.
+        assert_eq!(prune(&dir, &keep, now, 30 * day, 0), 1);
+        assert!(keep.exists() && !recent.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cache_hit_marks_the_file_used() {
+        let p = std::env::temp_dir().join(format!("vmhost-used-{}.cpio", std::process::id()));
+        std::fs::write(&p, b"x").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(90 * 24 * 3600);
+        std::fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+        mark_used(&p);
+        let age = SystemTime::now().duration_since(std::fs::metadata(&p).unwrap().modified().unwrap());
+        assert!(age.unwrap_or_default() < Duration::from_secs(60));
+        std::fs::remove_file(&p).unwrap();
+    }
 }

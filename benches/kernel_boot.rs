@@ -1,8 +1,9 @@
 //! Stock against minimal kernel, and vmhost's own overhead, in one run:
 //! - boot to agent ready (QEMU started to the agent's Hello) with the stock Debian cloud
 //!   kernel and with vmhost's minimal kernel, same busybox image and agent;
-//! - `vmhost run -- true` end to end against a bare QEMU boot of the same minimal kernel
-//!   to an /init that exits at once (QEMU started to QEMU gone): the tool's overhead.
+//! - `vmhost run -- true` end to end against a bare QEMU boot of the same minimal kernel,
+//!   with as many vCPUs, to an /init that exits at once (QEMU started to QEMU gone): the
+//!   tool's overhead. With one vCPU, and with vmhost's default count when that is more.
 //!
 //! Run: `cargo bench --bench kernel_boot` (after scripts/setup.sh, `vmhost kernel fetch`
 //! and `vmhost kernel build`). VMHOST_BENCH_BOOTS sets the boots per figure (5).
@@ -40,9 +41,11 @@ fn main() {
     let agent = initramfs::find_agent().unwrap();
     let accel = Accel::choose().unwrap();
 
+    let default = vmhost::vm::default_cpus(vmhost::wire::Backend::Qemu);
     let boot = |k: &kernel::Kernel| -> f64 {
         let ir = initramfs::build(&cache, k, &agent, &Source::Default, &p).unwrap();
-        let cfg = BootConfig::new(k.clone(), ir).unwrap();
+        let mut cfg = BootConfig::new(k.clone(), ir).unwrap();
+        cfg.cpus = default;
         let t = Instant::now();
         let vm = QemuVm::boot(cfg).unwrap();
         let d = t.elapsed().as_secs_f64();
@@ -58,12 +61,13 @@ fn main() {
     w.finish().unwrap();
     let qemu = vmhost::vm::qemu::qemu_binary().unwrap();
     // The same TSC parameters as vmhost's own command line.
-    let tsc = vmhost::vm::clock::kernel_args().join(" ");
-    let bare = || -> f64 {
+    let tsc = vmhost::vm::clock::kernel_args(minimal.hz()).join(" ");
+    let bare = |cpus: u32| -> f64 {
         let t = Instant::now();
         let st = Command::new(&qemu)
             .args(["-M", "microvm,acpi=off", "-accel", accel.as_str(), "-cpu", &vmhost::vm::qemu::cpu_model(accel)])
-            .args(["-m", "256M", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel"])
+            .args(["-m", "256M", "-smp", &cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel"])
             .arg(&minimal.vmlinux)
             .arg("-initrd")
             .arg(&bare_ir)
@@ -79,10 +83,10 @@ fn main() {
         t.elapsed().as_secs_f64()
     };
     let vmhost_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_vmhost"));
-    let run = || -> f64 {
+    let run = |cpus: u32| -> f64 {
         let t = Instant::now();
         let st = Command::new(&vmhost_bin)
-            .args(["run", "--", "true"])
+            .args(["run", "--cpus", &cpus.to_string(), "--", "true"])
             .env("VMHOST_KERNEL_KIND", "minimal")
             .env_remove("VMHOST_KERNEL")
             .status()
@@ -90,30 +94,39 @@ fn main() {
         assert!(st.success());
         t.elapsed().as_secs_f64()
     };
-    let (mut s, mut m, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // One vCPU, and vmhost's default when it is more.
+    let shapes: Vec<u32> = if default > 1 { vec![1, default] } else { vec![1] };
+    let (mut s, mut m) = (Vec::new(), Vec::new());
+    let mut b: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
+    let mut r: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
     // Warm the caches (initramfs for each kernel) before measuring.
     boot(&stock);
     boot(&minimal);
-    run();
+    run(1);
     for _ in 0..n {
         s.push(boot(&stock));
         m.push(boot(&minimal));
-        b.push(bare());
-        r.push(run());
+        for (i, &cpus) in shapes.iter().enumerate() {
+            b[i].push(bare(cpus));
+            r[i].push(run(cpus));
+        }
     }
-    println!("boot to agent ready ({} accelerator), median of {n}", accel.as_str());
+    println!("boot to agent ready ({} accelerator, {default} vCPU), median of {n}", accel.as_str());
     println!("  stock kernel   {}: {}", stock.origin.rsplit('/').next().unwrap_or(""), show(&s));
     println!("  minimal kernel {}: {}", minimal.origin.rsplit('/').next().unwrap_or(""), show(&m));
     println!("  minimal is {:.2}x faster (target: agent ready <= 1.0 s)", median(s) / median(m.clone()));
-    println!("the tool's overhead, minimal kernel");
-    println!("  bare QEMU boot to an /init that exits : {}", show(&b));
-    println!("  vmhost run -- true (boot, exec, stop) : {}", show(&r));
     // Noise on a shared host only ever adds time: the fastest runs show the floor.
     let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
-    println!(
-        "  ratio {:.2}x of medians, {:.2}x of the fastest runs (target <= 1.3x)",
-        median(r.clone()) / median(b.clone()),
-        min(&r) / min(&b)
-    );
+    for (i, &cpus) in shapes.iter().enumerate() {
+        let note = if cpus == default { " (vmhost's default here)" } else { "" };
+        println!("the tool's overhead, minimal kernel, {cpus} vCPU{note}");
+        println!("  bare QEMU boot to an /init that exits : {}", show(&b[i]));
+        println!("  vmhost run --cpus {cpus} -- true            : {}", show(&r[i]));
+        println!(
+            "  ratio {:.2}x of medians, {:.2}x of the fastest runs (target <= 1.3x)",
+            median(r[i].clone()) / median(b[i].clone()),
+            min(&r[i]) / min(&b[i])
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

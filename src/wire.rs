@@ -899,7 +899,7 @@ impl Wire for MountConfig {
 pub struct InstanceOptions {
     /// Guest memory in MiB (0 = the backend's default).
     pub memory_mb: u64,
-    /// Virtual CPUs (0 = the backend's default).
+    /// Virtual CPUs (0 = the backend's default: see `vm::default_cpus`).
     pub cpus: i32,
     /// Wall-clock limit of the instance, `None` for no limit.
     pub timeout: Option<Duration>,

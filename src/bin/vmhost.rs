@@ -57,7 +57,7 @@ USAGE:
 VM OPTIONS:
     --image PATH      root filesystem directory or tar archive (default: busybox)
     --memory MB       guest memory (default 256)
-    --cpus N          vCPUs (default 1)
+    --cpus N          vCPUs (default 2 with QEMU on a host with 2 CPUs or more, else 1)
     --timeout SECS    stop the guest after this long
     --user USER       run commands as USER (name from the image's /etc/passwd, or uid[:gid])
     --backend B       kvm, qemu or auto (default): auto takes kvm where hardware

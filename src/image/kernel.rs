@@ -57,6 +57,13 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The kernel's tick rate (`CONFIG_HZ`), from the configuration kept beside the
+    /// vmlinux (`vmhost kernel build` keeps it); None when there is none.
+    pub fn hz(&self) -> Option<u32> {
+        let config = std::fs::read_to_string(self.vmlinux.parent()?.join("config")).ok()?;
+        config.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")).and_then(|v| v.trim().parse().ok())
+    }
+
     /// Whether the kernel has 9p over virtio (for host mounts): vmhost's own kernel
     /// has it built in; a stock one needs its modules.
     pub fn has_9p(&self) -> bool {

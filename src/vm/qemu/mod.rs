@@ -429,7 +429,7 @@ fn read_console(sh: &Shared, fifo: File) {
 fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
     // The host's TSC rate, so that guest clocks keep the host's time (see vm::clock).
-    let tsc = crate::vm::clock::kernel_args();
+    let tsc = crate::vm::clock::kernel_args(cfg.kernel.hz());
     let mut append = vec!["console=ttyS0", "panic=-1"];
     append.extend(tsc.iter().map(String::as_str));
     append.push("cryptomgr.notests");

@@ -197,7 +197,7 @@ fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
         },
     );
     check(
-        "an exec failing inside the spawn is a clear error, and the agent goes on",
+        "execs failing inside the spawn are clear errors, and the agent goes on",
         (|| {
             // Executable but neither ELF nor script: the child's execve fails with
             // ENOEXEC, which the spawn (glibc's, or std's for another user) reaps itself.
@@ -205,6 +205,14 @@ fn exec_suite(vm: &Instance, expect_uid: &str) -> Vec<String> {
             sh(&format!("printf 'no\\001' > {path}; chmod 755 {path}"))?;
             match vm.command(&path).output() {
                 Err(Error::Remote(ef)) if ef.message.contains("Exec format error") => {}
+                other => return Err(format!("{other:?}")),
+            }
+            // A script whose interpreter is missing: the child's execve fails (ENOENT)
+            // after the fork, and the spawn reaps it itself, beside the agent's reaper.
+            let script = format!("/tmp/bad-interpreter-{expect_uid}");
+            sh(&format!("printf '#!/no/such/interpreter\\n' > {script}; chmod 755 {script}"))?;
+            match vm.command(&script).output() {
+                Err(Error::Remote(ef)) if ef.message.contains("No such file") => {}
                 other => return Err(format!("{other:?}")),
             }
             let out = sh("echo still here")?;
@@ -649,13 +657,13 @@ fn supplementary_groups_and_the_collected_output_bound() {
     vm.close().unwrap();
 }
 
-/// A copy of the default busybox root at `to`, to make test images from.
 /// Sets `path`'s mtime to 1000000000 (2001-09-09).
 fn set_old_mtime(path: &std::path::Path) {
     let st = std::process::Command::new("touch").args(["-m", "-d", "@1000000000"]).arg(path).status();
     assert!(st.unwrap().success());
 }
 
+/// A copy of the default busybox root at `to`, to make test images from.
 fn copy_default_root(to: &std::path::Path) {
     let base = vmhost::image::rootfs::busybox_root(
         &vmhost::image::cache_dir(),

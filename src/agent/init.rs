@@ -12,9 +12,15 @@ use super::{say, trace, MODULES_LIST};
 
 /// Runs the agent as PID 1; powers the VM off when its server ends.
 pub fn run() -> ! {
-    make_links();
+    // A panic on any thread (a bug, or no memory for a thread) would leave a guest that
+    // cannot answer, or that loses PID 1 and panics its kernel: sync and power off.
+    std::panic::set_hook(Box::new(|info| {
+        say(format_args!("{info}; powering off"));
+        power_off();
+    }));
+    let links = make_links();
     mount_filesystems();
-    trace(format_args!("init: filesystems mounted"));
+    trace(format_args!("init: {links} hard links made, filesystems mounted"));
     let modules = module_list();
     load_modules(&modules);
     let _ = nix::unistd::sethostname("vmhost");
@@ -26,9 +32,9 @@ pub fn run() -> ! {
     }
     mount_shared();
     // All of the setup is done before the server says Hello, on this thread: commands
-    // never see a half-configured guest, and nothing waits for setup. With one vCPU
-    // nothing could run beside it anyway; a setup thread cost the first command two
-    // thread starts (the setup's and its waiter's).
+    // never see a half-configured guest, and nothing waits for setup. A setup thread
+    // cost the first command two thread starts (the setup's and its waiter's), more
+    // than running beside the server's start saved.
     trace(format_args!("setup done"));
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
@@ -40,39 +46,51 @@ pub fn run() -> ! {
     power_off();
 }
 
-/// The longest list of hard links read (a million links in an image would be ~100 MB).
-const MAX_LINKS_FILE: u64 = 256 << 20;
+/// The longest name in the list of hard links (PATH_MAX).
+const MAX_LINK_NAME: u64 = 4096;
 
 /// Makes the hard links the initramfs lists instead of archiving them
 /// (`crate::image::cpio::LINKS_FILE`), then gives each directory that gained a name
-/// its mtime from the image back, so the guest sees the image as it was written.
-fn make_links() {
+/// its times from the image back, so the guest sees the image as it was written. The
+/// list is removed after (an image made from this guest's root must not carry it).
+/// Returns how many links it made.
+fn make_links() -> usize {
+    use std::io::BufRead;
     use std::os::unix::ffi::OsStrExt;
-    let list = std::path::Path::new("/").join(crate::image::cpio::LINKS_FILE);
-    let mut data = Vec::new();
-    match File::open(&list) {
-        Ok(f) => {
-            if let Err(e) = f.take(MAX_LINKS_FILE + 1).read_to_end(&mut data) {
-                return say(format_args!("read {}: {e}", list.display()));
+    let root = std::path::Path::new("/");
+    let list = root.join(crate::image::cpio::LINKS_FILE);
+    let mut reader = match File::open(&list) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => {
+            say(format_args!("read {}: {e}", list.display()));
+            return 0;
+        }
+    };
+    // The next NUL-terminated name; None at the end or on a bad list.
+    let next = |reader: &mut std::io::BufReader<File>| -> Option<std::path::PathBuf> {
+        let mut part = Vec::new();
+        match reader.by_ref().take(MAX_LINK_NAME + 1).read_until(0, &mut part) {
+            Ok(0) => None,
+            Ok(_) if part.pop() == Some(0) => Some(root.join(std::ffi::OsStr::from_bytes(&part))),
+            Ok(_) => {
+                say(format_args!("{}: a name without its end; the rest is skipped", list.display()));
+                None
+            }
+            Err(e) => {
+                say(format_args!("read {}: {e}", list.display()));
+                None
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(e) => return say(format_args!("read {}: {e}", list.display())),
-    }
-    if data.len() as u64 > MAX_LINKS_FILE {
-        return say(format_args!("{}: over {MAX_LINKS_FILE} bytes; no hard links made", list.display()));
-    }
+    };
     let mut times = std::collections::HashMap::new();
-    let mut parts = data.split(|b| *b == 0);
-    let root = std::path::Path::new("/");
     let mut made = 0;
-    while let (Some(target), Some(name)) = (parts.next(), parts.next()) {
-        let (target, name) =
-            (root.join(std::ffi::OsStr::from_bytes(target)), root.join(std::ffi::OsStr::from_bytes(name)));
-        let dir = name.parent().unwrap_or(root);
-        if !times.contains_key(dir) {
-            if let Ok(st) = nix::sys::stat::stat(dir) {
-                times.insert(dir.to_path_buf(), st);
+    while let (Some(target), Some(name)) = (next(&mut reader), next(&mut reader)) {
+        // The directory that gains the name (through a symbolic link, its target).
+        let dir = name.parent().unwrap_or(root).to_path_buf();
+        if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(dir) {
+            if let Ok(st) = nix::sys::stat::stat(slot.key()) {
+                slot.insert(st);
             }
         }
         match std::fs::hard_link(&target, &name) {
@@ -84,9 +102,12 @@ fn make_links() {
         let at = nix::sys::time::TimeSpec::new(st.st_atime, st.st_atime_nsec);
         let mt = nix::sys::time::TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
         let _ =
-            nix::sys::stat::utimensat(None, &dir, &at, &mt, nix::sys::stat::UtimensatFlags::NoFollowSymlink);
+            nix::sys::stat::utimensat(None, &dir, &at, &mt, nix::sys::stat::UtimensatFlags::FollowSymlink);
     }
-    trace(format_args!("{made} hard links made"));
+    if let Err(e) = std::fs::remove_file(&list) {
+        say(format_args!("remove {}: {e}", list.display()));
+    }
+    made
 }
 
 fn mount_filesystems() {

@@ -122,6 +122,8 @@ impl Writer {
 /// A running process.
 struct Proc {
     pid: i32,
+    /// Its name at the reaper (see spawn::Spawned::token).
+    token: u64,
     credit: Mutex<u64>,
     credit_cv: Condvar,
     stdin: Option<Sender<(u32, Vec<u8>)>>,
@@ -187,45 +189,62 @@ type Job = Box<dyn FnOnce() + Send>;
 /// one when all are busy, up to `max` (beyond that jobs queue); workers stay for the
 /// next job, since under emulation starting a thread costs milliseconds.
 struct Pool {
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
-    idle: std::sync::atomic::AtomicUsize,
-    workers: std::sync::atomic::AtomicUsize,
+    state: Mutex<PoolState>,
+    /// A job was queued.
+    queued: Condvar,
     max: usize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    jobs: std::collections::VecDeque<Job>,
+    /// Workers waiting for a job (counted from before their thread runs).
+    idle: usize,
+    workers: usize,
 }
 
 impl Pool {
     fn new(max: usize) -> Pool {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        Pool { tx, rx, idle: Default::default(), workers: Default::default(), max }
+        Pool { state: Mutex::new(PoolState::default()), queued: Condvar::new(), max }
     }
 
-    /// Runs `job` on a worker, starting one when none is idle.
+    /// Runs `job` on a worker, starting one when no idle worker is left for it.
     fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) {
-        use std::sync::atomic::Ordering;
-        let _ = self.tx.send(Box::new(job));
-        // More jobs waiting than idle workers to take them (an idle worker counts as
-        // idle until it has taken one): one more worker.
-        if self.rx.len() > self.idle.load(Ordering::SeqCst) && self.workers.load(Ordering::SeqCst) < self.max
-        {
-            self.start_worker();
+        let mut st = self.state.lock();
+        st.jobs.push_back(Box::new(job));
+        if st.jobs.len() > st.idle && st.workers < self.max {
+            self.start_worker_locked(&mut st);
         }
+        self.queued.notify_one();
     }
 
     /// Starts a worker that waits for jobs.
     fn start_worker(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
-        self.workers.fetch_add(1, Ordering::SeqCst);
+        let mut st = self.state.lock();
+        self.start_worker_locked(&mut st);
+    }
+
+    fn start_worker_locked(self: &Arc<Self>, st: &mut PoolState) {
         let me = self.clone();
-        thread::spawn(move || loop {
-            me.idle.fetch_add(1, Ordering::SeqCst);
-            let job = me.rx.recv();
-            me.idle.fetch_sub(1, Ordering::SeqCst);
-            match job {
-                Ok(job) => job(),
-                Err(_) => return,
+        let started = thread::Builder::new().spawn(move || loop {
+            let mut st = me.state.lock();
+            while st.jobs.is_empty() {
+                me.queued.wait(&mut st);
             }
+            let job = st.jobs.pop_front().expect("not empty");
+            st.idle -= 1;
+            drop(st);
+            job();
+            me.state.lock().idle += 1;
         });
+        match started {
+            Ok(_) => {
+                st.workers += 1;
+                st.idle += 1;
+            }
+            // The queued jobs wait for a worker to be free.
+            Err(e) => say(format_args!("cannot start a worker thread: {e}")),
+        }
     }
 }
 
@@ -298,7 +317,7 @@ impl Server {
                 };
                 let proc = self.procs.lock().get(&pid).cloned();
                 match proc {
-                    Some(p) => match signal_group(p.pid, sig) {
+                    Some(p) => match spawn::signal(p.token, p.pid, sig) {
                         Ok(()) => w.ok(f.id, &[]),
                         Err(e) => w.error(f.id, ErrorCode::Io, &format!("signal {sig} to {}: {e}", p.pid)),
                     },
@@ -369,7 +388,8 @@ impl Server {
         }
     }
 
-    /// Starts a process; its output, stdin and exit are handled on threads of its own.
+    /// Starts a process; a pool worker carries its output and exit, and a thread of its
+    /// own feeds a piped stdin.
     fn spawn(self: Arc<Self>, id: u32, req: &ExecRequest) -> Result<i32, (ErrorCode, String)> {
         if self.procs.lock().contains_key(&id) {
             return Err((ErrorCode::InvalidArgument, format!("process id {id} is in use")));
@@ -410,11 +430,11 @@ impl Server {
             tty: req.tty,
         };
         // The host prefixes "exec PROGRAM: "; the message is the cause alone.
-        let child = spawn::spawn(&spec).map_err(|e| match e.kind() {
+        let mut child = spawn::spawn(&spec).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
             _ => super::fs::io_error(e),
         })?;
-        let pid = child.pid;
+        let (pid, token, pidfd) = (child.pid, child.token, child.pidfd.take());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tty = req.tty.is_some();
         let stdin = child.stdin.filter(|_| req.stdin).map(|pipe| {
@@ -425,6 +445,7 @@ impl Server {
         });
         let proc = Arc::new(Proc {
             pid,
+            token,
             credit: Mutex::new(proto::INITIAL_CREDIT as u64),
             credit_cv: Condvar::new(),
             stdin,
@@ -438,21 +459,22 @@ impl Server {
         // One worker per process carries its output and its end (a pool: thread creation
         // is costly in an emulated guest kernel, and exec latency is what users feel).
         let pool = self.proc_pool.clone();
-        pool.run(move || self.run_process(id, pid, &proc, pipes));
+        pool.run(move || self.run_process(id, pidfd, &proc, pipes));
         Ok(pid)
     }
 
     /// Forwards the process's output within its credit, then reports its end. Output
     /// of children that keep the pipes open after it exits is forwarded for
     /// [`WAIT_DELAY`], then drained and dropped.
-    fn run_process(&self, id: u32, pid: i32, proc: &Proc, mut pipes: Vec<(u8, std::fs::File)>) {
+    fn run_process(
+        &self,
+        id: u32,
+        pidfd: Option<std::os::fd::OwnedFd>,
+        proc: &Proc,
+        mut pipes: Vec<(u8, std::fs::File)>,
+    ) {
         use nix::libc;
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        // SAFETY: pidfd_open returns a new descriptor we own, or -1.
-        let pidfd = unsafe {
-            let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) as i32;
-            (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
-        };
+        use std::os::fd::AsRawFd;
         let mut exited_at: Option<Instant> = None;
         let mut buf = vec![0u8; proto::OUTPUT_CHUNK];
         while !pipes.is_empty() {
@@ -483,7 +505,7 @@ impl Server {
                 exited_at = Some(Instant::now());
                 proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            if pidfd.is_none() && exited_at.is_none() && spawn::has_ended(pid) {
+            if pidfd.is_none() && exited_at.is_none() && spawn::has_ended(proc.token) {
                 exited_at = Some(Instant::now());
             }
             let mut closed = Vec::new();
@@ -502,7 +524,7 @@ impl Server {
             }
         }
         proc.ended.store(true, std::sync::atomic::Ordering::SeqCst);
-        let status = spawn::wait(pid);
+        let status = spawn::wait(proc.token);
         proc.detach();
         for (_, mut file) in pipes {
             // Leftover children still write: keep draining so they never block.
@@ -603,13 +625,6 @@ fn feed_stdin(
             Err(m) => w.error(req, ErrorCode::Io, &m),
         }
     }
-}
-
-fn signal_group(pid: i32, sig: i32) -> nix::Result<()> {
-    let sig = nix::sys::signal::Signal::try_from(sig)?;
-    // The process leads its own group (setsid); fall back to the process alone.
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig)
-        .or_else(|_| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig))
 }
 
 struct User {

@@ -65,24 +65,39 @@ pub struct Spawned {
     pub stderr: Option<File>,
     /// The terminal's master side, to resize it.
     pub pty: Option<File>,
+    /// Names this process for [`wait`], [`has_ended`] and [`signal`]: unlike its pid,
+    /// never reused.
+    pub token: u64,
+    /// A pidfd for it (None on kernels without pidfd_open), readable once it has ended.
+    pub pidfd: Option<OwnedFd>,
 }
 
 /// Starts the process; the error is the one exec would give (NotFound and the like).
 /// The process is registered for [`wait`] before any reaping can see it.
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
+    let forked = spec.tty.is_some() || !same_identity(spec.uid, spec.gid, spec.groups);
+    if forked {
+        // Outside the lock: it looks at the file.
+        check_format(&Path::new(spec.dir).join(resolve(spec.program, spec.env, spec.dir)?))?;
+    }
     // Held from before the fork to the registration: the reaper cannot take the new
-    // process's status first, nor the status of a child whose exec failed, which the
-    // spawn itself (std's or glibc's) waits for before returning the error.
+    // process's status first (nor free its pid for reuse), nor the status of a child
+    // whose exec failed, which the spawn itself (std's or glibc's) waits for.
     let mut table = CHILDREN.table.lock();
-    let spawned = if let Some((cols, rows)) = spec.tty {
-        spawn_pty(spec, cols, rows)
-    } else if same_identity(spec.uid, spec.gid, spec.groups) {
-        spawn_vfork(spec)
-    } else {
-        spawn_fork(spec)
+    let mut spawned = match spec.tty {
+        Some((cols, rows)) => spawn_pty(spec, cols, rows),
+        None if forked => spawn_fork(spec),
+        None => spawn_vfork(spec),
     }?;
-    table.ours.insert(spawned.pid, None);
-    table.generation += 1;
+    // SAFETY: pidfd_open returns a new descriptor we own, or -1. The pid is still ours:
+    // the reaper cannot reap it while we hold the lock.
+    spawned.pidfd = unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, spawned.pid as libc::c_int, 0) as i32;
+        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+    };
+    table.next_token += 1;
+    spawned.token = table.next_token;
+    table.running.insert(spawned.pid, spawned.token);
     CHILDREN.changed.notify_all();
     Ok(spawned)
 }
@@ -97,14 +112,21 @@ struct Children {
 }
 
 struct Table {
-    /// The processes [`spawn`] started: None while they run, then their status.
-    ours: std::collections::BTreeMap<i32, Option<std::process::ExitStatus>>,
-    /// Counts registrations, so that the reaper sleeps through no new child.
-    generation: u64,
+    /// The processes [`spawn`] started that have not been reaped: pid to token.
+    running: std::collections::BTreeMap<i32, u64>,
+    /// The status of those reaped, by token, until [`wait`] takes it. By token, not
+    /// pid: once reaped, a pid may be given to another process at once.
+    ended: std::collections::BTreeMap<u64, std::process::ExitStatus>,
+    /// The last token given out.
+    next_token: u64,
 }
 
 static CHILDREN: Children = Children {
-    table: parking_lot::const_mutex(Table { ours: std::collections::BTreeMap::new(), generation: 0 }),
+    table: parking_lot::const_mutex(Table {
+        running: std::collections::BTreeMap::new(),
+        ended: std::collections::BTreeMap::new(),
+        next_token: 0,
+    }),
     changed: parking_lot::Condvar::new(),
 };
 
@@ -112,7 +134,7 @@ static CHILDREN: Children = Children {
 /// ended child under the table's lock. Runs on a thread of its own for the agent's life.
 pub fn reap_forever() -> ! {
     loop {
-        let generation = CHILDREN.table.lock().generation;
+        let generation = CHILDREN.table.lock().next_token;
         // SAFETY: waitid writes one siginfo_t, which `info` is.
         let r = unsafe {
             let mut info: libc::siginfo_t = std::mem::zeroed();
@@ -123,11 +145,12 @@ pub fn reap_forever() -> ! {
             continue;
         }
         match io::Error::last_os_error().raw_os_error() {
-            // No children at all: sleep until one is registered.
+            // No children at all: sleep until one is registered, or a second (a child
+            // of the kernel's own, such as a usermode helper's, may come and go).
             Some(libc::ECHILD) => {
                 let mut table = CHILDREN.table.lock();
-                while table.generation == generation {
-                    CHILDREN.changed.wait(&mut table);
+                if table.next_token == generation {
+                    CHILDREN.changed.wait_for(&mut table, std::time::Duration::from_secs(1));
                 }
             }
             Some(libc::EINTR) => {}
@@ -145,8 +168,8 @@ fn reap_ended() {
         // SAFETY: waitpid writes one int, which `status` is.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
         if pid > 0 {
-            if let Some(slot) = table.ours.get_mut(&pid) {
-                *slot = Some(std::process::ExitStatus::from_raw(status));
+            if let Some(token) = table.running.remove(&pid) {
+                table.ended.insert(token, std::process::ExitStatus::from_raw(status));
                 CHILDREN.changed.notify_all();
             }
             continue;
@@ -158,25 +181,37 @@ fn reap_ended() {
     }
 }
 
-/// Whether a process [`spawn`] started has ended (and been reaped).
-pub fn has_ended(pid: i32) -> bool {
-    matches!(CHILDREN.table.lock().ours.get(&pid), Some(Some(_)))
+/// Whether the process [`spawn`] gave `token` has ended (and been reaped).
+pub fn has_ended(token: u64) -> bool {
+    CHILDREN.table.lock().ended.contains_key(&token)
 }
 
-/// Waits for a process [`spawn`] started to end, and forgets it.
-pub fn wait(pid: i32) -> io::Result<std::process::ExitStatus> {
+/// Waits for the process [`spawn`] gave `token` to end, and forgets it.
+pub fn wait(token: u64) -> io::Result<std::process::ExitStatus> {
     let mut table = CHILDREN.table.lock();
     loop {
-        match table.ours.get(&pid) {
-            Some(Some(status)) => {
-                let status = *status;
-                table.ours.remove(&pid);
-                return Ok(status);
-            }
-            Some(None) => CHILDREN.changed.wait(&mut table),
-            None => return Err(io::Error::other(format!("process {pid} was not started by the agent"))),
+        if let Some(status) = table.ended.remove(&token) {
+            return Ok(status);
         }
+        if !table.running.values().any(|t| *t == token) {
+            return Err(io::Error::other(format!("no process {token} was started by the agent")));
+        }
+        CHILDREN.changed.wait(&mut table);
     }
+}
+
+/// Sends `sig` to the process group of the process [`spawn`] gave `token` (or to the
+/// process alone, when it left its group), while it runs. Once it has been reaped its
+/// pid may belong to another process: then nothing is sent, as to a finished process.
+pub fn signal(token: u64, pid: i32, sig: i32) -> nix::Result<()> {
+    let sig = nix::sys::signal::Signal::try_from(sig)?;
+    // Held while signalling: the reaper cannot free the pid meanwhile.
+    let table = CHILDREN.table.lock();
+    if table.running.get(&pid) != Some(&token) {
+        return Ok(());
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::killpg(pid, sig).or_else(|_| nix::sys::signal::kill(pid, sig))
 }
 
 fn same_identity(uid: u32, gid: u32, groups: &[u32]) -> bool {
@@ -344,6 +379,8 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
             stdout: File::from(out_r),
             stderr: Some(File::from(err_r)),
             pty: None,
+            token: 0,
+            pidfd: None,
         })
     }
 }
@@ -351,11 +388,21 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
 /// Refuses a file the kernel cannot execute (neither ELF nor `#!` script) with ENOEXEC,
 /// as the kernel and posix_spawn do. std's Command execs with execvp, which would run
 /// such a file with /bin/sh instead: the fork paths look first, so that it is "Exec
-/// format error" whoever runs it. A file the agent cannot read is left to exec.
+/// format error" whoever runs it. Only a regular file is opened (without blocking, and
+/// no FIFO or device is ever opened: exec refuses those with EACCES); a file the agent
+/// cannot read is left to exec.
 fn check_format(path: &Path) -> io::Result<()> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Err(io::Error::from_raw_os_error(libc::EACCES)),
+        Ok(_) => {}
+        Err(_) => return Ok(()),
+    }
     let mut head = [0u8; 4];
-    let Ok(n) = File::open(path).and_then(|mut f| f.read(&mut head)) else { return Ok(()) };
+    let opened =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path);
+    let Ok(n) = opened.and_then(|mut f| f.read(&mut head)) else { return Ok(()) };
     if head[..n].starts_with(b"\x7fELF") || head[..n].starts_with(b"#!") {
         Ok(())
     } else {
@@ -365,7 +412,6 @@ fn check_format(path: &Path) -> io::Result<()> {
 
 fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
-    check_format(&Path::new(spec.dir).join(&program))?;
     let mut cmd = Command::new(&program);
     cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir).process_group(0);
@@ -393,6 +439,8 @@ fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
         stdout: File::from(OwnedFd::from(child.stdout.take().ok_or_else(missing)?)),
         stderr: Some(File::from(OwnedFd::from(child.stderr.take().ok_or_else(missing)?))),
         pty: None,
+        token: 0,
+        pidfd: None,
     })
 }
 
@@ -405,7 +453,6 @@ pub fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
 /// terminal is the pty, on all three standard descriptors.
 fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
-    check_format(&Path::new(spec.dir).join(&program))?;
     let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
     let master = File::from(pty.master);
     let slave = File::from(pty.slave);
@@ -441,13 +488,24 @@ fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let mut child = cmd.spawn()?;
     drop(slave);
+    let ends = (|| Ok::<_, io::Error>((master.try_clone()?, master.try_clone()?)))();
+    let (stdin, stdout) = match ends {
+        Ok(e) => e,
+        Err(e) => {
+            // Not handed out: end it here (its status is reaped with the orphans').
+            let _ = child.kill();
+            return Err(e);
+        }
+    };
     Ok(Spawned {
         pid: child.id() as i32,
-        stdin: Some(master.try_clone()?),
-        stdout: master.try_clone()?,
+        stdin: Some(stdin),
+        stdout,
         stderr: None,
         pty: Some(master),
+        token: 0,
+        pidfd: None,
     })
 }

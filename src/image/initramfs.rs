@@ -104,13 +104,13 @@ pub fn build(
     }
     source.identity(&mut d)?;
     let out = cache.join("initramfs").join(format!("{}.cpio", d.hex()));
-    if out.is_file() {
-        mark_used(&out);
+    // Marked used first, then looked for: a prune that saw it unused before the mark
+    // may have removed it, never after (see `prune`).
+    if mark_used(&out) && out.is_file() {
         return Ok(out);
     }
     let _built_once = super::BUILD_LOCK.lock();
-    if out.is_file() {
-        mark_used(&out);
+    if mark_used(&out) && out.is_file() {
         return Ok(out);
     }
     progress.step("building the initramfs");
@@ -160,25 +160,32 @@ const UNUSED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 const BUDGET: u64 = 2 << 30;
 /// A temporary file this old is the leftover of an interrupted write.
 const LEFTOVER_AFTER: Duration = Duration::from_secs(3600);
+/// A file used this recently is never removed, over budget or not: another VM may be
+/// about to boot from it.
+const IN_USE_FOR: Duration = Duration::from_secs(3600);
 
-/// Marks a cached initramfs as used now: its mtime, which [`prune`] goes by. Best
-/// effort (a read-only cache still boots).
-fn mark_used(path: &Path) {
+/// Marks a cached initramfs as used now: its mtime, which [`prune`] goes by. False
+/// when the file is not there; true too when it cannot be marked (a read-only cache
+/// still boots).
+fn mark_used(path: &Path) -> bool {
     use nix::sys::time::TimeSpec;
-    let _ = nix::sys::stat::utimensat(
+    let marked = nix::sys::stat::utimensat(
         None,
         path,
         &TimeSpec::UTIME_OMIT,
         &TimeSpec::UTIME_NOW,
         nix::sys::stat::UtimensatFlags::FollowSymlink,
     );
+    marked != Err(nix::errno::Errno::ENOENT)
 }
 
 /// Keeps the initramfs cache `dir` from growing without end (every new agent build or
 /// image writes another): removes the files unused for `unused_for` (by mtime, see
 /// [`mark_used`]), then the least recently used beyond `budget` bytes, and leftovers of
-/// interrupted writes; never `keep`, the one just written. Returns how many it removed.
-/// A VM already booted from a removed file is not affected: QEMU has read it.
+/// interrupted writes; never `keep`, the one just written, nor one used in the last
+/// hour. Each file's age is read again just before it goes, so that a boot that marks
+/// a file used keeps it. Returns how many it removed. A VM already booted from a removed
+/// file is not affected: QEMU has read it.
 fn prune(dir: &Path, keep: &Path, now: std::time::SystemTime, unused_for: Duration, budget: u64) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let age = |m: &std::fs::Metadata| {
@@ -196,8 +203,8 @@ fn prune(dir: &Path, keep: &Path, now: std::time::SystemTime, unused_for: Durati
             name.contains(".tmp.") && age(&m) > LEFTOVER_AFTER
         };
         if stale {
-            removed += usize::from(std::fs::remove_file(&path).is_ok());
-        } else if name.ends_with(".cpio") && path != keep {
+            removed += usize::from(remove_if_older(&path, IN_USE_FOR, now));
+        } else if name.ends_with(".cpio") && path != keep && age(&m) > IN_USE_FOR {
             cached.push((age(&m), m.len(), path));
         }
     }
@@ -209,12 +216,21 @@ fn prune(dir: &Path, keep: &Path, now: std::time::SystemTime, unused_for: Durati
         if total <= budget {
             break;
         }
-        if std::fs::remove_file(&path).is_ok() {
+        if remove_if_older(&path, IN_USE_FOR, now) {
             removed += 1;
             total -= len;
         }
     }
     removed
+}
+
+/// Removes `path` if it was last used (modified) more than `age` before `now`, as read
+/// just now.
+fn remove_if_older(path: &Path, age: Duration, now: std::time::SystemTime) -> bool {
+    let old = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| now.duration_since(t).is_ok_and(|a| a > age));
+    old && std::fs::remove_file(path).is_ok()
 }
 
 #[cfg(test)]
@@ -237,6 +253,7 @@ mod tests {
             p
         };
         let keep = file("new.cpio", 100, 0);
+        let in_use = file("in-use.cpio", 1, 0);
         let recent = file("recent.cpio", 100, 1);
         let older = file("older.cpio", 100, 5);
         let unused = file("unused.cpio", 1, 40);
@@ -258,9 +275,9 @@ mod tests {
         ] {
             assert_eq!(p.exists(), there, "{}", p.display());
         }
-        // The one just written stays even over budget.
+        // The one just written, and one just used, stay even over budget.
         assert_eq!(prune(&dir, &keep, now, 30 * day, 0), 1);
-        assert!(keep.exists() && !recent.exists());
+        assert!(keep.exists() && in_use.exists() && !recent.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

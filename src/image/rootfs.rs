@@ -227,9 +227,9 @@ fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()>
 /// The default root: busybox from Debian's `busybox-static`, with its applets as hard
 /// links and a minimal /etc. Provisioned once into `<cache>/rootfs/busybox-2`.
 ///
-/// Hard links, not the usual symbolic links: the guest kernel unpacks a hard link as a
-/// directory entry, a symbolic link as an inode plus a page, and for busybox's ~270
-/// applets that was ~15 ms of every boot under TCG.
+/// Hard links, not the usual symbolic links: the agent makes a hard link with one
+/// link(2) at boot (see `cpio`), where a symbolic link would cost the kernel an inode
+/// and a page to unpack, for each of busybox's ~270 applets.
 pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
     let root = cache.join("rootfs/busybox-2");
     if root.join("bin/busybox").is_file() {

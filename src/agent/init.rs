@@ -207,8 +207,10 @@ pub(crate) fn configure_network() -> Result<(), String> {
     }
     // Best effort: an image's resolv.conf may be a dangling link (systemd-resolved's),
     // which must not cost the guest its network.
+    // Only a missing or empty regular file is written: this runs on the server's read
+    // loop, and a FIFO there would block it.
     let resolv = std::path::Path::new("/etc/resolv.conf");
-    if std::fs::metadata(resolv).map_or(true, |m| m.len() == 0) {
+    if std::fs::metadata(resolv).map_or(true, |m| m.is_file() && m.len() == 0) {
         if let Err(e) = std::fs::write(resolv, format!("nameserver {DNS}\n")) {
             say(format_args!("cannot write {}: {e}", resolv.display()));
         }

@@ -182,6 +182,11 @@ struct Server {
 /// The most threads serving filesystem requests at once.
 const MAX_FS_WORKERS: usize = 32;
 
+/// How long a pool worker beyond [`KEPT_WORKERS`] waits for a job before it ends.
+const WORKER_IDLE: Duration = Duration::from_secs(60);
+/// Pool workers that stay however long they idle.
+const KEPT_WORKERS: usize = 4;
+
 /// A job for a [`Pool`] worker.
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -229,7 +234,16 @@ impl Pool {
         let started = thread::Builder::new().spawn(move || loop {
             let mut st = me.state.lock();
             while st.jobs.is_empty() {
-                me.queued.wait(&mut st);
+                // Beyond a few, a worker idle for a minute ends: the pool shrinks back
+                // after a burst of commands.
+                if me.queued.wait_for(&mut st, WORKER_IDLE).timed_out()
+                    && st.jobs.is_empty()
+                    && st.workers > KEPT_WORKERS
+                {
+                    st.workers -= 1;
+                    st.idle -= 1;
+                    return;
+                }
             }
             let job = st.jobs.pop_front().expect("not empty");
             st.idle -= 1;

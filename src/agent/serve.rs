@@ -444,14 +444,14 @@ impl Server {
             tty: req.tty,
         };
         // The host prefixes "exec PROGRAM: "; the message is the cause alone.
-        let mut child = spawn::spawn(&spec).map_err(|e| match e.kind() {
+        let child = spawn::spawn(&spec).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
             _ => super::fs::io_error(e),
         })?;
-        let (pid, token, pidfd) = (child.pid, child.token, child.pidfd.take());
+        let (pid, token, pidfd, ends) = (child.pid, child.token, child.pidfd, child.ends);
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tty = req.tty.is_some();
-        let stdin = child.stdin.filter(|_| req.stdin).map(|pipe| {
+        let stdin = ends.stdin.filter(|_| req.stdin).map(|pipe| {
             let (tx, rx) = crossbeam_channel::unbounded();
             let (w, ended) = (self.writer.clone(), ended.clone());
             thread::spawn(move || feed_stdin(pipe, rx, w, ended, tty));
@@ -463,13 +463,13 @@ impl Server {
             credit: Mutex::new(proto::INITIAL_CREDIT as u64),
             credit_cv: Condvar::new(),
             stdin,
-            pty: child.pty,
+            pty: ends.pty,
             ended,
             detached: std::sync::atomic::AtomicBool::new(false),
         });
         self.procs.lock().insert(id, proc.clone());
-        let mut pipes = vec![(1u8, child.stdout)];
-        pipes.extend(child.stderr.map(|e| (2u8, e)));
+        let mut pipes = vec![(1u8, ends.stdout)];
+        pipes.extend(ends.stderr.map(|e| (2u8, e)));
         // One worker per process carries its output and its end (a pool: thread creation
         // is costly in an emulated guest kernel, and exec latency is what users feel).
         let pool = self.proc_pool.clone();

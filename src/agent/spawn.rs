@@ -53,10 +53,21 @@ pub struct Spec<'a> {
     pub tty: Option<(u16, u16)>,
 }
 
-/// A started process and the host ends of its pipes.
+/// A started process and the agent's ends of its pipes.
 pub struct Spawned {
     /// Its process id (also its process group id).
     pub pid: i32,
+    /// The agent's ends of its stdin, stdout and stderr (or terminal).
+    pub ends: Ends,
+    /// Names this process for [`wait`], [`has_ended`] and [`signal`]: unlike its pid,
+    /// never reused.
+    pub token: u64,
+    /// A pidfd for it (None on kernels without pidfd_open), readable once it has ended.
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// The agent's ends of a started process's standard descriptors.
+pub struct Ends {
     /// The write end of its stdin, when piped.
     pub stdin: Option<File>,
     /// The read end of its stdout (a terminal's master side with a tty).
@@ -65,41 +76,37 @@ pub struct Spawned {
     pub stderr: Option<File>,
     /// The terminal's master side, to resize it.
     pub pty: Option<File>,
-    /// Names this process for [`wait`], [`has_ended`] and [`signal`]: unlike its pid,
-    /// never reused.
-    pub token: u64,
-    /// A pidfd for it (None on kernels without pidfd_open), readable once it has ended.
-    pub pidfd: Option<OwnedFd>,
 }
 
 /// Starts the process; the error is the one exec would give (NotFound and the like).
 /// The process is registered for [`wait`] before any reaping can see it.
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
+    let program = resolve(spec.program, spec.env, spec.dir)?;
     let forked = spec.tty.is_some() || !same_identity(spec.uid, spec.gid, spec.groups);
     if forked {
         // Outside the lock: it looks at the file.
-        check_format(&Path::new(spec.dir).join(resolve(spec.program, spec.env, spec.dir)?))?;
+        check_format(&Path::new(spec.dir).join(&program))?;
     }
     // Held from before the fork to the registration: the reaper cannot take the new
     // process's status first (nor free its pid for reuse), nor the status of a child
     // whose exec failed, which the spawn itself (std's or glibc's) waits for.
     let mut table = CHILDREN.table.lock();
-    let mut spawned = match spec.tty {
-        Some((cols, rows)) => spawn_pty(spec, cols, rows),
-        None if forked => spawn_fork(spec),
-        None => spawn_vfork(spec),
+    let (pid, ends) = match spec.tty {
+        Some((cols, rows)) => spawn_pty(spec, &program, cols, rows),
+        None if forked => spawn_fork(spec, &program),
+        None => spawn_vfork(spec, &program),
     }?;
     // SAFETY: pidfd_open returns a new descriptor we own, or -1. The pid is still ours:
     // the reaper cannot reap it while we hold the lock.
-    spawned.pidfd = unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, spawned.pid as libc::c_int, 0) as i32;
+    let pidfd = unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) as i32;
         (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
     };
     table.next_token += 1;
-    spawned.token = table.next_token;
-    table.running.insert(spawned.pid, spawned.token);
+    let token = table.next_token;
+    table.running.insert(pid, token);
     CHILDREN.changed.notify_all();
-    Ok(spawned)
+    Ok(Spawned { pid, ends, token, pidfd })
 }
 
 /// The agent's children. The agent is PID 1: every orphan in the guest becomes its
@@ -337,9 +344,9 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
+fn spawn_vfork(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> {
     use std::os::fd::AsRawFd;
-    let path = cstring(resolve(spec.program, spec.env, spec.dir)?.as_os_str().as_bytes())?;
+    let path = cstring(program.as_os_str().as_bytes())?;
     let mut argv = vec![cstring(spec.program.as_bytes())?];
     for a in spec.args {
         argv.push(cstring(a.as_bytes())?);
@@ -394,15 +401,13 @@ fn spawn_vfork(spec: &Spec<'_>) -> io::Result<Spawned> {
             argv_p.as_ptr(),
             envp_p.as_ptr(),
         ))?;
-        Ok(Spawned {
-            pid,
+        let ends = Ends {
             stdin: stdin.map(|(_, w)| File::from(w)),
             stdout: File::from(out_r),
             stderr: Some(File::from(err_r)),
             pty: None,
-            token: 0,
-            pidfd: None,
-        })
+        };
+        Ok((pid, ends))
     }
 }
 
@@ -431,9 +436,8 @@ fn check_format(path: &Path) -> io::Result<()> {
     }
 }
 
-fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
-    let program = resolve(spec.program, spec.env, spec.dir)?;
-    let mut cmd = Command::new(&program);
+fn spawn_fork(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> {
+    let mut cmd = Command::new(program);
     cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir).process_group(0);
     cmd.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() });
@@ -454,15 +458,13 @@ fn spawn_fork(spec: &Spec<'_>) -> io::Result<Spawned> {
     }
     let mut child = cmd.spawn()?;
     let missing = || io::Error::other("a piped stream of the new process is missing");
-    Ok(Spawned {
-        pid: child.id() as i32,
+    let ends = Ends {
         stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
         stdout: File::from(OwnedFd::from(child.stdout.take().ok_or_else(missing)?)),
         stderr: Some(File::from(OwnedFd::from(child.stderr.take().ok_or_else(missing)?))),
         pty: None,
-        token: 0,
-        pidfd: None,
-    })
+    };
+    Ok((child.id() as i32, ends))
 }
 
 /// The terminal size as the kernel takes it.
@@ -472,8 +474,7 @@ pub fn winsize(cols: u16, rows: u16) -> nix::pty::Winsize {
 
 /// Starts the process on a new pseudo-terminal: a new session whose controlling
 /// terminal is the pty, on all three standard descriptors.
-fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
-    let program = resolve(spec.program, spec.env, spec.dir)?;
+fn spawn_pty(spec: &Spec<'_>, program: &Path, cols: u16, rows: u16) -> io::Result<(i32, Ends)> {
     let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
     let master = File::from(pty.master);
     let slave = File::from(pty.slave);
@@ -482,7 +483,7 @@ fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
         // SAFETY: fcntl on a descriptor we own.
         unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    let mut cmd = Command::new(&program);
+    let mut cmd = Command::new(program);
     cmd.arg0(OsStr::new(spec.program)).args(spec.args).env_clear();
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(spec.dir);
     if !spec.env.iter().any(|(k, _)| k == "TERM") {
@@ -520,13 +521,5 @@ fn spawn_pty(spec: &Spec<'_>, cols: u16, rows: u16) -> io::Result<Spawned> {
             return Err(e);
         }
     };
-    Ok(Spawned {
-        pid: child.id() as i32,
-        stdin: Some(stdin),
-        stdout,
-        stderr: None,
-        pty: Some(master),
-        token: 0,
-        pidfd: None,
-    })
+    Ok((child.id() as i32, Ends { stdin: Some(stdin), stdout, stderr: None, pty: Some(master) }))
 }

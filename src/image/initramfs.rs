@@ -191,25 +191,29 @@ fn prune(dir: &Path, keep: &Path, now: std::time::SystemTime, unused_for: Durati
     let age = |m: &std::fs::Metadata| {
         m.modified().ok().and_then(|t| now.duration_since(t).ok()).unwrap_or_default()
     };
+    // The files that may go for the budget, and the size of all that stay for now.
     let mut cached = Vec::new();
+    let mut total: u64 = 0;
     let mut removed = 0;
     for e in entries.flatten() {
         let path = e.path();
         let Ok(m) = e.metadata() else { continue };
         let name = e.file_name().to_string_lossy().into_owned();
-        let stale = if name.ends_with(".cpio") {
+        let cpio = name.ends_with(".cpio");
+        let stale = if cpio {
             path != keep && age(&m) > unused_for
         } else {
             name.contains(".tmp.") && age(&m) > LEFTOVER_AFTER
         };
         if stale {
             removed += usize::from(remove_if_older(&path, IN_USE_FOR, now));
-        } else if name.ends_with(".cpio") && path != keep && age(&m) > IN_USE_FOR {
-            cached.push((age(&m), m.len(), path));
+        } else if cpio {
+            total += m.len();
+            if path != keep && age(&m) > IN_USE_FOR {
+                cached.push((age(&m), m.len(), path));
+            }
         }
     }
-    let mut total: u64 =
-        cached.iter().map(|(_, len, _)| len).sum::<u64>() + std::fs::metadata(keep).map_or(0, |m| m.len());
     // Oldest first.
     cached.sort_by_key(|c| std::cmp::Reverse(c.0));
     for (_, len, path) in cached {
@@ -253,16 +257,17 @@ mod tests {
             p
         };
         let keep = file("new.cpio", 100, 0);
-        let in_use = file("in-use.cpio", 1, 0);
+        let in_use = file("in-use.cpio", 50, 0);
         let recent = file("recent.cpio", 100, 1);
         let older = file("older.cpio", 100, 5);
         let unused = file("unused.cpio", 1, 40);
         let leftover = file("x.cpio.tmp.1-0", 1, 2);
         let writing = file("y.cpio.tmp.2-0", 1, 0);
         let other = file("notes.txt", 1, 400);
-        // Budget for two and a half: "older" goes (oldest), "unused" goes (40 days), the old
-        // temporary file goes, the fresh one stays (being written), others are not ours.
-        let removed = prune(&dir, &keep, now, 30 * day, 250);
+        // Budget for two and a half of the 100-byte files (the 50 bytes in use count too):
+        // "older" goes (oldest), "unused" goes (40 days), the old temporary file goes,
+        // the fresh one stays (being written), others are not ours.
+        let removed = prune(&dir, &keep, now, 30 * day, 300);
         assert_eq!(removed, 3);
         for (p, there) in [
             (&keep, true),

@@ -583,9 +583,13 @@ fn stock_and_minimal_kernels_both_run_commands() {
         eprintln!("SKIP stock_and_minimal_kernels_both_run_commands: {msg}");
         return;
     }
+    // Each also has lo up, with 127.0.0.1 and ::1: the agent brings it up on a stock
+    // kernel, vmhost's own kernel does during boot (kernel/patches/0002-*).
+    let script = "uname -r; cat /proc/cmdline; echo lo flags $(cat /sys/class/net/lo/flags); \
+                  grep ' lo$' /proc/net/if_inet6; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo ping ok";
     let run = |kind: &str| {
         let out = std::process::Command::new(common::vmhost_bin())
-            .args(["run", "--", "sh", "-c", "uname -r; cat /proc/cmdline"])
+            .args(["run", "--", "sh", "-c", script])
             .env("VMHOST_KERNEL_KIND", kind)
             .env_remove("VMHOST_KERNEL")
             .output()
@@ -593,11 +597,20 @@ fn stock_and_minimal_kernels_both_run_commands() {
         assert!(out.status.success(), "{kind}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let lo_up = |out: &str| {
+        let flags =
+            out.lines().find_map(|l| l.strip_prefix("lo flags 0x")).map(|f| u32::from_str_radix(f, 16));
+        assert!(matches!(flags, Some(Ok(f)) if f & 1 == 1), "lo is not up: {out}");
+        assert!(out.contains("00000000000000000000000000000001 01 80 10 80       lo"), "no ::1 on lo: {out}");
+        assert!(out.contains("ping ok"), "127.0.0.1 does not answer: {out}");
+    };
     let stock = run("stock");
     assert!(stock.contains("cloud-amd64") && !stock.contains("virtio_mmio.device="), "{stock}");
+    lo_up(&stock);
     let minimal = run("minimal");
     // Ours finds its devices on the command line, with no ACPI.
     assert!(!minimal.contains("cloud-amd64") && minimal.contains("virtio_mmio.device="), "{minimal}");
+    lo_up(&minimal);
 }
 
 #[test]

@@ -306,7 +306,7 @@ impl Files {
             }
             Request::FsChtimes { path, atime, mtime } => {
                 let p = cpath(&guest_path(&path)?)?;
-                let ts = |s: i64| libc::timespec { tv_sec: s as libc::time_t, tv_nsec: 0 };
+                let ts = |s: i64| libc::timespec { tv_sec: s as _, tv_nsec: 0 };
                 let times = [ts(atime), ts(mtime)];
                 // SAFETY: utimensat on a NUL-terminated path with two timespecs.
                 if unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) } != 0 {

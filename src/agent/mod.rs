@@ -4,10 +4,11 @@
 //!
 //! - the **main thread** sets the guest up: makes the image's hard links; mounts /proc,
 //!   /sys, /dev, /dev/pts, /dev/shm, /tmp and /run; loads the kernel modules the host
-//!   listed, in dependency order; brings lo up; mounts the host's directories. Then it
-//!   runs the **server** ([`serve`]): finds its virtio-serial port by name, says Hello,
-//!   speaks the agent protocol ([`proto`]) on it and runs commands. When the server ends,
-//!   it syncs and powers the VM off.
+//!   listed, in dependency order; brings lo up (vmhost's own kernel has done it during
+//!   boot); mounts the host's directories. Then it runs the **server** ([`serve`]):
+//!   finds its virtio-serial port by name, says Hello, speaks the agent protocol
+//!   ([`proto`]) on it and runs commands. When the server ends, it syncs and powers the
+//!   VM off.
 //! - the **power button** watcher, on machines with ACPI (a stock kernel's).
 //! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
 //!   status it keeps for the server) and the orphans every PID 1 inherits.

@@ -72,13 +72,20 @@ pub fn run() -> i32 {
 }
 
 /// Finds `/dev/vportNpM` whose port name is [`PORT_NAME`], waiting for it to appear.
+/// vmhost's machines give the agent port 1 of their one virtio-serial device, so
+/// `vport0p1` is asked first, before a scan of every port.
 fn find_port(timeout: Duration) -> Option<String> {
+    let named = |port: &std::path::Path| {
+        std::fs::read_to_string(port.join("name")).is_ok_and(|n| n.trim() == PORT_NAME)
+    };
     let deadline = Instant::now() + timeout;
     loop {
+        if named(std::path::Path::new("/sys/class/virtio-ports/vport0p1")) {
+            return Some("/dev/vport0p1".into());
+        }
         if let Ok(dir) = std::fs::read_dir("/sys/class/virtio-ports") {
             for e in dir.flatten() {
-                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                if name.trim() == PORT_NAME {
+                if named(&e.path()) {
                     return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
                 }
             }

@@ -17,8 +17,12 @@ use crate::progress::Progress;
 /// The agent's binary name.
 pub const AGENT_BIN: &str = "vmhost-agent";
 
+/// The targets `scripts/build-agent.sh` builds the agent for, preferred first.
+const AGENT_TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"];
+
 /// Finds the static guest agent: `VMHOST_AGENT`, next to the current executable, in
-/// this source tree's static build directory, `~/.local/share/vmhost/bin`, then `$PATH`.
+/// this source tree's static build directories (musl's, then glibc's),
+/// `~/.local/share/vmhost/bin`, then `$PATH`.
 pub fn find_agent() -> Result<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(p) = std::env::var_os("VMHOST_AGENT").filter(|v| !v.is_empty()) {
@@ -27,15 +31,17 @@ pub fn find_agent() -> Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(4) {
             candidates.push(dir.join(AGENT_BIN));
-            candidates.push(dir.join("x86_64-unknown-linux-gnu/release").join(AGENT_BIN));
-            candidates.push(dir.join("target/x86_64-unknown-linux-gnu/release").join(AGENT_BIN));
+            for t in AGENT_TARGETS {
+                candidates.push(dir.join(t).join("release").join(AGENT_BIN));
+                candidates.push(dir.join("target").join(t).join("release").join(AGENT_BIN));
+            }
         }
     }
-    candidates.push(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("target/x86_64-unknown-linux-gnu/release")
-            .join(AGENT_BIN),
-    );
+    for t in AGENT_TARGETS {
+        candidates.push(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target").join(t).join("release").join(AGENT_BIN),
+        );
+    }
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(PathBuf::from(home).join(".local/share/vmhost/bin").join(AGENT_BIN));
     }
@@ -56,7 +62,7 @@ pub fn find_agent() -> Result<PathBuf> {
         return Ok(c.clone());
     }
     let hint = "build it with scripts/build-agent.sh (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
-                --release --target x86_64-unknown-linux-gnu --bin vmhost-agent) or set VMHOST_AGENT";
+                --release --target x86_64-unknown-linux-musl --bin vmhost-agent) or set VMHOST_AGENT";
     Err(Error::InvalidArgument {
         op: "find guest agent".into(),
         message: match dynamic {

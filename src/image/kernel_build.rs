@@ -22,10 +22,16 @@ use crate::progress::Progress;
 pub const FRAGMENT: &str = include_str!("../../kernel/vmhost.config");
 
 /// Patches to the packaged kernel source, applied in order with `patch -p1`.
-pub const PATCHES: &[(&str, &str)] = &[(
-    "0001-x86-mm-free-init-memory-without-poison.patch",
-    include_str!("../../kernel/patches/0001-x86-mm-free-init-memory-without-poison.patch"),
-)];
+pub const PATCHES: &[(&str, &str)] = &[
+    (
+        "0001-x86-mm-free-init-memory-without-poison.patch",
+        include_str!("../../kernel/patches/0001-x86-mm-free-init-memory-without-poison.patch"),
+    ),
+    (
+        "0002-net-bring-lo-up-during-boot.patch",
+        include_str!("../../kernel/patches/0002-net-bring-lo-up-during-boot.patch"),
+    ),
+];
 
 /// A digest of [`PATCHES`]: names and contents.
 fn patches_digest() -> String {

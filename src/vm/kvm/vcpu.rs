@@ -136,7 +136,9 @@ pub struct Vcpu {
     tx: Sender<Command>,
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    pthread: nix::libc::pthread_t,
+    /// std's handle type for the thread (an integer on every libc, which keeps `Vcpu`
+    /// `Send` where the libc crate's `pthread_t` is a pointer, as on musl).
+    pthread: std::os::unix::thread::RawPthread,
 }
 
 impl Vcpu {
@@ -190,7 +192,7 @@ impl Vcpu {
     fn kick(&self) {
         if self.thread.lock().is_some() {
             // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { nix::libc::pthread_kill(self.pthread, kick_signal()) };
+            unsafe { nix::libc::pthread_kill(self.pthread as nix::libc::pthread_t, kick_signal()) };
         }
     }
 

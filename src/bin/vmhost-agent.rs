@@ -1,6 +1,7 @@
-//! `vmhost-agent`: the guest's PID 1 and agent server. Build it static, with musl where
-//! Rust's musl target is installed (scripts/build-agent.sh): `cargo build --release
-//! --target x86_64-unknown-linux-musl --bin vmhost-agent`.
+//! `vmhost-agent`: the guest's PID 1 and agent server. Build it static:
+//! `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
+//! --target x86_64-unknown-linux-gnu --bin vmhost-agent` (scripts/build-agent.sh, which
+//! can also build it with musl).
 
 fn main() {
     vmhost::agent::main()

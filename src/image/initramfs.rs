@@ -17,11 +17,12 @@ use crate::progress::Progress;
 /// The agent's binary name.
 pub const AGENT_BIN: &str = "vmhost-agent";
 
-/// The targets `scripts/build-agent.sh` builds the agent for, preferred first.
-const AGENT_TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"];
+/// The targets `scripts/build-agent.sh` builds the agent for, preferred first (glibc is
+/// its default; see the script for musl).
+const AGENT_TARGETS: [&str; 2] = ["x86_64-unknown-linux-gnu", "x86_64-unknown-linux-musl"];
 
 /// Finds the static guest agent: `VMHOST_AGENT`, next to the current executable, in
-/// this source tree's static build directories (musl's, then glibc's),
+/// this source tree's static build directories (glibc's, then musl's),
 /// `~/.local/share/vmhost/bin`, then `$PATH`.
 pub fn find_agent() -> Result<PathBuf> {
     let mut candidates = Vec::new();
@@ -62,7 +63,7 @@ pub fn find_agent() -> Result<PathBuf> {
         return Ok(c.clone());
     }
     let hint = "build it with scripts/build-agent.sh (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
-                --release --target x86_64-unknown-linux-musl --bin vmhost-agent) or set VMHOST_AGENT";
+                --release --target x86_64-unknown-linux-gnu --bin vmhost-agent) or set VMHOST_AGENT";
     Err(Error::InvalidArgument {
         op: "find guest agent".into(),
         message: match dynamic {

@@ -20,7 +20,9 @@ pub fn run() -> ! {
     }));
     // The kernel starts init in the root already; said here because the links below
     // are made relative to it.
-    let _ = std::env::set_current_dir("/");
+    if let Err(e) = std::env::set_current_dir("/") {
+        say(format_args!("chdir /: {e}"));
+    }
     let links = make_links();
     mount_filesystems();
     trace(format_args!("init: {links} hard links made, filesystems mounted"));

@@ -72,8 +72,9 @@ pub fn run() -> i32 {
 }
 
 /// Finds `/dev/vportNpM` whose port name is [`PORT_NAME`], waiting for it to appear.
-/// vmhost's machines give the agent port 1 of their one virtio-serial device, so
-/// `vport0p1` is asked first, before a scan of every port.
+/// vmhost's machines give the agent port 1 of their one virtio-serial device, which is
+/// their first virtio device (`virtio0`, hence `vport0p1`): that port is asked first,
+/// before a scan of every port (its name is checked either way).
 fn find_port(timeout: Duration) -> Option<String> {
     let named = |port: &std::path::Path| {
         std::fs::read_to_string(port.join("name")).is_ok_and(|n| n.trim() == PORT_NAME)

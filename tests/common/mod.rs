@@ -107,8 +107,12 @@ impl Qemu {
         Some(Qemu { child, socket, _dir: dir })
     }
 
+    /// A connection to QEMU's QMP socket. The socket's file exists from QEMU's bind(2),
+    /// a moment before its listen(2): a connect in between is refused, so refused
+    /// connects are retried, as vmhost's own dial does.
     pub fn stream(&self) -> std::os::unix::net::UnixStream {
-        std::os::unix::net::UnixStream::connect(&self.socket).expect("connect to QMP socket")
+        vmhost::unix::connect_retry(&self.socket, Duration::from_secs(20), Duration::from_millis(5))
+            .expect("connect to QMP socket")
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {

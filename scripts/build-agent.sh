@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # Builds the guest agent as a static binary:
-#   target/x86_64-unknown-linux-gnu/release/vmhost-agent
-# The host finds it there (or through VMHOST_AGENT, or next to the vmhost binary).
+#   target/x86_64-unknown-linux-musl/release/vmhost-agent   (musl, preferred)
+#   target/x86_64-unknown-linux-gnu/release/vmhost-agent    (glibc, when Rust's musl
+#                                                            target cannot be installed)
+# The host finds it there, musl's first (or through VMHOST_AGENT, or next to the vmhost
+# binary). VMHOST_AGENT_TARGET picks the target instead.
 #
-# VMHOST_AGENT_TARGET=x86_64-unknown-linux-musl builds it with musl instead (adding
-# Rust's musl target with rustup when it is missing), into
-# target/x86_64-unknown-linux-musl/release/vmhost-agent, which the host uses when no
-# glibc build is there, or through VMHOST_AGENT. Under TCG the musl agent reaches its
-# main ~15 ms sooner after the kernel execs /init (glibc's static start-up is the
-# difference) and is half the size, but moves guest files ~40 % slower: musl's
-# allocator maps and unmaps every block over 128 KiB, and the agent allocates one per
-# frame (BENCHMARKS.md, session 6). glibc stays the default until the frame path
-# reuses its buffers.
+# musl, because the agent is the guest's /init and its start is on every boot's path:
+# under emulation (TCG) glibc's static start-up costs ~15 ms between the kernel's exec
+# of /init and the agent's main, and the binary is twice the size (1.7 MB, not 0.8 MB)
+# for the kernel to unpack. The agent keeps its large buffers (src/agent/buffers.rs),
+# so that musl's allocator, which maps and unmaps every block over 128 KiB, does not
+# slow file transfers down. See BENCHMARKS.md, session 6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${VMHOST_AGENT_TARGET:-x86_64-unknown-linux-gnu}
-if [ "$target" = x86_64-unknown-linux-musl ] \
-  && [ ! -d "$(rustc --print sysroot)/lib/rustlib/$target/lib" ]; then
-  rustup target add "$target" >&2
+musl=x86_64-unknown-linux-musl
+gnu=x86_64-unknown-linux-gnu
+has_target() { [ -d "$(rustc --print sysroot)/lib/rustlib/$1/lib" ]; }
+target=${VMHOST_AGENT_TARGET:-}
+if [ -z "$target" ]; then
+  target=$musl
+  if ! has_target "$musl"; then
+    if command -v rustup >/dev/null 2>&1 && rustup target add "$musl" >&2 && has_target "$musl"; then
+      :
+    else
+      echo "note: Rust's $musl target is not available; building the agent with glibc" >&2
+      target=$gnu
+      # A musl build left from before would be found first: it is stale now.
+      rm -f "target/$musl/release/vmhost-agent"
+    fi
+  fi
+elif [ "$target" = "$musl" ] && ! has_target "$musl"; then
+  rustup target add "$musl" >&2
 fi
 # With an explicit --target, RUSTFLAGS reach only the target's crates, not build scripts
 # or proc macros (which cannot be static).

@@ -68,6 +68,19 @@ fn invalid(message: impl Into<String>) -> FsError {
     (ErrorCode::InvalidArgument, message.into())
 }
 
+/// Creates or truncates the file at `path` with `perm` and writes `data` (FsWriteFile).
+fn write_file(path: &str, data: &[u8], perm: FileMode) -> Result<(), FsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(perm.to_unix_perm())
+        .open(guest_path(path)?)
+        .map_err(io_error)?;
+    f.write_all(data).map_err(io_error)
+}
+
 /// A guest path from the host: relative ones are taken from `/`.
 fn guest_path(p: &str) -> Result<PathBuf, FsError> {
     if p.is_empty() {
@@ -153,6 +166,34 @@ impl Files {
     /// Serves one Fs*/File* request (helper-protocol type `ty`, agent handles); the
     /// answer is the helper protocol's response fields.
     pub fn serve(&self, ty: u16, payload: &[u8]) -> Result<Vec<u8>, FsError> {
+        // The requests that carry file data write it from the payload as it is, not
+        // copied out by the general decoding first (fields as in `Request`): a copy is
+        // an allocation the size of the data, which an allocator may map and unmap
+        // each time (see `super::buffers`).
+        if ty == crate::wire::msg::FILE_WRITE {
+            let mut d = crate::wire::Decoder::new(payload);
+            let (handle, data) = d
+                .u64()
+                .and_then(|h| d.bytes_ref().map(|data| (h, data)))
+                .and_then(|fields| d.finish().map(|()| fields))
+                .map_err(|e| invalid(format!("bad payload: {e}")))?;
+            let f = self.get(handle)?;
+            (&f.file).write_all(data).map_err(io_error)?;
+            let mut out = Encoder::new();
+            out.u32(data.len() as u32);
+            return Ok(out.into_bytes());
+        }
+        if ty == crate::wire::msg::FS_WRITE_FILE {
+            let mut d = crate::wire::Decoder::new(payload);
+            let (path, data, perm) = d
+                .str_ref()
+                .and_then(|p| d.bytes_ref().map(|data| (p, data)))
+                .and_then(|(p, data)| d.u32().map(|perm| (p, data, FileMode(perm))))
+                .and_then(|fields| d.finish().map(|()| fields))
+                .map_err(|e| invalid(format!("bad payload: {e}")))?;
+            write_file(path, data, perm)?;
+            return Ok(Vec::new());
+        }
         let req = Request::from_payload(ty, payload)
             .map_err(|e| invalid(format!("bad payload: {e}")))?
             .ok_or_else(|| invalid(format!("unknown message type {ty:#06x}")))?;
@@ -169,25 +210,21 @@ impl Files {
             }
             Request::FsReadFile { path } => {
                 let mut f = File::open(guest_path(&path)?).map_err(io_error)?;
-                let mut data = Vec::new();
+                // Read behind the length field of a kept buffer (see `super::buffers`),
+                // which is the answer.
+                let mut answer =
+                    super::buffers::take(4 + f.metadata().map_or(0, |m| m.len() as usize).min(MAX_CHUNK + 1));
+                answer.extend_from_slice(&[0; 4]);
                 // One byte more than allowed tells "too large" from "exactly the limit".
-                (&mut f).take(MAX_CHUNK as u64 + 1).read_to_end(&mut data).map_err(io_error)?;
-                if data.len() > MAX_CHUNK {
+                let n = (&mut f).take(MAX_CHUNK as u64 + 1).read_to_end(&mut answer).map_err(io_error)?;
+                if n > MAX_CHUNK {
+                    super::buffers::give(answer);
                     return Err(invalid(TOO_LARGE));
                 }
-                out.bytes(&data);
+                answer[..4].copy_from_slice(&(n as u32).to_be_bytes());
+                return Ok(answer);
             }
-            Request::FsWriteFile { path, data, perm } => {
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(perm.to_unix_perm())
-                    .open(guest_path(&path)?)
-                    .map_err(io_error)?;
-                f.write_all(&data).map_err(io_error)?;
-            }
+            Request::FsWriteFile { path, data, perm } => write_file(&path, &data, perm)?,
             Request::FsStat { path } => {
                 let m = std::fs::metadata(guest_path(&path)?).map_err(io_error)?;
                 file_info(&path, &m).encode(&mut out);
@@ -324,7 +361,7 @@ impl Files {
                 // buffer and no copy (a 1 MiB memset is milliseconds under TCG).
                 let f = self.get(handle)?;
                 let want = (max as usize).min(MAX_CHUNK);
-                let mut answer = Vec::with_capacity(4 + want);
+                let mut answer = super::buffers::take(4 + want);
                 answer.extend_from_slice(&[0; 4]);
                 let n = loop {
                     // SAFETY: read(2) writes at most `want` bytes into the spare capacity

@@ -17,6 +17,7 @@
 //! address space and the switches between the two cost ~10 ms of every boot. The price
 //! is that only the reaper may wait for children (see [`spawn`]).
 
+pub mod buffers;
 pub mod fs;
 pub mod init;
 pub mod proto;

@@ -120,6 +120,16 @@ pub struct Frame {
 
 /// Reads one frame. `Ok(None)` on a clean EOF before a header.
 pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
+    read_frame_into(r, Vec::with_capacity)
+}
+
+/// Reads one frame, its payload into the buffer `buffer(len)` gives (cleared first; the
+/// payload is read into its spare room, not zeroed before). `Ok(None)` on a clean EOF
+/// before a header.
+pub fn read_frame_into(
+    r: &mut impl Read,
+    buffer: impl FnOnce(usize) -> Vec<u8>,
+) -> io::Result<Option<Frame>> {
     let mut h = [0u8; HEADER_SIZE];
     let mut got = 0;
     while got < HEADER_SIZE {
@@ -142,25 +152,36 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
             format!("agent frame {} of {len} bytes exceeds the {MAX_FRAME}-byte limit", name(ty)),
         ));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    let mut payload = buffer(len as usize);
+    payload.clear();
+    let got = r.take(len as u64).read_to_end(&mut payload)?;
+    if got != len as usize {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "channel closed inside a frame"));
+    }
     Ok(Some(Frame { ty, id, payload }))
 }
 
 /// Encodes one frame (header and payload) into a buffer for a single write.
 pub fn encode_frame(ty: u16, id: u32, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
+    encode_frame_into(&mut buf, ty, id, payload)?;
+    Ok(buf)
+}
+
+/// Encodes one frame into `buf`, after what it holds.
+pub fn encode_frame_into(buf: &mut Vec<u8>, ty: u16, id: u32, payload: &[u8]) -> io::Result<()> {
     if payload.len() > MAX_FRAME as usize {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("agent frame {} of {} bytes exceeds the limit", name(ty), payload.len()),
         ));
     }
-    let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
+    buf.reserve(HEADER_SIZE + payload.len());
     buf.extend_from_slice(&ty.to_be_bytes());
     buf.extend_from_slice(&id.to_be_bytes());
     buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     buf.extend_from_slice(payload);
-    Ok(buf)
+    Ok(())
 }
 
 /// Writes one frame with a single write.
@@ -228,6 +249,17 @@ impl ExecRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_read_into_a_used_buffer_holds_its_payload_alone_and_a_cut_one_is_an_error() {
+        let mut wire = encode_frame(FS, 7, b"payload").unwrap();
+        let used = b"left over from the last frame".to_vec();
+        let f = read_frame_into(&mut &wire[..], |_| used).unwrap().unwrap();
+        assert_eq!((f.ty, f.id, &f.payload[..]), (FS, 7, &b"payload"[..]));
+        wire.truncate(wire.len() - 2);
+        let e = read_frame_into(&mut &wire[..], Vec::with_capacity).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
 
     #[test]
     fn frame_layout() {

@@ -46,7 +46,7 @@ pub fn run() -> i32 {
         }
     };
     let writer = match file.try_clone() {
-        Ok(w) => Writer(Arc::new(Mutex::new(w))),
+        Ok(w) => Writer(Arc::new(Mutex::new((w, Vec::new())))),
         Err(e) => {
             say(format_args!("clone {port}: {e}"));
             return 1;
@@ -98,20 +98,21 @@ fn find_port(timeout: Duration) -> Option<String> {
     }
 }
 
-/// The write side of the port, shared by every thread that answers.
+/// The write side of the port, shared by every thread that answers, with the buffer
+/// each frame is encoded into for its single write (kept: see [`super::buffers`]).
 #[derive(Clone)]
-struct Writer(Arc<Mutex<File>>);
+struct Writer(Arc<Mutex<(File, Vec<u8>)>>);
 
 impl Writer {
     fn send(&self, ty: u16, id: u32, payload: &[u8]) {
-        let frame = match proto::encode_frame(ty, id, payload) {
-            Ok(f) => f,
-            Err(e) => {
-                say(format_args!("cannot send {}: {e}", proto::name(ty)));
-                return;
-            }
-        };
-        if let Err(e) = self.0.lock().write_all(&frame) {
+        let mut guard = self.0.lock();
+        let (port, frame) = &mut *guard;
+        frame.clear();
+        if let Err(e) = proto::encode_frame_into(frame, ty, id, payload) {
+            say(format_args!("cannot send {}: {e}", proto::name(ty)));
+            return;
+        }
+        if let Err(e) = port.write_all(frame) {
             say(format_args!("write to the host failed: {e}"));
         }
     }
@@ -274,7 +275,16 @@ impl Server {
     fn serve(self, mut port: File) -> i32 {
         let me = Arc::new(self);
         loop {
-            match proto::read_frame(&mut port) {
+            // A large payload (file data) goes into a kept buffer, which the fs
+            // request gives back when it is answered.
+            let buffer = |len| {
+                if len >= super::buffers::BIG {
+                    super::buffers::take(len)
+                } else {
+                    Vec::with_capacity(len)
+                }
+            };
+            match proto::read_frame_into(&mut port, buffer) {
                 Ok(Some(f)) => me.handle(f),
                 // The host end is not connected (yet, or any more): keep the port open
                 // and wait, as closing and reopening it loses data.
@@ -405,9 +415,13 @@ impl Server {
             return self.writer.error(f.id, ErrorCode::InvalidArgument, "bad Fs payload");
         };
         match self.files.serve(ty, &f.payload[2..]) {
-            Ok(answer) => self.writer.ok(f.id, &answer),
+            Ok(answer) => {
+                self.writer.ok(f.id, &answer);
+                super::buffers::give(answer);
+            }
             Err((code, message)) => self.writer.error(f.id, code, &message),
         }
+        super::buffers::give(f.payload);
     }
 
     /// Starts a process; a pool worker carries its output and exit, and a thread of its

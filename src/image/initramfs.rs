@@ -17,12 +17,12 @@ use crate::progress::Progress;
 /// The agent's binary name.
 pub const AGENT_BIN: &str = "vmhost-agent";
 
-/// The targets `scripts/build-agent.sh` builds the agent for, preferred first (glibc is
-/// its default; see the script for musl).
-const AGENT_TARGETS: [&str; 2] = ["x86_64-unknown-linux-gnu", "x86_64-unknown-linux-musl"];
+/// The targets `scripts/build-agent.sh` builds the agent for, preferred first (musl's
+/// starts faster; glibc's is the fallback where Rust's musl target is missing).
+const AGENT_TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"];
 
 /// Finds the static guest agent: `VMHOST_AGENT`, next to the current executable, in
-/// this source tree's static build directories (glibc's, then musl's),
+/// this source tree's static build directories (musl's, then glibc's),
 /// `~/.local/share/vmhost/bin`, then `$PATH`.
 pub fn find_agent() -> Result<PathBuf> {
     let mut candidates = Vec::new();

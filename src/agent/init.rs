@@ -54,8 +54,8 @@ pub fn run() -> ! {
 /// The longest name in the list of hard links (PATH_MAX).
 const MAX_LINK_NAME: u64 = 4096;
 
-/// Makes the hard links the initramfs lists instead of archiving them
-/// (`crate::image::cpio::LINKS_FILE`), then gives each directory that gained a name
+/// Makes the hard links the initramfs lists instead of archiving them (a tar image's:
+/// `crate::image::cpio::LINKS_FILE`), then gives each directory that gained a name
 /// its times from the image back, so the guest sees the image as it was written. The
 /// list is removed after (an image made from this guest's root must not carry it).
 /// Returns how many links it made.

@@ -4,14 +4,22 @@
 //! the NUL-terminated name padded to 4 bytes, then the data padded to 4 bytes. The
 //! archive ends with an entry named `TRAILER!!!`.
 //!
-//! Hard links are not in the archive's entries. The kernel can unpack them (same inode
-//! number, the first name carrying the data), but each one then costs it a lookup, an
-//! open, a chown, a chmod and a close: busybox's ~280 applet names took ~17 ms of every
-//! boot under TCG. The writer instead gives each file one entry and lists its other names
-//! in [`LINKS_FILE`]; the agent makes them with `link(2)` before anything runs in the
-//! guest, for about half the cost (`crate::agent::init`).
+//! Hard links come two ways:
 //!
-//! [`LINKS_FILE`] holds `TARGET\0NAME\0` for each link, both relative to the root.
+//! - A file known to have several names when its first one is written (a directory
+//!   image's, by its link count: [`Writer::linked_file_from`]) is archived as the kernel
+//!   unpacks hard links: every name an entry with the same inode number and a link count
+//!   of two or more, the first carrying the data ([`Writer::hard_link`]). Each later name
+//!   costs the kernel a link, an open, a chown, a chmod and a close: busybox's ~270
+//!   applet names ~17 ms under TCG. But the kernel unpacks the initramfs as async work,
+//!   which on a guest with two vCPUs runs on the second while the first goes on with
+//!   its start-up, and ends well before that (40-70 ms): there the links cost nothing.
+//!   (With one vCPU they cost about what the agent's link(2) calls would.)
+//! - A name given as a link to an entry already written as a plain file (a tar hard
+//!   link, [`Writer::hard_link_to`]) cannot be archived so, since the kernel links only
+//!   to an entry whose own link count said so. Those are listed in [`LINKS_FILE`]
+//!   (`TARGET\0NAME\0` for each, both relative to the root), and the agent makes them
+//!   with `link(2)` before anything runs in the guest (`crate::agent::init`).
 
 use std::io::{self, Write};
 
@@ -58,8 +66,9 @@ pub struct Writer<W: Write> {
     out: W,
     ino: u32,
     written: u64,
-    /// The first name of each multiply-linked file, by the caller's key for it.
-    first_names: std::collections::HashMap<(u64, u64), String>,
+    /// The first entry of each multiply-linked file, by the caller's key for it: its
+    /// inode number and metadata, which its other names' entries repeat.
+    first_names: std::collections::HashMap<(u64, u64), (u32, Meta)>,
     /// Hard links for the guest to make: (existing name, new name).
     links: Vec<(String, String)>,
 }
@@ -87,9 +96,14 @@ impl<W: Write> Writer<W> {
     }
 
     fn header(&mut self, name: &str, meta: Meta, nlink: u32, size: u64) -> io::Result<()> {
-        let name = entry_name(name)?;
         let ino = self.ino;
         self.ino += 1;
+        self.header_of(ino, name, meta, nlink, size)
+    }
+
+    /// A header for inode number `ino`.
+    fn header_of(&mut self, ino: u32, name: &str, meta: Meta, nlink: u32, size: u64) -> io::Result<()> {
+        let name = entry_name(name)?;
         if size > u32::MAX as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -159,11 +173,12 @@ impl<W: Write> Writer<W> {
     }
 
     /// Another name for a multiply-linked file already written with
-    /// [`linked_file_from`](Self::linked_file_from) under `key`: lists the link for the
-    /// guest and returns true, or returns false when `key` was not seen yet.
+    /// [`linked_file_from`](Self::linked_file_from) under `key`: an entry the kernel
+    /// links to the first (same inode number, no data), and true; false when `key` was
+    /// not seen yet.
     pub fn hard_link(&mut self, name: &str, key: (u64, u64)) -> io::Result<bool> {
-        let Some(first) = self.first_names.get(&key).cloned() else { return Ok(false) };
-        self.hard_link_to(name, &first)?;
+        let Some(&(ino, meta)) = self.first_names.get(&key) else { return Ok(false) };
+        self.header_of(ino, name, meta, 2, 0)?;
         Ok(true)
     }
 
@@ -186,8 +201,13 @@ impl<W: Write> Writer<W> {
         size: u64,
         data: &mut dyn io::Read,
     ) -> io::Result<()> {
-        self.first_names.insert(key, entry_name(name)?.to_string());
-        self.file_from(name, meta, size, data)
+        let meta = Meta { mode: S_IFREG | (meta.mode & 0o7777), ..meta };
+        let ino = self.ino;
+        self.ino += 1;
+        self.first_names.insert(key, (ino, meta));
+        // A link count of two or more: the kernel remembers the entry to link to.
+        self.header_of(ino, name, meta, 2, size)?;
+        self.copy_body(name, size, data)
     }
 
     /// A symbolic link to `target`.
@@ -272,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn hard_links_are_listed_for_the_guest_not_archived() {
+    fn known_hard_links_are_archived_for_the_kernel_and_later_ones_listed_for_the_guest() {
         let mut w = Writer::new(Vec::new());
         let key = (8, 1234);
         assert!(!w.hard_link("bin/sh", key).unwrap(), "nothing to link to yet");
@@ -284,14 +304,18 @@ mod tests {
         let out = w.finish().unwrap();
         let e = entries(&out);
         let names: Vec<&str> = e.iter().map(|(_, n)| n.as_str()).collect();
-        assert_eq!(names, ["bin/busybox", "etc/x", LINKS_FILE, "TRAILER!!!"]);
-        let bb = &e[0].0;
-        assert_eq!((bb[4], bb[6]), (1, 4), "one name in the archive, with the data");
+        assert_eq!(names, ["bin/busybox", "etc/x", "bin/sh", "bin/ls", LINKS_FILE, "TRAILER!!!"]);
+        let (bb, sh, ls) = (&e[0].0, &e[2].0, &e[3].0);
+        assert_eq!((bb[1], bb[4], bb[6]), (S_IFREG | 0o755, 2, 4), "the first name: data, two links or more");
+        for l in [sh, ls] {
+            assert_eq!((l[0], l[1], l[4], l[6]), (bb[0], bb[1], 2, 0), "same inode and mode, no data");
+        }
         assert_ne!(e[1].0[0], bb[0], "files keep their own inodes");
-        let list = b"bin/busybox\0bin/sh\0bin/busybox\0bin/ls\0etc/x\0usr/bin/x2\0";
+        assert_eq!(e[1].0[4], 1, "a plain file has one link");
+        let list = b"etc/x\0usr/bin/x2\0";
         let at = out.windows(list.len()).position(|w| w == list);
         assert!(at.is_some(), "the list: (target, name) pairs, NUL-terminated");
-        assert_eq!(e[2].0[6] as usize, list.len());
+        assert_eq!(e[4].0[6] as usize, list.len());
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub fn build(
         other => other.clone(),
     };
     let mut d = Digest::new();
-    d.field(b"vmhost-initramfs-v2");
+    d.field(b"vmhost-initramfs-v3");
     // The agent is keyed by its identity (path, size, mtime), like image files: hashing
     // its 1.6 MB on every boot would cost milliseconds for nothing.
     let am = std::fs::metadata(agent).map_err(|e| Error::io("stat agent", agent, e))?;

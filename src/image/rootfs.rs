@@ -227,9 +227,10 @@ fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()>
 /// The default root: busybox from Debian's `busybox-static`, with its applets as hard
 /// links and a minimal /etc. Provisioned once into `<cache>/rootfs/busybox-2`.
 ///
-/// Hard links, not the usual symbolic links: the agent makes a hard link with one
-/// link(2) at boot (see `cpio`), where a symbolic link would cost the kernel an inode
-/// and a page to unpack, for each of busybox's ~270 applets.
+/// Hard links, not the usual symbolic links: the kernel makes them while it unpacks the
+/// initramfs, beside the rest of boot when the guest has two vCPUs (see `cpio`), where
+/// a symbolic link would cost it an inode and a page too, for each of busybox's ~270
+/// applets.
 pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
     let root = cache.join("rootfs/busybox-2");
     if root.join("bin/busybox").is_file() {

@@ -63,12 +63,22 @@ pub fn run() -> i32 {
         fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
         proc_pool: Arc::new(Pool::new(usize::MAX)),
     };
-    // Started while the host answers the Hello, which the vCPU would otherwise idle
-    // through: the reaper (PID 1 inherits every orphan of the guest besides starting
-    // the commands; see spawn::reap_forever), and the worker for the first command.
-    thread::spawn(spawn::reap_forever);
+    // Started while the host answers the Hello: the worker for the first command. The
+    // reaper starts once the first command runs (see `start_reaper`).
     server.proc_pool.start_worker();
     server.serve(file)
+}
+
+/// Starts the reaper (PID 1 inherits every orphan of the guest besides starting the
+/// commands; see spawn::reap_forever) once: after the first command has started and
+/// been answered, so that its thread start (milliseconds under emulation) is beside
+/// that command's run rather than before it. There are no orphans before the first
+/// command, and a command's own worker reaps it (spawn::wait).
+fn start_reaper() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        thread::spawn(spawn::reap_forever);
+    });
 }
 
 /// Finds `/dev/vportNpM` whose port name is [`PORT_NAME`], waiting for it to appear.
@@ -319,6 +329,7 @@ impl Server {
                 Ok(req) => match self.clone().spawn(f.id, &req) {
                     Ok(pid) => {
                         w.ok(f.id, &(pid as u32).to_be_bytes());
+                        start_reaper();
                         trace(format_args!("process {} started: {} (pid {pid})", f.id, req.program));
                     }
                     Err((code, msg)) => w.error(f.id, code, &msg),

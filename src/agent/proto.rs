@@ -168,18 +168,27 @@ pub fn encode_frame(ty: u16, id: u32, payload: &[u8]) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Encodes one frame into `buf`, after what it holds.
-pub fn encode_frame_into(buf: &mut Vec<u8>, ty: u16, id: u32, payload: &[u8]) -> io::Result<()> {
+/// The header of a frame whose payload is `payload` (which it refuses when larger than
+/// a frame may carry); the payload follows it on the wire.
+pub fn encode_header(ty: u16, id: u32, payload: &[u8]) -> io::Result<[u8; HEADER_SIZE]> {
     if payload.len() > MAX_FRAME as usize {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("agent frame {} of {} bytes exceeds the limit", name(ty), payload.len()),
         ));
     }
+    let mut h = [0u8; HEADER_SIZE];
+    BigEndian::write_u16(&mut h[0..2], ty);
+    BigEndian::write_u32(&mut h[2..6], id);
+    BigEndian::write_u32(&mut h[6..10], payload.len() as u32);
+    Ok(h)
+}
+
+/// Encodes one frame into `buf`, after what it holds.
+pub fn encode_frame_into(buf: &mut Vec<u8>, ty: u16, id: u32, payload: &[u8]) -> io::Result<()> {
+    let header = encode_header(ty, id, payload)?;
     buf.reserve(HEADER_SIZE + payload.len());
-    buf.extend_from_slice(&ty.to_be_bytes());
-    buf.extend_from_slice(&id.to_be_bytes());
-    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&header);
     buf.extend_from_slice(payload);
     Ok(())
 }

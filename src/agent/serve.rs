@@ -109,20 +109,35 @@ fn find_port(timeout: Duration) -> Option<String> {
 }
 
 /// The write side of the port, shared by every thread that answers, with the buffer
-/// each frame is encoded into for its single write (kept: see [`super::buffers`]).
+/// small frames are encoded into for a single write.
 #[derive(Clone)]
 struct Writer(Arc<Mutex<(File, Vec<u8>)>>);
+
+/// Payloads from this size on are written after their header as they are, not copied
+/// behind it first: under emulation a user-space copy of a MiB costs more than a
+/// second write (musl's memcpy is `rep movsq`, which TCG runs one step at a time).
+const WRITE_AS_IS: usize = 16 << 10;
 
 impl Writer {
     fn send(&self, ty: u16, id: u32, payload: &[u8]) {
         let mut guard = self.0.lock();
         let (port, frame) = &mut *guard;
         frame.clear();
-        if let Err(e) = proto::encode_frame_into(frame, ty, id, payload) {
+        let big = payload.len() >= WRITE_AS_IS;
+        let encoded = if big {
+            proto::encode_header(ty, id, payload).map(|h| frame.extend_from_slice(&h))
+        } else {
+            proto::encode_frame_into(frame, ty, id, payload)
+        };
+        if let Err(e) = encoded {
             say(format_args!("cannot send {}: {e}", proto::name(ty)));
             return;
         }
-        if let Err(e) = port.write_all(frame) {
+        let mut written = port.write_all(frame);
+        if big && written.is_ok() {
+            written = port.write_all(payload);
+        }
+        if let Err(e) = written {
             say(format_args!("write to the host failed: {e}"));
         }
     }

@@ -32,6 +32,9 @@ if [ -z "$target" ]; then
   fi
 elif [ "$target" = "$musl" ] && ! has_target "$musl"; then
   rustup target add "$musl" >&2
+elif [ "$target" != "$musl" ]; then
+  # Asked for another target: a musl build left from before would be found first.
+  rm -f "target/$musl/release/vmhost-agent"
 fi
 # With an explicit --target, RUSTFLAGS reach only the target's crates, not build scripts
 # or proc macros (which cannot be static).

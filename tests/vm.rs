@@ -403,6 +403,11 @@ fn tar_and_directory_images_boot() {
     copy_default_root(&root);
     std::fs::write(root.join("etc/marker"), b"from a directory\n").unwrap();
     std::fs::hard_link(root.join("etc/marker"), root.join("etc/marker2")).unwrap();
+    // The image's own /init is one more name of busybox: the agent takes /init, and
+    // busybox must stay whole (its data shared with the image's init, kept under
+    // /vmhost).
+    std::fs::hard_link(root.join("bin/busybox"), root.join("init")).unwrap();
+    let busybox_size = std::fs::metadata(root.join("bin/busybox")).unwrap().len();
     // The guest makes hard links at boot: the directories that get them keep the
     // image's mtime all the same.
     set_old_mtime(&root.join("etc"));
@@ -421,6 +426,14 @@ fn tar_and_directory_images_boot() {
         assert_eq!(ls.stdout, b"/etc/marker2\n");
         let mtime = vm.command("stat").args(["-c", "%Y", "/etc"]).output().unwrap().stdout;
         assert_eq!(mtime, b"1000000000\n");
+        let out =
+            vm.command("stat").args(["-c", "%s %i", "/bin/busybox", "/vmhost/image-init"]).output().unwrap();
+        let out = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0], lines[1], "busybox and the image's init are one file: {out}");
+        assert!(lines[0].starts_with(&format!("{busybox_size} ")), "busybox whole: {out}");
+        assert!(vm.command("busybox").arg("true").status().unwrap().success());
     };
     let vm = Instance::new_in_process(Image::Dir(root.clone()), InstanceOptions::default()).unwrap();
     assert_eq!(vm.command("cat").arg("/etc/marker").output().unwrap().stdout, b"from a directory\n");

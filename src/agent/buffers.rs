@@ -1,5 +1,6 @@
-//! Large buffers kept for reuse: the payloads of big frames, file-read answers and the
-//! writer's encoded frames (up to [`proto::MAX_FRAME`](super::proto::MAX_FRAME) each).
+//! Large buffers kept for reuse: the payloads of big frames and file-read answers (up
+//! to [`proto::MAX_FRAME`](super::proto::MAX_FRAME) each; at most eight of them,
+//! ~8 MiB, stay for the guest's life).
 //!
 //! Allocated once and reused, not allocated per frame: an allocator may map and unmap
 //! every block this size (musl's does for blocks over 128 KiB, glibc's until its

@@ -77,7 +77,11 @@ pub fn run() -> i32 {
 fn start_reaper() {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
-        thread::spawn(spawn::reap_forever);
+        if let Err(e) = thread::Builder::new().name("reaper".into()).spawn(spawn::reap_forever) {
+            // Commands still end (each worker reaps its own, see spawn::wait); orphans
+            // stay zombies.
+            say(format_args!("cannot start the reaper: {e}"));
+        }
     });
 }
 
@@ -310,7 +314,12 @@ impl Server {
                 }
             };
             match proto::read_frame_into(&mut port, buffer) {
-                Ok(Some(f)) => me.handle(f),
+                Ok(Some(f)) if f.ty == proto::FS => me.dispatch_fs(f),
+                Ok(Some(f)) => {
+                    me.handle(&f);
+                    // A large one (stdin data) came from the kept buffers.
+                    super::buffers::give(f.payload);
+                }
                 // The host end is not connected (yet, or any more): keep the port open
                 // and wait, as closing and reopening it loses data.
                 Ok(None) => thread::sleep(Duration::from_millis(50)),
@@ -323,7 +332,8 @@ impl Server {
         }
     }
 
-    fn handle(self: &Arc<Self>, f: proto::Frame) {
+    /// Answers a frame other than [`proto::FS`] (see [`Self::dispatch_fs`]).
+    fn handle(self: &Arc<Self>, f: &proto::Frame) {
         let w = &self.writer;
         let mut d = Decoder::new(&f.payload);
         match f.ty {
@@ -339,16 +349,19 @@ impl Server {
                 Ok(()) => w.ok(f.id, &[]),
                 Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
             },
-            proto::FS => self.dispatch_fs(f),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
-                Ok(req) => match self.clone().spawn(f.id, &req) {
-                    Ok(pid) => {
-                        w.ok(f.id, &(pid as u32).to_be_bytes());
-                        start_reaper();
-                        trace(format_args!("process {} started: {} (pid {pid})", f.id, req.program));
+                Ok(req) => {
+                    match self.clone().spawn(f.id, &req) {
+                        Ok(pid) => {
+                            w.ok(f.id, &(pid as u32).to_be_bytes());
+                            trace(format_args!("process {} started: {} (pid {pid})", f.id, req.program));
+                        }
+                        Err((code, msg)) => w.error(f.id, code, &msg),
                     }
-                    Err((code, msg)) => w.error(f.id, code, &msg),
-                },
+                    // After the answer; also after a failed start, which may leave a
+                    // child to reap (a pty child killed when its ends could not be set).
+                    start_reaper();
+                }
                 Err(e) => w.error(f.id, ErrorCode::InvalidArgument, &format!("bad Exec payload: {e}")),
             },
             proto::STDIN => {

@@ -217,7 +217,9 @@ pub fn wait(token: u64) -> io::Result<std::process::ExitStatus> {
             table.running.remove(&pid);
             return Ok(std::process::ExitStatus::from_raw(status));
         }
-        CHILDREN.changed.wait(&mut table);
+        // The reaper says when a child ends; the timeout only re-checks, should the
+        // reaper not run (its thread could not start).
+        CHILDREN.changed.wait_for(&mut table, std::time::Duration::from_millis(250));
     }
 }
 

@@ -71,12 +71,50 @@ pub struct Writer<W: Write> {
     first_names: std::collections::HashMap<(u64, u64), (u32, Meta)>,
     /// Hard links for the guest to make: (existing name, new name).
     links: Vec<(String, String)>,
+    /// Names the caller writes later itself, and the prefix image entries of those
+    /// names get instead ([`reserve`](Self::reserve)).
+    reserved: Vec<String>,
+    alias: String,
 }
 
 impl<W: Write> Writer<W> {
     /// A writer over `out`.
     pub fn new(out: W) -> Writer<W> {
-        Writer { out, ino: 1, written: 0, first_names: std::collections::HashMap::new(), links: Vec::new() }
+        Writer {
+            out,
+            ino: 1,
+            written: 0,
+            first_names: std::collections::HashMap::new(),
+            links: Vec::new(),
+            reserved: Vec::new(),
+            alias: String::new(),
+        }
+    }
+
+    /// Reserves `names` for entries the caller writes after an image (the agent's
+    /// `init`): until [`release`](Self::release), an entry of such a name is written
+    /// under `alias` + its name instead (`alias` is a path prefix whose directory must
+    /// exist already), and links to or from it follow. Otherwise an image's own `init`,
+    /// were it a hard link to busybox, would be linked by the kernel and the caller's
+    /// entry then written over busybox and all its names; and dropping it would lose
+    /// the data its other names share.
+    pub fn reserve(&mut self, names: &[&str], alias: &str) {
+        self.reserved = names.iter().map(|n| n.trim_start_matches('/').to_string()).collect();
+        self.alias = alias.to_string();
+    }
+
+    /// Ends [`reserve`](Self::reserve): the caller writes its own entries now.
+    pub fn release(&mut self) {
+        self.reserved.clear();
+    }
+
+    /// The name an image entry is written under: its own, or its alias when reserved.
+    fn name_for<'n>(&self, name: &'n str) -> io::Result<std::borrow::Cow<'n, str>> {
+        let name = entry_name(name)?;
+        Ok(match self.reserved.iter().any(|r| r == name) {
+            true => format!("{}{name}", self.alias).into(),
+            false => name.into(),
+        })
     }
 
     /// Bytes written so far.
@@ -103,7 +141,7 @@ impl<W: Write> Writer<W> {
 
     /// A header for inode number `ino`.
     fn header_of(&mut self, ino: u32, name: &str, meta: Meta, nlink: u32, size: u64) -> io::Result<()> {
-        let name = entry_name(name)?;
+        let name = self.name_for(name)?;
         if size > u32::MAX as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -185,8 +223,8 @@ impl<W: Write> Writer<W> {
     /// `name` as another name of `target`, an entry of the archive (a tar hard link):
     /// listed for the guest to make once everything is unpacked.
     pub fn hard_link_to(&mut self, name: &str, target: &str) -> io::Result<()> {
-        let (name, target) = (entry_name(name)?, entry_name(target)?);
-        self.links.push((target.to_string(), name.to_string()));
+        let (name, target) = (self.name_for(name)?, self.name_for(target)?);
+        self.links.push((target.into_owned(), name.into_owned()));
         Ok(())
     }
 
@@ -316,6 +354,33 @@ mod tests {
         let at = out.windows(list.len()).position(|w| w == list);
         assert!(at.is_some(), "the list: (target, name) pairs, NUL-terminated");
         assert_eq!(e[4].0[6] as usize, list.len());
+    }
+
+    #[test]
+    fn an_image_entry_of_a_reserved_name_goes_under_its_alias_with_its_links() {
+        let mut w = Writer::new(Vec::new());
+        w.dir("vmhost", Meta::root(0o755)).unwrap();
+        w.reserve(&["init"], "vmhost/image-");
+        let key = (8, 1);
+        // The image's /init is the first name of busybox's links.
+        w.linked_file_from("/init", Meta::root(0o755), key, 4, &mut &b"BBOX"[..]).unwrap();
+        assert!(w.hard_link("bin/busybox", key).unwrap());
+        w.file("etc/x", Meta::root(0o644), b"x").unwrap();
+        w.hard_link_to("bin/y", "/init").unwrap();
+        w.hard_link_to("init", "etc/x").unwrap();
+        w.release();
+        w.file("init", Meta::root(0o755), b"AGENT").unwrap();
+        let out = w.finish().unwrap();
+        let e = entries(&out);
+        let names: Vec<&str> = e.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["vmhost", "vmhost/image-init", "bin/busybox", "etc/x", "init", LINKS_FILE, "TRAILER!!!"]
+        );
+        assert_eq!(e[2].0[0], e[1].0[0], "busybox links to the image's init under its alias");
+        assert_eq!((e[4].0[4], e[4].0[6]), (1, 5), "the caller's init is a file of its own");
+        let list = b"vmhost/image-init\0bin/y\0etc/x\0vmhost/image-init\0";
+        assert!(out.windows(list.len()).any(|w| w == list), "listed links follow the alias");
     }
 
     #[test]

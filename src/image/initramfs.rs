@@ -62,8 +62,9 @@ pub fn find_agent() -> Result<PathBuf> {
         }
         return Ok(c.clone());
     }
-    let hint = "build it with scripts/build-agent.sh (RUSTFLAGS='-C target-feature=+crt-static' cargo build \
-                --release --target x86_64-unknown-linux-gnu --bin vmhost-agent) or set VMHOST_AGENT";
+    let hint =
+        "build it with scripts/build-agent.sh (a static build for the x86_64-unknown-linux-musl target, \
+                or -gnu with -C target-feature=+crt-static), or set VMHOST_AGENT";
     Err(Error::InvalidArgument {
         op: "find guest agent".into(),
         message: match dynamic {
@@ -97,7 +98,7 @@ pub fn build(
         other => other.clone(),
     };
     let mut d = Digest::new();
-    d.field(b"vmhost-initramfs-v3");
+    d.field(b"vmhost-initramfs-v4");
     // The agent is keyed by its identity (path, size, mtime), like image files: hashing
     // its 1.6 MB on every boot would cost milliseconds for nothing.
     let am = std::fs::metadata(agent).map_err(|e| Error::io("stat agent", agent, e))?;
@@ -126,9 +127,13 @@ pub fn build(
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         let mut w = cpio::Writer::new(BufWriter::with_capacity(1 << 20, file));
-        source.write_to(&mut w, cache, progress)?;
         let io = |e| Error::io("write initramfs", &tmp, e);
+        // The agent is /init: the image's own init goes under /vmhost, with its other
+        // names (an init that is a hard link to busybox keeps busybox whole).
         w.dir("vmhost", Meta::root(0o755)).map_err(io)?;
+        w.reserve(&["init"], "vmhost/image-");
+        source.write_to(&mut w, cache, progress)?;
+        w.release();
         w.dir("vmhost/modules", Meta::root(0o755)).map_err(io)?;
         let mut list = String::new();
         for m in &kernel.modules {

@@ -60,11 +60,8 @@ const MAX_LINK_NAME: u64 = 4096;
 /// list is removed after (an image made from this guest's root must not carry it).
 /// Returns how many links it made.
 ///
-/// It runs on every boot's path, so the loop allocates nothing per link: the names are
-/// read into two reused buffers, NUL-terminated as the list stores them, and passed to
-/// link(2) as they are (relative to PID 1's working directory, the root). Under
-/// emulation an allocation per name cost more than the link itself (with musl's
-/// allocator, ~9 ms of busybox's 268 names).
+/// The names are read into two reused buffers, NUL-terminated as the list stores them,
+/// and passed to link(2) as they are (relative to PID 1's working directory, the root).
 fn make_links() -> usize {
     use std::io::BufRead;
     use std::os::unix::ffi::OsStrExt;

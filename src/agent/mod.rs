@@ -11,7 +11,10 @@
 //!   VM off.
 //! - the **power button** watcher, on machines with ACPI (a stock kernel's).
 //! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
-//!   status it keeps for the server) and the orphans every PID 1 inherits.
+//!   status it keeps for the server, unless a command's worker reaps it first) and the
+//!   orphans every PID 1 inherits.
+//! - **workers**: one per running command (its output and end), and some for file
+//!   requests.
 //!
 //! One process, not init plus a forked server: under emulation the fork, the second
 //! address space and the switches between the two cost ~10 ms of every boot. The price

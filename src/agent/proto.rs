@@ -72,8 +72,8 @@ pub const SHUTDOWN: u16 = 0x0201;
 /// Liveness check. OK with no payload.
 pub const PING: u16 = 0x0202;
 /// Configure the guest's network interface (address, default route, DNS server); no
-/// payload, OK when done (repeating it is harmless). The host
-/// sends it before it first connects the link: a guest without network does not spend
+/// payload, OK when done (repeating it is harmless). The host sends it before it first
+/// connects the link: a guest without network does not spend
 /// boot time on an interface nobody uses. Since version 3.
 pub const NETWORK_UP: u16 = 0x0203;
 /// Success: request-specific payload.

@@ -111,9 +111,10 @@ impl<W: Write> Writer<W> {
     /// The name an image entry is written under: its own, or its alias when reserved.
     fn name_for<'n>(&self, name: &'n str) -> io::Result<std::borrow::Cow<'n, str>> {
         let name = entry_name(name)?;
-        Ok(match self.reserved.iter().any(|r| r == name) {
-            true => format!("{}{name}", self.alias).into(),
-            false => name.into(),
+        Ok(if self.reserved.iter().any(|r| r == name) {
+            format!("{}{name}", self.alias).into()
+        } else {
+            name.into()
         })
     }
 

@@ -378,10 +378,10 @@ impl InstanceSpec {
 
 /// The vCPUs of a VM whose options leave them open. QEMU: two where the host has two
 /// CPUs or more (as krunvm does). Under TCG every vCPU is a host thread translating
-/// code, so a second one speeds the boot itself (the guest kernel unpacks the
-/// initramfs beside its other start-up work, and the agent's threads run side by side): `vmhost run -- true` took
-/// 534 ms with one and 521 ms with two (medians of 11). The kvm backend: one, the
-/// shape its boot is tested with.
+/// code, so a second one speeds the boot itself: the guest kernel unpacks the initramfs
+/// (and makes its hard links) and brings lo up on it beside its other start-up work
+/// (BENCHMARKS.md, sessions 5 and 6). The kvm backend: one, the shape its boot is
+/// tested with.
 pub fn default_cpus(backend: crate::wire::Backend) -> u32 {
     match backend {
         crate::wire::Backend::Kvm => 1,

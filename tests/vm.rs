@@ -606,8 +606,12 @@ fn stock_and_minimal_kernels_both_run_commands() {
     }
     // Each also has lo up, with 127.0.0.1 and ::1: the agent brings it up on a stock
     // kernel, vmhost's own kernel does during boot (kernel/patches/0002-*).
+    // Ours also sets up virtqueues of at most 256 entries (kernel/patches/0003-*) and
+    // has no sit0 tunnel device (kernel/vmhost.config).
     let script = "uname -r; cat /proc/cmdline; echo lo flags $(cat /sys/class/net/lo/flags); \
-                  grep ' lo$' /proc/net/if_inet6; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo ping ok";
+                  grep ' lo$' /proc/net/if_inet6; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo ping ok; \
+                  echo queue_max $(cat /sys/module/virtio_mmio/parameters/queue_max); \
+                  echo interfaces $(ls /sys/class/net)";
     let run = |kind: &str| {
         let out = std::process::Command::new(common::vmhost_bin())
             .args(["run", "--", "sh", "-c", script])
@@ -632,6 +636,8 @@ fn stock_and_minimal_kernels_both_run_commands() {
     // Ours finds its devices on the command line, with no ACPI.
     assert!(!minimal.contains("cloud-amd64") && minimal.contains("virtio_mmio.device="), "{minimal}");
     lo_up(&minimal);
+    assert!(minimal.contains("\nqueue_max 256\n"), "{minimal}");
+    assert!(minimal.contains("\ninterfaces eth0 lo\n"), "{minimal}");
 }
 
 #[test]

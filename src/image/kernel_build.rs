@@ -31,6 +31,10 @@ pub const PATCHES: &[(&str, &str)] = &[
         "0002-net-bring-lo-up-during-boot.patch",
         include_str!("../../kernel/patches/0002-net-bring-lo-up-during-boot.patch"),
     ),
+    (
+        "0003-virtio-mmio-cap-queue-size.patch",
+        include_str!("../../kernel/patches/0003-virtio-mmio-cap-queue-size.patch"),
+    ),
 ];
 
 /// A digest of [`PATCHES`]: names and contents.

@@ -554,7 +554,15 @@ mod tests {
 
     #[test]
     fn a_user_kernel_is_booted_as_it_is_when_its_header_says_elf() {
-        let dir = std::env::temp_dir().join(format!("vmhost-userkernel-{}", std::process::id()));
+        // Removed however the test ends.
+        struct Dir(PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let guard = Dir(std::env::temp_dir().join(format!("vmhost-userkernel-{}", std::process::id())));
+        let dir = guard.0.clone();
         std::fs::create_dir_all(&dir).unwrap();
         // An ELF64 header, then a body nobody needs to read.
         let mut elf = vec![0u8; 1 << 20];
@@ -569,6 +577,5 @@ mod tests {
         assert!(err.contains("not a bzImage") && err.contains("junk"), "{err}");
         let err = from_files(&dir, &dir.join("missing"), None).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1190,21 +1190,38 @@ pub fn response_fields(payload: &[u8]) -> Result<Result<&[u8], ErrorFrame>, Deco
 }
 
 /// A value with a fixed place in a request: the primitives and the typed payloads.
+///
+/// Each is read in two forms: [`Field::Ref`], which borrows strings and byte strings from
+/// the payload (what [`RequestRef`] holds), and the owned value made from it (what
+/// [`Request`] holds), so a layout is decoded by one piece of code either way.
 pub trait Field: Sized {
+    /// The value as read without copying: `&str` for a string, `&[u8]` for bytes, the
+    /// value itself for the rest.
+    type Ref<'a>;
     /// Appends the value.
     fn put(&self, enc: &mut Encoder);
+    /// Reads the value, borrowing from the payload where it can.
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<Self::Ref<'a>, DecodeError>;
+    /// The owned value of a borrowed one.
+    fn from_ref(r: Self::Ref<'_>) -> Self;
     /// Reads the value.
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError>;
+    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+        Self::get_ref(dec).map(Self::from_ref)
+    }
 }
 
 macro_rules! prim_field {
     ($($t:ty => $put:ident, $get:ident;)*) => {
         $(impl Field for $t {
+            type Ref<'a> = $t;
             fn put(&self, enc: &mut Encoder) {
                 enc.$put(*self);
             }
-            fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+            fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<$t, DecodeError> {
                 dec.$get()
+            }
+            fn from_ref(r: $t) -> $t {
+                r
             }
         })*
     };
@@ -1220,49 +1237,69 @@ prim_field! {
 }
 
 impl Field for FileMode {
+    type Ref<'a> = FileMode;
     fn put(&self, enc: &mut Encoder) {
         enc.u32(self.0);
     }
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<FileMode, DecodeError> {
         dec.u32().map(FileMode)
+    }
+    fn from_ref(r: FileMode) -> FileMode {
+        r
     }
 }
 
 impl Field for String {
+    type Ref<'a> = &'a str;
     fn put(&self, enc: &mut Encoder) {
         enc.string(self);
     }
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        dec.string()
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<&'a str, DecodeError> {
+        dec.str_ref()
+    }
+    fn from_ref(r: &str) -> String {
+        r.to_string()
     }
 }
 
 impl Field for Vec<u8> {
+    type Ref<'a> = &'a [u8];
     fn put(&self, enc: &mut Encoder) {
         enc.bytes(self);
     }
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        dec.bytes()
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<&'a [u8], DecodeError> {
+        dec.bytes_ref()
+    }
+    fn from_ref(r: &[u8]) -> Vec<u8> {
+        r.to_vec()
     }
 }
 
 impl Field for Vec<String> {
+    type Ref<'a> = Vec<String>;
     fn put(&self, enc: &mut Encoder) {
         enc.string_list(self);
     }
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<Vec<String>, DecodeError> {
         dec.string_list()
+    }
+    fn from_ref(r: Vec<String>) -> Vec<String> {
+        r
     }
 }
 
 macro_rules! wire_field {
     ($($t:ty),*) => {
         $(impl Field for $t {
+            type Ref<'a> = $t;
             fn put(&self, enc: &mut Encoder) {
                 self.encode(enc);
             }
-            fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+            fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<$t, DecodeError> {
                 <$t as Wire>::decode(dec)
+            }
+            fn from_ref(r: $t) -> $t {
+                r
             }
         })*
     };
@@ -1300,10 +1337,36 @@ macro_rules! requests {
             /// Reads the fields of a request of type `ty`; `None` for a type that is not
             /// a request. The caller checks [`Decoder::finish`].
             pub fn read(ty: u16, dec: &mut Decoder<'_>) -> Result<Option<Request>, DecodeError> {
+                Ok(RequestRef::read(ty, dec)?.map(RequestRef::into_owned))
+            }
+        }
+
+        /// A [`Request`] read without copying its strings and byte strings out of the
+        /// payload: the same variants and fields, each a [`Field::Ref`]. For the receiver
+        /// that uses the data where it lies (the agent writes FileWrite's data from its
+        /// frame); [`Request::read`] is this and [`RequestRef::into_owned`].
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub enum RequestRef<'a> {
+            $( $(#[$doc])* $name { $($field: <$fty as Field>::Ref<'a>),* }, )*
+        }
+
+        impl<'a> RequestRef<'a> {
+            /// Reads the fields of a request of type `ty`; `None` for a type that is not
+            /// a request. The caller checks [`Decoder::finish`].
+            pub fn read(ty: u16, dec: &mut Decoder<'a>) -> Result<Option<RequestRef<'a>>, DecodeError> {
                 Ok(Some(match ty {
-                    $( msg::$ty => Request::$name { $($field: Field::get(dec)?),* }, )*
+                    $( msg::$ty => RequestRef::$name { $($field: <$fty as Field>::get_ref(dec)?),* }, )*
                     _ => return Ok(None),
                 }))
+            }
+
+            /// The request with its fields copied out of the payload.
+            pub fn into_owned(self) -> Request {
+                match self {
+                    $( RequestRef::$name { $($field),* } =>
+                        Request::$name { $($field: <$fty as Field>::from_ref($field)),* }, )*
+                }
             }
         }
     };
@@ -1463,8 +1526,16 @@ impl Request {
 
     /// Decodes a whole payload of type `ty`; `None` for a type that is not a request.
     pub fn from_payload(ty: u16, payload: &[u8]) -> Result<Option<Request>, DecodeError> {
+        Ok(RequestRef::from_payload(ty, payload)?.map(RequestRef::into_owned))
+    }
+}
+
+impl<'a> RequestRef<'a> {
+    /// Decodes a whole payload of type `ty`, borrowing from it; `None` for a type that is
+    /// not a request.
+    pub fn from_payload(ty: u16, payload: &'a [u8]) -> Result<Option<RequestRef<'a>>, DecodeError> {
         let mut dec = Decoder::new(payload);
-        let r = Request::read(ty, &mut dec)?;
+        let r = RequestRef::read(ty, &mut dec)?;
         if r.is_some() {
             dec.finish()?;
         }
@@ -1690,6 +1761,38 @@ pub fn write_frame(w: &mut impl Write, ty: u16, payload: &[u8], max: u32) -> Res
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_borrowed_request_reads_its_strings_and_data_where_they_lie_in_the_payload() {
+        let within = |payload: &[u8], field: &[u8]| {
+            payload.as_ptr_range().contains(&field.as_ptr()) && field.len() < payload.len()
+        };
+        let req = Request::FsWriteFile { path: "/tmp/a".into(), data: vec![7; 100], perm: FileMode(0o640) };
+        let payload = req.to_payload();
+        let Some(RequestRef::FsWriteFile { path, data, perm }) =
+            RequestRef::from_payload(msg::FS_WRITE_FILE, &payload).unwrap()
+        else {
+            panic!("not an FsWriteFile");
+        };
+        assert!(within(&payload, path.as_bytes()) && within(&payload, data), "borrowed, not copied");
+        assert_eq!((path, data, perm), ("/tmp/a", &[7; 100][..], FileMode(0o640)));
+
+        let req = Request::FileWrite { handle: 9, data: b"xyz".to_vec() };
+        let payload = req.to_payload();
+        let borrowed = RequestRef::from_payload(msg::FILE_WRITE, &payload).unwrap().unwrap();
+        assert!(matches!(borrowed, RequestRef::FileWrite { handle: 9, data } if within(&payload, data)));
+        assert_eq!(borrowed.into_owned(), req);
+
+        let mut long = payload.clone();
+        long.push(0);
+        assert_eq!(
+            RequestRef::from_payload(msg::FILE_WRITE, &long),
+            Err(DecodeError::TrailingBytes { count: 1 })
+        );
+        assert!(RequestRef::from_payload(msg::FILE_WRITE, &payload[..payload.len() - 1]).is_err());
+        assert_eq!(RequestRef::from_payload(msg::RESPONSE, &payload), Ok(None));
+    }
 
     #[test]
     fn the_backend_is_an_optional_trailing_byte_of_instance_options() {
@@ -1708,7 +1811,6 @@ mod tests {
         assert_eq!("qemu".parse::<Backend>(), Ok(Backend::Qemu));
         assert!("xen".parse::<Backend>().is_err());
     }
-    use super::*;
 
     #[test]
     fn catalogue_numbers_are_unique_and_sorted() {

@@ -5,8 +5,9 @@
 //! that message's request payload, unchanged, except that file handles are this agent's
 //! own (the helper keeps the table that maps its handles to them). The answer is the
 //! helper protocol's response fields, or an agent error with the helper error code.
-//! Decoding is the helper protocol's own ([`Request::from_payload`]), so both ends share
-//! one definition of every layout.
+//! Decoding is the helper protocol's own ([`RequestRef::from_payload`], which borrows the
+//! strings and file data from the frame), so both ends share one definition of every
+//! layout.
 //!
 //! Paths are the guest's, absolute or relative to `/`. Modes are Go `FileMode` bits;
 //! open flags are Linux `O_*` values. Times are Unix seconds.
@@ -25,7 +26,7 @@ use nix::libc;
 use parking_lot::Mutex;
 
 use super::proto;
-use crate::wire::{DirEntry, Encoder, ErrorCode, FileInfo, FileMode, Request, Wire};
+use crate::wire::{DirEntry, Encoder, ErrorCode, FileInfo, FileMode, RequestRef, Wire};
 
 /// An agent-side failure: the helper error code and a message (the helper adds the
 /// operation and the path).
@@ -153,58 +154,36 @@ impl Files {
     /// Serves one Fs*/File* request (helper-protocol type `ty`, agent handles); the
     /// answer is the helper protocol's response fields.
     pub fn serve(&self, ty: u16, payload: &[u8]) -> Result<Vec<u8>, FsError> {
-        // The requests that carry file data write it from the payload as it is, not
-        // copied out by the general decoding first (fields as in `Request`; the fs tests
-        // send both through the real helper): a copy is an allocation the size of the
-        // data, which an allocator may map and unmap each time (see `super::buffers`).
-        if ty == crate::wire::msg::FILE_WRITE {
-            let mut d = crate::wire::Decoder::new(payload);
-            let (handle, data) = d
-                .u64()
-                .and_then(|h| d.bytes_ref().map(|data| (h, data)))
-                .and_then(|fields| d.finish().map(|()| fields))
-                .map_err(|e| invalid(format!("bad payload: {e}")))?;
-            let f = self.get(handle)?;
-            (&f.file).write_all(data).map_err(io_error)?;
-            let mut out = Encoder::new();
-            out.u32(data.len() as u32);
-            return Ok(out.into_bytes());
-        }
-        if ty == crate::wire::msg::FS_WRITE_FILE {
-            let mut d = crate::wire::Decoder::new(payload);
-            let (path, data, perm) = d
-                .str_ref()
-                .and_then(|p| d.bytes_ref().map(|data| (p, data)))
-                .and_then(|(p, data)| d.u32().map(|perm| (p, data, FileMode(perm))))
-                .and_then(|fields| d.finish().map(|()| fields))
-                .map_err(|e| invalid(format!("bad payload: {e}")))?;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(perm.to_unix_perm())
-                .open(guest_path(path)?)
-                .map_err(io_error)?;
-            f.write_all(data).map_err(io_error)?;
-            return Ok(Vec::new());
-        }
-        let req = Request::from_payload(ty, payload)
+        // Strings and file data are borrowed from the payload, not copied out of it: a
+        // copy of FileWrite's data is an allocation the size of the data, which an
+        // allocator may map and unmap each time (see `super::buffers`).
+        let req = RequestRef::from_payload(ty, payload)
             .map_err(|e| invalid(format!("bad payload: {e}")))?
             .ok_or_else(|| invalid(format!("unknown message type {ty:#06x}")))?;
         let mut out = Encoder::new();
         match req {
-            Request::FsOpen { path } => {
-                out.u64(self.open(&path, libc::O_RDONLY, 0)?);
+            RequestRef::FsOpen { path } => {
+                out.u64(self.open(path, libc::O_RDONLY, 0)?);
             }
-            Request::FsCreate { path } => {
-                out.u64(self.open(&path, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o666)?);
+            RequestRef::FsCreate { path } => {
+                out.u64(self.open(path, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o666)?);
             }
-            Request::FsOpenFile { path, flags, perm } => {
-                out.u64(self.open(&path, flags, perm.to_unix_perm())?);
+            RequestRef::FsOpenFile { path, flags, perm } => {
+                out.u64(self.open(path, flags, perm.to_unix_perm())?);
             }
-            Request::FsReadFile { path } => {
-                let mut f = File::open(guest_path(&path)?).map_err(io_error)?;
+            RequestRef::FsWriteFile { path, data, perm } => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(perm.to_unix_perm())
+                    .open(guest_path(path)?)
+                    .map_err(io_error)?;
+                f.write_all(data).map_err(io_error)?;
+            }
+            RequestRef::FsReadFile { path } => {
+                let mut f = File::open(guest_path(path)?).map_err(io_error)?;
                 // Read behind the length field of a kept buffer (see `super::buffers`),
                 // which is the answer.
                 let mut answer =
@@ -219,17 +198,17 @@ impl Files {
                 answer[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 return Ok(answer);
             }
-            Request::FsStat { path } => {
-                let m = std::fs::metadata(guest_path(&path)?).map_err(io_error)?;
-                file_info(&path, &m).encode(&mut out);
+            RequestRef::FsStat { path } => {
+                let m = std::fs::metadata(guest_path(path)?).map_err(io_error)?;
+                file_info(path, &m).encode(&mut out);
             }
-            Request::FsLstat { path } => {
-                let m = std::fs::symlink_metadata(guest_path(&path)?).map_err(io_error)?;
-                file_info(&path, &m).encode(&mut out);
+            RequestRef::FsLstat { path } => {
+                let m = std::fs::symlink_metadata(guest_path(path)?).map_err(io_error)?;
+                file_info(path, &m).encode(&mut out);
             }
-            Request::FsRemove { path } => {
+            RequestRef::FsRemove { path } => {
                 // Go's os.Remove: a file, or else an empty directory.
-                let p = guest_path(&path)?;
+                let p = guest_path(path)?;
                 if let Err(e) = std::fs::remove_file(&p) {
                     let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
                     if !is_dir {
@@ -238,9 +217,9 @@ impl Files {
                     std::fs::remove_dir(&p).map_err(io_error)?;
                 }
             }
-            Request::FsRemoveAll { path } => {
+            RequestRef::FsRemoveAll { path } => {
                 // Go's os.RemoveAll: everything under it; a missing path is no error.
-                let p = guest_path(&path)?;
+                let p = guest_path(path)?;
                 // Go refuses a path ending in "." or ".." (EINVAL); and whatever spelling
                 // names the root ("/", "/tmp/..", "a/../") is refused.
                 if path
@@ -264,14 +243,14 @@ impl Files {
                     _ => {}
                 }
             }
-            Request::FsMkdir { path, perm } => {
+            RequestRef::FsMkdir { path, perm } => {
                 std::fs::DirBuilder::new()
                     .mode(perm.to_unix_perm())
-                    .create(guest_path(&path)?)
+                    .create(guest_path(path)?)
                     .map_err(io_error)?;
             }
-            Request::FsMkdirAll { path, perm } => {
-                let p = guest_path(&path)?;
+            RequestRef::FsMkdirAll { path, perm } => {
+                let p = guest_path(path)?;
                 if !p.is_dir() {
                     std::fs::DirBuilder::new()
                         .recursive(true)
@@ -280,21 +259,21 @@ impl Files {
                         .map_err(io_error)?;
                 }
             }
-            Request::FsRename { from, to } => {
-                std::fs::rename(guest_path(&from)?, guest_path(&to)?).map_err(io_error)?;
+            RequestRef::FsRename { from, to } => {
+                std::fs::rename(guest_path(from)?, guest_path(to)?).map_err(io_error)?;
             }
-            Request::FsSymlink { target, link } => {
+            RequestRef::FsSymlink { target, link } => {
                 if target.is_empty() || target.contains('\0') {
                     return Err(invalid("bad symlink target"));
                 }
-                std::os::unix::fs::symlink(&target, guest_path(&link)?).map_err(io_error)?;
+                std::os::unix::fs::symlink(target, guest_path(link)?).map_err(io_error)?;
             }
-            Request::FsReadlink { path } => {
-                let t = std::fs::read_link(guest_path(&path)?).map_err(io_error)?;
+            RequestRef::FsReadlink { path } => {
+                let t = std::fs::read_link(guest_path(path)?).map_err(io_error)?;
                 out.string(&t.to_string_lossy());
             }
-            Request::FsReadDir { path } => {
-                let dir = guest_path(&path)?;
+            RequestRef::FsReadDir { path } => {
+                let dir = guest_path(path)?;
                 let mut entries = Vec::new();
                 for e in std::fs::read_dir(&dir).map_err(io_error)? {
                     let e = e.map_err(io_error)?;
@@ -322,21 +301,21 @@ impl Files {
                     ));
                 }
             }
-            Request::FsChmod { path, mode } => {
+            RequestRef::FsChmod { path, mode } => {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(
-                    guest_path(&path)?,
+                    guest_path(path)?,
                     std::fs::Permissions::from_mode(mode.to_unix_perm()),
                 )
                 .map_err(io_error)?;
             }
-            Request::FsChown { path, uid, gid } => {
+            RequestRef::FsChown { path, uid, gid } => {
                 // -1 leaves that id unchanged, as with chown(2) and Go's os.Chown.
                 let id = |v: i32| (v >= 0).then_some(v as u32);
-                std::os::unix::fs::chown(guest_path(&path)?, id(uid), id(gid)).map_err(io_error)?;
+                std::os::unix::fs::chown(guest_path(path)?, id(uid), id(gid)).map_err(io_error)?;
             }
-            Request::FsChtimes { path, atime, mtime } => {
-                let p = cpath(&guest_path(&path)?)?;
+            RequestRef::FsChtimes { path, atime, mtime } => {
+                let p = cpath(&guest_path(path)?)?;
                 let ts = |s: i64| libc::timespec { tv_sec: s as _, tv_nsec: 0 };
                 let times = [ts(atime), ts(mtime)];
                 // SAFETY: utimensat on a NUL-terminated path with two timespecs.
@@ -344,13 +323,13 @@ impl Files {
                     return Err(io_error(io::Error::last_os_error()));
                 }
             }
-            Request::FileClose { handle } => {
+            RequestRef::FileClose { handle } => {
                 self.open
                     .lock()
                     .remove(&handle)
                     .ok_or_else(|| (ErrorCode::InvalidHandle, format!("no open file {handle}")))?;
             }
-            Request::FileRead { handle, max } => {
+            RequestRef::FileRead { handle, max } => {
                 // Read straight into the answer, behind its length field: no zeroed
                 // buffer and no copy (a 1 MiB memset is milliseconds under TCG).
                 let f = self.get(handle)?;
@@ -380,10 +359,12 @@ impl Files {
                 answer[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 return Ok(answer);
             }
-            Request::FileWrite { .. } | Request::FsWriteFile { .. } => {
-                unreachable!("served from the payload before decoding")
+            RequestRef::FileWrite { handle, data } => {
+                let f = self.get(handle)?;
+                (&f.file).write_all(data).map_err(io_error)?;
+                out.u32(data.len() as u32);
             }
-            Request::FileSeek { handle, offset, whence } => {
+            RequestRef::FileSeek { handle, offset, whence } => {
                 let f = self.get(handle)?;
                 let pos = match whence {
                     0 if offset >= 0 => SeekFrom::Start(offset as u64),
@@ -394,22 +375,25 @@ impl Files {
                 };
                 out.i64((&f.file).seek(pos).map_err(io_error)? as i64);
             }
-            Request::FileSync { handle } => self.get(handle)?.file.sync_all().map_err(io_error)?,
-            Request::FileTruncate { handle, size } => {
+            RequestRef::FileSync { handle } => self.get(handle)?.file.sync_all().map_err(io_error)?,
+            RequestRef::FileTruncate { handle, size } => {
                 if size < 0 {
                     return Err(invalid(format!("negative size {size}")));
                 }
                 self.get(handle)?.file.set_len(size as u64).map_err(io_error)?;
             }
-            Request::FileStat { handle } => {
+            RequestRef::FileStat { handle } => {
                 let f = self.get(handle)?;
                 let m = f.file.metadata().map_err(io_error)?;
                 file_info(&f.name, &m).encode(&mut out);
             }
-            Request::FileName { handle } => {
+            RequestRef::FileName { handle } => {
                 out.string(&self.get(handle)?.name);
             }
-            other => return Err(invalid(format!("{} is not a filesystem message", other.name()))),
+            _ => {
+                let name = crate::wire::msg::name(ty).unwrap_or("?");
+                return Err(invalid(format!("{name} is not a filesystem message")));
+            }
         }
         Ok(out.into_bytes())
     }

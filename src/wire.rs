@@ -1191,9 +1191,10 @@ pub fn response_fields(payload: &[u8]) -> Result<Result<&[u8], ErrorFrame>, Deco
 
 /// A value with a fixed place in a request: the primitives and the typed payloads.
 ///
-/// Each is read in two forms: [`Field::Ref`], which borrows strings and byte strings from
-/// the payload (what [`RequestRef`] holds), and the owned value made from it (what
-/// [`Request`] holds), so a layout is decoded by one piece of code either way.
+/// Each is read in two forms: [`Field::Ref`], which borrows a top-level string or byte
+/// string from the payload (string lists and the typed payloads are read owned), held by
+/// [`RequestRef`]; and the owned value made from it, held by [`Request`]. A layout is
+/// decoded by one piece of code either way.
 pub trait Field: Sized {
     /// The value as read without copying: `&str` for a string, `&[u8]` for bytes, the
     /// value itself for the rest.
@@ -1204,10 +1205,6 @@ pub trait Field: Sized {
     fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<Self::Ref<'a>, DecodeError>;
     /// The owned value of a borrowed one.
     fn from_ref(r: Self::Ref<'_>) -> Self;
-    /// Reads the value.
-    fn get(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        Self::get_ref(dec).map(Self::from_ref)
-    }
 }
 
 macro_rules! prim_field {
@@ -1312,7 +1309,8 @@ macro_rules! requests {
         /// Every request of the helper protocol with its fields, in wire order.
         ///
         /// The layouts are those of `docs/protocol.md`; [`Request::encode`] and
-        /// [`Request::read`] are the only code that turns them into bytes and back.
+        /// [`RequestRef::read`] (which [`Request::read`] copies out of) are the only code
+        /// that turns them into bytes and back.
         #[derive(Debug, Clone, PartialEq, Eq)]
         #[allow(missing_docs)]
         pub enum Request {
@@ -1341,10 +1339,11 @@ macro_rules! requests {
             }
         }
 
-        /// A [`Request`] read without copying its strings and byte strings out of the
-        /// payload: the same variants and fields, each a [`Field::Ref`]. For the receiver
-        /// that uses the data where it lies (the agent writes FileWrite's data from its
-        /// frame); [`Request::read`] is this and [`RequestRef::into_owned`].
+        /// A [`Request`] read without copying its top-level strings and byte strings out
+        /// of the payload (string lists and typed payloads are read owned): the same
+        /// variants and fields, each a [`Field::Ref`]. For the receiver that uses the
+        /// data where it lies (the agent writes FileWrite's and FsWriteFile's data from
+        /// its frame); [`Request::read`] is this and [`RequestRef::into_owned`].
         #[derive(Debug, Clone, PartialEq, Eq)]
         #[allow(missing_docs)]
         pub enum RequestRef<'a> {
@@ -1359,6 +1358,18 @@ macro_rules! requests {
                     $( msg::$ty => RequestRef::$name { $($field: <$fty as Field>::get_ref(dec)?),* }, )*
                     _ => return Ok(None),
                 }))
+            }
+
+            /// The message type number.
+            pub fn ty(&self) -> u16 {
+                match self {
+                    $( RequestRef::$name { .. } => msg::$ty, )*
+                }
+            }
+
+            /// The message's catalogue name (`FsOpen`).
+            pub fn name(&self) -> &'static str {
+                msg::name(self.ty()).unwrap_or("?")
             }
 
             /// The request with its fields copied out of the payload.
@@ -1766,7 +1777,8 @@ mod tests {
     #[test]
     fn a_borrowed_request_reads_its_strings_and_data_where_they_lie_in_the_payload() {
         let within = |payload: &[u8], field: &[u8]| {
-            payload.as_ptr_range().contains(&field.as_ptr()) && field.len() < payload.len()
+            let (p, f) = (payload.as_ptr_range(), field.as_ptr_range());
+            p.start <= f.start && f.end <= p.end
         };
         let req = Request::FsWriteFile { path: "/tmp/a".into(), data: vec![7; 100], perm: FileMode(0o640) };
         let payload = req.to_payload();
@@ -1790,7 +1802,10 @@ mod tests {
             RequestRef::from_payload(msg::FILE_WRITE, &long),
             Err(DecodeError::TrailingBytes { count: 1 })
         );
-        assert!(RequestRef::from_payload(msg::FILE_WRITE, &payload[..payload.len() - 1]).is_err());
+        assert!(matches!(
+            RequestRef::from_payload(msg::FILE_WRITE, &payload[..payload.len() - 1]),
+            Err(DecodeError::Truncated { needed: 3, remaining: 2, .. })
+        ));
         assert_eq!(RequestRef::from_payload(msg::RESPONSE, &payload), Ok(None));
     }
 

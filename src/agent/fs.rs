@@ -155,8 +155,8 @@ impl Files {
     /// answer is the helper protocol's response fields.
     pub fn serve(&self, ty: u16, payload: &[u8]) -> Result<Vec<u8>, FsError> {
         // Strings and file data are borrowed from the payload, not copied out of it: a
-        // copy of FileWrite's data is an allocation the size of the data, which an
-        // allocator may map and unmap each time (see `super::buffers`).
+        // copy of FileWrite's or FsWriteFile's data is an allocation the size of the
+        // data, which an allocator may map and unmap each time (see `super::buffers`).
         let req = RequestRef::from_payload(ty, payload)
             .map_err(|e| invalid(format!("bad payload: {e}")))?
             .ok_or_else(|| invalid(format!("unknown message type {ty:#06x}")))?;
@@ -390,10 +390,7 @@ impl Files {
             RequestRef::FileName { handle } => {
                 out.string(&self.get(handle)?.name);
             }
-            _ => {
-                let name = crate::wire::msg::name(ty).unwrap_or("?");
-                return Err(invalid(format!("{name} is not a filesystem message")));
-            }
+            other => return Err(invalid(format!("{} is not a filesystem message", other.name()))),
         }
         Ok(out.into_bytes())
     }

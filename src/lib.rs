@@ -29,6 +29,9 @@ pub mod unix;
 pub mod vm;
 pub mod wire;
 
+#[cfg(test)]
+mod test_dir;
+
 pub use client::fs::{File, Fs, Metadata, OpenOptions};
 pub use client::instance::{
     Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Image, Instance, Output, Stdio,

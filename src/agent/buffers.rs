@@ -53,8 +53,8 @@ pub fn take(capacity: usize) -> Vec<u8> {
     KEPT.take(capacity)
 }
 
-/// Gives a buffer back for reuse; a small one is just dropped, as is one beyond
-/// [`KEEP`].
+/// Gives a buffer back for reuse; a small one is just dropped, as is one when eight
+/// (`KEEP`) are kept already.
 pub fn give(v: Vec<u8>) {
     KEPT.give(v)
 }

@@ -256,9 +256,8 @@ mod tests {
 
     #[test]
     fn prune_removes_the_unused_then_the_oldest_beyond_the_budget() {
-        let dir = std::env::temp_dir().join(format!("vmhost-prune-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::test_dir::TempDir::new("prune");
+        let dir = tmp.path();
         let now = SystemTime::now();
         let day = Duration::from_secs(24 * 3600);
         let file = |name: &str, len: usize, days_old: u32| {
@@ -279,7 +278,7 @@ mod tests {
         // Budget for two and a half of the 100-byte files (the 50 bytes in use count too):
         // "older" goes (oldest), "unused" goes (40 days), the old temporary file goes,
         // the fresh one stays (being written), others are not ours.
-        let removed = prune(&dir, &keep, now, 30 * day, 300);
+        let removed = prune(dir, &keep, now, 30 * day, 300);
         assert_eq!(removed, 3);
         for (p, there) in [
             (&keep, true),
@@ -293,20 +292,19 @@ mod tests {
             assert_eq!(p.exists(), there, "{}", p.display());
         }
         // The one just written, and one just used, stay even over budget.
-        assert_eq!(prune(&dir, &keep, now, 30 * day, 0), 1);
+        assert_eq!(prune(dir, &keep, now, 30 * day, 0), 1);
         assert!(keep.exists() && in_use.exists() && !recent.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_cache_hit_marks_the_file_used() {
-        let p = std::env::temp_dir().join(format!("vmhost-used-{}.cpio", std::process::id()));
+        let tmp = crate::test_dir::TempDir::new("used");
+        let p = tmp.join("used.cpio");
         std::fs::write(&p, b"x").unwrap();
         let old = SystemTime::now() - Duration::from_secs(90 * 24 * 3600);
         std::fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
         mark_used(&p);
         let age = SystemTime::now().duration_since(std::fs::metadata(&p).unwrap().modified().unwrap());
         assert!(age.unwrap_or_default() < Duration::from_secs(60));
-        std::fs::remove_file(&p).unwrap();
     }
 }

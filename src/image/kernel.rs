@@ -554,28 +554,20 @@ mod tests {
 
     #[test]
     fn a_user_kernel_is_booted_as_it_is_when_its_header_says_elf() {
-        // Removed however the test ends.
-        struct Dir(PathBuf);
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let guard = Dir(std::env::temp_dir().join(format!("vmhost-userkernel-{}", std::process::id())));
-        let dir = guard.0.clone();
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::test_dir::TempDir::new("userkernel");
+        let dir = tmp.path();
         // An ELF64 header, then a body nobody needs to read.
         let mut elf = vec![0u8; 1 << 20];
         elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
         let vmlinux = dir.join("vmlinux");
         std::fs::write(&vmlinux, &elf).unwrap();
-        assert_eq!(from_files(&dir, &vmlinux, None).unwrap().vmlinux, vmlinux);
+        assert_eq!(from_files(dir, &vmlinux, None).unwrap().vmlinux, vmlinux);
         // Anything else must be a bzImage, and the error names the file.
         let junk = dir.join("junk");
         std::fs::write(&junk, b"definitely not a kernel").unwrap();
-        let err = from_files(&dir, &junk, None).unwrap_err().to_string();
+        let err = from_files(dir, &junk, None).unwrap_err().to_string();
         assert!(err.contains("not a bzImage") && err.contains("junk"), "{err}");
-        let err = from_files(&dir, &dir.join("missing"), None).unwrap_err().to_string();
+        let err = from_files(dir, &dir.join("missing"), None).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
     }
 }

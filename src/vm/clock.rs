@@ -170,8 +170,7 @@ mod tests {
         // Two measurements of one fixed rate: within 0.5 % of each other (preemption
         // between a TSC and a clock reading is filtered out).
         assert!(a.abs_diff(b) as f64 <= a as f64 * 0.005, "{a} vs {b} kHz");
-        let dir = std::env::temp_dir().join(format!("vmhost-tsc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TempDir::new("tsc");
         let cache = dir.join("tsc-khz");
         let measured = cached_or_measured(&cache).unwrap();
         assert!(measured.abs_diff(a) as f64 <= a as f64 * 0.005);
@@ -187,6 +186,5 @@ mod tests {
         // A host without an invariant TSC is remembered as such.
         std::fs::write(&cache, format!("{} none\n", boot_id.trim())).unwrap();
         assert_eq!(cached_or_measured(&cache), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -107,8 +107,7 @@ mod tests {
 
     #[test]
     fn keeps_the_tail_and_a_bounded_log() {
-        let dir = std::env::temp_dir().join(format!("vmhost-console-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TempDir::new("console");
         let path = dir.join("console.log");
         let c = ConsoleLog::new(Some(&path), false);
         c.append(b"one\ntwo\n");
@@ -119,7 +118,6 @@ mod tests {
         let len = std::fs::metadata(&path).unwrap().len();
         assert!(len <= LOG_MAX + 100, "console.log grew to {len}");
         assert!(c.tail.lock().len() <= TAIL);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

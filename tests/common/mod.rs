@@ -1,41 +1,14 @@
-//! Shared test support: short temporary directories (socket paths must stay under 108
-//! bytes), file-descriptor counts, and bounded waits used as hang guards.
+//! Shared test support: short temporary directories (`src/test_dir.rs`, shared with the
+//! unit tests: socket paths must stay under 108 bytes), file-descriptor counts, and
+//! bounded waits used as hang guards.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// A directory under /tmp removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = PathBuf::from(format!(
-            "/tmp/vmh-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "../../src/test_dir.rs"]
+mod test_dir;
+pub use test_dir::TempDir;
 
 /// Open descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {

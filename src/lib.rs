@@ -34,7 +34,8 @@ mod test_dir;
 
 pub use client::fs::{File, Fs, Metadata, OpenOptions};
 pub use client::instance::{
-    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Image, Instance, Output, Stdio,
+    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, FirstCommand, Image, Instance, Output,
+    Stdio,
 };
 pub use error::{Error, Result};
 pub use wire::InstanceOptions;

@@ -738,3 +738,102 @@ fn exec_suite_on_the_kvm_backend() {
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"), "not on our machine: {cmdline}");
 }
+
+/// A first command started at boot (`Instance::new_with_first_command`): it runs before
+/// it is asked for, once; only it may run first; it takes its stdin, output and exit
+/// code over as any command does.
+#[test]
+fn the_first_command_starts_at_boot_runs_once_and_is_the_only_first() {
+    if !vm_ready("the_first_command_starts_at_boot_runs_once_and_is_the_only_first") {
+        return;
+    }
+    let script = "echo ran >> /tmp/first; cat; echo to-stderr >&2; exit 7";
+    let args: Vec<String> = vec!["-c".into(), script.into()];
+    let first = vmhost::FirstCommand { program: "sh".into(), args: args.clone(), dir: None, stdin: true };
+    let vm = Instance::new_with_first_command(Image::Default, InstanceOptions::default(), first).unwrap();
+    assert!(vm.helper_pid().is_none(), "VMHOST_USE_HELPER is set: the first command would not start at boot");
+    // It ran before anyone asked for it (file requests are not commands).
+    assert!(
+        wait_until(GUARD, || vm.fs().read("/tmp/first").is_ok_and(|d| d == b"ran\n")),
+        "the first command did not run at boot"
+    );
+    // Another command, or this one with a detail changed, may not go first: each would
+    // run the first command a second time, or never take it over.
+    let refused = |c: &mut vmhost::Command<'_>| {
+        let e = c.status().unwrap_err().to_string();
+        assert!(e.contains("is not this guest's first command"), "{e}");
+    };
+    refused(&mut vm.command("true"));
+    refused(vm.command("sh").args(&args).current_dir("/tmp").stdin(vmhost::Stdio::piped()));
+    refused(vm.command("sh").args(&args).env("A", "1").stdin(vmhost::Stdio::piped()));
+    refused(vm.command("sh").args(&args)); // stdin not piped
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = vm
+        .command("sh")
+        .args(&args)
+        .stream_stdin(&b"fed to the first command\n"[..], |stream, data| {
+            let to = if stream == vmhost::wire::STREAM_STDERR { &mut err } else { &mut out };
+            to.extend_from_slice(data);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((code, &out[..], &err[..]), (7, &b"fed to the first command\n"[..], &b"to-stderr\n"[..]));
+    assert_eq!(vm.fs().read("/tmp/first").unwrap(), b"ran\n", "taken over, not run again");
+    // Once taken, every command runs as usual, the first one too, once more.
+    let out = vm.command("sh").args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let out = vm.command("cat").arg("/tmp/first").output().unwrap();
+    assert_eq!(out.stdout, b"ran\nran\n");
+    vm.close().unwrap();
+}
+
+/// A first command too long for the kernel's command line starts when it is run, under
+/// the same rules.
+#[test]
+fn a_first_command_too_long_for_the_kernel_command_line_starts_when_run() {
+    if !vm_ready("a_first_command_too_long_for_the_kernel_command_line_starts_when_run") {
+        return;
+    }
+    let long = "x".repeat(3000);
+    let args = vec!["-c".to_string(), format!("grep -c VMHOST_EXEC= /proc/cmdline; echo ${{#0}}"), long];
+    let first = vmhost::FirstCommand { program: "sh".into(), args: args.clone(), ..Default::default() };
+    let vm = Instance::new_with_first_command(Image::Default, InstanceOptions::default(), first).unwrap();
+    let e = vm.command("true").status().unwrap_err().to_string();
+    assert!(e.contains("is not this guest's first command"), "{e}");
+    let out = vm.command("sh").args(&args).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n3000\n");
+    assert!(vm.command("true").status().unwrap().success());
+    vm.close().unwrap();
+}
+
+/// `vmhost run` starts its command at boot, but never with `-e` values (/proc/cmdline is
+/// readable by every guest user); the exit code and both streams come through either way.
+#[test]
+fn run_starts_its_command_at_boot_without_caller_environment_values() {
+    if !vm_ready("run_starts_its_command_at_boot_without_caller_environment_values") {
+        return;
+    }
+    let run = |extra: &[&str]| {
+        std::process::Command::new(common::vmhost_bin())
+            .arg("run")
+            .args(extra)
+            .args(["--", "sh", "-c", "grep -c VMHOST_EXEC= /proc/cmdline; echo \"[$A]\"; echo e >&2; exit 7"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((&out.stdout[..], &out.stderr[..]), (&b"1\n[]\n"[..], &b"e\n"[..]));
+    let out = run(&["-e", "A=secret"]);
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((&out.stdout[..], &out.stderr[..]), (&b"0\n[secret]\n"[..], &b"e\n"[..]));
+    let out = std::process::Command::new(common::vmhost_bin())
+        .args(["run", "--", "/no/such/program"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("exec /no/such/program") && err.contains("No such file"), "{err}");
+}

@@ -41,12 +41,15 @@ pub fn run() -> ! {
     // cost the first command two thread starts (the setup's and its waiter's), more
     // than running beside the server's start saved.
     trace(format_args!("setup done"));
+    // The command the host put on the kernel command line, if any, starts now: it runs
+    // while the server starts and the host answers its Hello.
+    let first = std::env::var(super::proto::FIRST_EXEC_VAR).ok().map(|p| super::serve::First::start(&p));
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
         power_button_thread(watch_power_button);
     }
     // The server runs on this thread, in PID 1 itself: no fork, no second address space.
-    let code = super::serve::run();
+    let code = super::serve::run(first);
     say(format_args!("agent server ended ({code}); powering off"));
     power_off();
 }

@@ -26,6 +26,15 @@
 //! not hold the others. A process started with a terminal ([`ExecRequest::tty`]) is
 //! resized with [`RESIZE`].
 //!
+//! The first process may be started at boot, before the host asks. The host then puts
+//! its [`ExecRequest`] on the kernel command line, in hex, as the parameter
+//! [`FIRST_EXEC_VAR`] ([`encode_first_exec`]), which the kernel hands init in its
+//! environment.
+//! The agent starts it as soon as the guest is set up and, right after its Hello,
+//! answers it unasked, as if the host had sent an [`EXEC`] with id [`FIRST_EXEC_ID`]:
+//! an [`OK`] with the pid or an [`ERROR`], then its output and end under that id. The
+//! host never uses that id for anything else. Since version 4.
+//!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
 //! [`CREDIT`] as its consumer takes the data. Standard input is paced by the replies:
@@ -38,7 +47,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -84,6 +93,56 @@ pub const ERROR: u16 = 0xFF01;
 pub const OUTPUT: u16 = 0xFF02;
 /// Process end, after all its output: `i32 exit code, i32 signal (0 if none)`.
 pub const EXIT: u16 = 0xFF03;
+
+/// The id of the process the agent starts at boot (see the module's doc).
+pub const FIRST_EXEC_ID: u32 = 1;
+/// The kernel parameter that carries the first process: `VMHOST_EXEC=` and the hex of
+/// its [`ExecRequest`] payload. The kernel passes a parameter it does not know, whose
+/// name has no dot, to init as an environment variable: the agent reads it there.
+pub const FIRST_EXEC_VAR: &str = "VMHOST_EXEC";
+/// The longest [`FIRST_EXEC_VAR`] parameter, whole: the kernel's command line holds
+/// 2048 bytes in all (x86's `COMMAND_LINE_SIZE`), and the machine's own parameters need
+/// the rest.
+pub const MAX_FIRST_EXEC_PARAM: usize = 1024;
+
+/// The kernel parameter that starts `req` at boot; `None` when it would be longer than
+/// [`MAX_FIRST_EXEC_PARAM`] (the command is then started the usual way).
+pub fn encode_first_exec(req: &ExecRequest) -> Option<String> {
+    let mut e = Encoder::new();
+    req.encode(&mut e);
+    let payload = e.as_bytes();
+    let len = FIRST_EXEC_VAR.len() + 1 + 2 * payload.len();
+    if len > MAX_FIRST_EXEC_PARAM {
+        return None;
+    }
+    let mut param = String::with_capacity(len);
+    param.push_str(FIRST_EXEC_VAR);
+    param.push('=');
+    for b in payload {
+        param.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        param.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    Some(param)
+}
+
+/// The first process of [`FIRST_EXEC_VAR`]'s value, or why it holds none.
+pub fn decode_first_exec(hex: &str) -> Result<ExecRequest, String> {
+    if FIRST_EXEC_VAR.len() + 1 + hex.len() > MAX_FIRST_EXEC_PARAM || hex.len() % 2 != 0 {
+        return Err(format!(
+            "{FIRST_EXEC_VAR}: {} hex digits, not an even number up to the limit",
+            hex.len()
+        ));
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes: Option<Vec<u8>> =
+        hex.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect();
+    let bytes = bytes.ok_or_else(|| format!("{FIRST_EXEC_VAR}: not lowercase hex"))?;
+    ExecRequest::decode(&bytes).map_err(|e| format!("{FIRST_EXEC_VAR}: bad Exec payload: {e}"))
+}
 
 /// The name of an agent message type, for errors and logs.
 pub fn name(ty: u16) -> &'static str {
@@ -298,5 +357,30 @@ mod tests {
         r.encode(&mut e);
         assert_eq!(ExecRequest::decode(e.as_bytes()).unwrap(), r);
         assert!(ExecRequest::decode(&e.as_bytes()[..10]).is_err());
+    }
+
+    #[test]
+    fn a_first_exec_parameter_round_trips_and_a_bad_one_is_an_error_not_a_panic() {
+        let r = ExecRequest {
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo \"a b\" -- x=y.z\n\u{e9}".into()],
+            env: vec![format!("PATH={}", crate::agent::spawn::DEFAULT_PATH)],
+            stdin: true,
+            ..Default::default()
+        };
+        let param = encode_first_exec(&r).unwrap();
+        // One word of the kernel's command line, nothing it splits or unquotes, and a
+        // name without a dot: the kernel passes it to init's environment.
+        assert!(param.bytes().all(|b| b.is_ascii_graphic() && b != b'"'), "{param}");
+        let (name, hex) = param.split_once('=').unwrap();
+        assert_eq!(name, FIRST_EXEC_VAR);
+        assert!(!name.contains('.'));
+        assert_eq!(decode_first_exec(hex).unwrap(), r);
+        for bad in [&hex[..hex.len() - 1], &hex[..hex.len() - 2], "zz", "0A", ""] {
+            assert!(decode_first_exec(bad).is_err(), "{bad:?}");
+        }
+        assert!(decode_first_exec(&"00".repeat(MAX_FIRST_EXEC_PARAM)).unwrap_err().contains("limit"));
+        let big = ExecRequest { program: "x".repeat(MAX_FIRST_EXEC_PARAM / 2), ..Default::default() };
+        assert_eq!(encode_first_exec(&big), None);
     }
 }

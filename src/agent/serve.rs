@@ -29,8 +29,35 @@ pub fn take_root_groups() {
     }
 }
 
+/// The process the host asked for on the kernel command line ([`proto::FIRST_EXEC_VAR`]),
+/// started before the server runs: the request, and the process or why it could not
+/// start.
+pub struct First {
+    req: ExecRequest,
+    started: Result<spawn::Spawned, (ErrorCode, String)>,
+}
+
+impl First {
+    /// Starts the process `param` (the value of init's [`proto::FIRST_EXEC_VAR`]) asks
+    /// for. Called once the guest is set up, so that the command runs while the server
+    /// finds its port and says Hello (and while the host answers it): the first
+    /// command's exec is then off the path of a `vmhost run`.
+    pub fn start(param: &str) -> First {
+        let (req, started) = match proto::decode_first_exec(param) {
+            Ok(req) => {
+                let started = start(&req);
+                (req, started)
+            }
+            Err(m) => (ExecRequest::default(), Err((ErrorCode::InvalidArgument, m))),
+        };
+        trace(format_args!("first process started at boot: {}", req.program));
+        First { req, started }
+    }
+}
+
 /// Runs the server until the channel fails for good. The guest is set up by then.
-pub fn run() -> i32 {
+/// `first`: the process started at boot, which is answered right after the Hello.
+pub fn run(first: Option<First>) -> i32 {
     let port = match find_port(Duration::from_secs(60)) {
         Some(p) => p,
         None => {
@@ -56,16 +83,21 @@ pub fn run() -> i32 {
     let mut hello = Encoder::new();
     hello.u32(proto::VERSION).string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")));
     writer.send(proto::HELLO, 0, hello.as_bytes());
-    let server = Server {
+    let server = Arc::new(Server {
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
         fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
         proc_pool: Arc::new(Pool::new(usize::MAX)),
-    };
+    });
     // Started while the host answers the Hello: the worker for the first command. The
     // reaper starts once the first command runs (see `start_reaper`).
     server.proc_pool.start_worker();
+    if let Some(First { req, started }) = first {
+        let id = proto::FIRST_EXEC_ID;
+        let started = started.map(|child| server.clone().adopt(id, &req, child));
+        server.answer_exec(id, &req, started);
+    }
     server.serve(file)
 }
 
@@ -301,8 +333,8 @@ impl Pool {
 }
 
 impl Server {
-    fn serve(self, mut port: File) -> i32 {
-        let me = Arc::new(self);
+    fn serve(self: Arc<Self>, mut port: File) -> i32 {
+        let me = self;
         loop {
             // A large payload (file data) goes into a kept buffer, which the fs
             // request gives back when it is answered.
@@ -351,16 +383,8 @@ impl Server {
             },
             proto::EXEC => match ExecRequest::decode(&f.payload) {
                 Ok(req) => {
-                    match self.clone().spawn(f.id, &req) {
-                        Ok(pid) => {
-                            w.ok(f.id, &(pid as u32).to_be_bytes());
-                            trace(format_args!("process {} started: {} (pid {pid})", f.id, req.program));
-                        }
-                        Err((code, msg)) => w.error(f.id, code, &msg),
-                    }
-                    // After the answer; also after a failed start, which may leave a
-                    // child to reap (a pty child killed when its ends could not be set).
-                    start_reaper();
+                    let started = self.clone().spawn(f.id, &req);
+                    self.answer_exec(f.id, &req, started);
                 }
                 Err(e) => w.error(f.id, ErrorCode::InvalidArgument, &format!("bad Exec payload: {e}")),
             },
@@ -463,52 +487,33 @@ impl Server {
         super::buffers::give(f.payload);
     }
 
-    /// Starts a process; a pool worker carries its output and exit, and a thread of its
-    /// own feeds a piped stdin.
+    /// Answers an Exec (or the first process, started at boot): OK with the pid, or the
+    /// error.
+    fn answer_exec(&self, id: u32, req: &ExecRequest, started: Result<i32, (ErrorCode, String)>) {
+        match started {
+            Ok(pid) => {
+                self.writer.ok(id, &(pid as u32).to_be_bytes());
+                trace(format_args!("process {id} started: {} (pid {pid})", req.program));
+            }
+            Err((code, msg)) => self.writer.error(id, code, &msg),
+        }
+        // After the answer; also after a failed start, which may leave a child to reap (a
+        // pty child killed when its ends could not be set).
+        start_reaper();
+    }
+
+    /// Starts a process as process `id` (see [`start`] and [`Server::adopt`]).
     fn spawn(self: Arc<Self>, id: u32, req: &ExecRequest) -> Result<i32, (ErrorCode, String)> {
         if self.procs.lock().contains_key(&id) {
             return Err((ErrorCode::InvalidArgument, format!("process id {id} is in use")));
         }
-        let user = resolve_user(&req.user).map_err(|m| (ErrorCode::InvalidArgument, m))?;
-        // The environment: the request's (a later entry wins), with HOME, USER and
-        // LOGNAME when it lacks them.
-        let mut env = std::collections::BTreeMap::new();
-        for (k, v) in [("HOME", &user.home), ("USER", &user.name), ("LOGNAME", &user.name)] {
-            env.insert(k.to_string(), v.clone());
-        }
-        for kv in &req.env {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            env.insert(k.to_string(), v.to_string());
-        }
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        let dir = if req.dir.is_empty() {
-            if std::path::Path::new(&user.home).is_dir() {
-                user.home.as_str()
-            } else {
-                "/"
-            }
-        } else {
-            if let Err(e) = std::fs::read_dir(&req.dir) {
-                return Err((ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
-            }
-            req.dir.as_str()
-        };
-        let spec = spawn::Spec {
-            program: &req.program,
-            args: &req.args,
-            env: &env,
-            dir,
-            stdin: req.stdin,
-            uid: user.uid,
-            gid: user.gid,
-            groups: &user.groups,
-            tty: req.tty,
-        };
-        // The host prefixes "exec PROGRAM: "; the message is the cause alone.
-        let child = spawn::spawn(&spec).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
-            _ => super::fs::io_error(e),
-        })?;
+        let child = start(req)?;
+        Ok(self.adopt(id, req, child))
+    }
+
+    /// Makes a started process process `id`: a pool worker carries its output and exit,
+    /// and a thread of its own feeds a piped stdin. Returns its pid.
+    fn adopt(self: Arc<Self>, id: u32, req: &ExecRequest, child: spawn::Spawned) -> i32 {
         let (pid, token, pidfd, ends) = (child.pid, child.token, child.pidfd, child.ends);
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tty = req.tty.is_some();
@@ -535,7 +540,7 @@ impl Server {
         // is costly in an emulated guest kernel, and exec latency is what users feel).
         let pool = self.proc_pool.clone();
         pool.run(move || self.run_process(id, pidfd, &proc, pipes));
-        Ok(pid)
+        pid
     }
 
     /// Forwards the process's output within its credit, then reports its end. Output
@@ -619,6 +624,51 @@ impl Server {
         self.writer.send(proto::EXIT, id, e.as_bytes());
         trace(format_args!("process {id} exited with {code}"));
     }
+}
+
+/// Starts the process `req` asks for: its user, environment and working directory
+/// resolved as the guest's files say.
+fn start(req: &ExecRequest) -> Result<spawn::Spawned, (ErrorCode, String)> {
+    let user = resolve_user(&req.user).map_err(|m| (ErrorCode::InvalidArgument, m))?;
+    // The environment: the request's (a later entry wins), with HOME, USER and
+    // LOGNAME when it lacks them.
+    let mut env = std::collections::BTreeMap::new();
+    for (k, v) in [("HOME", &user.home), ("USER", &user.name), ("LOGNAME", &user.name)] {
+        env.insert(k.to_string(), v.clone());
+    }
+    for kv in &req.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        env.insert(k.to_string(), v.to_string());
+    }
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let dir = if req.dir.is_empty() {
+        if std::path::Path::new(&user.home).is_dir() {
+            user.home.as_str()
+        } else {
+            "/"
+        }
+    } else {
+        if let Err(e) = std::fs::read_dir(&req.dir) {
+            return Err((ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
+        }
+        req.dir.as_str()
+    };
+    let spec = spawn::Spec {
+        program: &req.program,
+        args: &req.args,
+        env: &env,
+        dir,
+        stdin: req.stdin,
+        uid: user.uid,
+        gid: user.gid,
+        groups: &user.groups,
+        tty: req.tty,
+    };
+    // The host prefixes "exec PROGRAM: "; the message is the cause alone.
+    spawn::spawn(&spec).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
+        _ => super::fs::io_error(e),
+    })
 }
 
 /// Sends output within the process's credit (dropped once the process is detached).

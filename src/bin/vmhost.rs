@@ -403,7 +403,25 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     } else {
         None
     };
-    let inst = match vmhost::Instance::new(vm.image(), vm.options.clone()) {
+    let feed_stdin = stdin_mode.unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        !std::io::stdin().is_terminal()
+    });
+    // The guest starts the command as soon as it is up, unless it needs a terminal (its
+    // size is known only then) or caller-given environment values (the command line
+    // that carries it is readable to every user of the guest in /proc/cmdline).
+    let booted = if winch.is_none() && env.is_empty() {
+        let first = vmhost::FirstCommand {
+            program: program.clone(),
+            args: rest.to_vec(),
+            dir: dir.clone(),
+            stdin: feed_stdin,
+        };
+        vmhost::Instance::new_with_first_command(vm.image(), vm.options.clone(), first)
+    } else {
+        vmhost::Instance::new(vm.image(), vm.options.clone())
+    };
+    let inst = match booted {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
@@ -428,10 +446,6 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             Err(_) => Ok(()),
         }
     };
-    let feed_stdin = stdin_mode.unwrap_or_else(|| {
-        use std::io::IsTerminal;
-        !std::io::stdin().is_terminal()
-    });
     let code = match winch {
         None if feed_stdin => c.stream_stdin(std::io::stdin(), &mut forward),
         None => c.stream(&mut forward),
@@ -618,6 +632,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         source,
         cache_dir: vmhost::image::cache_dir(),
         options: vm.options.clone(),
+        first_command: None,
     };
     let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
     log::info!("host {name}: VM {} running", machine.id());

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+pub use crate::server::helper::FirstCommand;
 use crate::server::helper::Helper;
 use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType, StreamChunk, Wire};
 
@@ -114,10 +115,45 @@ impl Instance {
     /// Boots an instance of `image`, in this process or through a helper as
     /// `VMHOST_USE_HELPER` says. Boot progress shows on a terminal.
     pub fn new(image: Image, options: InstanceOptions) -> Result<Instance> {
+        Instance::boot(image, options, None)
+    }
+
+    /// Like [`Instance::new`], with the guest starting `first` as soon as it is up,
+    /// before it is asked: the boot-and-run of a one-shot command (`vmhost run`) then
+    /// does not wait for the command's start after the boot. The instance's first
+    /// [`Command`] must be exactly `first`, and takes over the running process; see
+    /// [`FirstCommand`]. Through a helper process (`VMHOST_USE_HELPER`) the command
+    /// starts when it is run, as with [`Instance::new`].
+    ///
+    /// ```no_run
+    /// use vmhost::{FirstCommand, Image, Instance};
+    /// let first = FirstCommand { program: "uname".into(), args: vec!["-r".into()], ..Default::default() };
+    /// let vm = Instance::new_with_first_command(Image::Default, Default::default(), first)?;
+    /// let out = vm.command("uname").arg("-r").output()?;
+    /// assert!(out.status.success());
+    /// # Ok::<(), vmhost::Error>(())
+    /// ```
+    pub fn new_with_first_command(
+        image: Image,
+        options: InstanceOptions,
+        first: FirstCommand,
+    ) -> Result<Instance> {
+        Instance::boot(image, options, Some(first))
+    }
+
+    /// Boots in this process or through a helper, as `VMHOST_USE_HELPER` says.
+    fn boot(image: Image, options: InstanceOptions, first: Option<FirstCommand>) -> Result<Instance> {
         let t = if super::use_helper() {
+            if let Some(first) = first {
+                log::debug!("through a helper process, {} starts once it is run", first.program);
+            }
             Transport::Remote(super::spawn_helper()?)
         } else {
-            Transport::Local(Helper::with_progress(Progress::auto()))
+            let helper = Helper::with_progress(Progress::auto());
+            if let Some(first) = first {
+                helper.set_first_command(first);
+            }
+            Transport::Local(helper)
         };
         Instance::start(t, image, options)
     }

@@ -31,6 +31,38 @@ use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, Stream
 /// The default `PATH` of guest commands.
 pub use crate::agent::spawn::DEFAULT_PATH;
 
+/// A command the next instance's guest starts as soon as it is up, before it is asked
+/// ([`Helper::set_first_command`]): under emulation its start is then off the path of a
+/// boot-and-run. The instance's first command must be exactly this one (the same
+/// program, arguments and directory, no added environment, a stdin pipe as given, no
+/// terminal): it takes over the running process. Any other command is refused until then,
+/// so a command is never run twice by mistake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirstCommand {
+    /// The program: a path, or a name looked up in the default `PATH`.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its working directory (`None`: the user's home, else `/`).
+    pub dir: Option<String>,
+    /// Whether its stdin is a pipe the host feeds (else /dev/null).
+    pub stdin: bool,
+}
+
+/// The request a new command starts from: `program` with `args`, as `user`, with the
+/// default `PATH` alone for its environment.
+fn exec_request(program: String, args: Vec<String>, user: &str) -> ExecRequest {
+    ExecRequest {
+        program,
+        args,
+        env: vec![format!("PATH={DEFAULT_PATH}")],
+        dir: String::new(),
+        user: user.to_string(),
+        stdin: false,
+        tty: None,
+    }
+}
+
 /// A table of handles of one kind. Handles come from one counter shared by every table,
 /// starting at 1; a handle this table gave out and took back is "already closed", any
 /// other unknown one is "invalid".
@@ -106,15 +138,7 @@ struct Cmd {
 impl Cmd {
     fn new(program: String, args: Vec<String>, user: &str) -> Arc<Cmd> {
         Arc::new(Cmd {
-            spec: Mutex::new(ExecRequest {
-                program,
-                args,
-                env: vec![format!("PATH={DEFAULT_PATH}")],
-                dir: String::new(),
-                user: user.to_string(),
-                stdin: false,
-                tty: None,
-            }),
+            spec: Mutex::new(exec_request(program, args, user)),
             run: Mutex::new(RunState::NotStarted),
             done: Condvar::new(),
             pipes: Arc::new(PipeSlot::default()),
@@ -162,7 +186,7 @@ impl Cmd {
             let (cols, rows) = *inst.console.lock();
             spec.tty = Some((cols.clamp(1, 10_000) as u16, rows.clamp(1, 10_000) as u16));
         }
-        let started = vm.agent().and_then(|agent| agent.exec(&spec));
+        let started = inst.claim_first(&spec).and_then(|()| vm.agent()).and_then(|agent| agent.exec(&spec));
         let mut run = self.run.lock();
         match started {
             Ok(p) => {
@@ -274,6 +298,24 @@ struct Instance {
     console: Mutex<(i32, i32)>,
     /// Running commands on a terminal, resized with the console.
     ttys: Mutex<Vec<std::sync::Weak<Process>>>,
+    /// The command the guest was asked to start at boot (a [`FirstCommand`]), until a
+    /// command claims it.
+    first: Mutex<Option<ExecRequest>>,
+}
+
+impl Instance {
+    /// Lets `spec` start when it is the instance's first command or there is none left
+    /// to claim. The rule holds whether or not the guest could start the first command
+    /// at boot (it may not have fit on the kernel command line), so that a program
+    /// behaves the same either way.
+    fn claim_first(&self, spec: &ExecRequest) -> crate::Result<()> {
+        let mut first = self.first.lock();
+        if let Some(f) = first.as_ref() {
+            crate::vm::agent_link::check_first(f, spec)?;
+            *first = None;
+        }
+        Ok(())
+    }
 }
 
 /// The helper-protocol service of one helper process.
@@ -289,6 +331,8 @@ struct State {
     booting: std::sync::atomic::AtomicBool,
     next_handle: std::sync::atomic::AtomicU64,
     progress: Progress,
+    /// The command the next InstanceNew's guest starts at boot.
+    first_command: Mutex<Option<FirstCommand>>,
 }
 
 impl State {
@@ -327,10 +371,11 @@ impl Helper {
 
     fn build(vm: Option<(Machine, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
-            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user)))),
+            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user, None)))),
             booting: std::sync::atomic::AtomicBool::new(false),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             progress,
+            first_command: Mutex::new(None),
         });
         let mut mux = Mux::new();
         for &(ty, _) in msg::ALL {
@@ -351,6 +396,12 @@ impl Helper {
             });
         }
         Arc::new(Helper { mux, state })
+    }
+
+    /// Has the next instance this helper boots start `first` as soon as its guest is up
+    /// (see [`FirstCommand`]).
+    pub fn set_first_command(&self, first: FirstCommand) {
+        *self.state.first_command.lock() = Some(first);
     }
 
     /// Serves one request without a socket: `on_frame` receives the frames a streaming
@@ -388,7 +439,7 @@ impl Handler for Helper {
     }
 }
 
-fn new_instance(vm: Machine, user: String) -> Instance {
+fn new_instance(vm: Machine, user: String, first: Option<ExecRequest>) -> Instance {
     Instance {
         vm,
         user,
@@ -396,6 +447,7 @@ fn new_instance(vm: Machine, user: String) -> Instance {
         files: Mutex::new(Table::new()),
         console: Mutex::new((80, 24)),
         ttys: Mutex::new(Vec::new()),
+        first: Mutex::new(first),
     }
 }
 
@@ -432,10 +484,16 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
                     "an instance is already booting",
                 ));
             }
-            let booted = InstanceSpec::from_request(&new).and_then(|spec| spec.boot(&st.progress));
+            let first = st.first_command.lock().take().map(|f| ExecRequest {
+                dir: f.dir.unwrap_or_default(),
+                stdin: f.stdin,
+                ..exec_request(f.program, f.args, &new.options.user)
+            });
+            let booted = InstanceSpec::from_request(&new)
+                .and_then(|spec| InstanceSpec { first_command: first.clone(), ..spec }.boot(&st.progress));
             st.booting.store(false, Ordering::SeqCst);
             let vm = booted.map_err(|e| frame(&e, &new.source_path))?;
-            *st.instance.lock() = Some(Arc::new(new_instance(vm, new.options.user.clone())));
+            *st.instance.lock() = Some(Arc::new(new_instance(vm, new.options.user.clone(), first)));
             Ok(Reply::ok())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),

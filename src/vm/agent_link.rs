@@ -58,6 +58,16 @@ struct Inner {
     /// Why the VM is ending, when the host ends it (e.g. its timeout): reported in
     /// preference to the bare loss of the channel.
     end_reason: Mutex<Option<String>>,
+    /// The process started at boot, until an exec claims it.
+    first: Mutex<Option<First>>,
+}
+
+/// The process the agent started at boot ([`proto::FIRST_EXEC_ID`]): its request, where
+/// the agent's answer to it arrives, and its events.
+struct First {
+    req: ExecRequest,
+    answer: Receiver<std::result::Result<Vec<u8>, ErrorFrame>>,
+    events: Receiver<ProcEvent>,
 }
 
 impl Inner {
@@ -97,7 +107,11 @@ pub struct AgentLink {
 impl AgentLink {
     /// Waits up to `timeout` for the agent's HELLO on `stream`, answers it, and starts
     /// the reader. The guest speaks first, so this is also "wait until booted".
-    pub fn connect(stream: UnixStream, timeout: Duration) -> Result<AgentLink> {
+    ///
+    /// `first`: the process the guest was told to start at boot (on its kernel command
+    /// line, see [`proto::encode_first_exec`]). The guest's first [`AgentLink::exec`]
+    /// must ask for exactly it, and takes it over instead of starting it again.
+    pub fn connect(stream: UnixStream, timeout: Duration, first: Option<&ExecRequest>) -> Result<AgentLink> {
         let mut reader = stream.try_clone().map_err(|e| Error::io("clone agent channel", "agent", e))?;
         reader.set_read_timeout(Some(timeout)).map_err(|e| Error::io("agent channel", "agent", e))?;
         let hello = match proto::read_frame(&mut reader) {
@@ -137,10 +151,21 @@ impl AgentLink {
             closer,
             pending: Mutex::new(HashMap::new()),
             procs: Mutex::new(HashMap::new()),
-            next_id: AtomicU32::new(1),
+            next_id: AtomicU32::new(proto::FIRST_EXEC_ID + 1),
             broken: Mutex::new(None),
             end_reason: Mutex::new(None),
+            first: Mutex::new(None),
         });
+        if let Some(req) = first {
+            // Registered before the reader starts: the agent answers it, and the process
+            // may write, right after its Hello.
+            let id = proto::FIRST_EXEC_ID;
+            let (tx, answer) = crossbeam_channel::bounded(1);
+            inner.pending.lock().insert(id, tx);
+            let (tx, events) = crossbeam_channel::unbounded();
+            inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
+            *inner.first.lock() = Some(First { req: req.clone(), answer, events });
+        }
         let mut ack = Encoder::new();
         ack.u32(proto::VERSION);
         inner.send(proto::HELLO_ACK, 0, ack.as_bytes())?;
@@ -155,7 +180,8 @@ impl AgentLink {
     fn id(&self) -> u32 {
         loop {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            if id != 0 {
+            // 0 is for frames that answer nothing; the first process's id is its own.
+            if id != 0 && id != proto::FIRST_EXEC_ID {
                 return id;
             }
         }
@@ -176,8 +202,21 @@ impl AgentLink {
         self.inner.end_reason.lock().get_or_insert(why.into());
     }
 
-    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`).
+    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`). When the
+    /// guest started a process at boot (see [`AgentLink::connect`]), the first exec
+    /// takes that one over, and must ask for exactly it: any other is refused while it
+    /// is unclaimed, so that a command that differs by a detail is never run a second
+    /// time by mistake.
     pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
+        let mut first = self.inner.first.lock();
+        if let Some(f) = first.as_ref() {
+            check_first(&f.req, req)?;
+            let First { answer, events, .. } = first.take().expect("checked");
+            drop(first);
+            let answer = self.answer(proto::FIRST_EXEC_ID, proto::EXEC, &answer, Some(EXEC_TIMEOUT));
+            return self.process(proto::FIRST_EXEC_ID, req, events, answer);
+        }
+        drop(first);
         let id = self.id();
         // Unbounded, but never more than the credit granted: the reader enforces it.
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -186,6 +225,17 @@ impl AgentLink {
         let mut e = Encoder::new();
         req.encode(&mut e);
         let answer = self.request_with_id(id, proto::EXEC, e.as_bytes(), Some(EXEC_TIMEOUT));
+        self.process(id, req, rx, answer)
+    }
+
+    /// The process of an Exec answer (`u32 pid`), or the error that names it.
+    fn process(
+        &self,
+        id: u32,
+        req: &ExecRequest,
+        events: Receiver<ProcEvent>,
+        answer: Result<Vec<u8>>,
+    ) -> Result<Process> {
         let pid = match answer {
             Ok(p) => Decoder::new(&p).u32().unwrap_or(0),
             Err(err) => {
@@ -200,7 +250,7 @@ impl AgentLink {
                 });
             }
         };
-        Ok(Process { id, pid, events: rx, link: self.clone() })
+        Ok(Process { id, pid, events, link: self.clone() })
     }
 
     fn request_with_id(
@@ -219,6 +269,17 @@ impl AgentLink {
             return Err(e);
         }
         self.inner.send(ty, id, payload)?;
+        self.answer(id, ty, &rx, timeout)
+    }
+
+    /// Waits for the answer to request `id` of type `ty` on `rx`.
+    fn answer(
+        &self,
+        id: u32,
+        ty: u16,
+        rx: &Receiver<std::result::Result<Vec<u8>, ErrorFrame>>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
         let got = match timeout {
             Some(t) => rx.recv_timeout(t),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -262,6 +323,23 @@ impl AgentLink {
     pub fn close(&self) {
         self.inner.fail_all("closed".into());
     }
+}
+
+/// Whether `req` may run while `first`, the guest's first command, is unclaimed: only
+/// when it is that very command (then it takes it over). Any other is refused, so that
+/// a command that differs by a detail is never run a second time by mistake.
+pub fn check_first(first: &ExecRequest, req: &ExecRequest) -> Result<()> {
+    if first == req {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        op: "exec".into(),
+        message: format!(
+            "{:?} is not this guest's first command ({:?} with its arguments, directory, environment \
+             and stdin as given at boot): run that one first",
+            req.program, first.program
+        ),
+    })
 }
 
 fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {

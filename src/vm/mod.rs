@@ -260,6 +260,10 @@ pub struct InstanceSpec {
     pub cache_dir: PathBuf,
     /// Memory, CPUs, timeout, user, console log, mounts.
     pub options: InstanceOptions,
+    /// A command to start as soon as the guest is up (see
+    /// [`qemu::BootConfig::first_command`]; the kvm backend starts it when asked, like
+    /// any other).
+    pub first_command: Option<crate::agent::proto::ExecRequest>,
 }
 
 impl InstanceSpec {
@@ -284,7 +288,7 @@ impl InstanceSpec {
         };
         let cache_dir =
             if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
-        Ok(InstanceSpec { source, cache_dir, options: req.options.clone() })
+        Ok(InstanceSpec { source, cache_dir, options: req.options.clone(), first_command: None })
     }
 
     /// Checks the spec, prepares kernel and initramfs, and boots the VM on the backend
@@ -371,6 +375,7 @@ impl InstanceSpec {
         cfg.timeout = self.options.timeout;
         cfg.dmesg = self.options.dmesg;
         cfg.mounts = mounts;
+        cfg.first_command = self.first_command.clone();
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg).map(Machine::Qemu)
     }

@@ -277,7 +277,7 @@ impl KvmVm {
                 .map_err(host_err("start the VM supervisor"))?;
         }
         let vm = KvmVm { shared };
-        match AgentLink::connect(link_end, cfg.boot_timeout) {
+        match AgentLink::connect(link_end, cfg.boot_timeout, None) {
             Ok(link) => {
                 let _ = vm.shared.agent.set(link);
                 vm.shared.life.set(VmState::Running);

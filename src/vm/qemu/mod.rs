@@ -28,6 +28,7 @@ use super::lifecycle::Lifecycle;
 use super::run_dir::RunDir;
 use super::stop::{self, StopSteps, VmProcess};
 use super::VmState;
+use crate::agent::proto::ExecRequest;
 use crate::error::{Error, Result};
 use crate::image::kernel::Kernel;
 use crate::qmp;
@@ -116,6 +117,12 @@ pub struct BootConfig {
     /// Kernel parameters after the machine's own and the agent's (by default
     /// [`crate::vm::kernel_args_from_env`]).
     pub extra_args: Vec<String>,
+    /// A command for the agent to start as soon as the guest is set up, before the host
+    /// asks (it goes on the kernel command line: see
+    /// [`crate::agent::proto::FIRST_EXEC_ARG`]). The first [`AgentLink::exec`] must ask
+    /// for exactly it. Left out when it does not fit on the command line, or when
+    /// `extra_args` give init arguments of their own (`--`).
+    pub first_command: Option<ExecRequest>,
 }
 
 impl BootConfig {
@@ -135,6 +142,7 @@ impl BootConfig {
             accel: Accel::choose()?,
             mounts: Vec::new(),
             extra_args: super::kernel_args_from_env(),
+            first_command: None,
         })
     }
 }
@@ -224,7 +232,8 @@ impl QemuVm {
             console_done: std::sync::atomic::AtomicBool::new(false),
         });
         let vm = QemuVm { shared: shared.clone() };
-        let args = command_line(&cfg, &shared.dir.0);
+        let (append, first) = kernel_cmdline(&cfg);
+        let args = command_line(&cfg, append, &shared.dir.0);
         log::debug!("qemu {}", args.join(" "));
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
@@ -249,7 +258,7 @@ impl QemuVm {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Vm { op: "boot".into(), message: "the VM supervisor died".into() }),
         }
-        match vm.connect(&cfg) {
+        match vm.connect(&cfg, first) {
             Ok(()) => {
                 shared.life.set(VmState::Running);
                 Ok(vm)
@@ -261,7 +270,7 @@ impl QemuVm {
         }
     }
 
-    fn connect(&self, cfg: &BootConfig) -> Result<()> {
+    fn connect(&self, cfg: &BootConfig, first: Option<&ExecRequest>) -> Result<()> {
         let sh = &self.shared;
         let start = Instant::now();
         let (qmp_path, agent_path) = (sh.dir.0.join("qmp.sock"), sh.dir.0.join("agent.sock"));
@@ -276,7 +285,7 @@ impl QemuVm {
         .map_err(Error::Qmp)?;
         let _ = sh.qmp.set(q);
         let stream = self.dial_socket(&agent_path)?;
-        let link = AgentLink::connect(stream, cfg.boot_timeout)?;
+        let link = AgentLink::connect(stream, cfg.boot_timeout, first)?;
         let _ = sh.agent.set(link);
         log::info!("{} booted in {:?} ({})", sh.id, start.elapsed(), sh.accel.as_str());
         Ok(())
@@ -426,7 +435,8 @@ fn read_console(sh: &Shared, fifo: File) {
     }
 }
 
-fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
+/// The kernel's command line (`-append`), and the first command when it is on it.
+fn kernel_cmdline(cfg: &BootConfig) -> (String, Option<&ExecRequest>) {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
     // The host's TSC rate, so that guest clocks keep the host's time (see vm::clock).
     let tsc = crate::vm::clock::kernel_args(cfg.kernel.hz());
@@ -458,8 +468,28 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
+    // The first command, for the agent (crate::agent::proto::FIRST_EXEC_VAR), where it
+    // fits: the kernel keeps COMMAND_LINE_SIZE (2048) bytes with their NUL and cuts the
+    // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
+    // device.
+    let room = 2048 - 40 * (2 + cfg.mounts.len());
+    let used: usize =
+        append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str)).map(|a| a.len() + 1).sum();
+    let first_param = cfg.first_command.as_ref().and_then(crate::agent::proto::encode_first_exec);
+    let first_param = first_param.filter(|p| used + p.len() < room);
+    if cfg.first_command.is_some() && first_param.is_none() {
+        log::debug!("the first command does not fit on the kernel command line: it starts after boot");
+    }
+    append.extend(first_param.as_deref());
     // Last, so that they can override any of the above.
     append.extend(cfg.extra_args.iter().map(String::as_str));
+    let first = cfg.first_command.as_ref().filter(|_| first_param.is_some());
+    (append.join(" "), first)
+}
+
+/// QEMU's arguments, with `append` as the kernel's command line.
+fn command_line(cfg: &BootConfig, append: String, dir: &Path) -> Vec<String> {
+    let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
     let (machine, serial_dev, net_dev) = match cfg.machine {
         MachineType::Microvm if minimal => ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device"),
         MachineType::Microvm => ("microvm", "virtio-serial-device", "virtio-net-device"),
@@ -489,7 +519,7 @@ fn command_line(cfg: &BootConfig, dir: &Path) -> Vec<String> {
         "-initrd".into(),
         cfg.initramfs.display().to_string(),
         "-append".into(),
-        append.join(" "),
+        append,
         "-chardev".into(),
         format!("pipe,id=con,path={}", p("console")),
         "-serial".into(),

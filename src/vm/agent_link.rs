@@ -211,10 +211,18 @@ impl AgentLink {
         let mut first = self.inner.first.lock();
         if let Some(f) = first.as_ref() {
             check_first(&f.req, req)?;
-            let First { answer, events, .. } = first.take().expect("checked");
+            let First { req: started, answer, events } = first.take().expect("checked");
             drop(first);
             let answer = self.answer(proto::FIRST_EXEC_ID, proto::EXEC, &answer, Some(EXEC_TIMEOUT));
-            return self.process(proto::FIRST_EXEC_ID, req, events, answer);
+            let p = self.process(proto::FIRST_EXEC_ID, req, events, answer)?;
+            if started.stdin && !req.stdin {
+                // Its input ended before it was asked for (see check_first); an error
+                // means it has exited already.
+                if let Err(e) = p.close_stdin() {
+                    log::debug!("closing the first command's stdin: {e}");
+                }
+            }
+            return Ok(p);
         }
         drop(first);
         let id = self.id();
@@ -327,17 +335,34 @@ impl AgentLink {
 
 /// Whether `req` may run while `first`, the guest's first command, is unclaimed: only
 /// when it is that very command (then it takes it over). Any other is refused, so that
-/// a command that differs by a detail is never run a second time by mistake.
+/// a command that differs by a detail is never run a second time by mistake. One
+/// difference is allowed: `req` without the stdin pipe `first` has. A client that
+/// closes its stdin before the start (an empty input) asks for no pipe then, and the
+/// first command's pipe is closed at once instead: it reads the end of its input,
+/// as from /dev/null.
 pub fn check_first(first: &ExecRequest, req: &ExecRequest) -> Result<()> {
-    if first == req {
+    let differ: Vec<&str> = [
+        ("program", first.program == req.program),
+        ("arguments", first.args == req.args),
+        ("environment", first.env == req.env),
+        ("directory", first.dir == req.dir),
+        ("user", first.user == req.user),
+        ("stdin", first.stdin || !req.stdin),
+        ("terminal", first.tty == req.tty),
+    ]
+    .into_iter()
+    .filter_map(|(name, same)| (!same).then_some(name))
+    .collect();
+    if differ.is_empty() {
         return Ok(());
     }
     Err(Error::InvalidArgument {
         op: "exec".into(),
         message: format!(
-            "{:?} is not this guest's first command ({:?} with its arguments, directory, environment \
-             and stdin as given at boot): run that one first",
-            req.program, first.program
+            "{:?} is not this guest's first command, {:?} as given at boot (its {} differ): run that one first",
+            req.program,
+            first.program,
+            differ.join(", ")
         ),
     })
 }

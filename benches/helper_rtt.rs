@@ -3,6 +3,11 @@
 //!
 //! Run: `cargo bench --bench helper_rtt` (VMHOST_BENCH_ITERS to change the count).
 
+// Removed however the bench ends (a panic too), like the tests' scratch directories.
+#[allow(dead_code)]
+#[path = "../src/test_dir.rs"]
+mod test_dir;
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -140,15 +145,15 @@ fn main() {
         return; // `cargo test --benches` asks for the list of tests; there are none.
     }
     let n = iters();
-    let dir = std::env::temp_dir().join(format!("vmhost-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let server = start_server(&dir);
+    let scratch = test_dir::TempDir::new("rttbench");
+    let dir = scratch.path();
+    let server = start_server(dir);
 
     // Interleave the two so that machine noise hits both alike.
     let mut raw = Vec::new();
     let mut ours = Vec::new();
     for _ in 0..3 {
-        raw.push(raw_rtt_ns(&dir, n));
+        raw.push(raw_rtt_ns(dir, n));
         ours.push(helper_rtt_ns(&server, n));
     }
     let (raw, ours) = (median(raw), median(ours));
@@ -164,5 +169,4 @@ fn main() {
         println!("  {threads:>2} threads: {cps:>10.0} calls/s");
     }
     server.close();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,11 @@
 //! Run: `cargo bench --bench kernel_boot` (after scripts/setup.sh, `vmhost kernel fetch`
 //! and `vmhost kernel build`). VMHOST_BENCH_BOOTS sets the boots per figure (5).
 
+// Removed however the bench ends (a panic too), like the tests' scratch directories.
+#[allow(dead_code)]
+#[path = "../src/test_dir.rs"]
+mod test_dir;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,8 +60,8 @@ fn main() {
         d
     };
     // Bare boot: the minimal kernel, an initramfs holding only an /init that exits.
-    let dir = std::env::temp_dir().join(format!("vmhost-bare-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = test_dir::TempDir::new("bare");
+    let dir = scratch.path();
     let bare_ir = dir.join("bare.cpio");
     let mut w = Writer::new(std::fs::File::create(&bare_ir).unwrap());
     w.file("init", Meta::root(0o755), &vmhost::image::elf::exit_program()).unwrap();
@@ -151,5 +156,4 @@ fn main() {
             (median(a[i].clone()) - median(r[i].clone())) * 1000.0
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,11 @@
 //! Run: `cargo bench --bench qmp_rate` (installs `qemu.qmp` with pip when missing;
 //! needs qemu-system-x86_64). VMHOST_BENCH_ITERS sets the round trips per measurement.
 
+// Removed however the bench ends (a panic too), like the tests' scratch directories.
+#[allow(dead_code)]
+#[path = "../src/test_dir.rs"]
+mod test_dir;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,8 +124,8 @@ fn main() {
         assert!(st.success(), "pip install qemu.qmp failed");
     }
     let n: usize = std::env::var("VMHOST_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
-    let dir = std::env::temp_dir().join(format!("vmhost-qmpbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = test_dir::TempDir::new("qmpbench");
+    let dir = scratch.path();
     let sock = dir.join("qmp.sock");
     struct KillOnDrop(std::process::Child);
     impl Drop for KillOnDrop {
@@ -153,5 +158,4 @@ fn main() {
     println!("  vmhost qmp::Client                 : {a:>9.0} /s   {:.2}x of the floor", a / f);
     println!("  Python qemu.qmp QMPClient (asyncio): {b:>9.0} /s   vmhost is {:.2}x", a / b);
     println!("  Python qemu.qmp legacy (sync)      : {c:>9.0} /s   vmhost is {:.2}x", a / c);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,6 @@
-//! A scratch directory for tests, removed however the test ends: the crate's unit tests
-//! use it as `crate::test_dir`, the integration tests through `tests/common` (which
-//! includes this file).
+//! A scratch directory for tests and benches, removed however they end: the crate's unit
+//! tests use it as `crate::test_dir`, the integration tests through `tests/common`, and
+//! the benches include this file too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -179,6 +179,7 @@ fn whole_machine(qemu: &std::path::Path) {
                     console_log: None,
                     timeout: None,
                     boot_timeout: Duration::from_secs(30),
+                    first_command: None,
                 };
                 let t = Instant::now();
                 let err = vmhost::vm::kvm::KvmVm::boot(cfg).err().expect("the program has no agent");

@@ -389,6 +389,7 @@ fn the_minimal_kernel_boots_on_the_machine_as_far_as_this_host_allows() {
         console_log: Some(log.clone()),
         timeout: None,
         boot_timeout: Duration::from_secs(300),
+        first_command: None,
     };
     let Err(err) = vmhost::vm::kvm::KvmVm::boot(cfg) else {
         panic!("a kernel without an initramfs reached an agent")
@@ -509,6 +510,7 @@ fn boot_machine(code: &[u8], boot_timeout: Duration) -> String {
         console_log: None,
         timeout: None,
         boot_timeout,
+        first_command: None,
     };
     match vmhost::vm::kvm::KvmVm::boot(cfg) {
         Ok(vm) => {

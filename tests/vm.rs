@@ -740,18 +740,19 @@ fn exec_suite_on_the_kvm_backend() {
 }
 
 /// A first command started at boot (`Instance::new_with_first_command`): it runs before
-/// it is asked for, once; only it may run first; it takes its stdin, output and exit
-/// code over as any command does.
+/// it is asked for, once; only it may run first; its output (more than the guest may
+/// send unasked) and exit code come through the takeover.
 #[test]
 fn the_first_command_starts_at_boot_runs_once_and_is_the_only_first() {
     if !vm_ready("the_first_command_starts_at_boot_runs_once_and_is_the_only_first") {
         return;
     }
-    let script = "echo ran >> /tmp/first; cat; echo to-stderr >&2; exit 7";
-    let args: Vec<String> = vec!["-c".into(), script.into()];
-    let first = vmhost::FirstCommand { program: "sh".into(), args: args.clone(), dir: None, stdin: true };
+    // 1.2 MB of output: beyond the 1 MiB the guest may send before anyone takes it.
+    let script = "echo ran >> /tmp/first; head -c 1200000 /dev/zero | tr '\\0' x; echo to-stderr >&2; exit 7";
+    let args = ["-c", script];
+    let first = vmhost::FirstCommand::new("sh").args(args);
     let vm = Instance::new_with_first_command(Image::Default, InstanceOptions::default(), first).unwrap();
-    assert!(vm.helper_pid().is_none(), "VMHOST_USE_HELPER is set: the first command would not start at boot");
+    assert!(vm.helper_pid().is_none(), "VMHOST_USE_HELPER is set: this checks the in-process helper");
     // It ran before anyone asked for it (file requests are not commands).
     assert!(
         wait_until(GUARD, || vm.fs().read("/tmp/first").is_ok_and(|d| d == b"ran\n")),
@@ -759,31 +760,50 @@ fn the_first_command_starts_at_boot_runs_once_and_is_the_only_first() {
     );
     // Another command, or this one with a detail changed, may not go first: each would
     // run the first command a second time, or never take it over.
-    let refused = |c: &mut vmhost::Command<'_>| {
+    let refused = |c: &mut vmhost::Command<'_>, differs: &str| {
         let e = c.status().unwrap_err().to_string();
-        assert!(e.contains("is not this guest's first command"), "{e}");
+        assert!(e.contains("is not this guest's first command") && e.contains(differs), "{e}");
     };
-    refused(&mut vm.command("true"));
-    refused(vm.command("sh").args(&args).current_dir("/tmp"));
-    refused(vm.command("sh").args(&args).env("A", "1"));
-    // Without a stdin pipe (as when the client's input ends before the start: an empty
-    // one), it is taken over and reads the end of its input at once. The input fed
-    // through a pipe is checked by `vmhost run` (tests/tty.rs).
-    let out = vm.command("sh").args(&args).output().unwrap();
-    assert_eq!(
-        (out.status.code(), &out.stdout[..], &out.stderr[..]),
-        (Some(7), &b""[..], &b"to-stderr\n"[..])
-    );
+    refused(&mut vm.command("true"), "(its program, arguments differ)");
+    refused(vm.command("sh").args(args).current_dir("/tmp"), "(its directory differs)");
+    refused(vm.command("sh").args(args).env("A", "1"), "(its environment differs)");
+    // Started without a stdin pipe, it cannot have one now.
+    match vm.command("sh").args(args).stdin(vmhost::Stdio::piped()).spawn() {
+        Err(e) => assert!(e.to_string().contains("(its stdin differs)"), "{e}"),
+        Ok(_) => panic!("a stdin pipe was given to a first command started without one"),
+    }
+    let out = vm.command("sh").args(args).output().unwrap();
+    assert_eq!((out.status.code(), &out.stderr[..]), (Some(7), &b"to-stderr\n"[..]));
+    assert!(out.stdout.len() == 1_200_000 && out.stdout.iter().all(|&b| b == b'x'), "{}", out.stdout.len());
     assert_eq!(vm.fs().read("/tmp/first").unwrap(), b"ran\n", "taken over, not run again");
     // Once taken, every command runs as usual, the first one too, once more.
-    let out = vm.command("sh").args(&args).output().unwrap();
+    let out = vm.command("sh").args(args).output().unwrap();
     assert_eq!(out.status.code(), Some(7));
     let out = vm.command("cat").arg("/tmp/first").output().unwrap();
     assert_eq!(out.stdout, b"ran\nran\n");
     vm.close().unwrap();
 }
 
-/// A first command too long for the kernel's command line starts when it is run, under
+/// A first command started with a stdin pipe and taken over without one (a client whose
+/// input ended before the start, as `vmhost run </dev/null`): its stdin is closed, and
+/// it reads the end of its input.
+#[test]
+fn a_first_command_taken_over_without_its_stdin_pipe_reads_the_end_of_input() {
+    if !vm_ready("a_first_command_taken_over_without_its_stdin_pipe_reads_the_end_of_input") {
+        return;
+    }
+    // Without the close, cat would wait for ever: the guest's timeout makes that a
+    // failure (exit 99) instead of a hang.
+    let args = ["-c", "echo started > /tmp/started; timeout 60 cat || exit 99; echo read to the end"];
+    let first = vmhost::FirstCommand::new("sh").args(args).stdin_piped(true);
+    let vm = Instance::new_with_first_command(Image::Default, InstanceOptions::default(), first).unwrap();
+    assert!(wait_until(GUARD, || vm.fs().exists("/tmp/started").unwrap_or(false)), "not started at boot");
+    let out = vm.command("sh").args(args).output().unwrap();
+    assert_eq!((out.status.code(), &out.stdout[..]), (Some(0), &b"read to the end\n"[..]));
+    vm.close().unwrap();
+}
+
+/// A first command too long for the kernel command line starts when it is run, under
 /// the same rules.
 #[test]
 fn a_first_command_too_long_for_the_kernel_command_line_starts_when_run() {
@@ -791,47 +811,54 @@ fn a_first_command_too_long_for_the_kernel_command_line_starts_when_run() {
         return;
     }
     let long = "x".repeat(3000);
-    let args = vec!["-c".to_string(), format!("grep -c VMHOST_EXEC= /proc/cmdline; echo ${{#0}}"), long];
-    let first = vmhost::FirstCommand { program: "sh".into(), args: args.clone(), ..Default::default() };
+    let args = ["-c".to_string(), "grep -c VMHOST_EXEC= /proc/cmdline; echo ${#0}".to_string(), long];
+    let first = vmhost::FirstCommand::new("sh").args(args.clone());
     let vm = Instance::new_with_first_command(Image::Default, InstanceOptions::default(), first).unwrap();
     let e = vm.command("true").status().unwrap_err().to_string();
-    assert!(
-        e.contains("is not this guest's first command") && e.contains("(its program, arguments differ)"),
-        "{e}"
-    );
-    // Given no stdin pipe at boot, it cannot have one later.
-    match vm.command("sh").args(&args).stdin(vmhost::Stdio::piped()).spawn() {
-        Err(e) => assert!(e.to_string().contains("(its stdin differ)"), "{e}"),
-        Ok(_) => panic!("a stdin pipe was given to a first command started without one"),
+    assert!(e.contains("is not this guest's first command"), "{e}");
+    // Given no stdin pipe, it cannot have one later.
+    match vm.command("sh").args(args.clone()).stdin(vmhost::Stdio::piped()).spawn() {
+        Err(e) => assert!(e.to_string().contains("(its stdin differs)"), "{e}"),
+        Ok(_) => panic!("a stdin pipe was given to a first command declared without one"),
     }
-    let out = vm.command("sh").args(&args).output().unwrap();
+    let out = vm.command("sh").args(args).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n3000\n");
     assert!(vm.command("true").status().unwrap().success());
     vm.close().unwrap();
 }
 
-/// `vmhost run` starts its command at boot, but never with `-e` values (/proc/cmdline is
-/// readable by every guest user); the exit code and both streams come through either way.
+/// `vmhost run` starts its command at boot, in process and through a helper process, but
+/// never with `-e` values (/proc/cmdline is readable by every guest user), and never with
+/// the command in QEMU's arguments (readable by every host user); the exit code and both
+/// streams come through either way.
 #[test]
 fn run_starts_its_command_at_boot_without_caller_environment_values() {
     if !vm_ready("run_starts_its_command_at_boot_without_caller_environment_values") {
         return;
     }
-    let run = |extra: &[&str]| {
-        std::process::Command::new(common::vmhost_bin())
-            .arg("run")
-            .args(extra)
-            .args(["--", "sh", "-c", "grep -c VMHOST_EXEC= /proc/cmdline; echo \"[$A]\"; echo e >&2; exit 7"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
+    let script = "grep -c VMHOST_EXEC= /proc/cmdline; echo \"[$A]\"; echo e >&2; exit 7";
+    let run = |extra: &[&str], helper: bool| {
+        let mut c = std::process::Command::new(common::vmhost_bin());
+        c.arg("run").args(extra).args(["--", "sh", "-c", script]).env("VMHOST_LOG", "debug");
+        if helper {
+            c.env("VMHOST_USE_HELPER", "1").env("VMHOST_HELPER_PATH", common::vmhost_bin());
+        }
+        let out = c.stdin(std::process::Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(7), "{err}");
+        // The debug log's last line of the command's stderr is its own "e".
+        assert!(err.lines().any(|l| l == "e"), "{err}");
+        let qemu =
+            err.lines().find(|l| l.contains("qemu -M")).unwrap_or_else(|| panic!("no QEMU line: {err}"));
+        assert!(
+            !qemu.contains("VMHOST_EXEC") && !qemu.contains("grep"),
+            "the command in QEMU's argv: {qemu}"
+        );
+        String::from_utf8(out.stdout).unwrap()
     };
-    let out = run(&[]);
-    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!((&out.stdout[..], &out.stderr[..]), (&b"1\n[]\n"[..], &b"e\n"[..]));
-    let out = run(&["-e", "A=secret"]);
-    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!((&out.stdout[..], &out.stderr[..]), (&b"0\n[secret]\n"[..], &b"e\n"[..]));
+    assert_eq!(run(&[], false), "1\n[]\n");
+    assert_eq!(run(&[], true), "1\n[]\n");
+    assert_eq!(run(&["-e", "A=secret"], false), "0\n[secret]\n");
     let out = std::process::Command::new(common::vmhost_bin())
         .args(["run", "--", "/no/such/program"])
         .stdin(std::process::Stdio::null())

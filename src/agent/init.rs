@@ -43,7 +43,7 @@ pub fn run() -> ! {
     trace(format_args!("setup done"));
     // The command the host put on the kernel command line, if any, starts now: it runs
     // while the server starts and the host answers its Hello.
-    let first = std::env::var(super::proto::FIRST_EXEC_VAR).ok().map(|p| super::serve::First::start(&p));
+    let first = std::env::var_os(super::proto::FIRST_EXEC_VAR).map(|p| super::serve::First::start(&p));
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
         power_button_thread(watch_power_button);

@@ -30,10 +30,12 @@
 //! its [`ExecRequest`] on the kernel command line, in hex, as the parameter
 //! [`FIRST_EXEC_VAR`] ([`encode_first_exec`]), which the kernel hands init in its
 //! environment.
-//! The agent starts it as soon as the guest is set up and, right after its Hello,
-//! answers it unasked, as if the host had sent an [`EXEC`] with id [`FIRST_EXEC_ID`]:
-//! an [`OK`] with the pid or an [`ERROR`], then its output and end under that id. The
-//! host never uses that id for anything else. Since version 4.
+//! The agent starts it as soon as the guest is set up, says in its Hello that it did,
+//! and right after the Hello answers it unasked, as if the host had sent an [`EXEC`]
+//! with id [`FIRST_EXEC_ID`]: an [`OK`] with the pid or an [`ERROR`], then its output
+//! and end under that id. The host never uses that id for anything else. A Hello that
+//! says no first process (the parameter did not reach the agent) leaves the host to
+//! start the command with an Exec of its own. Since version 4.
 //!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
@@ -57,7 +59,9 @@ pub const INITIAL_CREDIT: u32 = 1 << 20;
 /// Largest output chunk the guest sends in one frame.
 pub const OUTPUT_CHUNK: usize = 64 << 10;
 
-/// Guest to host, first frame: `u32 version, string agent description`.
+/// Guest to host, first frame: `u32 version, string agent description, u8 first`
+/// (1: the process the host put on the kernel command line was started, or failed to,
+/// and is answered under [`FIRST_EXEC_ID`] next; 0: none was asked for).
 pub const HELLO: u16 = 0x0001;
 /// Host to guest, answer to HELLO: `u32 version`.
 pub const HELLO_ACK: u16 = 0x0002;
@@ -108,40 +112,16 @@ pub const MAX_FIRST_EXEC_PARAM: usize = 1024;
 /// The kernel parameter that starts `req` at boot; `None` when it would be longer than
 /// [`MAX_FIRST_EXEC_PARAM`] (the command is then started the usual way).
 pub fn encode_first_exec(req: &ExecRequest) -> Option<String> {
-    let mut e = Encoder::new();
-    req.encode(&mut e);
-    let payload = e.as_bytes();
-    let len = FIRST_EXEC_VAR.len() + 1 + 2 * payload.len();
-    if len > MAX_FIRST_EXEC_PARAM {
-        return None;
-    }
-    let mut param = String::with_capacity(len);
-    param.push_str(FIRST_EXEC_VAR);
-    param.push('=');
-    for b in payload {
-        param.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        param.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-    }
-    Some(param)
+    let param = format!("{FIRST_EXEC_VAR}={}", req.to_hex());
+    (param.len() <= MAX_FIRST_EXEC_PARAM).then_some(param)
 }
 
 /// The first process of [`FIRST_EXEC_VAR`]'s value, or why it holds none.
 pub fn decode_first_exec(hex: &str) -> Result<ExecRequest, String> {
-    if FIRST_EXEC_VAR.len() + 1 + hex.len() > MAX_FIRST_EXEC_PARAM || hex.len() % 2 != 0 {
-        return Err(format!(
-            "{FIRST_EXEC_VAR}: {} hex digits, not an even number up to the limit",
-            hex.len()
-        ));
+    if FIRST_EXEC_VAR.len() + 1 + hex.len() > MAX_FIRST_EXEC_PARAM {
+        return Err(format!("{FIRST_EXEC_VAR}: {} hex digits, beyond the limit", hex.len()));
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let bytes: Option<Vec<u8>> =
-        hex.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect();
-    let bytes = bytes.ok_or_else(|| format!("{FIRST_EXEC_VAR}: not lowercase hex"))?;
-    ExecRequest::decode(&bytes).map_err(|e| format!("{FIRST_EXEC_VAR}: bad Exec payload: {e}"))
+    ExecRequest::from_hex(hex).map_err(|e| format!("{FIRST_EXEC_VAR}: {e}"))
 }
 
 /// The name of an agent message type, for errors and logs.
@@ -293,6 +273,35 @@ impl ExecRequest {
         };
     }
 
+    /// The payload in lowercase hex: one word for a command line or an environment
+    /// variable, which nothing splits or unquotes.
+    pub fn to_hex(&self) -> String {
+        let mut e = Encoder::new();
+        self.encode(&mut e);
+        let mut hex = String::with_capacity(2 * e.as_bytes().len());
+        for b in e.as_bytes() {
+            hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        hex
+    }
+
+    /// Reads what [`ExecRequest::to_hex`] wrote.
+    pub fn from_hex(hex: &str) -> Result<ExecRequest, String> {
+        if hex.len() % 2 != 0 {
+            return Err(format!("{} hex digits, an odd number", hex.len()));
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let bytes: Option<Vec<u8>> =
+            hex.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect();
+        let bytes = bytes.ok_or("not lowercase hex")?;
+        ExecRequest::decode(&bytes).map_err(|e| format!("bad Exec payload: {e}"))
+    }
+
     /// Reads a whole payload.
     pub fn decode(payload: &[u8]) -> Result<ExecRequest, DecodeError> {
         let mut d = Decoder::new(payload);
@@ -380,6 +389,7 @@ mod tests {
             assert!(decode_first_exec(bad).is_err(), "{bad:?}");
         }
         assert!(decode_first_exec(&"00".repeat(MAX_FIRST_EXEC_PARAM)).unwrap_err().contains("limit"));
+        assert!(decode_first_exec("0").unwrap_err().contains("odd"));
         let big = ExecRequest { program: "x".repeat(MAX_FIRST_EXEC_PARAM / 2), ..Default::default() };
         assert_eq!(encode_first_exec(&big), None);
     }

@@ -42,15 +42,21 @@ impl First {
     /// for. Called once the guest is set up, so that the command runs while the server
     /// finds its port and says Hello (and while the host answers it): the first
     /// command's exec is then off the path of a `vmhost run`.
-    pub fn start(param: &str) -> First {
-        let (req, started) = match proto::decode_first_exec(param) {
+    pub fn start(param: &std::ffi::OsStr) -> First {
+        let req = param.to_str().ok_or_else(|| format!("{}: not UTF-8", proto::FIRST_EXEC_VAR));
+        let (req, started) = match req.and_then(proto::decode_first_exec) {
             Ok(req) => {
                 let started = start(&req);
                 (req, started)
             }
             Err(m) => (ExecRequest::default(), Err((ErrorCode::InvalidArgument, m))),
         };
-        trace(format_args!("first process started at boot: {}", req.program));
+        match &started {
+            Ok(child) => {
+                trace(format_args!("first process started at boot: {} (pid {})", req.program, child.pid))
+            }
+            Err((_, m)) => trace(format_args!("first process not started: {m}")),
+        }
         First { req, started }
     }
 }
@@ -81,7 +87,10 @@ pub fn run(first: Option<First>) -> i32 {
     };
     trace(format_args!("agent port {port} open; saying Hello"));
     let mut hello = Encoder::new();
-    hello.u32(proto::VERSION).string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")));
+    hello
+        .u32(proto::VERSION)
+        .string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")))
+        .u8(u8::from(first.is_some()));
     writer.send(proto::HELLO, 0, hello.as_bytes());
     let server = Arc::new(Server {
         writer,

@@ -151,6 +151,10 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     let socket = socket.ok_or("helper: --socket PATH is required")?;
     let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let helper = Helper::new();
+    // The library's first command, when it boots through this helper.
+    if let Some(first) = vmhost::FirstCommand::from_env()? {
+        helper.set_first_command(first);
+    }
     let server = Server::bind_with(&socket, helper.clone(), opts).map_err(|e| e.to_string())?;
     log::info!("helper {} serving {}", std::process::id(), socket.display());
     let serving = server.clone();
@@ -411,12 +415,10 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // size is known only then) or caller-given environment values (the command line
     // that carries it is readable to every user of the guest in /proc/cmdline).
     let booted = if winch.is_none() && env.is_empty() {
-        let first = vmhost::FirstCommand {
-            program: program.clone(),
-            args: rest.to_vec(),
-            dir: dir.clone(),
-            stdin: feed_stdin,
-        };
+        let mut first = vmhost::FirstCommand::new(program).args(rest).stdin_piped(feed_stdin);
+        if let Some(d) = &dir {
+            first = first.current_dir(d);
+        }
         vmhost::Instance::new_with_first_command(vm.image(), vm.options.clone(), first)
     } else {
         vmhost::Instance::new(vm.image(), vm.options.clone())

@@ -121,13 +121,12 @@ impl Instance {
     /// Like [`Instance::new`], with the guest starting `first` as soon as it is up,
     /// before it is asked: the boot-and-run of a one-shot command (`vmhost run`) then
     /// does not wait for the command's start after the boot. The instance's first
-    /// [`Command`] must be exactly `first`, and takes over the running process; see
-    /// [`FirstCommand`]. Through a helper process (`VMHOST_USE_HELPER`) the command
-    /// starts when it is run, as with [`Instance::new`].
+    /// [`Command`] must be `first`, and takes over the running process; see
+    /// [`FirstCommand`] for the rule, and for what may see its arguments.
     ///
     /// ```no_run
     /// use vmhost::{FirstCommand, Image, Instance};
-    /// let first = FirstCommand { program: "uname".into(), args: vec!["-r".into()], ..Default::default() };
+    /// let first = FirstCommand::new("uname").arg("-r");
     /// let vm = Instance::new_with_first_command(Image::Default, Default::default(), first)?;
     /// let out = vm.command("uname").arg("-r").output()?;
     /// assert!(out.status.success());
@@ -144,10 +143,7 @@ impl Instance {
     /// Boots in this process or through a helper, as `VMHOST_USE_HELPER` says.
     fn boot(image: Image, options: InstanceOptions, first: Option<FirstCommand>) -> Result<Instance> {
         let t = if super::use_helper() {
-            if let Some(first) = first {
-                log::debug!("through a helper process, {} starts once it is run", first.program);
-            }
-            Transport::Remote(super::spawn_helper()?)
+            Transport::Remote(super::spawn_helper_for(first.as_ref())?)
         } else {
             let helper = Helper::with_progress(Progress::auto());
             if let Some(first) = first {

@@ -88,6 +88,12 @@ pub fn connect_to(path: impl AsRef<Path>, timeout: Duration) -> Result<Client> {
 /// passed through. Connecting is retried every 10 ms for up to 10 s; a helper that exits
 /// before serving gives [`Error::HelperExited`].
 pub fn spawn_helper() -> Result<Client> {
+    spawn_helper_for(None)
+}
+
+/// [`spawn_helper`] for an instance whose first command is `first` (given to the helper
+/// in its environment, see [`crate::server::helper::FIRST_COMMAND_ENV`]).
+pub(crate) fn spawn_helper_for(first: Option<&crate::FirstCommand>) -> Result<Client> {
     let bin = find_helper(&HelperSearch::from_env())?;
     let socket = helper_socket_path();
     if let Some(dir) = socket.parent() {
@@ -98,6 +104,7 @@ pub fn spawn_helper() -> Result<Client> {
         .arg("helper")
         .arg("--socket")
         .arg(&socket)
+        .envs(first.map(|f| (crate::server::helper::FIRST_COMMAND_ENV, f.to_env())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

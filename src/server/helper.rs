@@ -31,13 +31,30 @@ use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, Stream
 /// The default `PATH` of guest commands.
 pub use crate::agent::spawn::DEFAULT_PATH;
 
-/// A command the next instance's guest starts as soon as it is up, before it is asked
-/// ([`Helper::set_first_command`]): under emulation its start is then off the path of a
-/// boot-and-run. The instance's first command must be exactly this one (the same
-/// program, arguments and directory, no added environment, a stdin pipe as given, no
-/// terminal): it takes over the running process. Any other command is refused until then,
-/// so a command is never run twice by mistake.
+/// A guest's first command, declared when it boots ([`Helper::set_first_command`],
+/// `Instance::new_with_first_command`): the guest starts it as soon as it is set up,
+/// before it is asked, so that under emulation its start is off the path of a
+/// boot-and-run. It may then run before anything the caller does after the boot (a
+/// network enabled, files written into the guest).
+///
+/// The instance's first command must be this one: the same program, arguments and
+/// directory, no environment added, no terminal, and a stdin pipe only if this one has
+/// one (without, its stdin is closed at once). It takes over the running process. Any
+/// other command is refused until then, so that a command is never run twice by
+/// mistake. The rule holds whether or not the guest could start it at boot: the kernel
+/// command line that carries it holds about 1 KiB, and the kvm backend starts it when
+/// it is run.
+///
+/// The program, arguments and directory are on the guest's kernel command line, which
+/// every user of the guest can read (/proc/cmdline): pass no secrets in them.
+///
+/// ```
+/// use vmhost::FirstCommand;
+/// let first = FirstCommand::new("sh").arg("-c").arg("make test").current_dir("/src");
+/// assert_eq!(first.args, ["-c", "make test"]);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FirstCommand {
     /// The program: a path, or a name looked up in the default `PATH`.
     pub program: String,
@@ -48,6 +65,66 @@ pub struct FirstCommand {
     /// Whether its stdin is a pipe the host feeds (else /dev/null).
     pub stdin: bool,
 }
+
+impl FirstCommand {
+    /// `program`, with no arguments, in the user's home, without a stdin pipe.
+    pub fn new(program: impl Into<String>) -> FirstCommand {
+        FirstCommand { program: program.into(), ..Default::default() }
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn current_dir(mut self, dir: impl Into<String>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Gives it a stdin pipe (as `Command::stdin(Stdio::piped())` will ask).
+    pub fn stdin_piped(mut self, on: bool) -> Self {
+        self.stdin = on;
+        self
+    }
+
+    /// The request for the agent, as `user`.
+    fn request(&self, user: &str) -> ExecRequest {
+        ExecRequest {
+            dir: self.dir.clone().unwrap_or_default(),
+            stdin: self.stdin,
+            ..exec_request(self.program.clone(), self.args.clone(), user)
+        }
+    }
+
+    /// The value of [`FIRST_COMMAND_ENV`] that carries it to a helper process.
+    pub(crate) fn to_env(&self) -> String {
+        self.request("").to_hex()
+    }
+
+    /// The first command a helper process was started with ([`FIRST_COMMAND_ENV`]).
+    pub fn from_env() -> Result<Option<FirstCommand>, String> {
+        let Some(v) = std::env::var_os(FIRST_COMMAND_ENV) else { return Ok(None) };
+        let bad = |e: String| format!("{FIRST_COMMAND_ENV}: {e}");
+        let v = v.into_string().map_err(|_| bad("not UTF-8".into()))?;
+        let r = ExecRequest::from_hex(&v).map_err(bad)?;
+        let dir = (!r.dir.is_empty()).then_some(r.dir);
+        Ok(Some(FirstCommand { program: r.program, args: r.args, dir, stdin: r.stdin }))
+    }
+}
+
+/// The environment variable that gives a helper process (`vmhost helper`) the first
+/// command of the instance it will boot: the library's [`FirstCommand`] through a
+/// helper. Only the same user can read a process's environment; its arguments, anyone.
+pub const FIRST_COMMAND_ENV: &str = "VMHOST_FIRST_COMMAND";
 
 /// The request a new command starts from: `program` with `args`, as `user`, with the
 /// default `PATH` alone for its environment.
@@ -186,7 +263,7 @@ impl Cmd {
             let (cols, rows) = *inst.console.lock();
             spec.tty = Some((cols.clamp(1, 10_000) as u16, rows.clamp(1, 10_000) as u16));
         }
-        let started = inst.claim_first(&spec).and_then(|()| vm.agent()).and_then(|agent| agent.exec(&spec));
+        let started = vm.agent().and_then(|agent| agent.exec(&spec));
         let mut run = self.run.lock();
         match started {
             Ok(p) => {
@@ -298,24 +375,6 @@ struct Instance {
     console: Mutex<(i32, i32)>,
     /// Running commands on a terminal, resized with the console.
     ttys: Mutex<Vec<std::sync::Weak<Process>>>,
-    /// The command the guest was asked to start at boot (a [`FirstCommand`]), until a
-    /// command claims it.
-    first: Mutex<Option<ExecRequest>>,
-}
-
-impl Instance {
-    /// Lets `spec` start when it is the instance's first command or there is none left
-    /// to claim. The rule holds whether or not the guest could start the first command
-    /// at boot (it may not have fit on the kernel command line), so that a program
-    /// behaves the same either way.
-    fn claim_first(&self, spec: &ExecRequest) -> crate::Result<()> {
-        let mut first = self.first.lock();
-        if let Some(f) = first.as_ref() {
-            crate::vm::agent_link::check_first(f, spec)?;
-            *first = None;
-        }
-        Ok(())
-    }
 }
 
 /// The helper-protocol service of one helper process.
@@ -371,7 +430,7 @@ impl Helper {
 
     fn build(vm: Option<(Machine, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
-            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user, None)))),
+            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(new_instance(vm, user)))),
             booting: std::sync::atomic::AtomicBool::new(false),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             progress,
@@ -398,8 +457,8 @@ impl Helper {
         Arc::new(Helper { mux, state })
     }
 
-    /// Has the next instance this helper boots start `first` as soon as its guest is up
-    /// (see [`FirstCommand`]).
+    /// Declares the first command of the next instance this helper boots (see
+    /// [`FirstCommand`]).
     pub fn set_first_command(&self, first: FirstCommand) {
         *self.state.first_command.lock() = Some(first);
     }
@@ -439,7 +498,7 @@ impl Handler for Helper {
     }
 }
 
-fn new_instance(vm: Machine, user: String, first: Option<ExecRequest>) -> Instance {
+fn new_instance(vm: Machine, user: String) -> Instance {
     Instance {
         vm,
         user,
@@ -447,7 +506,6 @@ fn new_instance(vm: Machine, user: String, first: Option<ExecRequest>) -> Instan
         files: Mutex::new(Table::new()),
         console: Mutex::new((80, 24)),
         ttys: Mutex::new(Vec::new()),
-        first: Mutex::new(first),
     }
 }
 
@@ -484,16 +542,12 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
                     "an instance is already booting",
                 ));
             }
-            let first = st.first_command.lock().take().map(|f| ExecRequest {
-                dir: f.dir.unwrap_or_default(),
-                stdin: f.stdin,
-                ..exec_request(f.program, f.args, &new.options.user)
-            });
+            let first = st.first_command.lock().take().map(|f| f.request(&new.options.user));
             let booted = InstanceSpec::from_request(&new)
-                .and_then(|spec| InstanceSpec { first_command: first.clone(), ..spec }.boot(&st.progress));
+                .and_then(|spec| InstanceSpec { first_command: first, ..spec }.boot(&st.progress));
             st.booting.store(false, Ordering::SeqCst);
             let vm = booted.map_err(|e| frame(&e, &new.source_path))?;
-            *st.instance.lock() = Some(Arc::new(new_instance(vm, new.options.user.clone(), first)));
+            *st.instance.lock() = Some(Arc::new(new_instance(vm, new.options.user.clone())));
             Ok(Reply::ok())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),

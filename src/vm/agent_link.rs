@@ -62,10 +62,16 @@ struct Inner {
     first: Mutex<Option<First>>,
 }
 
-/// The process the agent started at boot ([`proto::FIRST_EXEC_ID`]): its request, where
-/// the agent's answer to it arrives, and its events.
+/// The guest's first command, until an exec claims it: its request, and the process
+/// when the agent started it at boot.
 struct First {
     req: ExecRequest,
+    started: Option<Started>,
+}
+
+/// The process the agent started at boot ([`proto::FIRST_EXEC_ID`]): where the agent's
+/// answer to it arrives, and its events.
+struct Started {
     answer: Receiver<std::result::Result<Vec<u8>, ErrorFrame>>,
     events: Receiver<ProcEvent>,
 }
@@ -108,9 +114,10 @@ impl AgentLink {
     /// Waits up to `timeout` for the agent's HELLO on `stream`, answers it, and starts
     /// the reader. The guest speaks first, so this is also "wait until booted".
     ///
-    /// `first`: the process the guest was told to start at boot (on its kernel command
-    /// line, see [`proto::encode_first_exec`]). The guest's first [`AgentLink::exec`]
-    /// must ask for exactly it, and takes it over instead of starting it again.
+    /// `first`: the guest's first command (see [`check_first`]). The guest may have
+    /// started it at boot, if the host could put it on its kernel command line (see
+    /// [`proto::encode_first_exec`]); its Hello says. The first [`AgentLink::exec`] must
+    /// ask for it, and takes that process over, or starts the command when there is none.
     pub fn connect(stream: UnixStream, timeout: Duration, first: Option<&ExecRequest>) -> Result<AgentLink> {
         let mut reader = stream.try_clone().map_err(|e| Error::io("clone agent channel", "agent", e))?;
         reader.set_read_timeout(Some(timeout)).map_err(|e| Error::io("agent channel", "agent", e))?;
@@ -135,6 +142,7 @@ impl AgentLink {
         };
         let mut d = Decoder::new(&hello.payload);
         let version = d.u32().unwrap_or(0);
+        let started_first = d.string().and_then(|_| d.u8()).is_ok_and(|f| f == 1);
         if version != proto::VERSION {
             return Err(Error::Vm {
                 op: "boot".into(),
@@ -159,12 +167,16 @@ impl AgentLink {
         if let Some(req) = first {
             // Registered before the reader starts: the agent answers it, and the process
             // may write, right after its Hello.
-            let id = proto::FIRST_EXEC_ID;
-            let (tx, answer) = crossbeam_channel::bounded(1);
-            inner.pending.lock().insert(id, tx);
-            let (tx, events) = crossbeam_channel::unbounded();
-            inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
-            *inner.first.lock() = Some(First { req: req.clone(), answer, events });
+            let started = started_first.then(|| {
+                let id = proto::FIRST_EXEC_ID;
+                let (tx, answer) = crossbeam_channel::bounded(1);
+                inner.pending.lock().insert(id, tx);
+                let (tx, events) = crossbeam_channel::unbounded();
+                inner.procs.lock().insert(id, Slot { tx, credit: proto::INITIAL_CREDIT as u64 });
+                Started { answer, events }
+            });
+            log::debug!("first command {:?}: started at boot: {}", req.program, started.is_some());
+            *inner.first.lock() = Some(First { req: req.clone(), started });
         }
         let mut ack = Encoder::new();
         ack.u32(proto::VERSION);
@@ -202,29 +214,31 @@ impl AgentLink {
         self.inner.end_reason.lock().get_or_insert(why.into());
     }
 
-    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`). When the
-    /// guest started a process at boot (see [`AgentLink::connect`]), the first exec
-    /// takes that one over, and must ask for exactly it: any other is refused while it
-    /// is unclaimed, so that a command that differs by a detail is never run a second
-    /// time by mistake.
+    /// Starts a guest process (the agent must answer within `EXEC_TIMEOUT`). While the
+    /// guest's first command (see [`AgentLink::connect`]) is unclaimed, only it may
+    /// start ([`check_first`]); it takes over the process the guest started at boot, if
+    /// there is one.
     pub fn exec(&self, req: &ExecRequest) -> Result<Process> {
         let mut first = self.inner.first.lock();
         if let Some(f) = first.as_ref() {
             check_first(&f.req, req)?;
-            let First { req: started, answer, events } = first.take().expect("checked");
+            let First { req: asked, started } = first.take().expect("checked");
             drop(first);
-            let answer = self.answer(proto::FIRST_EXEC_ID, proto::EXEC, &answer, Some(EXEC_TIMEOUT));
-            let p = self.process(proto::FIRST_EXEC_ID, req, events, answer)?;
-            if started.stdin && !req.stdin {
-                // Its input ended before it was asked for (see check_first); an error
-                // means it has exited already.
-                if let Err(e) = p.close_stdin() {
-                    log::debug!("closing the first command's stdin: {e}");
+            if let Some(Started { answer, events }) = started {
+                let answer = self.answer(proto::FIRST_EXEC_ID, proto::EXEC, &answer, Some(EXEC_TIMEOUT));
+                let p = self.process(proto::FIRST_EXEC_ID, req, events, answer)?;
+                if asked.stdin && !req.stdin {
+                    // Its input ended before it was asked for (see check_first); an
+                    // error means it has exited already.
+                    if let Err(e) = p.close_stdin() {
+                        log::debug!("closing the first command's stdin: {e}");
+                    }
                 }
+                return Ok(p);
             }
-            return Ok(p);
+        } else {
+            drop(first);
         }
-        drop(first);
         let id = self.id();
         // Unbounded, but never more than the credit granted: the reader enforces it.
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -359,10 +373,11 @@ pub fn check_first(first: &ExecRequest, req: &ExecRequest) -> Result<()> {
     Err(Error::InvalidArgument {
         op: "exec".into(),
         message: format!(
-            "{:?} is not this guest's first command, {:?} as given at boot (its {} differ): run that one first",
+            "{:?} is not this guest's first command, {:?} as given at boot (its {} {}): run that one first",
             req.program,
             first.program,
-            differ.join(", ")
+            differ.join(", "),
+            if differ.len() == 1 { "differs" } else { "differ" }
         ),
     })
 }

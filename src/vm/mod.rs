@@ -260,9 +260,9 @@ pub struct InstanceSpec {
     pub cache_dir: PathBuf,
     /// Memory, CPUs, timeout, user, console log, mounts.
     pub options: InstanceOptions,
-    /// A command to start as soon as the guest is up (see
-    /// [`qemu::BootConfig::first_command`]; the kvm backend starts it when asked, like
-    /// any other).
+    /// The guest's first command (see [`crate::FirstCommand`]): started as soon as the
+    /// guest is up where the backend can ([`qemu::BootConfig::first_command`]), and the
+    /// only command that may start first either way.
     pub first_command: Option<crate::agent::proto::ExecRequest>,
 }
 
@@ -357,6 +357,7 @@ impl InstanceSpec {
                 console_log: None,
                 timeout: self.options.timeout,
                 boot_timeout: boot_timeout(),
+                first_command: self.first_command.clone(),
             };
             progress.step(&format!("booting (kvm backend, {memory_mb} MiB, {cpus} vCPU)"));
             match kvm::KvmVm::boot(cfg) {

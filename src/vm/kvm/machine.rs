@@ -89,6 +89,9 @@ pub struct KvmConfig {
     pub timeout: Option<Duration>,
     /// How long the guest may take to reach its agent.
     pub boot_timeout: Duration,
+    /// The guest's first command ([`AgentLink::connect`]): only it may start first. This
+    /// machine starts it when it is run, not at boot.
+    pub first_command: Option<crate::agent::proto::ExecRequest>,
 }
 
 /// The kernel command line: the machine's devices, `quiet` unless in dmesg mode, then
@@ -277,7 +280,7 @@ impl KvmVm {
                 .map_err(host_err("start the VM supervisor"))?;
         }
         let vm = KvmVm { shared };
-        match AgentLink::connect(link_end, cfg.boot_timeout, None) {
+        match AgentLink::connect(link_end, cfg.boot_timeout, cfg.first_command.as_ref()) {
             Ok(link) => {
                 let _ = vm.shared.agent.set(link);
                 vm.shared.life.set(VmState::Running);

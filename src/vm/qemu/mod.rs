@@ -117,11 +117,10 @@ pub struct BootConfig {
     /// Kernel parameters after the machine's own and the agent's (by default
     /// [`crate::vm::kernel_args_from_env`]).
     pub extra_args: Vec<String>,
-    /// A command for the agent to start as soon as the guest is set up, before the host
-    /// asks (it goes on the kernel command line: see
-    /// [`crate::agent::proto::FIRST_EXEC_ARG`]). The first [`AgentLink::exec`] must ask
-    /// for exactly it. Left out when it does not fit on the command line, or when
-    /// `extra_args` give init arguments of their own (`--`).
+    /// The guest's first command: the agent starts it as soon as the guest is set up,
+    /// before the host asks (it goes on the kernel command line: see
+    /// [`crate::agent::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
+    /// either way (see [`AgentLink::exec`]).
     pub first_command: Option<ExecRequest>,
 }
 
@@ -232,8 +231,8 @@ impl QemuVm {
             console_done: std::sync::atomic::AtomicBool::new(false),
         });
         let vm = QemuVm { shared: shared.clone() };
-        let (append, first) = kernel_cmdline(&cfg);
-        let args = command_line(&cfg, append, &shared.dir.0);
+        let (append, private) = kernel_cmdline(&cfg);
+        let args = command_line(&cfg, cmdline_args(append, private, &shared.dir.0)?, &shared.dir.0);
         log::debug!("qemu {}", args.join(" "));
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
@@ -258,7 +257,7 @@ impl QemuVm {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::Vm { op: "boot".into(), message: "the VM supervisor died".into() }),
         }
-        match vm.connect(&cfg, first) {
+        match vm.connect(&cfg) {
             Ok(()) => {
                 shared.life.set(VmState::Running);
                 Ok(vm)
@@ -270,7 +269,7 @@ impl QemuVm {
         }
     }
 
-    fn connect(&self, cfg: &BootConfig, first: Option<&ExecRequest>) -> Result<()> {
+    fn connect(&self, cfg: &BootConfig) -> Result<()> {
         let sh = &self.shared;
         let start = Instant::now();
         let (qmp_path, agent_path) = (sh.dir.0.join("qmp.sock"), sh.dir.0.join("agent.sock"));
@@ -285,7 +284,7 @@ impl QemuVm {
         .map_err(Error::Qmp)?;
         let _ = sh.qmp.set(q);
         let stream = self.dial_socket(&agent_path)?;
-        let link = AgentLink::connect(stream, cfg.boot_timeout, first)?;
+        let link = AgentLink::connect(stream, cfg.boot_timeout, cfg.first_command.as_ref())?;
         let _ = sh.agent.set(link);
         log::info!("{} booted in {:?} ({})", sh.id, start.elapsed(), sh.accel.as_str());
         Ok(())
@@ -435,8 +434,8 @@ fn read_console(sh: &Shared, fifo: File) {
     }
 }
 
-/// The kernel's command line (`-append`), and the first command when it is on it.
-fn kernel_cmdline(cfg: &BootConfig) -> (String, Option<&ExecRequest>) {
+/// The kernel's command line, and whether it carries the first command.
+fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
     // The host's TSC rate, so that guest clocks keep the host's time (see vm::clock).
     let tsc = crate::vm::clock::kernel_args(cfg.kernel.hz());
@@ -469,26 +468,44 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, Option<&ExecRequest>) {
         append.extend(["quiet", "loglevel=1"]);
     }
     // The first command, for the agent (crate::agent::proto::FIRST_EXEC_VAR), where it
-    // fits: the kernel keeps COMMAND_LINE_SIZE (2048) bytes with their NUL and cuts the
+    // fits. The kernel keeps COMMAND_LINE_SIZE (2048) bytes with their NUL and cuts the
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
-    // device.
-    let room = 2048 - 40 * (2 + cfg.mounts.len());
-    let used: usize =
-        append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str)).map(|a| a.len() + 1).sum();
+    // device. The command line then goes to QEMU in a file (see `QemuVm::boot`), whose
+    // values hold at most QEMU_CONFIG_VALUE bytes and no double quote.
+    let room = (2048 - 40 * (2 + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
+    let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
+    let used: usize = given.clone().map(|a| a.len() + 1).sum();
+    let quoted = given.clone().any(|a| a.contains('"'));
     let first_param = cfg.first_command.as_ref().and_then(crate::agent::proto::encode_first_exec);
-    let first_param = first_param.filter(|p| used + p.len() < room);
+    let first_param = first_param.filter(|p| !quoted && used + p.len() < room);
     if cfg.first_command.is_some() && first_param.is_none() {
-        log::debug!("the first command does not fit on the kernel command line: it starts after boot");
+        log::debug!("the first command does not fit on the kernel command line: it starts when run");
     }
     append.extend(first_param.as_deref());
     // Last, so that they can override any of the above.
     append.extend(cfg.extra_args.iter().map(String::as_str));
-    let first = cfg.first_command.as_ref().filter(|_| first_param.is_some());
-    (append.join(" "), first)
+    (append.join(" "), first_param.is_some())
 }
 
-/// QEMU's arguments, with `append` as the kernel's command line.
-fn command_line(cfg: &BootConfig, append: String, dir: &Path) -> Vec<String> {
+/// The longest value a QEMU configuration file (`-readconfig`) takes: 1023 bytes.
+const QEMU_CONFIG_VALUE: usize = 1023;
+
+/// QEMU's arguments that give the kernel its command line: `-append` with it, or, when
+/// it carries a command (`private`), `-readconfig` with a file in the VM's private run
+/// directory that holds it. QEMU's own arguments are readable by every user of the host
+/// (`ps`); the file is not.
+fn cmdline_args(append: String, private: bool, dir: &Path) -> Result<[String; 2]> {
+    if !private {
+        return Ok(["-append".into(), append]);
+    }
+    let path = dir.join("cmdline.cfg");
+    let text = format!("[machine]\n  append = \"{append}\"\n");
+    std::fs::write(&path, text).map_err(|e| Error::io("write the kernel command line", &path, e))?;
+    Ok(["-readconfig".into(), path.display().to_string()])
+}
+
+/// QEMU's arguments, with `cmdline` giving the kernel its command line.
+fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<String> {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
     let (machine, serial_dev, net_dev) = match cfg.machine {
         MachineType::Microvm if minimal => ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device"),
@@ -518,8 +535,6 @@ fn command_line(cfg: &BootConfig, append: String, dir: &Path) -> Vec<String> {
         kernel.display().to_string(),
         "-initrd".into(),
         cfg.initramfs.display().to_string(),
-        "-append".into(),
-        append,
         "-chardev".into(),
         format!("pipe,id=con,path={}", p("console")),
         "-serial".into(),
@@ -541,6 +556,7 @@ fn command_line(cfg: &BootConfig, append: String, dir: &Path) -> Vec<String> {
         "-device".into(),
         format!("{net_dev},netdev={NET_ID}"),
     ];
+    args.extend(cmdline);
     let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
     for (i, m) in cfg.mounts.iter().enumerate() {
         // In QEMU option values a comma is written twice.
@@ -668,4 +684,72 @@ fn supervise(
         });
     }
     sh.life.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mounts: usize, extra: &str, args: &str) -> BootConfig {
+        let kernel = Kernel {
+            vmlinux: "/nonexistent/vmlinux".into(),
+            modules: Vec::new(),
+            origin: "test".into(),
+            kind: crate::image::kernel::KernelKind::Minimal,
+        };
+        BootConfig {
+            memory_mb: 256,
+            cpus: 1,
+            kernel,
+            kernel_image: None,
+            initramfs: "/nonexistent/initramfs".into(),
+            dmesg: false,
+            timeout: None,
+            boot_timeout: Duration::from_secs(1),
+            machine: MachineType::Microvm,
+            accel: Accel::Tcg,
+            mounts: (0..mounts)
+                .map(|i| crate::wire::MountConfig {
+                    tag: format!("t{i}"),
+                    host_path: "/".into(),
+                    writable: true,
+                })
+                .collect(),
+            extra_args: extra.split_whitespace().map(String::from).collect(),
+            first_command: Some(ExecRequest {
+                program: "sh".into(),
+                args: vec![args.into()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_first_command_goes_on_the_kernel_command_line_only_where_it_fits() {
+        // QEMU's microvm adds " virtio_mmio.device=512@0xfeb00e00:12" per device.
+        let added = " virtio_mmio.device=512@0xfeb00e00:12".len();
+        let (mut carried, mut left) = (0, 0);
+        for mounts in [0, 1, 5, 20, 30] {
+            for extra in ["", "a=b c=d", &"x=y ".repeat(100)] {
+                for len in [0, 50, 200, 400, 800] {
+                    let cfg = config(mounts, extra, &"a".repeat(len));
+                    let (line, private) = kernel_cmdline(&cfg);
+                    assert_eq!(private, line.contains("VMHOST_EXEC="), "{line}");
+                    if private {
+                        carried += 1;
+                        assert!(line.len() + added * (2 + mounts) < 2048, "{mounts} mounts: {line}");
+                        assert!(line.len() <= QEMU_CONFIG_VALUE, "{line}");
+                    } else {
+                        left += 1;
+                    }
+                    // The user's parameters stay last, so that they can override.
+                    assert!(line.ends_with(extra.trim_end()), "{line}");
+                }
+            }
+        }
+        assert!(carried > 0 && left > 0, "{carried} carried, {left} left out");
+        // A double quote cannot go in QEMU's configuration file.
+        assert!(!kernel_cmdline(&config(0, "a=\"b\"", "")).1);
+        assert!(kernel_cmdline(&config(0, "", "")).1);
+    }
 }

@@ -246,7 +246,7 @@ fn works_over_tcp_too() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = std::process::Command::new(bin)
         .args(["-M", "none", "-nodefaults", "-display", "none", "-qmp"])
-        .arg(format!("tcp:127.0.0.1:{port},server=on,wait=off"))
+        .arg(format!("tcp:127.0.0.1:{port},server=on,wait=on")) // see common::Qemu::start
         .spawn()
         .unwrap();
     let mut stream = None;

@@ -62,20 +62,31 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Starts it, or `None` when QEMU is missing outside CI.
+    /// Starts it, or `None` when QEMU is missing outside CI; returns once its QMP socket
+    /// listens.
+    ///
+    /// `wait=on`: QEMU accepts its first QMP client before it sets the monitor up, so
+    /// the first client of each QEMU must be the test's own. With `wait=off`, a client
+    /// that connects early (as every test does) is accepted by QEMU 7.2's main loop while
+    /// the monitor's I/O thread is still taking the socket over: under load about one
+    /// early connection in 700 then gets no greeting, no answer to `qmp_capabilities`, a
+    /// second greeting or a closed connection.
     pub fn start(test: &str) -> Option<Qemu> {
         let bin = qemu_binary(test)?;
         let dir = TempDir::new("qemu");
         let socket = dir.join("qmp.sock");
         let child = std::process::Command::new(bin)
             .args(["-M", "none", "-nodefaults", "-display", "none", "-m", "16M", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg(format!("unix:{},server=on,wait=on", socket.display()))
             .stdin(std::process::Stdio::null())
             .spawn()
             .expect("start qemu");
+        // The file appears at bind(2), a moment before listen(2); a client that does not
+        // retry a refused connection (the `vmhost qmp` command) must come after both.
+        // Not probed with a connection: that would be QEMU's first client.
         assert!(
-            wait_until(Duration::from_secs(20), || socket.exists()),
-            "QEMU did not create its QMP socket"
+            wait_until(Duration::from_secs(20), || listening(&socket)),
+            "QEMU did not listen on its QMP socket"
         );
         Some(Qemu { child, socket, _dir: dir })
     }
@@ -91,6 +102,17 @@ impl Qemu {
     pub fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.child.id() as i32)
     }
+}
+
+/// Whether a Unix socket listens at `path`: /proc/net/unix lists it with the
+/// `__SO_ACCEPTCON` flag (00010000).
+fn listening(path: &std::path::Path) -> bool {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8 && f[3] == "00010000" && f[7] == path
+    })
 }
 
 impl Drop for Qemu {

@@ -295,7 +295,7 @@ impl QemuVm {
     /// socket is retried while QEMU runs (for at most 30 s).
     fn dial_socket(&self, path: &Path) -> Result<std::os::unix::net::UnixStream> {
         let running = || !self.shared.life.state().is_final();
-        let r = unix::connect_retry_while(path, Duration::from_secs(30), Duration::from_millis(5), &running);
+        let r = unix::connect_retry_while(path, Duration::from_secs(30), Duration::from_millis(1), &running);
         match r {
             Err(_) if !running() => {
                 Err(Error::Vm { op: "boot".into(), message: "QEMU exited while starting".into() })
@@ -548,8 +548,12 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock")),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={}", crate::agent::PORT_NAME),
+        // wait=on: QEMU accepts us before it sets its monitor up. With wait=off, QEMU 7.2
+        // can lose an early client's greeting or commands under load (its main loop
+        // accepts while the monitor's I/O thread takes the socket over); we connect at
+        // once, so it waits at most one dial interval for us.
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", p("qmp.sock")),
+        format!("unix:{},server=on,wait=on", p("qmp.sock")),
         // User-mode networking; its link starts down (see QemuVm::set_network).
         "-netdev".into(),
         format!("user,id={NET_ID}"),

@@ -58,7 +58,7 @@ struct Inner {
     /// Why the VM is ending, when the host ends it (e.g. its timeout): reported in
     /// preference to the bare loss of the channel.
     end_reason: Mutex<Option<String>>,
-    /// The process started at boot, until an exec claims it.
+    /// The guest's first command, until an exec claims it.
     first: Mutex<Option<First>>,
 }
 

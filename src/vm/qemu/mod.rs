@@ -470,9 +470,9 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     // The first command, for the agent (crate::agent::proto::FIRST_EXEC_VAR), where it
     // fits. The kernel keeps COMMAND_LINE_SIZE (2048) bytes with their NUL and cuts the
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
-    // device. The command line then goes to QEMU in a file (see `QemuVm::boot`), whose
+    // device. The command line then goes to QEMU in a file (see `cmdline_args`), whose
     // values hold at most QEMU_CONFIG_VALUE bytes and no double quote.
-    let room = (2048 - 40 * (2 + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
+    let room = 2048usize.saturating_sub(40 * (2 + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
     let quoted = given.clone().any(|a| a.contains('"'));
@@ -733,7 +733,7 @@ mod tests {
         // QEMU's microvm adds " virtio_mmio.device=512@0xfeb00e00:12" per device.
         let added = " virtio_mmio.device=512@0xfeb00e00:12".len();
         let (mut carried, mut left) = (0, 0);
-        for mounts in [0, 1, 5, 20, 30] {
+        for mounts in [0, 1, 5, 20, 30, 60] {
             for extra in ["", "a=b c=d", &"x=y ".repeat(100)] {
                 for len in [0, 50, 200, 400, 800] {
                     let cfg = config(mounts, extra, &"a".repeat(len));

@@ -215,6 +215,7 @@ impl QemuVm {
     /// last console lines).
     pub fn boot(cfg: BootConfig) -> Result<QemuVm> {
         static N: AtomicU64 = AtomicU64::new(1);
+        check_extra_args(&cfg)?;
         let qemu = qemu_binary()?;
         let dir = RunDir::new()?;
         let console = ConsoleLog::new(Some(&dir.0.join("console.log")), cfg.dmesg);
@@ -487,6 +488,25 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     (append.join(" "), first_param.is_some())
 }
 
+/// Refuses kernel parameters that would break the machine: on microvm without ACPI (our
+/// own kernel's), QEMU appends its devices' parameters (`virtio_mmio.device=`) after all
+/// of ours, so after a `--` they would become init's arguments and the guest would find
+/// no devices (no agent port: a boot that times out).
+fn check_extra_args(cfg: &BootConfig) -> Result<()> {
+    let devices_on_cmdline =
+        cfg.machine == MachineType::Microvm && cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
+    if devices_on_cmdline && cfg.extra_args.iter().any(|a| a == "--") {
+        return Err(Error::InvalidArgument {
+            op: "boot".into(),
+            message: "`--` in the kernel parameters (VMHOST_KERNEL_ARGS): QEMU's microvm adds its devices \
+                      after them, which would go to init as arguments and leave the guest without devices; \
+                      drop the `--` and what follows"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// The longest value a QEMU configuration file (`-readconfig`) takes: 1023 bytes.
 const QEMU_CONFIG_VALUE: usize = 1023;
 
@@ -752,6 +772,10 @@ mod tests {
             }
         }
         assert!(carried > 0 && left > 0, "{carried} carried, {left} left out");
+        // `--` would hand microvm's devices to init.
+        let e = check_extra_args(&config(0, "quiet -- a", "")).unwrap_err().to_string();
+        assert!(e.contains("VMHOST_KERNEL_ARGS") && e.contains("drop the `--`"), "{e}");
+        assert!(check_extra_args(&config(0, "quiet a=--", "")).is_ok());
         // A double quote cannot go in QEMU's configuration file.
         assert!(!kernel_cmdline(&config(0, "a=\"b\"", "")).1);
         assert!(kernel_cmdline(&config(0, "", "")).1);

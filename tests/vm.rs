@@ -868,3 +868,37 @@ fn run_starts_its_command_at_boot_without_caller_environment_values() {
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("exec /no/such/program") && err.contains("No such file"), "{err}");
 }
+
+/// `vmhost run --net` connects the guest before its command starts; without it the guest's
+/// interface stays down.
+#[test]
+fn run_net_connects_the_guest_before_its_command() {
+    if !vm_ready("run_net_connects_the_guest_before_its_command") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let served = thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        let _ = c.read(&mut [0u8; 1024]);
+        c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nfrom net").unwrap();
+    });
+    let script = format!(
+        "cat /sys/class/net/eth0/operstate; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c 8"
+    );
+    let run = |net: &[&str]| {
+        let out = std::process::Command::new(common::vmhost_bin())
+            .arg("run")
+            .args(net)
+            .args(["--backend", "qemu", "--", "sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&[]), "down\n", "without --net the guest must have no network");
+    assert_eq!(run(&["--net"]), "up\nfrom net");
+    served.join().unwrap();
+}

@@ -16,12 +16,16 @@ const USAGE: &str = "\
 vmhost: boot Linux micro-VMs and drive them
 
 USAGE:
-    vmhost run [VM OPTIONS] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
+    vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
         Boot a guest, run CMD in it with its stdout and stderr on ours as they come,
         and exit with its exit code (125 when vmhost itself fails). Our stdin is fed to
         CMD when it is a pipe or a file (-i: from a terminal too; -n: never; else CMD
         reads /dev/null). -t runs CMD on a terminal in the guest: ours in raw mode,
-        keys typed into it, window size changes followed.
+        keys typed into it, window size changes followed. --net connects the guest's
+        network first (QEMU's user-mode NAT: the guest is 10.0.2.15, the host 10.0.2.2);
+        without it the guest has none. CMD starts as soon as the guest is up (its
+        arguments are on the guest's kernel command line, readable by every guest user:
+        pass secrets with -e), except with -t, -e or --net.
 
     vmhost host --name NAME --dir DIR [VM OPTIONS]
         Boot one guest and serve it: the control protocol on DIR/vmhost.sock (pid in
@@ -354,11 +358,14 @@ impl VmFlags {
 }
 
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
-    let usage = "usage: vmhost run [VM OPTIONS] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+    let usage =
+        "usage: vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
     let mut tty = false;
+    // The guest's network (QEMU's user-mode NAT, the host as 10.0.2.2): off unless asked.
+    let mut net = false;
     // Our stdin goes to the command when it is not a terminal (piped or redirected),
     // with -i also from a terminal, never with -n (like ssh -n).
     let mut stdin_mode = None;
@@ -379,6 +386,8 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             dir = Some(v);
         } else if args[i] == "-t" || args[i] == "--tty" {
             tty = true;
+        } else if args[i] == "--net" {
+            net = true;
         } else if args[i] == "-i" || args[i] == "--interactive" {
             stdin_mode = Some(true);
         } else if args[i] == "-n" || args[i] == "--no-stdin" {
@@ -412,9 +421,10 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         !std::io::stdin().is_terminal()
     });
     // The guest starts the command as soon as it is up, unless it needs a terminal (its
-    // size is known only then) or caller-given environment values (the command line
-    // that carries it is readable to every user of the guest in /proc/cmdline).
-    let booted = if winch.is_none() && env.is_empty() {
+    // size is known only then), caller-given environment values (the command line that
+    // carries it is readable to every user of the guest in /proc/cmdline) or the network
+    // (connected after the boot).
+    let booted = if winch.is_none() && env.is_empty() && !net {
         let mut first = vmhost::FirstCommand::new(program).args(rest).stdin_piped(feed_stdin);
         if let Some(d) = &dir {
             first = first.current_dir(d);
@@ -427,6 +437,12 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         Ok(i) => i,
         Err(e) => return fail(e),
     };
+    if net {
+        if let Err(e) = inst.set_network(true) {
+            let _ = inst.kill();
+            return fail(e);
+        }
+    }
     log::debug!("instance {} ready; running {program}", inst.id());
     let mut c = inst.command(program.clone());
     c.args(rest.iter().cloned()).envs(env);

@@ -470,30 +470,14 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
     if !vm_ready("network_is_off_until_enabled_and_reaches_the_host") {
         return;
     }
-    use std::io::{Read, Write};
-    // A one-page HTTP server on the host's loopback; the guest reaches it as 10.0.2.2.
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = server.local_addr().unwrap().port();
-    let served = thread::spawn(move || {
-        let mut n = 0;
-        for conn in server.incoming().take(1) {
-            let mut c = conn.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 11\r\n\r\nhello guest");
-            n += 1;
-        }
-        n
-    });
+    let (port, served) = serve_one_page("hello guest");
     // User-mode networking is QEMU's (the kvm machine has no network device yet).
     let vm = Instance::new_in_process(
         Image::Default,
         InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
     )
     .unwrap();
-    // busybox nc, not wget: the static busybox's wget crashes in glibc's resolver
-    // without NSS modules, even for a literal address.
-    let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c 11");
+    let fetch = fetch_page(port, "hello guest");
     let carrier = || vm.command("cat").arg("/sys/class/net/eth0/carrier").output().unwrap().stdout;
     let state = || vm.command("cat").arg("/sys/class/net/eth0/operstate").output().unwrap().stdout;
     // Not even configured until the network is first enabled.
@@ -521,7 +505,29 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
     let out = vm.command("sh").args(["-c", &fetch]).output().unwrap();
     assert!(out.stdout.is_empty(), "reached the host with the network off: {out:?}");
     vm.close().unwrap();
-    assert_eq!(served.join().unwrap(), 1);
+    served.join().unwrap();
+}
+
+/// A one-page HTTP server on the host's loopback, for one request: its port, and its
+/// thread, which ends once it has answered. The guest reaches it as 10.0.2.2.
+fn serve_one_page(body: &'static str) -> (u16, thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let served = thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        let _ = c.read(&mut [0u8; 1024]);
+        let page = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        c.write_all(page.as_bytes()).unwrap();
+    });
+    (port, served)
+}
+
+/// A guest shell command that fetches the page of [`serve_one_page`] and prints its body.
+/// busybox nc, not wget: the static busybox's wget crashes in glibc's resolver without
+/// NSS modules, even for a literal address.
+fn fetch_page(port: u16, body: &str) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c {}", body.len())
 }
 
 #[test]
@@ -876,17 +882,8 @@ fn run_net_connects_the_guest_before_its_command() {
     if !vm_ready("run_net_connects_the_guest_before_its_command") {
         return;
     }
-    use std::io::{Read, Write};
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = server.local_addr().unwrap().port();
-    let served = thread::spawn(move || {
-        let (mut c, _) = server.accept().unwrap();
-        let _ = c.read(&mut [0u8; 1024]);
-        c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nfrom net").unwrap();
-    });
-    let script = format!(
-        "cat /sys/class/net/eth0/operstate; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c 8"
-    );
+    let (port, served) = serve_one_page("from net");
+    let script = format!("cat /sys/class/net/eth0/operstate; {}", fetch_page(port, "from net"));
     let run = |net: &[&str]| {
         let out = std::process::Command::new(common::vmhost_bin())
             .arg("run")

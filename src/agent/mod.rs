@@ -6,10 +6,9 @@
 //!   /sys, /dev, /dev/pts, /dev/shm, /tmp and /run; loads the kernel modules the host
 //!   listed, in dependency order; brings lo up (vmhost's own kernel has done it during
 //!   boot); mounts the host's directories. Then it runs the **server** ([`serve`]):
-//!   starts the first command if the host put one on the kernel command line (see
-//!   [`proto`]), finds its virtio-serial port by name, says Hello, speaks the agent
-//!   protocol ([`proto`]) on it and runs commands. When the server ends, it syncs and powers the
-//!   VM off.
+//!   starts the first command if the host put one on the kernel command line, finds its
+//!   virtio-serial port by name, says Hello, speaks the agent protocol ([`proto`]) on it
+//!   and runs commands. When the server ends, it syncs and powers the VM off.
 //! - the **power button** watcher, on machines with ACPI (a stock kernel's).
 //! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
 //!   status it keeps for the server, unless a command's worker reaps it first) and the

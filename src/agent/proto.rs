@@ -104,16 +104,14 @@ pub const FIRST_EXEC_ID: u32 = 1;
 /// its [`ExecRequest`] payload. The kernel passes a parameter it does not know, whose
 /// name has no dot, to init as an environment variable: the agent reads it there.
 pub const FIRST_EXEC_VAR: &str = "VMHOST_EXEC";
-/// The longest [`FIRST_EXEC_VAR`] parameter, whole: the kernel's command line holds
-/// 2048 bytes in all (x86's `COMMAND_LINE_SIZE`), and the machine's own parameters need
-/// the rest.
+/// The longest [`FIRST_EXEC_VAR`] parameter the agent reads, whole. The host puts one on
+/// the command line only where it fits (see `kernel_cmdline` in [`crate::vm::qemu`]),
+/// which is always less than this.
 pub const MAX_FIRST_EXEC_PARAM: usize = 1024;
 
-/// The kernel parameter that starts `req` at boot; `None` when it would be longer than
-/// [`MAX_FIRST_EXEC_PARAM`] (the command is then started the usual way).
-pub fn encode_first_exec(req: &ExecRequest) -> Option<String> {
-    let param = format!("{FIRST_EXEC_VAR}={}", req.to_hex());
-    (param.len() <= MAX_FIRST_EXEC_PARAM).then_some(param)
+/// The kernel parameter that starts `req` at boot.
+pub fn encode_first_exec(req: &ExecRequest) -> String {
+    format!("{FIRST_EXEC_VAR}={}", req.to_hex())
 }
 
 /// The first process of [`FIRST_EXEC_VAR`]'s value, or why it holds none.
@@ -377,7 +375,7 @@ mod tests {
             stdin: true,
             ..Default::default()
         };
-        let param = encode_first_exec(&r).unwrap();
+        let param = encode_first_exec(&r);
         // One word of the kernel's command line, nothing it splits or unquotes, and a
         // name without a dot: the kernel passes it to init's environment.
         assert!(param.bytes().all(|b| b.is_ascii_graphic() && b != b'"'), "{param}");
@@ -390,7 +388,5 @@ mod tests {
         }
         assert!(decode_first_exec(&"00".repeat(MAX_FIRST_EXEC_PARAM)).unwrap_err().contains("limit"));
         assert!(decode_first_exec("0").unwrap_err().contains("odd"));
-        let big = ExecRequest { program: "x".repeat(MAX_FIRST_EXEC_PARAM / 2), ..Default::default() };
-        assert_eq!(encode_first_exec(&big), None);
     }
 }

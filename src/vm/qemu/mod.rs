@@ -477,7 +477,7 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
     let quoted = given.clone().any(|a| a.contains('"'));
-    let first_param = cfg.first_command.as_ref().and_then(crate::agent::proto::encode_first_exec);
+    let first_param = cfg.first_command.as_ref().map(crate::agent::proto::encode_first_exec);
     let first_param = first_param.filter(|p| !quoted && used + p.len() < room);
     if cfg.first_command.is_some() && first_param.is_none() {
         log::debug!("the first command does not fit on the kernel command line: it starts when run");

@@ -102,6 +102,8 @@ fn main() {
             .args(["--", "true"])
             .env("VMHOST_KERNEL_KIND", "minimal")
             .env_remove("VMHOST_KERNEL")
+            // Whatever the bench's own stdin is: /dev/null, which is not fed.
+            .stdin(Stdio::null())
             .status()
             .unwrap();
         assert!(st.success());

@@ -41,6 +41,23 @@ fn run_feeds_its_stdin_to_the_guest_command() {
     child.stdin.as_mut().unwrap().write_all(b"not for the guest\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
+
+    // Our /dev/null is not fed through a pipe: the command gets the guest's /dev/null
+    // (what a file or a pipe gets, a pipe, is checked above through the data).
+    let stdin_of = |stdin: Stdio| {
+        let out = Command::new(common::vmhost_bin())
+            .args(["run", "--", "sh", "-c", "readlink /proc/self/fd/0; cat; echo end"])
+            .stdin(stdin)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(stdin_of(Stdio::null()), "/dev/null\nend\n");
+    let empty = TempDir::new("stdin");
+    let file = std::fs::File::create(empty.join("empty")).unwrap();
+    let fed = stdin_of(Stdio::from(file));
+    assert!(fed.starts_with("pipe:[") && fed.ends_with("\nend\n"), "{fed}");
 }
 
 #[test]

@@ -875,6 +875,29 @@ fn run_starts_its_command_at_boot_without_caller_environment_values() {
     assert!(err.contains("exec /no/such/program") && err.contains("No such file"), "{err}");
 }
 
+/// With two vCPUs our kernel runs `/init --warm-up` while it finishes its start-up
+/// (kernel/patches/0004-*); that mode of the agent only reads and exits, in silence.
+/// With one vCPU the kernel is not asked to.
+#[test]
+fn the_agent_is_warmed_up_at_boot_only_with_a_second_vcpu_and_its_warm_up_changes_nothing() {
+    if !vm_ready("the_agent_is_warmed_up_at_boot_only_with_a_second_vcpu_and_its_warm_up_changes_nothing") {
+        return;
+    }
+    let run = |cpus: &str| {
+        let out = std::process::Command::new(common::vmhost_bin())
+            .args(["run", "--cpus", cpus, "--", "sh", "-c"])
+            .arg("grep -c vmhost.warm_up=/init /proc/cmdline; /init --warm-up; echo \"[$?]\"; echo pid1 $(cat /proc/1/comm)")
+            .env("VMHOST_KERNEL_KIND", "minimal")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("2"), "1\n[0]\npid1 init\n");
+    assert_eq!(run("1"), "0\n[0]\npid1 init\n");
+}
+
 /// `vmhost run --net` connects the guest before its command starts; without it the guest's
 /// interface stays down.
 #[test]

@@ -32,8 +32,10 @@ pub fn run() -> ! {
     super::serve::take_root_groups();
     // eth0 is configured only when the host first connects the network
     // (proto::NETWORK_UP).
-    if let Err(e) = interface_up("lo", None) {
-        say(format_args!("cannot bring lo up: {e}"));
+    if !is_up("lo") {
+        if let Err(e) = interface_up("lo", None) {
+            say(format_args!("cannot bring lo up: {e}"));
+        }
     }
     mount_shared();
     // All of the setup is done before the server says Hello, on this thread: commands
@@ -289,6 +291,16 @@ fn sockaddr_in(ip: [u8; 4]) -> nix::libc::sockaddr {
         sin.sin_addr.s_addr = u32::from_ne_bytes(ip);
         std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
     }
+}
+
+/// Whether an interface is up, as sysfs says (its `flags`, IFF_UP). vmhost's own kernel
+/// brings lo up during boot (kernel/patches/0002-*); reading the file costs the boot
+/// less than the socket, ioctl and close that would ask the same, whose kernel paths
+/// (the socket's close above all) run for the first time and are translated first.
+fn is_up(name: &str) -> bool {
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap_or_default();
+    let flags = flags.trim().trim_start_matches("0x");
+    u32::from_str_radix(flags, 16).is_ok_and(|f| f & nix::libc::IFF_UP as u32 != 0)
 }
 
 /// Brings an interface up, optionally with an IPv4 address and netmask.

@@ -41,10 +41,36 @@ pub const MOUNTS_PARAM: &str = "vmhost.mounts=";
 /// The module list: one `file.ko [params]` per line, in load order.
 pub const MODULES_LIST: &str = "/vmhost/modules.load";
 
-/// Entry point of `vmhost-agent`.
-pub fn main() -> ! {
+/// Entry point of `vmhost-agent`, called from its C `main`: std's runtime start does
+/// not run, so this does the part of it the agent needs. Standard descriptors the
+/// kernel left closed (no /dev/console in the image) become /dev/null, so that no file
+/// the agent opens takes their place; SIGPIPE is ignored, so that a write to a closed
+/// pipe fails with EPIPE instead of ending PID 1 (commands get it back at its default:
+/// spawn resets every signal).
+///
+/// `warm_up` (`/init --warm-up`): vmhost's kernel runs it while it finishes its
+/// start-up (kernel/patches/0004-*), on an idle vCPU, before it runs PID 1. It reads
+/// what PID 1 reads first and exits: its exec, the C and Rust start-up and those reads
+/// are then translated by the emulator (QEMU TCG translates code the first time it runs
+/// anywhere in the guest) when PID 1 runs them. It changes nothing.
+pub fn main(warm_up: bool) -> ! {
+    use nix::libc;
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor; open returns a new one or -1.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) == -1 {
+                libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            }
+        }
+    }
+    // SAFETY: SIG_IGN for SIGPIPE, as std's runtime start does, before any thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     if std::process::id() == 1 {
         init::run()
+    }
+    if warm_up {
+        serve::warm_up();
+        std::process::exit(0)
     }
     eprintln!("vmhost-agent runs as /init inside a vmhost guest");
     std::process::exit(2)

@@ -29,6 +29,12 @@ pub fn take_root_groups() {
     }
 }
 
+/// The warm-up's share (see [`super::main`]): reads root's user and groups as
+/// [`take_root_groups`] does, without taking them.
+pub fn warm_up() {
+    let _ = resolve_user("root");
+}
+
 /// The process the host asked for on the kernel command line ([`proto::FIRST_EXEC_VAR`]),
 /// started before the server runs: the request, and the process or why it could not
 /// start.
@@ -100,7 +106,7 @@ pub fn run(first: Option<First>) -> i32 {
         proc_pool: Arc::new(Pool::new(usize::MAX)),
     });
     // Started while the host answers the Hello: the worker for the first command. The
-    // reaper starts once the first command runs (see `start_reaper`).
+    // reaper starts once a command has run a while or has ended (spawn::start_reaper).
     server.proc_pool.start_worker();
     if let Some(First { req, started }) = first {
         let id = proto::FIRST_EXEC_ID;
@@ -108,22 +114,6 @@ pub fn run(first: Option<First>) -> i32 {
         server.answer_exec(id, &req, started);
     }
     server.serve(file)
-}
-
-/// Starts the reaper (PID 1 inherits every orphan of the guest besides starting the
-/// commands; see spawn::reap_forever) once: after the first command has started and
-/// been answered, so that its thread start (milliseconds under emulation) is beside
-/// that command's run rather than before it. There are no orphans before the first
-/// command, and a command's own worker reaps it (spawn::wait).
-fn start_reaper() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        if let Err(e) = thread::Builder::new().name("reaper".into()).spawn(spawn::reap_forever) {
-            // Commands still end (each worker reaps its own, see spawn::wait); orphans
-            // stay zombies.
-            say(format_args!("cannot start the reaper: {e}"));
-        }
-    });
 }
 
 /// Finds `/dev/vportNpM` whose port name is [`PORT_NAME`], waiting for it to appear.
@@ -247,6 +237,10 @@ impl Proc {
 /// How long the output of an exited process's leftover children is still forwarded
 /// before its Exit is sent anyway (like Go's `exec.Cmd.WaitDelay`).
 const WAIT_DELAY: Duration = Duration::from_millis(500);
+
+/// How long a process runs before its worker starts the reaper (spawn::start_reaper),
+/// if no process has ended yet.
+const REAPER_DELAY: Duration = Duration::from_millis(100);
 
 struct Server {
     writer: Writer,
@@ -504,11 +498,13 @@ impl Server {
                 self.writer.ok(id, &(pid as u32).to_be_bytes());
                 trace(format_args!("process {id} started: {} (pid {pid})", req.program));
             }
-            Err((code, msg)) => self.writer.error(id, code, &msg),
+            Err((code, msg)) => {
+                self.writer.error(id, code, &msg);
+                // A failed start may leave a child to reap (a pty child killed when its
+                // ends could not be set).
+                spawn::start_reaper();
+            }
         }
-        // After the answer; also after a failed start, which may leave a child to reap (a
-        // pty child killed when its ends could not be set).
-        start_reaper();
     }
 
     /// Starts a process as process `id` (see [`start`] and [`Server::adopt`]).
@@ -565,6 +561,10 @@ impl Server {
         use nix::libc;
         use std::os::fd::AsRawFd;
         let mut exited_at: Option<Instant> = None;
+        if pidfd.is_none() {
+            // Without a pidfd only the reaper tells this process's end (has_ended).
+            spawn::start_reaper();
+        }
         let mut buf = vec![0u8; proto::OUTPUT_CHUNK];
         while !pipes.is_empty() {
             let mut fds: Vec<libc::pollfd> = pipes
@@ -580,6 +580,7 @@ impl Server {
                     None => break,
                 },
                 None if pidfd.is_none() => 200,
+                None if !spawn::reaper_started() => REAPER_DELAY.as_millis() as i32,
                 None => -1,
             };
             // SAFETY: `fds` is a valid array of pollfd on descriptors we hold open.
@@ -589,6 +590,10 @@ impl Server {
                     continue;
                 }
                 break;
+            }
+            if n == 0 && exited_at.is_none() {
+                // The process has run for REAPER_DELAY: its orphans may need the reaper.
+                spawn::start_reaper();
             }
             if fds.len() > pipes.len() && fds[pipes.len()].revents != 0 {
                 exited_at = Some(Instant::now());
@@ -632,6 +637,8 @@ impl Server {
         e.i32(code).i32(sig);
         self.writer.send(proto::EXIT, id, e.as_bytes());
         trace(format_args!("process {id} exited with {code}"));
+        // After the Exit: the orphans it may have left.
+        spawn::start_reaper();
     }
 }
 

@@ -138,6 +138,29 @@ static CHILDREN: Children = Children {
     changed: parking_lot::Condvar::new(),
 };
 
+static REAPER: std::sync::Once = std::sync::Once::new();
+
+/// Starts the reaper ([`reap_forever`]) once. PID 1 inherits every orphan of the guest,
+/// but there are none before the first command: its worker starts the reaper once that
+/// command has run for a while (serve's `REAPER_DELAY`) or has ended, and [`wait`] when
+/// the process it waits for has not ended. So a short first command (`vmhost run --
+/// true`) ends without waiting for the thread's start, milliseconds under emulation; a
+/// command's own worker reaps it ([`wait`]).
+pub fn start_reaper() {
+    REAPER.call_once(|| {
+        if let Err(e) = std::thread::Builder::new().name("reaper".into()).spawn(reap_forever) {
+            // Commands still end (each worker reaps its own, see wait); orphans stay
+            // zombies.
+            super::say(format_args!("cannot start the reaper: {e}"));
+        }
+    });
+}
+
+/// Whether [`start_reaper`] has run.
+pub fn reaper_started() -> bool {
+    REAPER.is_completed()
+}
+
 /// The reaper: waits (without reaping) until some child has ended, then reaps every
 /// ended child under the table's lock. Runs on a thread of its own for the agent's life.
 pub fn reap_forever() -> ! {
@@ -219,6 +242,12 @@ pub fn wait(token: u64) -> io::Result<std::process::ExitStatus> {
         }
         // The reaper says when a child ends; the timeout only re-checks, should the
         // reaper not run (its thread could not start).
+        if !reaper_started() {
+            drop(table);
+            start_reaper();
+            table = CHILDREN.table.lock();
+            continue;
+        }
         CHILDREN.changed.wait_for(&mut table, std::time::Duration::from_millis(250));
     }
 }

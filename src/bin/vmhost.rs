@@ -357,6 +357,18 @@ impl VmFlags {
     }
 }
 
+/// Whether our stdin is the null device (/dev/null: character device 1:3).
+fn stdin_is_dev_null() -> bool {
+    use nix::sys::stat::{fstat, makedev, SFlag};
+    match fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stdin())) {
+        Ok(st) => {
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFCHR
+                && st.st_rdev == makedev(1, 3)
+        }
+        Err(_) => false,
+    }
+}
+
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let usage =
         "usage: vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
@@ -366,8 +378,8 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let mut tty = false;
     // The guest's network (QEMU's user-mode NAT, the host as 10.0.2.2): off unless asked.
     let mut net = false;
-    // Our stdin goes to the command when it is not a terminal (piped or redirected),
-    // with -i also from a terminal, never with -n (like ssh -n).
+    // Our stdin goes to the command when it is not a terminal (piped or redirected) nor
+    // /dev/null, with -i also from a terminal, never with -n (like ssh -n).
     let mut stdin_mode = None;
     let mut i = 0;
     let mut cmd = Vec::new();
@@ -416,9 +428,11 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     } else {
         None
     };
+    // /dev/null is not fed: the command reads the guest's, which ends the same way,
+    // without a pipe and the thread that feeds it (cron jobs, CI steps, `< /dev/null`).
     let feed_stdin = stdin_mode.unwrap_or_else(|| {
         use std::io::IsTerminal;
-        !std::io::stdin().is_terminal()
+        !std::io::stdin().is_terminal() && !stdin_is_dev_null()
     });
     // The guest starts the command as soon as it is up, unless it needs a terminal (its
     // size is known only then), caller-given environment values (the command line that

@@ -35,6 +35,10 @@ pub const PATCHES: &[(&str, &str)] = &[
         "0003-virtio-mmio-cap-queue-size.patch",
         include_str!("../../kernel/patches/0003-virtio-mmio-cap-queue-size.patch"),
     ),
+    (
+        "0004-init-warm-up-init-on-an-idle-cpu.patch",
+        include_str!("../../kernel/patches/0004-init-warm-up-init-on-an-idle-cpu.patch"),
+    ),
 ];
 
 /// A digest of [`PATCHES`]: names and contents.

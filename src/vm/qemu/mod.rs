@@ -435,6 +435,10 @@ fn read_console(sh: &Shared, fifo: File) {
     }
 }
 
+/// The kernel parameter that has vmhost's own kernel warm the agent up
+/// (kernel/patches/0004-*, [`crate::agent::main`]).
+const WARM_UP_ARG: &str = "vmhost.warm_up=/init";
+
 /// The kernel's command line, and whether it carries the first command.
 fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
@@ -453,6 +457,13 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
         append.push("nolapic_timer");
         if cfg.machine == MachineType::Microvm {
             append.push("pci=off");
+        }
+        // With a second vCPU, idle while the first finishes the kernel's start-up, the
+        // kernel runs `/init --warm-up` there first, so that init's exec and first steps
+        // are translated when init runs them (kernel/patches/0004-*). With one vCPU it
+        // would only run beside init.
+        if cfg.cpus > 1 {
+            append.push(WARM_UP_ARG);
         }
     }
     // The agent mounts each shared directory (crate::agent::init reads this).
@@ -753,10 +764,11 @@ mod tests {
         // QEMU's microvm adds " virtio_mmio.device=512@0xfeb00e00:12" per device.
         let added = " virtio_mmio.device=512@0xfeb00e00:12".len();
         let (mut carried, mut left) = (0, 0);
-        for mounts in [0, 1, 5, 20, 30, 60] {
+        for (mounts, cpus) in [0, 1, 5, 20, 30, 60].into_iter().flat_map(|m| [(m, 1), (m, 2)]) {
             for extra in ["", "a=b c=d", &"x=y ".repeat(100)] {
                 for len in [0, 50, 200, 400, 800] {
-                    let cfg = config(mounts, extra, &"a".repeat(len));
+                    let mut cfg = config(mounts, extra, &"a".repeat(len));
+                    cfg.cpus = cpus;
                     let (line, private) = kernel_cmdline(&cfg);
                     assert_eq!(private, line.contains("VMHOST_EXEC="), "{line}");
                     if private {
@@ -779,5 +791,20 @@ mod tests {
         // A double quote cannot go in QEMU's configuration file.
         assert!(!kernel_cmdline(&config(0, "a=\"b\"", "")).1);
         assert!(kernel_cmdline(&config(0, "", "")).1);
+    }
+
+    #[test]
+    fn our_kernel_warms_the_agent_up_only_with_a_second_vcpu() {
+        let line = |cpus, kind| {
+            let mut cfg = config(0, "", "");
+            cfg.cpus = cpus;
+            cfg.kernel.kind = kind;
+            kernel_cmdline(&cfg).0.split(' ').any(|a| a == WARM_UP_ARG)
+        };
+        use crate::image::kernel::KernelKind::{Minimal, Stock};
+        assert!(line(2, Minimal) && line(4, Minimal));
+        assert!(!line(1, Minimal));
+        // A stock kernel has no such parameter (kernel/patches/ are ours).
+        assert!(!line(2, Stock));
     }
 }

@@ -875,6 +875,27 @@ fn run_starts_its_command_at_boot_without_caller_environment_values() {
     assert!(err.contains("exec /no/such/program") && err.contains("No such file"), "{err}");
 }
 
+/// PID 1 reaps the orphans of a first command while it still runs, even one whose output
+/// keeps coming (the reaper starts once a command has run a while, not only when one
+/// ends).
+#[test]
+fn orphans_of_a_running_chatty_first_command_are_reaped() {
+    if !vm_ready("orphans_of_a_running_chatty_first_command_are_reaped") {
+        return;
+    }
+    // The inner sh leaves a sleep to PID 1, which ends at 0.2 s; the outer one writes
+    // without a pause (shell builtins only, ~2 s under emulation), then counts zombies.
+    let script = "sh -c 'sleep 0.2 &'; i=0; while [ $i -lt 20000 ]; do echo .; i=$((i+1)); done; \
+                  echo zombies $(cat /proc/[0-9]*/stat | awk '{print $3}' | grep -c Z)";
+    let out = std::process::Command::new(common::vmhost_bin())
+        .args(["run", "--", "sh", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().last(), Some("zombies 0"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// With two vCPUs our kernel runs `/init --warm-up` while it finishes its start-up
 /// (kernel/patches/0004-*); that mode of the agent only reads and exits, in silence.
 /// With one vCPU the kernel is not asked to.

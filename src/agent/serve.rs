@@ -561,6 +561,7 @@ impl Server {
         use nix::libc;
         use std::os::fd::AsRawFd;
         let mut exited_at: Option<Instant> = None;
+        let started = Instant::now();
         if pidfd.is_none() {
             // Without a pidfd only the reaper tells this process's end (has_ended).
             spawn::start_reaper();
@@ -580,7 +581,15 @@ impl Server {
                     None => break,
                 },
                 None if pidfd.is_none() => 200,
-                None if !spawn::reaper_started() => REAPER_DELAY.as_millis() as i32,
+                // Until the reaper runs, wake up when this process has run REAPER_DELAY
+                // (its output may keep coming, so the time counts from its start).
+                None if !spawn::reaper_started() => match REAPER_DELAY.checked_sub(started.elapsed()) {
+                    Some(left) if !left.is_zero() => left.as_millis().max(1) as i32,
+                    _ => {
+                        spawn::start_reaper();
+                        -1
+                    }
+                },
                 None => -1,
             };
             // SAFETY: `fds` is a valid array of pollfd on descriptors we hold open.
@@ -590,10 +599,6 @@ impl Server {
                     continue;
                 }
                 break;
-            }
-            if n == 0 && exited_at.is_none() {
-                // The process has run for REAPER_DELAY: its orphans may need the reaper.
-                spawn::start_reaper();
             }
             if fds.len() > pipes.len() && fds[pipes.len()].revents != 0 {
                 exited_at = Some(Instant::now());

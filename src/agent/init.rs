@@ -32,6 +32,7 @@ pub fn run() -> ! {
     super::serve::take_root_groups();
     // eth0 is configured only when the host first connects the network
     // (proto::NETWORK_UP).
+    // vmhost's own kernel has brought lo up during boot (kernel/patches/0002-*).
     if !is_up("lo") {
         if let Err(e) = interface_up("lo", None) {
             say(format_args!("cannot bring lo up: {e}"));
@@ -331,9 +332,7 @@ fn interface_up(name: &str, addr: Option<([u8; 4], [u8; 4])>) -> std::io::Result
         if r == 0 {
             r = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
         }
-        // vmhost's own kernel brings lo up during boot (kernel/patches/0002-*): then
-        // there is nothing to set.
-        if r == 0 && (addr.is_some() || req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0) {
+        if r == 0 {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
             r = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
         }

@@ -562,10 +562,6 @@ impl Server {
         use std::os::fd::AsRawFd;
         let mut exited_at: Option<Instant> = None;
         let started = Instant::now();
-        if pidfd.is_none() {
-            // Without a pidfd only the reaper tells this process's end (has_ended).
-            spawn::start_reaper();
-        }
         let mut buf = vec![0u8; proto::OUTPUT_CHUNK];
         while !pipes.is_empty() {
             let mut fds: Vec<libc::pollfd> = pipes
@@ -580,16 +576,17 @@ impl Server {
                     Some(left) => left.as_millis() as i32,
                     None => break,
                 },
-                None if pidfd.is_none() => 200,
                 // Until the reaper runs, wake up when this process has run REAPER_DELAY
                 // (its output may keep coming, so the time counts from its start).
                 None if !spawn::reaper_started() => match REAPER_DELAY.checked_sub(started.elapsed()) {
                     Some(left) if !left.is_zero() => left.as_millis().max(1) as i32,
                     _ => {
                         spawn::start_reaper();
-                        -1
+                        continue;
                     }
                 },
+                // Without a pidfd the reaper tells this process's end (has_ended).
+                None if pidfd.is_none() => 200,
                 None => -1,
             };
             // SAFETY: `fds` is a valid array of pollfd on descriptors we hold open.

@@ -65,10 +65,16 @@ impl Kernel {
         config.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")).and_then(|v| v.trim().parse().ok())
     }
 
+    /// Whether this is vmhost's own kernel (`vmhost kernel build`): everything built in,
+    /// no ACPI, virtio-mmio devices on its command line, and kernel/patches/ applied.
+    pub fn is_minimal(&self) -> bool {
+        self.kind == KernelKind::Minimal
+    }
+
     /// Whether the kernel has 9p over virtio (for host mounts): vmhost's own kernel
     /// has it built in; a stock one needs its modules.
     pub fn has_9p(&self) -> bool {
-        self.kind == KernelKind::Minimal
+        self.is_minimal()
             || self
                 .modules
                 .iter()

@@ -81,7 +81,7 @@ pub fn kvm_unsupported(
     kernel: &crate::image::kernel::Kernel,
     mounts: &[crate::wire::MountConfig],
 ) -> Option<String> {
-    if kernel.kind != crate::image::kernel::KernelKind::Minimal {
+    if !kernel.is_minimal() {
         return Some(format!(
             "it boots vmhost's own kernel (`vmhost kernel build`), which finds virtio-mmio devices on its \
              command line; the kernel {} finds devices only through ACPI or PCI, which the kvm machine \

@@ -441,7 +441,7 @@ const WARM_UP_ARG: &str = "vmhost.warm_up=/init";
 
 /// The kernel's command line, and whether it carries the first command.
 fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
-    let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
+    let minimal = cfg.kernel.is_minimal();
     // The host's TSC rate, so that guest clocks keep the host's time (see vm::clock).
     let tsc = crate::vm::clock::kernel_args(cfg.kernel.hz());
     let mut append = vec!["console=ttyS0", "panic=-1"];
@@ -504,8 +504,7 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
 /// of ours, so after a `--` they would become init's arguments and the guest would find
 /// no devices (no agent port: a boot that times out).
 fn check_extra_args(cfg: &BootConfig) -> Result<()> {
-    let devices_on_cmdline =
-        cfg.machine == MachineType::Microvm && cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
+    let devices_on_cmdline = cfg.machine == MachineType::Microvm && cfg.kernel.is_minimal();
     if devices_on_cmdline && cfg.extra_args.iter().any(|a| a == "--") {
         return Err(Error::InvalidArgument {
             op: "boot".into(),
@@ -537,7 +536,7 @@ fn cmdline_args(append: String, private: bool, dir: &Path) -> Result<[String; 2]
 
 /// QEMU's arguments, with `cmdline` giving the kernel its command line.
 fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<String> {
-    let minimal = cfg.kernel.kind == crate::image::kernel::KernelKind::Minimal;
+    let minimal = cfg.kernel.is_minimal();
     let (machine, serial_dev, net_dev) = match cfg.machine {
         MachineType::Microvm if minimal => ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device"),
         MachineType::Microvm => ("microvm", "virtio-serial-device", "virtio-net-device"),

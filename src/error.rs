@@ -136,6 +136,15 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The VM does not run: it has ended, how once known, or it is stopping.
+    NotRunning {
+        /// The operation.
+        op: String,
+        /// Its lifecycle state.
+        state: crate::vm::VmState,
+        /// How it ended.
+        end: Option<crate::vm::VmEnd>,
+    },
     /// A VM lifecycle operation failed.
     Vm {
         /// The operation ("stop", "force_stop", ...).
@@ -188,7 +197,7 @@ impl Error {
             },
             Error::Timeout { .. } | Error::ConnectTimeout { .. } => io::ErrorKind::TimedOut,
             Error::InvalidArgument { .. } => io::ErrorKind::InvalidInput,
-            Error::Closed => io::ErrorKind::NotConnected,
+            Error::Closed | Error::NotRunning { .. } => io::ErrorKind::NotConnected,
             _ => io::ErrorKind::Other,
         }
     }
@@ -206,6 +215,7 @@ impl Error {
             Error::Decode { .. } | Error::InvalidArgument { .. } => ErrorCode::InvalidArgument,
             Error::Timeout { .. } | Error::ConnectTimeout { .. } => ErrorCode::Timeout,
             Error::Closed => ErrorCode::AlreadyClosed,
+            Error::NotRunning { .. } => ErrorCode::NotRunning,
             Error::HelperNotFound { .. } | Error::HelperExited { .. } | Error::BackendUnavailable { .. } => {
                 ErrorCode::HypervisorUnavailable
             }
@@ -266,6 +276,9 @@ impl fmt::Display for Error {
             ),
             Error::Closed => write!(f, "the client is closed"),
             Error::Control { method, message } => write!(f, "control {method}: {message}"),
+            // The op goes in the Error frame's own field, not in its message.
+            Error::NotRunning { end: Some(end), .. } => write!(f, "the VM is not running: {end}"),
+            Error::NotRunning { state, end: None, .. } => write!(f, "the VM is {state}"),
             Error::Vm { op, message } => write!(f, "VM {op}: {message}"),
             Error::Timeout { op, after } => {
                 write!(f, "{op}: timed out after {:.1} s", after.as_secs_f64())

@@ -2,8 +2,8 @@
 //!
 //! [`watch`] blocks the signals in the calling thread (call it first thing in `main`,
 //! before other threads start, so that they inherit the mask) and starts one thread that
-//! takes them with `sigwait` and passes them on a channel. Child processes started with
-//! `std::process::Command` get a clean mask back, as std resets it in the child.
+//! takes them with `sigwait` and passes them on a channel. A child process inherits the
+//! mask through exec: spawn children with [`crate::unix::clean_signals_in_child`].
 
 use crossbeam_channel::Receiver;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};

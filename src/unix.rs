@@ -216,3 +216,28 @@ pub fn shutdown_listener(listener: &UnixListener) {
     // On Linux, shutdown(2) on a listening socket wakes every accept() with EINVAL.
     let _ = socket::shutdown(listener.as_raw_fd(), socket::Shutdown::Both);
 }
+
+/// Has `cmd`'s child start with an empty signal mask and every signal at its default
+/// action, whatever the spawning thread had: a thread that takes SIGTERM with
+/// [`crate::signals::watch`] blocks it, and a child would inherit that mask (and any
+/// ignored signal) through exec, so SIGTERM would no longer end a QEMU gracefully.
+pub fn clean_signals_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls are made: sigemptyset,
+    // sigprocmask and signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<nix::libc::sigset_t>::uninit();
+            nix::libc::sigemptyset(set.as_mut_ptr());
+            if nix::libc::sigprocmask(nix::libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for sig in 1..nix::libc::SIGRTMIN() {
+                if sig != nix::libc::SIGKILL && sig != nix::libc::SIGSTOP {
+                    nix::libc::signal(sig, nix::libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
+}

@@ -58,8 +58,8 @@ macro_rules! catalogue {
 /// The message catalogue: every type number of the helper protocol.
 ///
 /// Numbers 0x0100..=0x0700 and 0xFF00/0xFF01 are those of v0.0.2; 0x040E..=0x0411,
-/// 0xFF02 and 0xFF03 are the streaming additions of the later revision; 0x0412
-/// (CmdSetTty) is vmhost's own.
+/// 0xFF02 and 0xFF03 are the streaming additions of the later revision; 0x0108
+/// (InstanceEnd) and 0x0412 (CmdSetTty) are vmhost's own.
 pub mod msg {
     catalogue! {
         /// Create the instance (boot the VM).
@@ -78,6 +78,8 @@ pub mod msg {
         INSTANCE_SET_NETWORK = 0x0106 => "InstanceSetNetwork",
         /// Run the instance's main process attached to the console.
         INSTANCE_EXEC = 0x0107 => "InstanceExec",
+        /// How the instance ended (vmhost's addition).
+        INSTANCE_END = 0x0108 => "InstanceEnd",
         /// Open a guest file for reading.
         FS_OPEN = 0x0200 => "FsOpen",
         /// Create or truncate a guest file.
@@ -1400,6 +1402,8 @@ requests! {
     InstanceSetNetwork = INSTANCE_SET_NETWORK { enabled: bool },
     /// Run the main process on the console.
     InstanceExec = INSTANCE_EXEC { name: String, args: Vec<String> },
+    /// How it ended.
+    InstanceEnd = INSTANCE_END {},
     /// Open for reading.
     FsOpen = FS_OPEN { path: String },
     /// Create or truncate.
@@ -1832,7 +1836,7 @@ mod tests {
         for pair in msg::ALL.windows(2) {
             assert!(pair[0].0 < pair[1].0, "{:?} before {:?}", pair[0], pair[1]);
         }
-        assert_eq!(msg::ALL.len(), 72);
+        assert_eq!(msg::ALL.len(), 73);
         assert_eq!(type_name(0x0999), "0x0999");
         assert_eq!(type_name(msg::FS_READ_DIR), "FsReadDir");
     }

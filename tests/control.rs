@@ -244,6 +244,65 @@ fn ctl_reply_with_ok_false_exits_1() {
 }
 
 #[test]
+fn is_alive_means_the_host_answered_ok() {
+    // mb's IsAlive checks `ok`: a host that answers, but with an error, is not alive.
+    let dir = TempDir::new("ctlalive");
+    let sock = dir.join("vmhost.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        for reply in
+            [&b"{\"ok\":false,\"error\":\"vm crashed\"}\n"[..], b"{\"ok\":true,\"state\":\"running\"}\n"]
+        {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(reply).unwrap();
+        }
+    });
+    let c = ControlClient::new(&sock);
+    assert!(!c.is_alive(), "an ok:false reply");
+    assert!(c.is_alive(), "an ok:true reply");
+    t.join().unwrap();
+    drop(dir);
+    assert!(!c.is_alive(), "no host at all");
+}
+
+#[test]
+fn request_keys_match_as_mbs_go_server_matches_them() {
+    // encoding/json: keys equal to a field's name ignoring case, the last one winning,
+    // unknown keys ignored, null leaving the field as it was.
+    let dir = TempDir::new("ctlkeys");
+    let (f, _remote) = fake();
+    let server = ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), f.clone()).unwrap();
+    let sock = server.socket_path().to_path_buf();
+    let running = "{\"ok\":true,\"state\":\"running\"}\n";
+    for req in [
+        &b"{\"Method\":\"status\"}"[..],
+        b"{\"METHOD\":\"status\"}",
+        b"{\"method\":\"stop\",\"Method\":\"status\"}",
+        b"{\"Method\":\"status\",\"method\":null}",
+        b"{\"method\":\"status\",\"extra\":[1,{}]}",
+    ] {
+        assert_eq!(exchange(&sock, req), running, "{}", String::from_utf8_lossy(req));
+    }
+    assert_eq!(
+        exchange(&sock, b"{\"Method\":\"Status\"}"),
+        "{\"ok\":false,\"error\":\"unknown method: Status\"}\n",
+        "values are not folded"
+    );
+    assert_eq!(
+        exchange(&sock, b"{\"METHOD\":\"stop\",\"Timeout_Seconds\":7}"),
+        "{\"ok\":true,\"state\":\"stopping\"}\n"
+    );
+    assert!(wait_until(GUARD, || !f.timeouts.lock().is_empty()));
+    assert_eq!(f.timeouts.lock()[0], Duration::from_secs(7));
+    for bad in [&b"{\"method\":null}"[..], b"{\"method\":\"stop\",\"timeout_seconds\":1.5}"] {
+        let out = exchange(&sock, bad);
+        assert!(out.starts_with("{\"ok\":false,\"error\":\"invalid request: "), "{out}");
+    }
+}
+
+#[test]
 fn second_start_on_a_live_socket_fails_and_keeps_the_pid_file() {
     let dir = TempDir::new("ctltwice");
     let (f, _remote) = fake();

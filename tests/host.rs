@@ -102,9 +102,45 @@ fn host_serves_control_and_helper_and_stops_through_the_agent() {
         assert_eq!(out.stdout, b"hello from the host guest\n");
     } // dropping an attached instance leaves the VM running
     assert_eq!(ControlClient::new(h.sock("vmhost.sock")).status().unwrap().state, "running");
+    // A second host on the same DIR is refused before it boots anything.
+    let second = Command::new(vmhost_bin())
+        .args(["host", "--backend", "qemu", "--name", "second", "--dir"])
+        .arg(h.dir.join("vm"))
+        .env("VMHOST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && said.contains("in use by a live process"), "{said}");
+    assert!(!said.contains("booted") && !said.contains("QEMU"), "the second host booted a VM: {said}");
     assert_eq!(h.ctl(&["stop", "--timeout", "20"]), (0, "{\"ok\":true,\"state\":\"stopping\"}\n".into()));
     h.expect_exit();
     assert!(h.log().contains("stop step Agent: Exited"), "{}", h.log());
+}
+
+#[test]
+fn force_stop_ends_qemu_gracefully_with_sigterm() {
+    if !vm_ready("force_stop_ends_qemu_gracefully_with_sigterm") {
+        return;
+    }
+    // QEMU must not inherit the host's blocked SIGTERM (its signal thread takes it).
+    let mut h = Host::start("host-term");
+    let qemu =
+        children_of(h.child.id()).into_iter().find(|(_, c)| c.starts_with("qemu")).expect("QEMU child").0;
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).unwrap().trim().to_string();
+    assert_eq!(
+        u64::from_str_radix(&blocked, 16).unwrap() & (1 << (15 - 1)),
+        0,
+        "SIGTERM blocked in QEMU: {status}"
+    );
+    assert_eq!(h.ctl(&["force-stop"]).0, 0);
+    h.expect_exit();
+    let log = h.log();
+    assert!(log.contains("stop step Term: Exited"), "{log}");
+    assert!(!log.contains("stop step Kill"), "{log}");
+    // QEMU quit on its own terms (it exits 0 on SIGTERM), not killed by a signal.
+    assert!(log.contains("QEMU exited (exit status: 0)"), "{log}");
 }
 
 #[test]

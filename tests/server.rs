@@ -345,28 +345,49 @@ fn client_is_send_sync_and_closed_client_refuses() {
 }
 
 #[test]
-fn server_gone_mid_call_gives_error_not_hang() {
+fn close_answers_calls_in_flight_and_cuts_what_outlasts_its_grace() {
     let dir = TempDir::new("gone");
     let mut mux = Mux::new();
-    mux.register(msg::INSTANCE_WAIT, |_, _| {
+    let (started, handlers) = crossbeam_channel::unbounded();
+    let s2 = started.clone();
+    mux.register(msg::INSTANCE_WAIT, move |_, _| {
+        let _ = s2.send(());
         thread::sleep(Duration::from_millis(300));
+        Ok(Reply::ok())
+    });
+    // Longer than close()'s grace.
+    mux.register(msg::INSTANCE_CLOSE, move |_, _| {
+        let _ = started.send(());
+        thread::sleep(vmhost::server::CLOSE_GRACE + Duration::from_secs(3));
         Ok(Reply::ok())
     });
     let server = Server::bind(dir.join("s.sock"), Arc::new(mux)).unwrap();
     let s = server.clone();
     thread::spawn(move || s.serve());
     let c = client::connect_to(server.socket_path(), GUARD).unwrap();
+    let slow = client::connect_to(server.socket_path(), GUARD).unwrap();
     let s = server.clone();
-    thread::spawn(move || {
-        thread::sleep(Duration::from_millis(50));
+    let closer = thread::spawn(move || {
+        // Both calls are being served.
+        for _ in 0..2 {
+            handlers.recv_timeout(GUARD).unwrap();
+        }
+        let start = std::time::Instant::now();
         s.close();
+        start.elapsed()
     });
-    // The handler finishes, but close() has shut the connection: the write fails or
-    // the read sees EOF. Either way an error, never a hang.
-    match c.call(msg::INSTANCE_WAIT, &[]) {
-        Err(Error::Frame { op, .. }) => assert_eq!(op, "InstanceWait"),
+    let slow_call = thread::spawn(move || slow.call(msg::INSTANCE_CLOSE, &[]));
+    // A call being served when the server closes gets its answer, not an EOF ...
+    assert!(c.call(msg::INSTANCE_WAIT, &[]).is_ok());
+    // ... and one that outlasts the grace is cut: an error, never a hang.
+    match slow_call.join().unwrap() {
+        Err(Error::Frame { op, .. }) => assert_eq!(op, "InstanceClose"),
         other => panic!("expected a frame error, got {other:?}"),
     }
+    let took = closer.join().unwrap();
+    assert!(took < vmhost::server::CLOSE_GRACE + Duration::from_secs(2), "close took {took:?}");
+    // The connection is closed after its answer.
+    assert!(c.call(msg::INSTANCE_WAIT, &[]).is_err());
 }
 
 #[test]

@@ -18,7 +18,9 @@ vmhost: boot Linux micro-VMs and drive them
 USAGE:
     vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
         Boot a guest, run CMD in it with its stdout and stderr on ours as they come,
-        and exit with its exit code (125 when vmhost itself fails). Our stdin is fed to
+        and exit with its exit code; when the VM ends before CMD does: 121 the guest
+        powered off, halted or rebooted, 122 it crashed (kernel panic, triple fault),
+        123 QEMU died, 124 --timeout; 125 when vmhost itself fails. Our stdin is fed to
         CMD when it is a pipe or a file (-i: from a terminal too; -n: never; else CMD
         reads /dev/null). -t runs CMD on a terminal in the guest: ours in raw mode,
         keys typed into it, window size changes followed. --net connects the guest's
@@ -512,6 +514,10 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         }
     };
     log::debug!("{program} ended: {code:?}");
+    let ended = match &code {
+        Err(e) if e.code() == vmhost::wire::ErrorCode::NotRunning => inst.end().ok().flatten(),
+        _ => None,
+    };
     // The guest is thrown away: no need for its orderly shutdown.
     if let Err(e) = inst.kill() {
         log::warn!("stopping the guest: {e}");
@@ -523,6 +529,14 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         Ok(code) => {
             eprintln!("vmhost: the guest command ended without an exit code ({code})");
             Ok(ExitCode::from(125))
+        }
+        Err(e) if e.code() == vmhost::wire::ErrorCode::NotRunning => {
+            // The VM ended under the command: say how, and exit with the end's code.
+            eprintln!("vmhost: {e}");
+            match ended {
+                Some(end) => Ok(ExitCode::from(end.exit_code())),
+                None => Ok(ExitCode::from(125)),
+            }
         }
         Err(e) => fail(e),
     }
@@ -655,6 +669,8 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     }
     let name = name.ok_or("host: --name NAME is required")?;
     let dir = dir.ok_or("host: --dir DIR is required")?;
+    // A DIR that a live host serves is refused before a whole VM boots for nothing.
+    ControlServer::check_free(&dir.join("vmhost.sock")).map_err(|e| e.to_string())?;
     let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let source = match &vm.image {
         Some(p) => vmhost::image::rootfs::Source::from_path(p).map_err(|e| e.to_string())?,
@@ -703,5 +719,11 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     }
     server.close();
     drop(control);
-    Ok(ExitCode::SUCCESS)
+    match machine.end() {
+        None | Some(vmhost::vm::VmEnd::Stopped) => Ok(ExitCode::SUCCESS),
+        Some(end) => {
+            eprintln!("vmhost host {name}: the VM ended unasked: {end}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

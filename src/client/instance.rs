@@ -216,6 +216,25 @@ impl Instance {
         self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
     }
 
+    /// How the VM ended: `None` while it runs.
+    ///
+    /// ```no_run
+    /// # let vm = vmhost::Instance::new(vmhost::Image::Default, Default::default())?;
+    /// let _ = vm.command("poweroff").arg("-f").status();
+    /// assert_eq!(vm.end()?, Some(vmhost::vm::VmEnd::GuestShutdown));
+    /// # Ok::<(), vmhost::Error>(())
+    /// ```
+    pub fn end(&self) -> Result<Option<crate::vm::VmEnd>> {
+        let reply = self.t.call(&Request::InstanceEnd {})?;
+        let mut d = reply.decoder();
+        let (kind, nanos, detail) =
+            (|| Ok((d.u8()?, d.u64()?, d.string()?)))().map_err(decode("InstanceEnd"))?;
+        crate::vm::VmEnd::from_wire(kind, nanos, detail).map_err(|k| Error::InvalidArgument {
+            op: "InstanceEnd".into(),
+            message: format!("unknown end kind {k} (a newer helper?)"),
+        })
+    }
+
     /// Sets the console size (columns, rows): commands on a terminal
     /// ([`Command::tty`]) are resized at once, later ones start with it.
     pub fn set_console(&self, cols: u16, rows: u16) -> Result<()> {

@@ -100,7 +100,10 @@ pub(crate) fn spawn_helper_for(first: Option<&crate::FirstCommand>) -> Result<Cl
         unix::ensure_private_dir(dir)?;
     }
     log::debug!("starting helper {} on {}", bin.display(), socket.display());
-    let mut child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    // The helper is ended with SIGTERM: not blocked or ignored as the caller may have it.
+    unix::clean_signals_in_child(&mut cmd);
+    let mut child = cmd
         .arg("helper")
         .arg("--socket")
         .arg(&socket)

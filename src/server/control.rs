@@ -72,6 +72,54 @@ pub struct Request {
     pub timeout_seconds: i64,
 }
 
+/// A JSON object's members in the order they came (duplicates kept).
+struct Fields(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Fields, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Fields, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = m.next_entry()? {
+                    out.push(kv);
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Request {
+    /// The request an object's `fields` make, keys matched as mb's Go server matches
+    /// them (`encoding/json`): a key names a field when it equals the field's name
+    /// ignoring case (`{"Method":"status"}`), a later key wins over an earlier one,
+    /// other keys are ignored, and `null` leaves a field unset.
+    fn from_fields(fields: Fields) -> std::result::Result<Request, String> {
+        let field = |name: &str| {
+            fields.0.iter().rev().find(|(k, v)| k.eq_ignore_ascii_case(name) && !v.is_null()).map(|(_, v)| v)
+        };
+        let method = match field("method") {
+            Some(serde_json::Value::String(m)) => m.clone(),
+            None => return Err("missing field `method`".into()),
+            Some(other) => return Err(format!("method: expected a string, got {other}")),
+        };
+        let timeout_seconds = match field("timeout_seconds") {
+            None => 0,
+            Some(v) => v.as_i64().ok_or_else(|| format!("timeout_seconds: expected an integer, got {v}"))?,
+        };
+        Ok(Request { method, timeout_seconds })
+    }
+}
+
 /// A control reply.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Response {
@@ -191,11 +239,11 @@ fn read_request(stream: &UnixStream) -> std::result::Result<Request, String> {
     let mut limited = Deadline { stream, until: Instant::now() + REQUEST_DEADLINE, read: 0 };
     let result = {
         let reader = BufReader::new((&mut limited).take(MAX_REQUEST));
-        let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Request>();
+        let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Fields>();
         de.next()
     };
     match result {
-        Some(Ok(req)) => Ok(req),
+        Some(Ok(fields)) => Request::from_fields(fields),
         Some(Err(_)) if limited.read >= MAX_REQUEST => {
             Err(format!("request larger than {MAX_REQUEST} bytes"))
         }
@@ -259,9 +307,7 @@ impl ControlServer {
             }
         }
         // A live host process keeps its files: check before touching the pid file.
-        if unix::dial(&socket, Duration::from_millis(200)).is_ok() {
-            return Err(Error::SocketInUse { path: socket });
-        }
+        ControlServer::check_free(&socket)?;
         let me = std::process::id().to_string();
         let tmp = pid_path.with_extension(format!("pid.{me}.tmp"));
         std::fs::write(&tmp, &me)
@@ -293,6 +339,15 @@ impl ControlServer {
         };
         server.spawn_threads()?;
         Ok(server)
+    }
+
+    /// Refuses a `socket` that a live host process serves ([`Error::SocketInUse`]): a
+    /// host process checks before it boots anything, and [`ControlServer::start`] again.
+    pub fn check_free(socket: &Path) -> Result<()> {
+        match unix::dial(socket, Duration::from_millis(200)) {
+            Ok(_) => Err(Error::SocketInUse { path: socket.to_path_buf() }),
+            Err(_) => Ok(()),
+        }
     }
 
     fn spawn_threads(&self) -> Result<()> {
@@ -461,8 +516,9 @@ impl ControlClient {
         self.method("force_stop", 0)
     }
 
-    /// Whether the host process answers a status request.
+    /// Whether the host process answers a status request with `ok` (as mb's
+    /// `IsAlive`): a host that answers with an error is not alive.
     pub fn is_alive(&self) -> bool {
-        self.status().is_ok()
+        self.status().is_ok_and(|r| r.ok)
     }
 }

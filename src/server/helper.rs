@@ -24,8 +24,8 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
 use crate::vm::agent_link::Process;
+use crate::vm::InstanceSpec;
 use crate::vm::Machine;
-use crate::vm::{InstanceSpec, VmState};
 use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, StreamEnd, Wire};
 
 /// The default `PATH` of guest commands.
@@ -411,6 +411,22 @@ impl State {
     }
 }
 
+impl State {
+    /// The answer to a request that failed: once the VM has ended, whatever failed says
+    /// NotRunning and how the VM ended, rather than what broke on the way (the agent
+    /// channel's EOF, a closed handle).
+    fn after_end(&self, ty: u16, f: ErrorFrame) -> ErrorFrame {
+        let Some(inst) = self.instance.lock().clone() else { return f };
+        match inst.vm.ended_error(&crate::wire::type_name(ty)) {
+            Some(e) => {
+                log::debug!("{} after the VM's end: {} (was: {})", crate::wire::type_name(ty), e, f.message);
+                frame(&e, &f.path)
+            }
+            None => f,
+        }
+    }
+}
+
 impl Helper {
     /// A helper with no instance yet.
     pub fn new() -> Arc<Helper> {
@@ -451,7 +467,7 @@ impl Helper {
                     ));
                 };
                 dec.finish()?;
-                dispatch(&st, call, req)
+                dispatch(&st, call, req).map_err(|f| st.after_end(ty, f))
             });
         }
         Arc::new(Helper { mux, state })
@@ -553,6 +569,20 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),
         req => {
             let inst = st.instance()?;
+            // Once the VM has ended, only what asks about the end (or closes) is served;
+            // the rest says NotRunning and how it ended, without touching any table.
+            let about_the_end = matches!(
+                req,
+                Request::InstanceId {}
+                    | Request::InstanceIsRunning {}
+                    | Request::InstanceEnd {}
+                    | Request::InstanceWait {}
+                    | Request::InstanceClose {}
+            );
+            if !about_the_end && inst.vm.state().is_final() {
+                let e = inst.vm.ended_error(op).unwrap_or(Error::Closed);
+                return Err(frame(&e, ""));
+            }
             serve_instance(st, &inst, call, req)
         }
     }
@@ -587,7 +617,16 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             e.string(vm.id());
         })),
         Request::InstanceIsRunning {} => Ok(Reply::with(|e| {
-            e.bool(vm.state() == VmState::Running);
+            e.bool(vm.is_running());
+        })),
+        Request::InstanceEnd {} => Ok(Reply::with(|e| match vm.end().filter(|_| vm.state().is_final()) {
+            Some(end) => {
+                let (kind, nanos, detail) = end.to_wire();
+                e.u8(kind).u64(nanos).string(detail);
+            }
+            None => {
+                e.u8(0).u64(0).string("");
+            }
         })),
         Request::InstanceSetConsole { cols, rows } => {
             if !(1..=10_000).contains(&cols) || !(1..=10_000).contains(&rows) {

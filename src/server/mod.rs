@@ -239,6 +239,8 @@ struct Inner {
     idle_wake: (UnixStream, UnixStream),
     /// Notices clients that hang up while a handler runs.
     watch: hangup::Watcher,
+    /// Requests being served (read and not yet answered).
+    busy: AtomicUsize,
 }
 
 /// A helper-protocol server on a Unix socket.
@@ -290,6 +292,7 @@ impl Server {
                 active: AtomicUsize::new(0),
                 idle_wake,
                 watch: hangup::Watcher::default(),
+                busy: AtomicUsize::new(0),
             }),
         })
     }
@@ -457,13 +460,19 @@ impl Server {
         }
     }
 
-    /// Stops serving: unblocks `serve`/`serve_one`, ends every connection, removes the
-    /// socket file. Idempotent.
+    /// Stops serving: unblocks `serve`/`serve_one`, lets the requests being served be
+    /// answered (for at most [`CLOSE_GRACE`]: a client gets its Error frame, not an
+    /// EOF, when the VM ended under its call), ends every connection, removes the socket
+    /// file. Idempotent.
     pub fn close(&self) {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         unix::shutdown_listener(&self.inner.listener);
+        let until = std::time::Instant::now() + CLOSE_GRACE;
+        while self.inner.busy.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
         for (_, s) in self.inner.conns.lock().iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -474,6 +483,9 @@ impl Server {
         }
     }
 }
+
+/// How long [`Server::close`] lets requests in progress finish.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use nix::libc;
@@ -542,6 +554,25 @@ impl Inner {
                     return;
                 }
             };
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            let sent = self.answer(id, stream, frame);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            if let Err(e) = sent {
+                log::debug!("connection {id}: cannot answer: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Serves one request and writes its answer.
+    fn answer(
+        &self,
+        id: ConnId,
+        stream: &mut UnixStream,
+        frame: wire::Frame,
+    ) -> std::result::Result<(), FrameError> {
+        let max = self.opts.max_frame;
+        {
             let guard = self.watch.watch(stream);
             let reply = {
                 let mut sink = |ty: u16, p: &[u8]| wire::write_frame(&mut *stream, ty, p, max);
@@ -575,10 +606,7 @@ impl Inner {
                 },
                 Err(ef) => send_error(stream, &ef, max),
             };
-            if let Err(e) = sent {
-                log::debug!("connection {id}: cannot answer: {e}");
-                return;
-            }
+            sent
         }
     }
 }

@@ -9,6 +9,15 @@ use std::path::Path;
 
 use parking_lot::Mutex;
 
+use super::end::ConsoleEnd;
+
+/// The longest partial line kept while scanning for the kernel's last words (longer
+/// lines keep their end: the markers are short and end lines).
+const LINE_MAX: usize = 512;
+
+/// Called with each end the guest kernel announces on its console.
+pub type EndHook = Box<dyn Fn(ConsoleEnd) + Send + Sync>;
+
 /// How much of the console is kept in memory for error messages.
 pub const TAIL: usize = 64 << 10;
 /// How much of the console goes to `console.log` (a guest may print without end, and
@@ -25,6 +34,9 @@ pub struct ConsoleLog {
     tail: Mutex<VecDeque<u8>>,
     log: Mutex<LogFile>,
     dmesg: bool,
+    /// The line being received, and the last end the kernel announced.
+    scan: Mutex<(Vec<u8>, Option<ConsoleEnd>)>,
+    on_end: std::sync::OnceLock<EndHook>,
 }
 
 impl ConsoleLog {
@@ -32,11 +44,56 @@ impl ConsoleLog {
     /// `dmesg`.
     pub fn new(path: Option<&Path>, dmesg: bool) -> ConsoleLog {
         let file = path.and_then(|p| File::create(p).ok());
-        ConsoleLog { tail: Mutex::new(VecDeque::new()), log: Mutex::new(LogFile { file, written: 0 }), dmesg }
+        ConsoleLog {
+            tail: Mutex::new(VecDeque::new()),
+            log: Mutex::new(LogFile { file, written: 0 }),
+            dmesg,
+            scan: Mutex::new((Vec::new(), None)),
+            on_end: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Has `hook` called with each end the guest kernel announces (halt, power-off,
+    /// restart, panic), from the thread that reads the console. Set once.
+    pub fn on_end(&self, hook: EndHook) {
+        let _ = self.on_end.set(hook);
+    }
+
+    /// The last end the guest kernel announced on its console.
+    pub fn last_end(&self) -> Option<ConsoleEnd> {
+        self.scan.lock().1
+    }
+
+    /// Scans complete lines for the kernel's last words.
+    fn scan(&self, data: &[u8]) {
+        let mut found = Vec::new();
+        {
+            let mut scan = self.scan.lock();
+            let (line, last) = &mut *scan;
+            for chunk in data.split_inclusive(|&b| b == b'\n') {
+                line.extend_from_slice(chunk);
+                if line.len() > LINE_MAX {
+                    line.drain(..line.len() - LINE_MAX);
+                }
+                if line.ends_with(b"\n") {
+                    if let Some(end) = ConsoleEnd::in_line(line) {
+                        *last = Some(end);
+                        found.push(end);
+                    }
+                    line.clear();
+                }
+            }
+        }
+        if let Some(hook) = self.on_end.get() {
+            for end in found {
+                hook(end);
+            }
+        }
     }
 
     /// Takes in what the guest printed.
     pub fn append(&self, data: &[u8]) {
+        self.scan(data);
         {
             let mut tail = self.tail.lock();
             tail.extend(data);
@@ -118,6 +175,25 @@ mod tests {
         let len = std::fs::metadata(&path).unwrap().len();
         assert!(len <= LOG_MAX + 100, "console.log grew to {len}");
         assert!(c.tail.lock().len() <= TAIL);
+    }
+
+    #[test]
+    fn announces_the_kernels_last_words_split_across_reads() {
+        let c = ConsoleLog::new(None, false);
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        c.on_end(Box::new(move |e| s2.lock().push(e)));
+        c.append(b"[    1.0] booting\n[    2.0] reboot: Sys");
+        assert_eq!(c.last_end(), None);
+        c.append(b"tem halted\r");
+        assert_eq!(c.last_end(), None, "not before the line ends");
+        c.append(b"\n");
+        assert_eq!(c.last_end(), Some(ConsoleEnd::Halted));
+        // A line longer than the scan keeps is still matched by its end.
+        let mut long = vec![b'x'; 10_000];
+        long.extend_from_slice(b"Kernel panic - not syncing: x\n");
+        c.append(&long);
+        assert_eq!(*seen.lock(), [ConsoleEnd::Halted, ConsoleEnd::Panic]);
     }
 
     #[test]

@@ -8,15 +8,15 @@ use parking_lot::{Condvar, Mutex};
 
 use super::agent_link::AgentLink;
 use super::stop::{self, StopSteps};
-use super::VmState;
+use super::{VmEnd, VmState};
 use crate::error::{Error, Result};
 
 /// The state of one VM, shared by its supervisor, its stop steps and its users.
 pub(crate) struct Lifecycle {
     state: Mutex<VmState>,
     changed: Condvar,
-    /// Why the VM ended, once it has (or once an end was decided, e.g. a timeout).
-    ended: Mutex<Option<std::result::Result<(), String>>>,
+    /// How the VM ended, once it has (or once an end was decided, e.g. a timeout).
+    ended: Mutex<Option<VmEnd>>,
 }
 
 impl Lifecycle {
@@ -37,16 +37,31 @@ impl Lifecycle {
         self.changed.notify_all();
     }
 
-    /// Records why the VM ends, unless a reason is already recorded.
-    pub(crate) fn set_end_reason(&self, why: std::result::Result<(), String>) {
+    /// Records how the VM ends, unless an end is already recorded (the first cause
+    /// wins: a timeout over the stop it starts, a guest halt over the SIGTERM that ends it).
+    pub(crate) fn set_end_reason(&self, why: VmEnd) {
         self.ended.lock().get_or_insert(why);
     }
 
-    /// The VM has ended: Stopped, or Error when the recorded reason is an error.
+    /// How the VM ended (or is ending), once known.
+    pub(crate) fn end(&self) -> Option<VmEnd> {
+        self.ended.lock().clone()
+    }
+
+    /// The VM has ended: Stopped, or Error when the recorded end is a failure.
     pub(crate) fn finish(&self) {
         let mut st = self.state.lock();
-        *st = if matches!(*self.ended.lock(), Some(Err(_))) { VmState::Error } else { VmState::Stopped };
+        *st = if self.ended.lock().as_ref().is_some_and(VmEnd::is_error) {
+            VmState::Error
+        } else {
+            VmState::Stopped
+        };
         self.changed.notify_all();
+    }
+
+    /// The error for `op` on a VM that does not run (any more).
+    pub(crate) fn not_running(&self, op: &str) -> Error {
+        Error::NotRunning { op: op.into(), state: self.state(), end: self.end() }
     }
 
     /// Waits up to `timeout` for the VM to end; whether it has.
@@ -65,7 +80,7 @@ impl Lifecycle {
     pub(crate) fn agent<'a>(&self, link: &'a OnceLock<AgentLink>) -> Result<&'a AgentLink> {
         match link.get() {
             Some(a) if self.state() == VmState::Running => Ok(a),
-            _ => Err(Error::Vm { op: "agent".into(), message: format!("the VM is {}", self.state()) }),
+            _ => Err(self.not_running("agent")),
         }
     }
 
@@ -87,8 +102,8 @@ impl Lifecycle {
         if !self.wait_final(timeout) {
             return None;
         }
-        Some(match self.ended.lock().clone() {
-            Some(Err(m)) => Err(Error::Vm { op: "wait".into(), message: m }),
+        Some(match self.end() {
+            Some(end) if end.is_error() => Err(self.not_running("wait")),
             _ => Ok(()),
         })
     }

@@ -5,6 +5,7 @@
 pub mod agent_link;
 pub mod clock;
 pub mod console;
+pub mod end;
 pub mod kvm;
 pub(crate) mod lifecycle;
 pub mod qemu;
@@ -13,6 +14,8 @@ pub mod stop;
 
 use std::fmt;
 use std::time::Duration;
+
+pub use end::VmEnd;
 
 /// Lifecycle state of a VM, as the control protocol reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,6 +133,28 @@ impl Machine {
     /// The lifecycle state.
     pub fn state(&self) -> VmState {
         on_backend!(self, v => v.state())
+    }
+
+    /// How the VM ended, once it has (or once its end was decided).
+    pub fn end(&self) -> Option<VmEnd> {
+        on_backend!(self, v => v.end())
+    }
+
+    /// Whether the VM runs and its agent answers: false as soon as any call has seen
+    /// the agent channel close, before the backend has noticed the VM's end.
+    pub fn is_running(&self) -> bool {
+        self.state() == VmState::Running && self.agent().is_ok_and(|a| a.is_alive())
+    }
+
+    /// The error for `op` on a VM that has ended: [`Error::NotRunning`] with how it
+    /// ended, waiting up to a second for the backend to learn that when only the agent
+    /// channel has seen the end yet. `None` while the VM runs.
+    pub fn ended_error(&self, op: &str) -> Option<Error> {
+        if self.is_running() {
+            return None;
+        }
+        let _ = self.wait_timeout(Duration::from_secs(1));
+        Some(Error::NotRunning { op: op.into(), state: self.state(), end: self.end() })
     }
 
     /// The guest agent (while the VM runs).

@@ -49,6 +49,7 @@ use crate::vm::agent_link::AgentLink;
 use crate::vm::console::{ConsoleLog, ConsoleWriter};
 use crate::vm::lifecycle::Lifecycle;
 use crate::vm::stop::{self, StopSteps};
+use crate::vm::VmEnd;
 use crate::vm::VmState;
 
 /// The MMIO hole below 4 GiB: devices, the I/O APIC and the LAPICs.
@@ -313,6 +314,11 @@ impl KvmVm {
         self.shared.life.state()
     }
 
+    /// How the VM ended, once it has (or once its end was decided).
+    pub fn end(&self) -> Option<VmEnd> {
+        self.shared.life.end()
+    }
+
     /// The agent, while the VM runs.
     pub fn agent(&self) -> Result<&AgentLink> {
         self.shared.life.agent(&self.shared.agent)
@@ -390,18 +396,23 @@ fn supervise(
         End::Vcpu(id) => match vmm.vcpus().iter().find(|v| v.id() == id).map(|v| v.state()) {
             Some(VcpuState::Failed(why)) => {
                 let m = format!("vCPU {id} failed: {why}");
-                (Err(m.clone()), m)
+                (VmEnd::Crashed(m.clone()), m)
             }
+            // reboot=t resets by triple fault, as a crash does: the console tells them apart.
             Some(VcpuState::Shutdown) => {
-                (Ok(()), format!("the guest shut down or rebooted (a shutdown exit of vCPU {id})"))
+                let end = match sh.console.last_end() {
+                    Some(said) => said.end(),
+                    None => VmEnd::GuestReset,
+                };
+                (end, format!("the guest reset the machine (a shutdown exit of vCPU {id})"))
             }
-            _ => (Ok(()), format!("vCPU {id} stopped")),
+            _ => (VmEnd::Stopped, format!("vCPU {id} stopped")),
         },
-        End::Reset => (Ok(()), "the guest reset the machine through the i8042".to_string()),
-        End::Stop => (Ok(()), "stopped by the host".to_string()),
+        End::Reset => (VmEnd::GuestReboot, "the guest reset the machine through the i8042".to_string()),
+        End::Stop => (VmEnd::Stopped, "stopped by the host".to_string()),
         End::Timeout => {
-            let m = format!("the instance timeout of {:?} was reached", timeout.unwrap_or_default());
-            (Err(m.clone()), m)
+            let t = timeout.unwrap_or_default();
+            (VmEnd::Timeout(t), format!("the instance timeout of {t:?} was reached"))
         }
     };
     log::info!("{}: {how}", sh.id);

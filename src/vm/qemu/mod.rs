@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use super::agent_link::AgentLink;
 use super::console::ConsoleLog;
+use super::end::ConsoleEnd;
 use super::lifecycle::Lifecycle;
 use super::run_dir::RunDir;
 use super::stop::{self, StopSteps, VmProcess};
-use super::VmState;
+use super::{VmEnd, VmState};
 use crate::agent::proto::ExecRequest;
 use crate::error::{Error, Result};
 use crate::image::kernel::Kernel;
@@ -176,6 +177,8 @@ struct Shared {
     console: ConsoleLog,
     /// Set when the console reader has read everything there will be.
     console_done: std::sync::atomic::AtomicBool,
+    /// The reason of QEMU's SHUTDOWN event (guest-shutdown, guest-reset, host-signal...).
+    shutdown_reason: parking_lot::Mutex<Option<String>>,
 }
 
 impl StopSteps for Shared {
@@ -230,7 +233,14 @@ impl QemuVm {
             accel: cfg.accel,
             console,
             console_done: std::sync::atomic::AtomicBool::new(false),
+            shutdown_reason: parking_lot::Mutex::new(None),
         });
+        let weak = Arc::downgrade(&shared);
+        shared.console.on_end(Box::new(move |said| {
+            if let Some(sh) = weak.upgrade() {
+                guest_announced_end(&sh, said);
+            }
+        }));
         let vm = QemuVm { shared: shared.clone() };
         let (append, private) = kernel_cmdline(&cfg);
         let args = command_line(&cfg, cmdline_args(append, private, &shared.dir.0)?, &shared.dir.0);
@@ -283,6 +293,20 @@ impl QemuVm {
             Duration::from_secs(10),
         )
         .map_err(Error::Qmp)?;
+        // QEMU's SHUTDOWN event says why it ends (the guest's power-off or reset, a signal).
+        let events = q.listen(16);
+        let watcher = sh.clone();
+        thread::Builder::new()
+            .name("vmhost-qmp-events".into())
+            .spawn(move || {
+                while let Ok(ev) = events.recv() {
+                    if ev.event == "SHUTDOWN" {
+                        let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+                        *watcher.shutdown_reason.lock() = Some(reason.to_string());
+                    }
+                }
+            })
+            .map_err(|e| Error::io("start the QMP event watcher", &sh.dir.0, e))?;
         let _ = sh.qmp.set(q);
         let stream = self.dial_socket(&agent_path)?;
         let link = AgentLink::connect(stream, cfg.boot_timeout, cfg.first_command.as_ref())?;
@@ -328,6 +352,11 @@ impl QemuVm {
     /// The lifecycle state.
     pub fn state(&self) -> VmState {
         self.shared.life.state()
+    }
+
+    /// How the VM ended, once it has (or once its end was decided).
+    pub fn end(&self) -> Option<VmEnd> {
+        self.shared.life.end()
     }
 
     /// The agent, while the VM runs.
@@ -625,6 +654,57 @@ pub fn cpu_model(accel: Accel) -> String {
     })
 }
 
+/// The guest kernel announced its end on the console. A halted guest (halt, and
+/// power-off on a machine without power-off hardware) never ends its VM: the host does,
+/// at once, and records why.
+fn guest_announced_end(sh: &Arc<Shared>, said: ConsoleEnd) {
+    log::info!("{}: the guest kernel announced {said:?}", sh.id);
+    // In a stop the host asked for, the guest halting is the stop's doing.
+    if !said.host_must_end() || sh.life.state() != VmState::Running {
+        return;
+    }
+    sh.life.set_end_reason(said.end());
+    let steps = sh.clone();
+    let spawned = thread::Builder::new().name("vmhost-guest-halted".into()).spawn(move || {
+        if let Err(e) = steps.life.force_stop(steps.clone()) {
+            log::warn!("{}: ending the halted guest's VM: {e}", steps.id);
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("{}: cannot end the halted guest's VM: {e}", sh.id);
+    }
+}
+
+/// How the VM ended, from whether the host `asked`, QEMU's SHUTDOWN `reason`, what the
+/// guest kernel `said` last on its console and QEMU's exit `status`.
+fn end_of(
+    asked: bool,
+    reason: Option<&str>,
+    said: Option<ConsoleEnd>,
+    status: Option<std::process::ExitStatus>,
+) -> VmEnd {
+    if asked {
+        return VmEnd::Stopped;
+    }
+    match reason {
+        // ACPI power-off (the stock kernel on microvm with ACPI).
+        Some("guest-shutdown") => VmEnd::GuestShutdown,
+        Some("guest-panic") => VmEnd::GuestPanic,
+        // -no-reboot: a reboot, a panic (panic=-1 reboots) and a triple fault all reset.
+        Some("guest-reset") => match said {
+            Some(ConsoleEnd::Restarting) => VmEnd::GuestReboot,
+            Some(ConsoleEnd::Panic) => VmEnd::GuestPanic,
+            _ => VmEnd::GuestReset,
+        },
+        Some("host-signal") => VmEnd::Crashed("QEMU was ended by a signal from outside vmhost".into()),
+        Some(other) => VmEnd::Crashed(format!("QEMU shut down unasked ({other})")),
+        None => VmEnd::Crashed(match status {
+            Some(st) => format!("QEMU exited unexpectedly ({st})"),
+            None => "QEMU exited unexpectedly".into(),
+        }),
+    }
+}
+
 /// The supervisor thread: starts QEMU, reports back, then waits for it to exit (or
 /// for the instance timeout) and records the end.
 fn supervise(
@@ -637,6 +717,8 @@ fn supervise(
 ) {
     let mut cmd = Command::new(&qemu);
     cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+    // QEMU takes SIGTERM as a graceful quit: not blocked as our signal thread blocks it.
+    unix::clean_signals_in_child(&mut cmd);
     // SAFETY: prctl is async-signal-safe. This thread lives until QEMU exits, so the
     // parent-death signal fires only when our whole process dies.
     unsafe {
@@ -676,10 +758,7 @@ fn supervise(
         if deadline.is_some() && !timed_out && wait.is_zero() {
             timed_out = true;
             log::warn!("{}: instance timeout reached; stopping it", sh.id);
-            sh.life.set_end_reason(Err(format!(
-                "the instance timeout of {:?} was reached",
-                timeout.unwrap_or_default()
-            )));
+            sh.life.set_end_reason(VmEnd::Timeout(timeout.unwrap_or_default()));
             let steps = sh.clone();
             thread::spawn(move || {
                 steps.life.set(VmState::Stopping);
@@ -697,25 +776,30 @@ fn supervise(
             None => thread::sleep(wait.min(Duration::from_millis(50))),
         }
     }
-    log::info!("{}: QEMU exited", sh.id);
+    match process.exit_status() {
+        Some(st) => log::info!("{}: QEMU exited ({st})", sh.id),
+        None => log::info!("{}: QEMU exited", sh.id),
+    }
     // Nothing of the run directory is needed once QEMU is gone (the console tail is in
     // memory): remove it now, not when the last handle drops, which a process that
     // exits right after its VM never gets to.
     // Done before the state turns final: a caller waiting for that may exit at once.
     let _ = std::fs::remove_dir_all(&sh.dir.0);
+    // QEMU's last event (SHUTDOWN) may still be on its way through the QMP reader.
+    if let Some(q) = sh.qmp.get() {
+        let until = Instant::now() + Duration::from_millis(500);
+        while q.is_connected() && Instant::now() < until {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let asked = matches!(sh.life.state(), VmState::Stopping);
+    let reason = sh.shutdown_reason.lock().clone();
+    sh.life.set_end_reason(end_of(asked, reason.as_deref(), sh.console.last_end(), process.exit_status()));
     if let Some(a) = sh.agent.get() {
         a.close();
     }
     if let Some(q) = sh.qmp.get() {
         q.close();
-    }
-    {
-        // An exit nobody asked for (QEMU crashed, or was killed from outside) is an error.
-        let asked = matches!(sh.life.state(), VmState::Stopping);
-        sh.life.set_end_reason(match process.exit_status() {
-            Some(st) if !asked && !st.success() => Err(format!("QEMU exited unexpectedly ({st})")),
-            _ => Ok(()),
-        });
     }
     sh.life.finish();
 }

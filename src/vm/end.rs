@@ -1,0 +1,177 @@
+//! How a VM ended: what the host asked for, what the guest did (power-off, halt, reboot,
+//! a kernel panic, a triple fault), or what happened to the VMM process. Every backend
+//! records one ([`crate::vm::Machine::end`]); calls made after the end answer
+//! NotRunning with it, and `vmhost run` exits with its [`VmEnd::exit_code`].
+
+use std::fmt;
+use std::time::Duration;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmEnd {
+    /// The host stopped it (stop, force_stop, close, a signal to the host process).
+    Stopped,
+    /// The guest powered off or halted (`poweroff`, `halt`, with or without `-f`; a guest
+    /// kernel without power-off hardware halts for both).
+    GuestShutdown,
+    /// The guest rebooted: a VM does not restart, it ends.
+    GuestReboot,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// The guest reset the machine without announcing a reboot: a triple fault, or an
+    /// emergency restart (sysrq b).
+    GuestReset,
+    /// The instance timeout was reached.
+    Timeout(Duration),
+    /// The VMM failed, or its process ended without being asked to: what happened.
+    Crashed(String),
+}
+
+impl VmEnd {
+    /// Whether the end is a failure (the lifecycle state is then `error`): a panic, a
+    /// triple fault, the timeout or a crash. A shutdown, reboot or stop is not.
+    pub fn is_error(&self) -> bool {
+        matches!(self, VmEnd::GuestPanic | VmEnd::GuestReset | VmEnd::Timeout(_) | VmEnd::Crashed(_))
+    }
+
+    /// The exit status `vmhost run` gives when the VM ends before its command did:
+    /// 121 the guest shut down, halted or rebooted; 122 the guest crashed (a kernel
+    /// panic or a triple fault); 123 the VMM crashed or was killed; 124 the instance
+    /// timeout; 125 the host stopped it (vmhost's own failure code).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmEnd::GuestShutdown | VmEnd::GuestReboot => 121,
+            VmEnd::GuestPanic | VmEnd::GuestReset => 122,
+            VmEnd::Crashed(_) => 123,
+            VmEnd::Timeout(_) => 124,
+            VmEnd::Stopped => 125,
+        }
+    }
+}
+
+impl VmEnd {
+    /// The InstanceEnd answer's fields: kind (1-7), timeout in ns, detail.
+    pub fn to_wire(&self) -> (u8, u64, &str) {
+        match self {
+            VmEnd::Stopped => (1, 0, ""),
+            VmEnd::GuestShutdown => (2, 0, ""),
+            VmEnd::GuestReboot => (3, 0, ""),
+            VmEnd::GuestPanic => (4, 0, ""),
+            VmEnd::GuestReset => (5, 0, ""),
+            VmEnd::Timeout(t) => (6, t.as_nanos().min(u64::MAX as u128) as u64, ""),
+            VmEnd::Crashed(why) => (7, 0, why),
+        }
+    }
+
+    /// The end an InstanceEnd answer names: `Ok(None)` while the VM runs (kind 0), an
+    /// error naming an unknown kind.
+    pub fn from_wire(kind: u8, nanos: u64, detail: String) -> Result<Option<VmEnd>, u8> {
+        Ok(Some(match kind {
+            0 => return Ok(None),
+            1 => VmEnd::Stopped,
+            2 => VmEnd::GuestShutdown,
+            3 => VmEnd::GuestReboot,
+            4 => VmEnd::GuestPanic,
+            5 => VmEnd::GuestReset,
+            6 => VmEnd::Timeout(Duration::from_nanos(nanos)),
+            7 => VmEnd::Crashed(detail),
+            other => return Err(other),
+        }))
+    }
+}
+
+impl fmt::Display for VmEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmEnd::Stopped => write!(f, "it was stopped by the host"),
+            VmEnd::GuestShutdown => write!(f, "the guest powered off or halted"),
+            VmEnd::GuestReboot => write!(f, "the guest rebooted"),
+            VmEnd::GuestPanic => write!(f, "the guest kernel panicked (the console log shows why)"),
+            VmEnd::GuestReset => {
+                write!(f, "the guest reset the machine unannounced (a triple fault or an emergency restart)")
+            }
+            VmEnd::Timeout(t) => write!(f, "the instance timeout of {:.1} s was reached", t.as_secs_f64()),
+            VmEnd::Crashed(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// What the guest kernel says on its console as it ends the machine, in the order it
+/// says it: these lines are printed at the highest level (KERN_EMERG), so `quiet` and
+/// `loglevel=1` keep them. Only the kernel and guest root can write the console, and a
+/// guest that fakes one only ends its own VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleEnd {
+    /// `reboot: System halted` (halt, and power-off without power-off hardware).
+    Halted,
+    /// `reboot: Power down`.
+    PowerDown,
+    /// `reboot: Restarting system`.
+    Restarting,
+    /// `Kernel panic - not syncing`.
+    Panic,
+}
+
+impl ConsoleEnd {
+    /// The marker a console line carries, if any.
+    pub fn in_line(line: &[u8]) -> Option<ConsoleEnd> {
+        const MARKERS: [(&[u8], ConsoleEnd); 4] = [
+            (b"reboot: System halted", ConsoleEnd::Halted),
+            (b"reboot: Power down", ConsoleEnd::PowerDown),
+            (b"reboot: Restarting system", ConsoleEnd::Restarting),
+            (b"Kernel panic - not syncing", ConsoleEnd::Panic),
+        ];
+        MARKERS.iter().find(|(m, _)| line.windows(m.len()).any(|w| w == *m)).map(|(_, e)| *e)
+    }
+
+    /// Whether the machine stays up after it: a halted guest never ends its VM by
+    /// itself, so the host has to.
+    pub fn host_must_end(self) -> bool {
+        matches!(self, ConsoleEnd::Halted | ConsoleEnd::PowerDown)
+    }
+
+    /// The end it means.
+    pub fn end(self) -> VmEnd {
+        match self {
+            ConsoleEnd::Halted | ConsoleEnd::PowerDown => VmEnd::GuestShutdown,
+            ConsoleEnd::Restarting => VmEnd::GuestReboot,
+            ConsoleEnd::Panic => VmEnd::GuestPanic,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_markers() {
+        assert_eq!(ConsoleEnd::in_line(b"[   12.3] reboot: System halted\r"), Some(ConsoleEnd::Halted));
+        assert_eq!(ConsoleEnd::in_line(b"reboot: Power down"), Some(ConsoleEnd::PowerDown));
+        assert_eq!(ConsoleEnd::in_line(b"reboot: Restarting system"), Some(ConsoleEnd::Restarting));
+        assert_eq!(
+            ConsoleEnd::in_line(b"Kernel panic - not syncing: Attempted to kill init!"),
+            Some(ConsoleEnd::Panic)
+        );
+        assert_eq!(ConsoleEnd::in_line(b"reboot: System"), None);
+        assert!(ConsoleEnd::Halted.host_must_end() && !ConsoleEnd::Panic.host_must_end());
+        assert!(VmEnd::GuestPanic.is_error() && !VmEnd::GuestShutdown.is_error());
+        let codes: Vec<u8> = [VmEnd::GuestShutdown, VmEnd::GuestPanic, VmEnd::Crashed("x".into())]
+            .iter()
+            .map(VmEnd::exit_code)
+            .collect();
+        assert_eq!(codes, [121, 122, 123]);
+        for end in [
+            VmEnd::Stopped,
+            VmEnd::GuestReset,
+            VmEnd::Timeout(Duration::from_secs(3)),
+            VmEnd::Crashed("x".into()),
+        ] {
+            let (k, n, d) = end.to_wire();
+            assert_eq!(VmEnd::from_wire(k, n, d.to_string()), Ok(Some(end.clone())));
+        }
+        assert_eq!(VmEnd::from_wire(0, 0, String::new()), Ok(None));
+        assert_eq!(VmEnd::from_wire(8, 0, String::new()), Err(8));
+    }
+}

@@ -109,3 +109,100 @@ fn a_kernel_without_9p_is_refused_with_what_to_do() {
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("9p") && err.contains("vmhost kernel build"), "{err}");
 }
+
+/// What a hostile guest plants in a writable mount: a setuid-root copy of busybox, a file
+/// given to another owner, a setgid directory, a symlink out of the share, a device node
+/// and a FIFO; then what it sees of them.
+const PLANT: &str = "cd /mnt/work && cp /bin/busybox suid && chown 0:0 suid && chmod 6755 suid \
+    && touch owned && chown 1234:5678 owned && mkdir d && chmod 2777 d \
+    && ln -s /etc/shadow link && mknod dev c 1 3 && mkfifo fifo \
+    && stat -c '%n %a %u %g %F' suid owned d link dev fifo";
+
+/// Runs [`PLANT`] through `vmhost run --mount DIR:work`, as the user `as_user` (uid, gid)
+/// when given, and checks both views: the guest keeps what it set, the host gets plain
+/// files and directories of the user who ran vmhost, without setuid or setgid bits.
+fn plant_and_check(dir: &std::path::Path, env: &[(String, String)], as_user: Option<(u32, u32)>) {
+    let mut cmd = match as_user {
+        Some((uid, gid)) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into()]);
+            c.arg(common::vmhost_bin());
+            c
+        }
+        None => std::process::Command::new(common::vmhost_bin()),
+    };
+    let out = cmd
+        .args(["run", "--mount"])
+        .arg(format!("{}:work", dir.display()))
+        .args(["--", "sh", "-c", PLANT])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The guest's view: what it set, so that its programs work as they would anywhere.
+    assert_eq!(
+        stdout,
+        "suid 6755 0 0 regular file\nowned 644 1234 5678 regular empty file\nd 2777 0 0 directory\n\
+         link 777 0 0 symbolic link\ndev 644 0 0 character special file\nfifo 644 0 0 fifo\n",
+        "{stderr}"
+    );
+    // The host's: nothing to run with privileges, nothing owned by anyone else, nothing
+    // that leads out of the share.
+    let me = as_user.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
+    use std::os::unix::fs::MetadataExt;
+    for name in ["suid", "owned", "d", "link", "dev", "fifo"] {
+        let m = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        let t = m.file_type();
+        assert!(t.is_file() || t.is_dir(), "{name} is a {t:?} on the host");
+        assert_eq!(m.mode() & 0o7000, 0, "{name} has mode {:o} on the host", m.mode());
+        assert_eq!(m.uid(), me, "{name} belongs to uid {} on the host", m.uid());
+        assert_eq!(m.mode() & 0o777, if t.is_dir() { 0o755 } else { 0o644 }, "{name}");
+    }
+    // The guest's symlink is a file holding its target.
+    assert_eq!(std::fs::read_to_string(dir.join("link")).unwrap(), "/etc/shadow");
+}
+
+#[test]
+fn a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_host() {
+    if !vm_ready("a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_host") {
+        return;
+    }
+    let share = TempDir::new("mount-plant");
+    plant_and_check(share.path(), &[], None);
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("note: running as a non-root user already; the run as nobody needs root");
+        return;
+    }
+    // The same as an unprivileged user (nobody), with a cache of its own holding copies
+    // of the kernel and the default image (root's cache is under /root, 0700).
+    let (uid, gid) = (65534, 65534);
+    let home = TempDir::new("mount-nobody");
+    let cache = vmhost::image::cache_dir();
+    let theirs = home.join("cache").join("vmhost");
+    std::fs::create_dir_all(theirs.join("kernels")).unwrap();
+    let kernels = cache.join("kernels");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+        assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+    };
+    for e in std::fs::read_dir(&kernels).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("minimal") {
+            copy(&e.path(), &theirs.join("kernels"));
+        }
+    }
+    copy(&cache.join("rootfs"), &theirs);
+    let share = home.join("share");
+    std::fs::create_dir(&share).unwrap();
+    let st =
+        std::process::Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(home.path()).status();
+    assert!(st.unwrap().success());
+    let env = [
+        ("XDG_CACHE_HOME".to_string(), home.join("cache").display().to_string()),
+        ("XDG_RUNTIME_DIR".to_string(), home.path().display().to_string()),
+        ("HOME".to_string(), home.path().display().to_string()),
+    ];
+    plant_and_check(&share, &env, Some((uid, gid)));
+}

@@ -243,7 +243,16 @@ pub(crate) fn boot_failure(e: &Error) -> String {
 }
 
 /// Checks host mounts: tags of letters, digits, `_`, `-` and `.`, at most 31 bytes and
-/// unique; host paths existing directories (made absolute).
+/// unique; host paths existing directories (made absolute), on a filesystem with user
+/// extended attributes when writable.
+///
+/// What a guest does in a writable mount stays in the guest's view: the owners, modes
+/// (setuid and setgid included), symlinks and device nodes it makes are kept in
+/// `user.virtfs.*` extended attributes (QEMU's `security_model=mapped-xattr`). On the
+/// host the files it creates are regular files and directories of the user running
+/// vmhost, 0644 and 0755, and a symlink made in the guest is a small file holding its
+/// target, so no host program that follows links is led out of the share. Files the host
+/// made keep their host modes and owners, as the guest sees them until it changes them.
 pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wire::MountConfig>> {
     let bad = |m: String| Error::InvalidArgument { op: "mount".into(), message: m };
     let mut out: Vec<crate::wire::MountConfig> = Vec::new();
@@ -267,6 +276,14 @@ pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wi
         let Some(host_path) = path.to_str() else {
             return Err(bad(format!("{} is not UTF-8", path.display())));
         };
+        if m.writable && !keeps_user_xattrs(&path) {
+            return Err(bad(format!(
+                "{} is on a filesystem without user extended attributes, where a writable mount keeps \
+                 what the guest sets (owners, modes, symlinks); mount it read-only (:ro) or share a \
+                 directory on ext4, xfs, btrfs or tmpfs",
+                path.display()
+            )));
+        }
         out.push(crate::wire::MountConfig {
             tag: m.tag.clone(),
             host_path: host_path.into(),
@@ -274,6 +291,17 @@ pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wi
         });
     }
     Ok(out)
+}
+
+/// Whether the filesystem of `dir` keeps `user.*` extended attributes: asking for one
+/// that is not there answers ENODATA where it does, EOPNOTSUPP where it does not.
+fn keeps_user_xattrs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: NUL-terminated strings, and a zero-length buffer that is never written.
+    let r =
+        unsafe { nix::libc::lgetxattr(path.as_ptr(), c"user.virtfs.mode".as_ptr(), std::ptr::null_mut(), 0) };
+    r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(nix::libc::EOPNOTSUPP)
 }
 
 /// Everything needed to boot one instance.

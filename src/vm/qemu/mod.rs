@@ -624,9 +624,17 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
     for (i, m) in cfg.mounts.iter().enumerate() {
         // In QEMU option values a comma is written twice.
         let path = m.host_path.replace(',', ",,");
-        let ro = if m.writable { "" } else { ",readonly=on" };
+        // A writable share keeps what the guest sets (owners, modes with setuid and
+        // setgid, symlinks, device nodes) in user.virtfs.* extended attributes: on the
+        // host, files and directories the guest makes are plain, owned by the user
+        // running vmhost, 0644 and 0755 (see `crate::vm::check_mounts`).
+        let model = if m.writable {
+            "security_model=mapped-xattr,fmode=0644,dmode=0755"
+        } else {
+            "security_model=none,readonly=on"
+        };
         args.push("-fsdev".into());
-        args.push(format!("local,id=fs{i},path={path},security_model=none{ro}"));
+        args.push(format!("local,id=fs{i},path={path},{model}"));
         args.push("-device".into());
         args.push(format!("{ninep},fsdev=fs{i},mount_tag={}", m.tag));
     }

@@ -50,7 +50,8 @@ fn main() {
 
     let default = vmhost::vm::default_cpus(vmhost::wire::Backend::Qemu);
     let boot = |k: &kernel::Kernel| -> f64 {
-        let ir = initramfs::build(&cache, k, &agent, &Source::Default, &p).unwrap();
+        let ir =
+            initramfs::build(&cache, k, &agent, &Source::Default, &initramfs::SizeLimit::none(), &p).unwrap();
         let mut cfg = BootConfig::new(k.clone(), ir).unwrap();
         cfg.cpus = default;
         let t = Instant::now();

@@ -33,7 +33,8 @@ fn main() {
     let p = Progress::quiet();
     let k = kernel::resolve(&cache, &p).expect("kernel (vmhost kernel fetch)");
     let agent = initramfs::find_agent().expect("static agent (scripts/build-agent.sh)");
-    let ir = initramfs::build(&cache, &k, &agent, &Source::Default, &p).unwrap();
+    let ir =
+        initramfs::build(&cache, &k, &agent, &Source::Default, &initramfs::SizeLimit::none(), &p).unwrap();
     let bz = k.vmlinux.with_file_name("vmlinuz");
     let accel = vmhost::vm::qemu::Accel::choose().unwrap();
 

@@ -179,28 +179,14 @@ fn a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_ho
     // of the kernel and the default image (root's cache is under /root, 0700).
     let (uid, gid) = (65534, 65534);
     let home = TempDir::new("mount-nobody");
-    let cache = vmhost::image::cache_dir();
-    let theirs = home.join("cache").join("vmhost");
-    std::fs::create_dir_all(theirs.join("kernels")).unwrap();
-    let kernels = cache.join("kernels");
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
-        assert!(st.success(), "cp -a {} {}", from.display(), to.display());
-    };
-    for e in std::fs::read_dir(&kernels).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("minimal") {
-            copy(&e.path(), &theirs.join("kernels"));
-        }
-    }
-    copy(&cache.join("rootfs"), &theirs);
+    let xdg = common::private_cache(home.path());
     let share = home.join("share");
     std::fs::create_dir(&share).unwrap();
     let st =
         std::process::Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(home.path()).status();
     assert!(st.unwrap().success());
     let env = [
-        ("XDG_CACHE_HOME".to_string(), home.join("cache").display().to_string()),
+        ("XDG_CACHE_HOME".to_string(), xdg.display().to_string()),
         ("XDG_RUNTIME_DIR".to_string(), home.path().display().to_string()),
         ("HOME".to_string(), home.path().display().to_string()),
     ];

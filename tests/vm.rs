@@ -670,6 +670,7 @@ fn a_cold_cache_builds_the_default_image_without_deadlock() {
             &kernel,
             &agent,
             &vmhost::image::rootfs::Source::Default,
+            &vmhost::image::initramfs::SizeLimit::for_memory(256),
             &vmhost::progress::Progress::quiet(),
         );
         let _ = tx.send(r.map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)));

@@ -62,8 +62,9 @@ USAGE:
 
 VM OPTIONS:
     --image PATH      root filesystem directory or tar archive (default: busybox)
-    --memory MB       guest memory (default 256)
-    --cpus N          vCPUs (default 2 with QEMU on a host with 2 CPUs or more, else 1)
+    --memory MB       guest memory, 96 MiB to the host's (default 256)
+    --cpus N          vCPUs, 1 to 255 (default 2 with QEMU on a host with 2 CPUs or more,
+                      else 1)
     --timeout SECS    stop the guest after this long
     --user USER       run commands as USER (name from the image's /etc/passwd, or uid[:gid])
     --backend B       kvm, qemu or auto (default): auto takes kvm where hardware
@@ -322,9 +323,11 @@ impl VmFlags {
         if let Some(v) = flag_value(args, i, "--image")? {
             self.image = Some(PathBuf::from(v));
         } else if let Some(v) = flag_value(args, i, "--memory")? {
-            self.options.memory_mb = num(v, "--memory")?.clamp(16.0, 1_048_576.0) as u64;
+            // Passed on as given: the library refuses what a guest cannot have, saying why.
+            self.options.memory_mb =
+                v.parse::<u64>().map_err(|_| format!("--memory: {v:?} is not a number of MiB"))?;
         } else if let Some(v) = flag_value(args, i, "--cpus")? {
-            self.options.cpus = num(v, "--cpus")?.clamp(1.0, 255.0) as i32;
+            self.options.cpus = v.parse::<i32>().map_err(|_| format!("--cpus: {v:?} is not a number"))?;
         } else if let Some(v) = flag_value(args, i, "--timeout")? {
             self.options.timeout =
                 Some(Duration::from_secs_f64(num(v, "--timeout")?.clamp(0.001, 31_536_000.0)));

@@ -75,7 +75,31 @@ pub struct Writer<W: Write> {
     /// names get instead ([`reserve`](Self::reserve)).
     reserved: Vec<String>,
     alias: String,
+    /// The most bytes this archive may take, and what to say when an entry would pass it.
+    limit: (u64, String),
 }
+
+/// A newc header's fixed part: the magic and 13 fields of 8 hex digits.
+const HEADER_LEN: u64 = 110;
+
+/// An archive that would grow past its writer's limit ([`Writer::set_limit`]).
+#[derive(Debug)]
+pub struct TooLarge {
+    /// The entry that would have passed the limit.
+    pub name: String,
+    /// The limit, in bytes.
+    pub limit: u64,
+    /// What the limit is and what to do.
+    pub why: String,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: the image grows past {} MiB here; {}", self.name, self.limit >> 20, self.why)
+    }
+}
+
+impl std::error::Error for TooLarge {}
 
 impl<W: Write> Writer<W> {
     /// A writer over `out`.
@@ -88,7 +112,24 @@ impl<W: Write> Writer<W> {
             links: Vec::new(),
             reserved: Vec::new(),
             alias: String::new(),
+            limit: (u64::MAX, String::new()),
         }
+    }
+
+    /// Bounds the archive to `bytes`: an entry that would pass it fails with
+    /// [`TooLarge`] (saying `why`) before any of its data is read, so a member that
+    /// claims terabytes, or a compressed archive that expands without end, costs nothing.
+    pub fn set_limit(&mut self, bytes: u64, why: impl Into<String>) {
+        self.limit = (bytes, why.into());
+    }
+
+    /// Fails when `more` bytes for `name` would pass the limit.
+    fn room_for(&self, name: &str, more: u64) -> io::Result<()> {
+        if self.written.saturating_add(more) <= self.limit.0 {
+            return Ok(());
+        }
+        let e = TooLarge { name: name.to_string(), limit: self.limit.0, why: self.limit.1.clone() };
+        Err(io::Error::other(e))
     }
 
     /// Reserves `names` for entries the caller writes after an image (the agent's
@@ -124,6 +165,7 @@ impl<W: Write> Writer<W> {
     }
 
     fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        self.room_for("the archive", b.len() as u64)?;
         self.out.write_all(b)?;
         self.written += b.len() as u64;
         Ok(())
@@ -143,6 +185,8 @@ impl<W: Write> Writer<W> {
     /// A header for inode number `ino`.
     fn header_of(&mut self, ino: u32, name: &str, meta: Meta, nlink: u32, size: u64) -> io::Result<()> {
         let name = self.name_for(name)?;
+        // The entry's data is counted before it is read.
+        self.room_for(&name, size.saturating_add(HEADER_LEN + name.len() as u64 + 8))?;
         if size > u32::MAX as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -382,6 +426,29 @@ mod tests {
         assert_eq!((e[4].0[4], e[4].0[6]), (1, 5), "the caller's init is a file of its own");
         let list = b"vmhost/image-init\0bin/y\0etc/x\0vmhost/image-init\0";
         assert!(out.windows(list.len()).any(|w| w == list), "listed links follow the alias");
+    }
+
+    #[test]
+    fn an_entry_past_the_limit_is_refused_before_its_data_is_read() {
+        let mut w = Writer::new(Vec::new());
+        w.set_limit(4096, "give it more");
+        w.file("small", Meta::root(0o644), &[1; 1000]).unwrap();
+        // A reader that must not be read: the member's size alone passes the limit.
+        struct Never;
+        impl io::Read for Never {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                panic!("read past the limit")
+            }
+        }
+        let e = w.file_from("big", Meta::root(0o644), 1 << 40, &mut Never).unwrap_err();
+        let inner = e.get_ref().and_then(|i| i.downcast_ref::<TooLarge>()).expect("TooLarge");
+        assert_eq!((inner.name.as_str(), inner.limit), ("big", 4096));
+        assert_eq!(e.to_string(), "big: the image grows past 0 MiB here; give it more");
+        assert!(w.written() < 4096);
+        // The trailer counts too.
+        let mut w = Writer::new(Vec::new());
+        w.set_limit(100, "x");
+        assert!(w.finish().is_err());
     }
 
     #[test]

@@ -83,12 +83,56 @@ fn read_head(path: &Path, n: u64) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Builds (or finds in the cache) the initramfs for `source` booted with `kernel`.
+/// The most bytes an initramfs may take, and what to say of it.
+#[derive(Debug, Clone)]
+pub struct SizeLimit {
+    /// The bound, in bytes.
+    pub bytes: u64,
+    /// What it comes from and what to do when an image passes it.
+    pub why: String,
+}
+
+/// Memory the guest kernel and agent need besides the image, in MiB.
+pub const KERNEL_MEMORY_MB: u64 = 64;
+
+impl SizeLimit {
+    /// The limit for a guest of `memory_mb`: `VMHOST_IMAGE_MAX_MB` when set, else half of
+    /// what the kernel and agent leave ([`KERNEL_MEMORY_MB`]), since the guest holds the
+    /// archive and the files it unpacks from it in memory at once while it boots.
+    pub fn for_memory(memory_mb: u64) -> SizeLimit {
+        if let Some(mb) = std::env::var("VMHOST_IMAGE_MAX_MB").ok().and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            return SizeLimit {
+                bytes: mb.saturating_mul(1 << 20),
+                why: format!("VMHOST_IMAGE_MAX_MB is {mb}; raise it, or use a smaller image"),
+            };
+        }
+        let mb = memory_mb.saturating_sub(KERNEL_MEMORY_MB) / 2;
+        SizeLimit {
+            bytes: mb << 20,
+            why: format!(
+                "a guest of {memory_mb} MiB unpacks at most {mb} MiB of image (the archive and its files are \
+                 both in its memory while it boots): give it more memory (--memory), use a smaller image, \
+                 or set VMHOST_IMAGE_MAX_MB"
+            ),
+        }
+    }
+
+    /// No bound at all: for archives whose size is known and small (tests, benches).
+    pub fn none() -> SizeLimit {
+        SizeLimit { bytes: u64::MAX, why: String::new() }
+    }
+}
+
+/// Builds (or finds in the cache) the initramfs for `source` booted with `kernel`, of at
+/// most `limit` bytes: an image that would pass it is refused while it is read, and
+/// nothing of it stays in the cache.
 pub fn build(
     cache: &Path,
     kernel: &Kernel,
     agent: &Path,
     source: &Source,
+    limit: &SizeLimit,
     progress: &Progress,
 ) -> Result<PathBuf> {
     // The default root is a directory in the cache, provisioned first: provisioning
@@ -114,11 +158,25 @@ pub fn build(
     let out = cache.join("initramfs").join(format!("{}.cpio", d.hex()));
     // Marked used first, then looked for: a prune that saw it unused before the mark
     // may have removed it, never after (see `prune`).
-    if mark_used(&out) && out.is_file() {
+    let cached = |out: &Path| -> Result<bool> {
+        if !(mark_used(out) && out.is_file()) {
+            return Ok(false);
+        }
+        // Built for a larger guest: too large for this one.
+        let len = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+        if len > limit.bytes {
+            return Err(Error::InvalidArgument {
+                op: "build the initramfs".into(),
+                message: format!("the image takes {} MiB; {}", len.div_ceil(1 << 20), limit.why),
+            });
+        }
+        Ok(true)
+    };
+    if cached(&out)? {
         return Ok(out);
     }
     let _built_once = super::BUILD_LOCK.lock();
-    if mark_used(&out) && out.is_file() {
+    if cached(&out)? {
         return Ok(out);
     }
     progress.step("building the initramfs");
@@ -127,6 +185,7 @@ pub fn build(
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         let mut w = cpio::Writer::new(BufWriter::with_capacity(1 << 20, file));
+        w.set_limit(limit.bytes, limit.why.clone());
         let io = |e| Error::io("write initramfs", &tmp, e);
         // The agent is /init: the image's own init goes under /vmhost, with its other
         // names (an init that is a hard link to busybox keeps busybox whole).

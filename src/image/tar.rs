@@ -57,6 +57,18 @@ fn bad(offset: u64, msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("tar: at byte {offset}: {}", msg.into()))
 }
 
+/// A sparse member, refused: an image holds its files whole (the initramfs has no
+/// holes), and expanding one is what a bomb of holes asks for.
+fn sparse(offset: u64, name: &str) -> io::Error {
+    bad(
+        offset,
+        format!(
+            "{name:?} is a sparse file, which vmhost does not take from an archive; \
+             re-create the archive without --sparse (-S)"
+        ),
+    )
+}
+
 /// Parses a numeric header field: octal text, or base-256 when the top bit is set.
 fn number(field: &[u8], offset: u64, what: &str) -> io::Result<u64> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
@@ -198,6 +210,12 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
             link = l;
         }
         for (k, v) in pax.drain(..) {
+            // PAX sparse members (GNU tar --sparse --format=pax): their data starts with
+            // a map and holds only the non-hole parts. Taken as they are they would be
+            // files with the wrong name and content.
+            if k.starts_with("GNU.sparse.") {
+                return Err(sparse(offset, &name));
+            }
             match k.as_str() {
                 "path" => name = v,
                 "linkpath" => link = v,
@@ -214,6 +232,7 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
             b'4' => Kind::Block,
             b'5' => Kind::Dir,
             b'6' => Kind::Fifo,
+            b'S' => return Err(sparse(offset, &name)),
             other => {
                 log::warn!("tar: skipping member {name:?} of unknown type {:?}", other as char);
                 skip(&mut r, size.div_ceil(512) * 512)?;
@@ -325,5 +344,31 @@ mod tests {
         assert!(read(&t[..700], |_, _| Ok(())).is_err());
         let evil = header("../../etc/passwd", b'0', 0, "");
         assert!(read(&evil[..], |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn sparse_members_are_refused_not_dropped() {
+        // Old GNU sparse ('S').
+        let mut t = header("big", b'S', 0, "").to_vec();
+        t.extend_from_slice(&[0u8; 1024]);
+        let e = read(&t[..], |_, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("\"big\" is a sparse file") && e.contains("without --sparse"), "{e}");
+        // PAX 1.0 sparse: an 'x' header with GNU.sparse.* keys, then a '0' member.
+        let rec = |k: &str, v: &str| {
+            let body = format!(" {k}={v}\n");
+            let mut n = body.len() + 1;
+            while body.len() + n.to_string().len() != n {
+                n = body.len() + n.to_string().len();
+            }
+            format!("{n}{body}")
+        };
+        let pax = format!("{}{}", rec("GNU.sparse.major", "1"), rec("GNU.sparse.name", "big"));
+        let mut t = header("./GNUSparseFile.1/big", b'x', pax.len() as u64, "").to_vec();
+        t.extend_from_slice(pax.as_bytes());
+        t.resize(1024, 0);
+        t.extend_from_slice(&header("./GNUSparseFile.1/big", b'0', 0, ""));
+        t.extend_from_slice(&[0u8; 1024]);
+        let e = read(&t[..], |_, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("is a sparse file"), "{e}");
     }
 }

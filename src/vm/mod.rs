@@ -293,6 +293,37 @@ pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wi
     Ok(out)
 }
 
+/// The least guest memory vmhost boots, in MiB: neither kernel reaches its agent with
+/// less (vmhost's own needs 48, Debian's stock kernel more than 64).
+pub const MIN_MEMORY_MB: u64 = 96;
+/// The most vCPUs a guest gets: xAPIC ids, which microvm's interrupt controller uses.
+pub const MAX_CPUS: i32 = 255;
+
+/// Checks guest memory (MiB; 0 for the default) and vCPUs (0 for the default) against
+/// what a guest boots with and what this host has, before anything starts: QEMU would
+/// start a guest of 1 MiB that never boots, and refuse 1000 vCPUs or more memory than
+/// the host can map only once launched.
+pub fn check_resources(memory_mb: u64, cpus: i32) -> Result<()> {
+    let bad = |op: &str, m: String| Error::InvalidArgument { op: op.into(), message: m };
+    let host_mb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb / 1024)
+    });
+    if memory_mb != 0 && memory_mb < MIN_MEMORY_MB {
+        return Err(bad(
+            "memory",
+            format!("{memory_mb} MiB is less than the {MIN_MEMORY_MB} MiB a guest needs"),
+        ));
+    }
+    if let Some(host) = host_mb.filter(|&h| memory_mb > h) {
+        return Err(bad("memory", format!("{memory_mb} MiB is more than this host's {host} MiB")));
+    }
+    if !(0..=MAX_CPUS).contains(&cpus) {
+        return Err(bad("vCPUs", format!("{cpus}: a guest has 1 to {MAX_CPUS}")));
+    }
+    Ok(())
+}
+
 /// Whether the filesystem of `dir` keeps `user.*` extended attributes: asking for one
 /// that is not there answers ENODATA where it does, EOPNOTSUPP where it does not.
 fn keeps_user_xattrs(dir: &std::path::Path) -> bool {
@@ -365,6 +396,7 @@ impl InstanceSpec {
             }
             _ => {}
         }
+        check_resources(self.options.memory_mb, self.options.cpus)?;
         use crate::wire::Backend;
         let asked = self.options.backend;
         let mut backend = resolve_backend(asked)?;
@@ -393,10 +425,11 @@ impl InstanceSpec {
         }
         let agent = crate::image::initramfs::find_agent()?;
         let t_agent = t.elapsed();
-        let initramfs =
-            crate::image::initramfs::build(&self.cache_dir, &kernel, &agent, &self.source, progress)?;
-        log::debug!("kernel and agent found in {t_agent:?}, initramfs ready at {:?}", t.elapsed());
         let memory_mb = if self.options.memory_mb > 0 { self.options.memory_mb } else { 256 };
+        let limit = crate::image::initramfs::SizeLimit::for_memory(memory_mb);
+        let initramfs =
+            crate::image::initramfs::build(&self.cache_dir, &kernel, &agent, &self.source, &limit, progress)?;
+        log::debug!("kernel and agent found in {t_agent:?}, initramfs ready at {:?}", t.elapsed());
         let cpus_on = |b| if self.options.cpus > 0 { self.options.cpus as u32 } else { default_cpus(b) };
         if backend == Backend::Kvm {
             let cpus = cpus_on(Backend::Kvm);

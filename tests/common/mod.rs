@@ -202,3 +202,25 @@ pub fn noise(n: usize, mut seed: u64) -> Vec<u8> {
     v.truncate(n);
     v
 }
+
+/// A cache of its own under `home` for a `vmhost` child process (its `XDG_CACHE_HOME`,
+/// returned): copies of the built minimal kernel and of the default image's root, so
+/// that what the child writes to its cache is seen alone, and a user without access to
+/// ours (root's cache is under /root, 0700) can boot.
+pub fn private_cache(home: &std::path::Path) -> PathBuf {
+    let cache = vmhost::image::cache_dir();
+    let xdg = home.join("cache");
+    let theirs = xdg.join("vmhost");
+    std::fs::create_dir_all(theirs.join("kernels")).unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+        assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+    };
+    for e in std::fs::read_dir(cache.join("kernels")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("minimal") {
+            copy(&e.path(), &theirs.join("kernels"));
+        }
+    }
+    copy(&cache.join("rootfs"), &theirs);
+    xdg
+}

@@ -177,6 +177,9 @@ struct Shared {
     console: ConsoleLog,
     /// Set when the console reader has read everything there will be.
     console_done: std::sync::atomic::AtomicBool,
+    /// The end of what QEMU wrote on its stderr (`qemu.log`), kept when it exits (the run
+    /// directory goes): why it refused to start, for the boot error.
+    qemu_said: parking_lot::Mutex<String>,
     /// The reason of QEMU's SHUTDOWN event (guest-shutdown, guest-reset, host-signal...).
     shutdown_reason: parking_lot::Mutex<Option<String>>,
 }
@@ -234,6 +237,7 @@ impl QemuVm {
             console,
             console_done: std::sync::atomic::AtomicBool::new(false),
             shutdown_reason: parking_lot::Mutex::new(None),
+            qemu_said: parking_lot::Mutex::new(String::new()),
         });
         let weak = Arc::downgrade(&shared);
         shared.console.on_end(Box::new(move |said| {
@@ -335,10 +339,26 @@ impl QemuVm {
         while !self.shared.console_done.load(Ordering::SeqCst) && Instant::now() < until {
             thread::sleep(Duration::from_millis(10));
         }
-        let qemu_log = std::fs::read_to_string(self.shared.dir.0.join("qemu.log")).unwrap_or_default();
+        // QEMU may not have exited yet (a guest that failed to boot): then its log is
+        // still in the run directory.
+        let mut qemu_log = self.shared.qemu_said.lock().clone();
+        if qemu_log.is_empty() {
+            qemu_log = read_tail(&self.shared.dir.0.join("qemu.log"));
+        }
+        // QEMU's informational lines (`info: QEMU waiting for connection ...`) say nothing.
+        let said: Vec<&str> =
+            qemu_log.lines().filter(|l| !l.contains(": info: ") && !l.trim().is_empty()).collect();
+        let exited = self.shared.process.get().is_some_and(|p| p.has_exited());
+        if exited && self.shared.console.tail(1).is_empty() && !said.is_empty() {
+            // QEMU refused to start: its own words are the error.
+            return Error::BackendUnavailable {
+                backend: "qemu".into(),
+                why: format!("QEMU refused to start the VM:\n{}", said.join("\n")),
+            };
+        }
         let mut msg = super::boot_failure(&e);
-        if !qemu_log.trim().is_empty() {
-            msg.push_str(&format!("\nQEMU said:\n{}", qemu_log.trim_end()));
+        if !said.is_empty() {
+            msg.push_str(&format!("\nQEMU said:\n{}", said.join("\n")));
         }
         msg.push_str(&self.shared.console.boot_excerpt());
         Error::Vm { op: "boot".into(), message: msg }
@@ -662,6 +682,20 @@ pub fn cpu_model(accel: Accel) -> String {
     })
 }
 
+/// The last [`QEMU_SAID`] bytes of `path` (QEMU's stderr), empty when it cannot be read.
+fn read_tail(path: &Path) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(QEMU_SAID)));
+    let mut buf = Vec::new();
+    let _ = f.take(QEMU_SAID).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// How much of QEMU's stderr a boot error quotes.
+const QEMU_SAID: u64 = 4096;
+
 /// The guest kernel announced its end on the console. A halted guest (halt, and
 /// power-off on a machine without power-off hardware) never ends its VM: the host does,
 /// at once, and records why.
@@ -792,6 +826,7 @@ fn supervise(
     // memory): remove it now, not when the last handle drops, which a process that
     // exits right after its VM never gets to.
     // Done before the state turns final: a caller waiting for that may exit at once.
+    *sh.qemu_said.lock() = read_tail(&sh.dir.0.join("qemu.log"));
     let _ = std::fs::remove_dir_all(&sh.dir.0);
     // QEMU's last event (SHUTDOWN) may still be on its way through the QMP reader.
     if let Some(q) = sh.qmp.get() {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod image;
 pub mod progress;
 pub mod qmp;
+pub(crate) mod rate_limit;
 pub mod server;
 pub mod signals;
 pub mod unix;

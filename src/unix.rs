@@ -196,15 +196,18 @@ pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
 
 /// Whether the peer runs as our effective uid; logs and returns false otherwise.
 pub fn peer_allowed(stream: &UnixStream, what: &str) -> bool {
+    // Another user can connect as often as it likes: its refusals are said once a second.
+    static REFUSED: crate::rate_limit::RateLimited =
+        crate::rate_limit::RateLimited::new(Duration::from_secs(1));
     let me = nix::unistd::geteuid().as_raw();
     match peer_uid(stream) {
         Ok(uid) if uid == me => true,
         Ok(uid) => {
-            log::warn!("{what}: refused a connection from uid {uid} (serving uid {me} only)");
+            REFUSED.warn(|| format!("{what}: refused a connection from uid {uid} (serving uid {me} only)"));
             false
         }
         Err(e) => {
-            log::warn!("{what}: refused a connection whose credentials are unreadable: {e}");
+            REFUSED.warn(|| format!("{what}: refused a connection whose credentials are unreadable: {e}"));
             false
         }
     }
@@ -239,5 +242,21 @@ pub fn clean_signals_in_child(cmd: &mut std::process::Command) {
             }
             Ok(())
         });
+    }
+}
+
+/// This process's limit of open descriptors (the soft RLIMIT_NOFILE), after raising it to
+/// the hard limit where it is lower (as Go's runtime does at start): a server's caps on
+/// connections are taken from it, so that its clients never use up what the VM, the
+/// control socket and the log need.
+pub fn fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
     }
 }

@@ -231,3 +231,45 @@ fn frozen_guest_is_stopped_by_signals() {
     let log = h.log();
     assert!(log.contains("stop step Kill: Exited"), "{log}");
 }
+
+#[test]
+fn a_flood_of_idle_connections_is_capped_and_never_starves_the_control_socket() {
+    if !vm_ready("a_flood_of_idle_connections_is_capped_and_never_starves_the_control_socket") {
+        return;
+    }
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    // Our own descriptors: 1,100 connections and more.
+    vmhost::unix::fd_limit();
+    let h = Host::start("host-flood");
+    // 1,100 helper connections that never send a byte, and 100 control ones.
+    let helper: Vec<UnixStream> =
+        (0..1100).filter_map(|_| UnixStream::connect(h.sock("helper.sock")).ok()).collect();
+    let control: Vec<UnixStream> =
+        (0..100).filter_map(|_| UnixStream::connect(h.sock("vmhost.sock")).ok()).collect();
+    assert_eq!(helper.len(), 1100, "connect(2) itself is not refused");
+    // Past the cap, a helper connection is answered with why, then closed.
+    let mut last = helper.last().unwrap().try_clone().unwrap();
+    last.set_read_timeout(Some(GUARD)).unwrap();
+    let f = vmhost::wire::read_frame(&mut last, 1 << 20).expect("an Error frame, not silence");
+    let ef = <vmhost::wire::ErrorFrame as vmhost::wire::Wire>::from_payload(&f.payload).unwrap();
+    assert!(ef.message.contains("too many connections (limit "), "{ef:?}");
+    // So is a control connection past its cap.
+    let mut busy = control.last().unwrap().try_clone().unwrap();
+    busy.set_read_timeout(Some(GUARD)).unwrap();
+    let mut line = String::new();
+    let _ = busy.read_to_string(&mut line);
+    assert!(line.starts_with("{\"ok\":false,\"error\":\"busy: 32 control requests"), "{line}");
+    // The control socket answers once its idle connections' deadline (5 s) has passed.
+    let start = std::time::Instant::now();
+    assert!(wait_until(GUARD, || ControlClient::new(h.sock("vmhost.sock")).status().is_ok_and(|r| r.ok)));
+    eprintln!("control answered {:?} into the flood", start.elapsed());
+    // The refusals were said a few times, not 1,168.
+    let refusals = h.log().lines().filter(|l| l.contains("refusing")).count();
+    assert!((1..=10).contains(&refusals), "{refusals} refusal lines:\n{}", h.log());
+    // With the flood gone, the helper serves again.
+    drop(helper);
+    drop(control);
+    let vm = h.attach();
+    assert_eq!(vm.command("echo").arg("ok").output().unwrap().stdout, b"ok\n");
+}

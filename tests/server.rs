@@ -425,3 +425,65 @@ fn a_handler_sees_its_client_hang_up() {
     assert_eq!(rx.recv_timeout(GUARD), Ok(true), "the handler was not told");
     server.close();
 }
+
+/// Reads what a server sends until it closes: the frames, in order.
+fn frames_until_closed(s: &mut UnixStream) -> Vec<wire::Frame> {
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    let mut out = Vec::new();
+    while let Ok(f) = wire::read_frame(s, 1 << 20) {
+        out.push(f);
+    }
+    out
+}
+
+#[test]
+fn a_frame_that_stalls_is_answered_timeout_and_closed_while_idle_connections_stay() {
+    let dir = TempDir::new("stall");
+    let timeout = Duration::from_millis(300);
+    let opts = ServerOptions { frame_timeout: timeout, ..Default::default() };
+    let server = Server::bind_with(dir.join("s.sock"), Arc::new(test_mux()), opts).unwrap();
+    let s = server.clone();
+    thread::spawn(move || s.serve());
+    let sock = server.socket_path().to_path_buf();
+    let expect_timeout = |frames: Vec<wire::Frame>, what: &str| {
+        assert_eq!(frames.len(), 1, "{what}: {} frames", frames.len());
+        assert_eq!(frames[0].ty, msg::ERROR, "{what}");
+        let ef = ErrorFrame::from_payload(&frames[0].payload).unwrap();
+        assert_eq!(ef.code, ErrorCode::Timeout, "{what}: {ef:?}");
+        assert!(ef.message.contains("did not arrive whole within 0.3 s"), "{what}: {ef:?}");
+    };
+    // Idle between frames for several times the frame timeout: still served.
+    let idle = client::connect_to(&sock, GUARD).unwrap();
+    thread::sleep(timeout * 4);
+    assert!(idle.call(msg::INSTANCE_ID, &[]).is_ok());
+    // Half a header, then silence.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&[0x01, 0x03, 0]).unwrap();
+    let start = std::time::Instant::now();
+    expect_timeout(frames_until_closed(&mut s), "half a header");
+    assert!(start.elapsed() < GUARD);
+    // A whole header announcing 10 bytes, then only some of them.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&[0x01, 0x03, 0, 0, 0, 10, 1, 2]).unwrap();
+    expect_timeout(frames_until_closed(&mut s), "part of a payload");
+    // A drip of one byte every 100 ms: each read is quick, the frame is not.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let dripper = thread::spawn(move || {
+        let frame = [0x01, 0x03, 0, 0, 0, 20];
+        let mut sent = 0;
+        for b in frame.iter().chain([0u8; 20].iter()) {
+            if w.write_all(&[*b]).is_err() {
+                break;
+            }
+            sent += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+        sent
+    });
+    expect_timeout(frames_until_closed(&mut s), "a drip");
+    assert!(dripper.join().unwrap() < 26, "the whole dripped frame was read");
+    // The server and its other connections are fine.
+    assert!(idle.call(msg::INSTANCE_ID, &[]).is_ok());
+    server.close();
+}

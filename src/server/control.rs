@@ -43,7 +43,10 @@ pub const EXCHANGE_DEADLINE: Duration = Duration::from_secs(30);
 /// The stop timeout when the request gives none (or <= 0).
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the server waits for a connected client's request.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Control connections served at once; more are answered `busy` at once and closed.
+/// An exchange takes a moment, so this many only come from a flood.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What the control server needs from a VM. Each backend implements it.
 pub trait VmController: Send + Sync + 'static {
@@ -356,20 +359,44 @@ impl ControlServer {
         thread::Builder::new()
             .name("vmhost-control".into())
             .spawn(move || {
+                use crate::rate_limit::RateLimited;
+                static FAILED: RateLimited = RateLimited::new(Duration::from_secs(1));
+                static BUSY: RateLimited = RateLimited::new(Duration::from_secs(1));
+                let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     if closed.load(Ordering::SeqCst) {
                         break;
                     }
                     match conn {
                         Ok(s) if unix::peer_allowed(&s, "control server") => {
-                            let shared = shared.clone();
-                            let _ = thread::Builder::new()
-                                .name("vmhost-control-conn".into())
-                                .spawn(move || shared.serve_conn(s));
+                            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                                BUSY.warn(|| {
+                                    format!(
+                                        "{}: {MAX_CONNECTIONS} control connections open; refusing more",
+                                        sock.display()
+                                    )
+                                });
+                                let busy = Response::error(format!(
+                                    "busy: {MAX_CONNECTIONS} control requests in progress; try again"
+                                ));
+                                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                                let _ = (&s).write_all(busy.to_line().as_bytes());
+                                continue;
+                            }
+                            active.fetch_add(1, Ordering::SeqCst);
+                            let (shared, done) = (shared.clone(), active.clone());
+                            let spawned =
+                                thread::Builder::new().name("vmhost-control-conn".into()).spawn(move || {
+                                    shared.serve_conn(s);
+                                    done.fetch_sub(1, Ordering::SeqCst);
+                                });
+                            if spawned.is_err() {
+                                active.fetch_sub(1, Ordering::SeqCst);
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            log::warn!("control accept on {}: {e}", sock.display());
+                            FAILED.warn(|| format!("control accept on {}: {e}", sock.display()));
                             thread::sleep(Duration::from_millis(10));
                         }
                     }

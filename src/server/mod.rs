@@ -203,7 +203,12 @@ pub struct ServerOptions {
     /// Largest request payload accepted, in bytes.
     pub max_frame: u32,
     /// Connections served at once; more are answered with an Error frame and closed.
+    /// The default, [`default_max_connections`], leaves most descriptors to the rest.
     pub max_connections: usize,
+    /// How long a request frame may take to arrive once its first byte has: a peer that
+    /// stops inside a frame gets an Error frame (code 5) and is closed after at most
+    /// 1.5 times this. Idle connections between frames are not bounded.
+    pub frame_timeout: std::time::Duration,
     /// For [`Server::serve_until_idle`]: how long to wait for the first client before
     /// giving up (a client that died before connecting must not leave us running).
     pub first_client_timeout: std::time::Duration,
@@ -213,8 +218,49 @@ impl Default for ServerOptions {
     fn default() -> ServerOptions {
         ServerOptions {
             max_frame: wire::DEFAULT_MAX_FRAME,
-            max_connections: 1024,
+            max_connections: default_max_connections(),
+            frame_timeout: std::time::Duration::from_secs(30),
             first_client_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// Connections a server takes by default: a quarter of the descriptors this process may
+/// open beyond 64 (a connection holds two, and the VM, the control socket and the log
+/// need theirs), at most 1024 and at least 8 (the limit raised to the hard one first:
+/// [`crate::unix::fd_limit`]).
+pub fn default_max_connections() -> usize {
+    (crate::unix::fd_limit().saturating_sub(64) / 4).clamp(8, 1024) as usize
+}
+
+/// Reads a connection's frames: without a bound while it is idle between frames, and
+/// within a deadline once a frame has begun. The socket's own read timeout is half the
+/// frame timeout, so that an idle read wakes now and then and a slow drip of bytes is
+/// caught at the next read past the deadline.
+struct FrameReader<'a> {
+    stream: &'a UnixStream,
+    timeout: std::time::Duration,
+    /// When the frame being read began.
+    began: Option<std::time::Instant>,
+}
+
+impl Read for FrameReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.began.is_some_and(|t| t.elapsed() >= self.timeout) {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the request frame stalled"));
+            }
+            match (&mut &*self.stream).read(buf) {
+                Ok(n) => {
+                    if n > 0 && self.began.is_none() {
+                        self.began = Some(std::time::Instant::now());
+                    }
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -434,11 +480,15 @@ impl Server {
                     return Ok(Accepted::Nothing);
                 }
                 if self.inner.active.load(Ordering::SeqCst) >= self.inner.opts.max_connections {
-                    log::warn!(
-                        "{}: refusing a connection: {} already open",
-                        self.inner.path.display(),
-                        self.inner.opts.max_connections
-                    );
+                    static REFUSED: crate::rate_limit::RateLimited =
+                        crate::rate_limit::RateLimited::new(std::time::Duration::from_secs(1));
+                    REFUSED.warn(|| {
+                        format!(
+                            "{}: refusing a connection: {} already open",
+                            self.inner.path.display(),
+                            self.inner.opts.max_connections
+                        )
+                    });
                     let ef = ErrorFrame::new(
                         ErrorCode::Unknown,
                         "",
@@ -452,7 +502,9 @@ impl Server {
             Err(_) if self.is_closed() => Ok(Accepted::Closed),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Accepted::Nothing),
             Err(e) if is_transient_accept_error(&e) => {
-                log::warn!("accept on {}: {e}", self.inner.path.display());
+                static FAILED: crate::rate_limit::RateLimited =
+                    crate::rate_limit::RateLimited::new(std::time::Duration::from_secs(1));
+                FAILED.warn(|| format!("accept on {}: {e}", self.inner.path.display()));
                 thread::sleep(std::time::Duration::from_millis(10));
                 Ok(Accepted::Nothing)
             }
@@ -533,10 +585,29 @@ impl Inner {
 
     fn conn_loop(&self, id: ConnId, stream: &mut UnixStream) {
         let max = self.opts.max_frame;
+        let timeout = self.opts.frame_timeout.max(std::time::Duration::from_millis(2));
+        if let Err(e) = stream.set_read_timeout(Some(timeout / 2)) {
+            log::warn!("connection {id}: cannot bound its reads: {e}");
+            return;
+        }
         loop {
-            let frame = match wire::read_frame(stream, max) {
+            let mut reader = FrameReader { stream, timeout, began: None };
+            let frame = match wire::read_frame(&mut reader, max) {
                 Ok(f) => f,
                 Err(FrameError::Eof) => return,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    log::debug!("connection {id}: a request frame stalled for {timeout:?}; closing it");
+                    let ef = ErrorFrame::new(
+                        ErrorCode::Timeout,
+                        "",
+                        format!(
+                            "the request frame did not arrive whole within {:.1} s",
+                            timeout.as_secs_f64()
+                        ),
+                    );
+                    let _ = send_error(stream, &ef, max);
+                    return;
+                }
                 Err(e @ FrameError::TooLarge { .. }) => {
                     let op = match &e {
                         FrameError::TooLarge { ty, .. } => wire::type_name(*ty),

@@ -896,7 +896,9 @@ impl Wire for MountConfig {
 /// Options of a new instance.
 ///
 /// Wire layout: `u64 memory MB, i32 cpus, u64 timeout ns, string user, bool dmesg,
-/// u32 count x MountConfig`. A timeout of 0 on the wire means none.
+/// u32 count x MountConfig`, then vmhost's optional `u8 backend` (1 qemu, 2 kvm; 0 auto
+/// only before flags) and `u8 network flags` ([`NET_HOST_LOOPBACK`]), each left out when
+/// it and what follows are defaults. A timeout of 0 on the wire means none.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InstanceOptions {
     /// Guest memory in MiB (0 = the backend's default).
@@ -913,7 +915,15 @@ pub struct InstanceOptions {
     pub mounts: Vec<MountConfig>,
     /// Which VMM runs the instance.
     pub backend: Backend,
+    /// With its network on, whether the guest reaches the host's own loopback services
+    /// through its gateway (10.0.2.2). Off by default: the guest then reaches what any
+    /// machine on the host's network reaches, not what the host keeps to itself.
+    pub host_loopback: bool,
 }
+
+/// The bit of InstanceOptions' optional network-flags byte that lets the guest reach
+/// the host's loopback ([`InstanceOptions::host_loopback`]).
+pub const NET_HOST_LOOPBACK: u8 = 1;
 
 /// Which VMM runs an instance. On the wire it is an optional trailing `u8` of
 /// InstanceOptions (1 qemu, 2 kvm), absent for `Auto`, so that v0.0.2 layouts are
@@ -961,14 +971,23 @@ impl Wire for InstanceOptions {
         for m in &self.mounts {
             m.encode(enc);
         }
-        match self.backend {
-            Backend::Auto => {}
-            Backend::Qemu => {
+        // vmhost's trailing bytes: the backend, then the network flags, each left out
+        // when it and what follows are defaults (auto is 0 only before flags).
+        let flags = if self.host_loopback { NET_HOST_LOOPBACK } else { 0 };
+        match (self.backend, flags) {
+            (Backend::Auto, 0) => {}
+            (Backend::Auto, _) => {
+                enc.u8(0);
+            }
+            (Backend::Qemu, _) => {
                 enc.u8(1);
             }
-            Backend::Kvm => {
+            (Backend::Kvm, _) => {
                 enc.u8(2);
             }
+        }
+        if flags != 0 {
+            enc.u8(flags);
         }
     }
 
@@ -981,18 +1000,34 @@ impl Wire for InstanceOptions {
         // A mount is at least two empty strings and a bool: 9 bytes.
         let n = dec.count("mount list", 9)?;
         let mounts = (0..n).map(|_| MountConfig::decode(dec)).collect::<Result<_, _>>()?;
-        // vmhost's optional trailing backend byte (InstanceOptions ends InstanceNew).
+        // vmhost's optional trailing bytes (InstanceOptions ends InstanceNew): the
+        // backend, then the network flags. Defaults are said by leaving bytes out, so
+        // that every value has one encoding: auto is 0 only when flags follow, and a
+        // flags byte is never 0.
         let backend = if dec.remaining() == 0 {
             Backend::Auto
         } else {
-            // Auto is said by leaving the byte out: one encoding per value.
             match dec.u8()? {
+                0 if dec.remaining() > 0 => Backend::Auto,
                 1 => Backend::Qemu,
                 2 => Backend::Kvm,
                 b => {
                     return Err(DecodeError::OutOfRange {
                         field: "backend",
-                        reason: format!("{b} (1 qemu, 2 kvm; auto is no byte)"),
+                        reason: format!("{b} (1 qemu, 2 kvm; auto is no byte, or 0 before network flags)"),
+                    })
+                }
+            }
+        };
+        let host_loopback = if dec.remaining() == 0 {
+            false
+        } else {
+            match dec.u8()? {
+                NET_HOST_LOOPBACK => true,
+                f => {
+                    return Err(DecodeError::OutOfRange {
+                        field: "network flags",
+                        reason: format!("{f:#04x} (bit 0: host loopback; no flags is no byte)"),
                     })
                 }
             }
@@ -1005,6 +1040,7 @@ impl Wire for InstanceOptions {
             dmesg,
             mounts,
             backend,
+            host_loopback,
         })
     }
 }

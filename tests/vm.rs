@@ -471,10 +471,11 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
         return;
     }
     let (port, served) = serve_one_page("hello guest");
-    // User-mode networking is QEMU's (the kvm machine has no network device yet).
+    // The network is QEMU's (the kvm machine has no network device yet); the host's
+    // loopback is reached only when asked for.
     let vm = Instance::new_in_process(
         Image::Default,
-        InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+        InstanceOptions { backend: vmhost::wire::Backend::Qemu, host_loopback: true, ..Default::default() },
     )
     .unwrap();
     let fetch = fetch_page(port, "hello guest");
@@ -509,16 +510,24 @@ fn network_is_off_until_enabled_and_reaches_the_host() {
 }
 
 /// A one-page HTTP server on the host's loopback, for one request: its port, and its
-/// thread, which ends once it has answered. The guest reaches it as 10.0.2.2.
+/// thread, which ends once it has answered. A guest booted with `host_loopback` reaches
+/// it as 10.0.2.2.
 fn serve_one_page(body: &'static str) -> (u16, thread::JoinHandle<()>) {
+    serve_pages("127.0.0.1:0", body, 1)
+}
+
+/// An HTTP server on `bind` that answers `count` requests with `body`.
+fn serve_pages(bind: &str, body: &'static str, count: usize) -> (u16, thread::JoinHandle<()>) {
     use std::io::{Read, Write};
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = std::net::TcpListener::bind(bind).unwrap();
     let port = server.local_addr().unwrap().port();
     let served = thread::spawn(move || {
-        let (mut c, _) = server.accept().unwrap();
-        let _ = c.read(&mut [0u8; 1024]);
-        let page = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        c.write_all(page.as_bytes()).unwrap();
+        for _ in 0..count {
+            let (mut c, _) = server.accept().unwrap();
+            let _ = c.read(&mut [0u8; 1024]);
+            let page = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            c.write_all(page.as_bytes()).unwrap();
+        }
     });
     (port, served)
 }
@@ -527,7 +536,66 @@ fn serve_one_page(body: &'static str) -> (u16, thread::JoinHandle<()>) {
 /// busybox nc, not wget: the static busybox's wget crashes in glibc's resolver without
 /// NSS modules, even for a literal address.
 fn fetch_page(port: u16, body: &str) -> String {
-    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 {port} | tail -c {}", body.len())
+    fetch_from("10.0.2.2", port, body)
+}
+
+/// The same from `host`.
+fn fetch_from(host: &str, port: u16, body: &str) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port} | tail -c {}", body.len())
+}
+
+/// This host's address on its network (the source of its default route), which a guest
+/// reaches as any machine on the network would.
+fn host_address() -> String {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("192.0.2.123:9").expect("this host needs a route beside loopback for the network tests");
+    s.local_addr().unwrap().ip().to_string()
+}
+
+#[test]
+fn the_guests_network_does_not_reach_the_hosts_loopback_unless_asked() {
+    if !vm_ready("the_guests_network_does_not_reach_the_hosts_loopback_unless_asked") {
+        return;
+    }
+    // One server on every host address, one on the loopback alone.
+    let (everywhere, served) = serve_pages("0.0.0.0:0", "from the host's network", 1);
+    let (loopback_only, _never) = serve_pages("127.0.0.1:0", "from the host's loopback", 1);
+    let vm = Instance::new_in_process(
+        Image::Default,
+        InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+    )
+    .unwrap();
+    vm.set_network(true).unwrap();
+    let fetch = |script: String| {
+        let out = vm.command("sh").args(["-c", &script]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The host as any machine on its network sees it: reached.
+    let host = host_address();
+    assert_eq!(fetch(fetch_from(&host, everywhere, "from the host's network")), "from the host's network");
+    // Its loopback, by the gateway or by its own address: not.
+    assert_eq!(fetch(fetch_from("10.0.2.2", everywhere, "x")), "", "the gateway led to the host's loopback");
+    assert_eq!(
+        fetch(fetch_from("10.0.2.2", loopback_only, "x")),
+        "",
+        "the gateway led to the host's loopback"
+    );
+    assert_eq!(fetch(fetch_from(&host, loopback_only, "x")), "", "a loopback-only service was reached");
+    // Refused at once, not left to time out.
+    let out = vm.command("nc").args(["10.0.2.2", &everywhere.to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No route to host"), "{out:?}");
+    // Names resolve through the guest's DNS server (10.0.2.3, forwarded to the host's
+    // resolver) wherever the host resolves them.
+    use std::net::ToSocketAddrs;
+    let name = "deb.debian.org";
+    if (name, 80).to_socket_addrs().is_ok_and(|mut a| a.next().is_some()) {
+        let said = fetch(format!("nslookup {name} 10.0.2.3"));
+        assert!(said.contains(&format!("Name:\t{name}")), "the guest's DNS: {said}");
+    } else {
+        eprintln!("note: this host resolves no public name; the guest's DNS was not checked");
+    }
+    vm.close().unwrap();
+    served.join().unwrap();
 }
 
 #[test]
@@ -944,6 +1012,8 @@ fn run_net_connects_the_guest_before_its_command() {
         String::from_utf8(out.stdout).unwrap()
     };
     assert_eq!(run(&[]), "down\n", "without --net the guest must have no network");
-    assert_eq!(run(&["--net"]), "up\nfrom net");
+    // The host's loopback only when asked for.
+    assert_eq!(run(&["--net"]), "up\n", "--net reached the host's loopback");
+    assert_eq!(run(&["--net-host-loopback"]), "up\nfrom net");
     served.join().unwrap();
 }

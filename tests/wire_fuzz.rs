@@ -142,6 +142,7 @@ fn options() -> InstanceOptions {
             MountConfig { tag: "b".into(), host_path: "/b".into(), writable: true },
         ],
         backend: vmhost::wire::Backend::Kvm,
+        host_loopback: true,
     }
 }
 

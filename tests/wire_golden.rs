@@ -19,17 +19,24 @@ fn check<T: Wire + PartialEq + std::fmt::Debug>(value: T, bytes: &[u8]) {
 }
 
 /// One extra byte is refused as trailing garbage. Payloads that end with InstanceOptions
-/// read one optional byte more (the backend: 1 qemu, 2 kvm; auto is no byte), so there
-/// a lone 0 is refused as an out-of-range backend and the garbage after a valid backend
-/// byte as trailing.
+/// read two optional bytes more (the backend: 1 qemu, 2 kvm, auto no byte or 0 before
+/// flags; the network flags: 0x01, none no byte), so there a lone 0 is refused as an
+/// out-of-range backend, a 0 flags byte as out of range, and the garbage after a valid
+/// backend and flags byte as trailing.
 fn assert_trailing_refused(bytes: &[u8], decode: impl Fn(&[u8]) -> Result<(), DecodeError>) {
     let mut longer = bytes.to_vec();
     longer.push(0);
     match decode(&longer) {
         Err(DecodeError::OutOfRange { field: "backend", .. }) => {
-            let mut after_backend = bytes.to_vec();
-            after_backend.extend_from_slice(&[1, 0]);
-            assert_eq!(decode(&after_backend), Err(DecodeError::TrailingBytes { count: 1 }));
+            let with = |extra: &[u8]| {
+                let mut v = bytes.to_vec();
+                v.extend_from_slice(extra);
+                decode(&v)
+            };
+            assert!(matches!(with(&[1, 0]), Err(DecodeError::OutOfRange { field: "network flags", .. })));
+            assert!(matches!(with(&[0, 2]), Err(DecodeError::OutOfRange { field: "network flags", .. })));
+            assert_eq!(with(&[0, 1]), Ok(()));
+            assert_eq!(with(&[1, 1, 0]), Err(DecodeError::TrailingBytes { count: 1 }));
         }
         other => assert_eq!(other, Err(DecodeError::TrailingBytes { count: 1 })),
     }
@@ -325,6 +332,7 @@ fn instance_options() {
                 MountConfig { tag: "b".into(), host_path: String::new(), writable: true },
             ],
             backend: Default::default(),
+            host_loopback: false,
         },
         &bytes,
     );
@@ -339,6 +347,19 @@ fn instance_options() {
         0, 0, 0, 0,
     ];
     check(InstanceOptions { cpus: -1, ..InstanceOptions::default() }, &bytes);
+    // vmhost's trailing bytes: the backend, then the network flags. (Their prefixes are
+    // other values' encodings, so `check`'s prefix rule does not apply.)
+    let o = InstanceOptions { cpus: -1, ..InstanceOptions::default() };
+    use vmhost::wire::Backend::{Auto, Kvm, Qemu};
+    for (value, extra) in [
+        (InstanceOptions { backend: Qemu, ..o.clone() }, &[1][..]),
+        (InstanceOptions { backend: Auto, host_loopback: true, ..o.clone() }, &[0, 1]),
+        (InstanceOptions { backend: Kvm, host_loopback: true, ..o.clone() }, &[2, 1]),
+    ] {
+        let b = [&bytes[..], extra].concat();
+        assert_eq!(value.to_payload(), b, "encoding of {value:?}");
+        assert_eq!(InstanceOptions::from_payload(&b).unwrap(), value, "decoding of {b:02x?}");
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ const USAGE: &str = "\
 vmhost: boot Linux micro-VMs and drive them
 
 USAGE:
-    vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
+    vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]
         Boot a guest, run CMD in it with its stdout and stderr on ours as they come,
         and exit with its exit code; when the VM ends before CMD does: 121 the guest
         powered off, halted or rebooted, 122 it crashed (kernel panic, triple fault),
@@ -24,8 +24,10 @@ USAGE:
         CMD when it is a pipe or a file (-i: from a terminal too; -n: never; else CMD
         reads /dev/null). -t runs CMD on a terminal in the guest: ours in raw mode,
         keys typed into it, window size changes followed. --net connects the guest's
-        network first (QEMU's user-mode NAT: the guest is 10.0.2.15, the host 10.0.2.2);
-        without it the guest has none. CMD starts as soon as the guest is up (its
+        network first (QEMU's user-mode NAT: the guest is 10.0.2.15): it reaches what
+        any machine on this host's network reaches, not this host's loopback services;
+        --net-host-loopback also lets it reach those, at 10.0.2.2. Without either the
+        guest has no network. CMD starts as soon as the guest is up (its
         arguments are on the guest's kernel command line, readable by every guest user:
         pass secrets with -e), except with -t, -e or --net.
 
@@ -376,7 +378,7 @@ fn stdin_is_dev_null() -> bool {
 
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let usage =
-        "usage: vmhost run [VM OPTIONS] [--net] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+        "usage: vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
@@ -405,6 +407,9 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             tty = true;
         } else if args[i] == "--net" {
             net = true;
+        } else if args[i] == "--net-host-loopback" {
+            net = true;
+            vm.options.host_loopback = true;
         } else if args[i] == "-i" || args[i] == "--interactive" {
             stdin_mode = Some(true);
         } else if args[i] == "-n" || args[i] == "--no-stdin" {

@@ -462,6 +462,7 @@ impl InstanceSpec {
         cfg.timeout = self.options.timeout;
         cfg.dmesg = self.options.dmesg;
         cfg.mounts = mounts;
+        cfg.host_loopback = self.options.host_loopback;
         cfg.first_command = self.first_command.clone();
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg).map(Machine::Qemu)

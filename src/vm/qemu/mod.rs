@@ -35,6 +35,8 @@ use crate::image::kernel::Kernel;
 use crate::qmp;
 use crate::unix;
 
+pub mod net_filter;
+
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -118,6 +120,9 @@ pub struct BootConfig {
     /// Kernel parameters after the machine's own and the agent's (by default
     /// [`crate::vm::kernel_args_from_env`]).
     pub extra_args: Vec<String>,
+    /// With its network on, whether the guest reaches the host's loopback (see
+    /// [`net_filter`]).
+    pub host_loopback: bool,
     /// The guest's first command: the agent starts it as soon as the guest is set up,
     /// before the host asks (it goes on the kernel command line: see
     /// [`crate::agent::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
@@ -142,6 +147,7 @@ impl BootConfig {
             accel: Accel::choose()?,
             mounts: Vec::new(),
             extra_args: super::kernel_args_from_env(),
+            host_loopback: false,
             first_command: None,
         })
     }
@@ -180,6 +186,10 @@ struct Shared {
     /// The end of what QEMU wrote on its stderr (`qemu.log`), kept when it exits (the run
     /// directory goes): why it refused to start, for the boot error.
     qemu_said: parking_lot::Mutex<String>,
+    /// The filter between the guest's network device and slirp, once the guest's
+    /// network was first enabled; ended with the VM.
+    net_filter: parking_lot::Mutex<Option<net_filter::NetFilter>>,
+    host_loopback: bool,
     /// The reason of QEMU's SHUTDOWN event (guest-shutdown, guest-reset, host-signal...).
     shutdown_reason: parking_lot::Mutex<Option<String>>,
 }
@@ -238,6 +248,8 @@ impl QemuVm {
             console_done: std::sync::atomic::AtomicBool::new(false),
             shutdown_reason: parking_lot::Mutex::new(None),
             qemu_said: parking_lot::Mutex::new(String::new()),
+            net_filter: parking_lot::Mutex::new(None),
+            host_loopback: cfg.host_loopback,
         });
         let weak = Arc::downgrade(&shared);
         shared.console.on_end(Box::new(move |said| {
@@ -345,9 +357,10 @@ impl QemuVm {
         if qemu_log.is_empty() {
             qemu_log = read_tail(&self.shared.dir.0.join("qemu.log"));
         }
-        // QEMU's informational lines (`info: QEMU waiting for connection ...`) say nothing.
-        let said: Vec<&str> =
-            qemu_log.lines().filter(|l| !l.contains(": info: ") && !l.trim().is_empty()).collect();
+        // QEMU's informational lines (`info: QEMU waiting for connection ...`) and its
+        // warning that slirp's hub has no NIC (by design: see net_filter) say nothing.
+        let noise = |l: &str| l.contains(": info: ") || l.contains("with no nics") || l.trim().is_empty();
+        let said: Vec<&str> = qemu_log.lines().filter(|l| !noise(l)).collect();
         let exited = self.shared.process.get().is_some_and(|p| p.has_exited());
         if exited && self.shared.console.tail(1).is_empty() && !said.is_empty() {
             // QEMU refused to start: its own words are the error.
@@ -384,9 +397,11 @@ impl QemuVm {
         self.shared.life.agent(&self.shared.agent)
     }
 
-    /// Connects or disconnects the guest's network (QEMU user-mode networking: the
-    /// guest is 10.0.2.15, the host is 10.0.2.2). Connecting has the agent configure
-    /// eth0 first (again harmlessly when it is): a guest never connected skips that work.
+    /// Connects or disconnects the guest's network (QEMU's user-mode network through
+    /// [`net_filter`]: the guest is 10.0.2.15, its gateway 10.0.2.2, which is the host's
+    /// loopback only when the VM was booted with [`BootConfig::host_loopback`]).
+    /// Connecting has the agent configure eth0 first (again harmlessly when it is) and
+    /// starts the filter the first time: a guest never connected skips both.
     pub fn set_network(&self, up: bool) -> Result<()> {
         let q = self
             .shared
@@ -396,6 +411,12 @@ impl QemuVm {
         if up {
             // The guest configures eth0 only when asked: boots without network skip it.
             self.agent()?.network_up(Duration::from_secs(20))?;
+            let mut filter = self.shared.net_filter.lock();
+            if filter.is_none() {
+                let (guest, net) =
+                    (self.shared.dir.0.join("guest-net.sock"), self.shared.dir.0.join("slirp.sock"));
+                *filter = Some(net_filter::NetFilter::start(&guest, &net, self.shared.host_loopback)?);
+            }
         }
         q.execute_raw(
             "set_link",
@@ -633,11 +654,21 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         // once, so it waits at most one dial interval for us.
         "-qmp".into(),
         format!("unix:{},server=on,wait=on", p("qmp.sock")),
-        // User-mode networking; its link starts down (see QemuVm::set_network).
+        // The network device and QEMU's user-mode network, each on a socket of its own
+        // that net_filter joins when the network is first enabled (slirp behind a hub,
+        // IPv6 off); the device's link starts down (see QemuVm::set_network).
         "-netdev".into(),
-        format!("user,id={NET_ID}"),
+        format!("stream,id={NET_ID},server=on,addr.type=unix,addr.path={}", p("guest-net.sock")),
         "-device".into(),
         format!("{net_dev},netdev={NET_ID}"),
+        "-netdev".into(),
+        "user,id=slirp,ipv6=off".into(),
+        "-netdev".into(),
+        "hubport,id=slirp-port,hubid=0,netdev=slirp".into(),
+        "-netdev".into(),
+        format!("stream,id=slirp-net,server=on,addr.type=unix,addr.path={}", p("slirp.sock")),
+        "-netdev".into(),
+        "hubport,id=filter-port,hubid=0,netdev=slirp-net".into(),
     ];
     args.extend(cmdline);
     let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
@@ -844,6 +875,7 @@ fn supervise(
     if let Some(q) = sh.qmp.get() {
         q.close();
     }
+    sh.net_filter.lock().take();
     sh.life.finish();
 }
 
@@ -877,6 +909,7 @@ mod tests {
                 })
                 .collect(),
             extra_args: extra.split_whitespace().map(String::from).collect(),
+            host_loopback: false,
             first_command: Some(ExecRequest {
                 program: "sh".into(),
                 args: vec![args.into()],

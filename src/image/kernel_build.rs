@@ -39,6 +39,10 @@ pub const PATCHES: &[(&str, &str)] = &[
         "0004-init-warm-up-init-on-an-idle-cpu.patch",
         include_str!("../../kernel/patches/0004-init-warm-up-init-on-an-idle-cpu.patch"),
     ),
+    (
+        "0005-x86-apic-lapic-timer-period-parameter.patch",
+        include_str!("../../kernel/patches/0005-x86-apic-lapic-timer-period-parameter.patch"),
+    ),
 ];
 
 /// A digest of [`PATCHES`]: names and contents.

@@ -505,6 +505,10 @@ fn read_console(sh: &Shared, fifo: File) {
     }
 }
 
+/// The local APIC timer's period for vmhost's own kernel (kernel/patches/0005-*): bus
+/// cycles per jiffy, QEMU's 1 GHz APIC bus at the kernel's HZ=250.
+const LAPIC_TIMER_PERIOD_ARG: &str = "lapic_timer_period=4000000";
+
 /// The kernel parameter that has vmhost's own kernel warm the agent up
 /// (kernel/patches/0004-*, [`crate::agent::main`]).
 const WARM_UP_ARG: &str = "vmhost.warm_up=/init";
@@ -521,10 +525,12 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
         // No ACPI: devices come on the command line (QEMU's microvm adds them), reboot
         // by triple fault (which -no-reboot turns into QEMU exiting).
         append.extend(["reboot=t", "no_timer_check", "8250.nr_uarts=1"]);
-        // The PIT drives the clock: calibrating the LAPIC timer costs ~0.2 s under
-        // emulation (measured: `vmhost run -- true` 0.96 -> 0.78 s). Not on the stock
-        // kernel on ACPI microvm, where timers then never fire.
-        append.push("nolapic_timer");
+        // The local APIC timer, whose one-shot mode lets an idle vCPU go without ticks
+        // (with nolapic_timer, the PIT's periodic broadcast cost an idle VM 7.7 % of a
+        // core), with its period given: QEMU's APIC bus runs at 1 GHz, 4000000 cycles a
+        // jiffy at HZ=250, so the kernel skips its ~220 ms calibration against the PIT
+        // (kernel/patches/0005-*). The stock kernel calibrates (it has no such patch).
+        append.push(LAPIC_TIMER_PERIOD_ARG);
         if cfg.machine == MachineType::Microvm {
             append.push("pci=off");
         }
@@ -554,7 +560,7 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
     // device. The command line then goes to QEMU in a file (see `cmdline_args`), whose
     // values hold at most QEMU_CONFIG_VALUE bytes and no double quote.
-    let room = 2048usize.saturating_sub(40 * (2 + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
+    let room = 2048usize.saturating_sub(40 * (VIRTIO_DEVICES + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
     let quoted = given.clone().any(|a| a.contains('"'));
@@ -587,6 +593,10 @@ fn check_extra_args(cfg: &BootConfig) -> Result<()> {
     Ok(())
 }
 
+/// The virtio devices of every VM besides its mounts: the agent's serial port, the
+/// network device and the balloon (see [`command_line`]).
+const VIRTIO_DEVICES: usize = 3;
+
 /// The longest value a QEMU configuration file (`-readconfig`) takes: 1023 bytes.
 const QEMU_CONFIG_VALUE: usize = 1023;
 
@@ -607,10 +617,14 @@ fn cmdline_args(append: String, private: bool, dir: &Path) -> Result<[String; 2]
 /// QEMU's arguments, with `cmdline` giving the kernel its command line.
 fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<String> {
     let minimal = cfg.kernel.is_minimal();
-    let (machine, serial_dev, net_dev) = match cfg.machine {
-        MachineType::Microvm if minimal => ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device"),
-        MachineType::Microvm => ("microvm", "virtio-serial-device", "virtio-net-device"),
-        MachineType::Pc => ("pc", "virtio-serial-pci", "virtio-net-pci"),
+    let (machine, serial_dev, net_dev, balloon_dev) = match cfg.machine {
+        MachineType::Microvm if minimal => {
+            ("microvm,acpi=off", "virtio-serial-device", "virtio-net-device", "virtio-balloon-device")
+        }
+        MachineType::Microvm => {
+            ("microvm", "virtio-serial-device", "virtio-net-device", "virtio-balloon-device")
+        }
+        MachineType::Pc => ("pc", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci"),
     };
     let kernel = cfg.kernel_image.as_ref().unwrap_or(&cfg.kernel.vmlinux);
     let cpu = cpu_model(cfg.accel);
@@ -619,7 +633,7 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         "-M".into(),
         machine.into(),
         "-accel".into(),
-        cfg.accel.as_str().into(),
+        accel_option(cfg),
         "-cpu".into(),
         cpu,
         "-m".into(),
@@ -669,6 +683,11 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         format!("stream,id=slirp-net,server=on,addr.type=unix,addr.path={}", p("slirp.sock")),
         "-netdev".into(),
         "hubport,id=filter-port,hubid=0,netdev=slirp-net".into(),
+        // Memory the guest frees goes back to the host (free page reporting: the guest
+        // reports free 2 MiB blocks, QEMU discards them), so an idle guest holds what it
+        // uses, not all it ever touched (the initramfs it unpacked, boot-time buffers).
+        "-device".into(),
+        format!("{balloon_dev},free-page-reporting=on"),
     ];
     args.extend(cmdline);
     let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
@@ -694,6 +713,27 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         args.push("kvm-pit.lost_tick_policy=discard".into());
     }
     args
+}
+
+/// The `-accel` option: the accelerator, and under TCG a translation buffer sized for
+/// the guest ([`tb_size_mb`]) instead of QEMU's 1 GiB, whose touched part stays in QEMU's
+/// memory for as long as the VM runs.
+fn accel_option(cfg: &BootConfig) -> String {
+    match cfg.accel {
+        Accel::Kvm => "kvm".into(),
+        Accel::Tcg => format!("tcg,tb-size={}", tb_size_mb(cfg.memory_mb)),
+    }
+}
+
+/// TCG's translation buffer for a guest of `memory_mb`, in MiB: an eighth of the guest's
+/// memory, 16 to 256 MiB (`VMHOST_TB_SIZE` overrides). The boot of vmhost's guest
+/// translates ~48,000 blocks, about 12 MiB of host code; a full buffer is flushed and
+/// refilled, which costs time, not correctness.
+pub fn tb_size_mb(memory_mb: u64) -> u64 {
+    if let Some(mb) = std::env::var("VMHOST_TB_SIZE").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        return mb.max(1);
+    }
+    (memory_mb / 8).clamp(16, 256)
 }
 
 /// The `-cpu` model for `accel`: `VMHOST_CPU` when set, else `host` under KVM and
@@ -797,6 +837,14 @@ fn supervise(
     unsafe {
         cmd.pre_exec(|| {
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // No transparent huge pages for QEMU (kept across exec): with them, each
+            // byte the guest touches makes 2 MiB of its memory resident, and each
+            // translation region is resident whole (an idle 128 MiB guest: 34 MiB of
+            // its memory, 16 MiB of translation buffer); and free page reporting
+            // could give back only whole 2 MiB blocks the guest left untouched.
+            if nix::libc::prctl(nix::libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -932,7 +980,7 @@ mod tests {
                     assert_eq!(private, line.contains("VMHOST_EXEC="), "{line}");
                     if private {
                         carried += 1;
-                        assert!(line.len() + added * (2 + mounts) < 2048, "{mounts} mounts: {line}");
+                        assert!(line.len() + added * (3 + mounts) < 2048, "{mounts} mounts: {line}");
                         assert!(line.len() <= QEMU_CONFIG_VALUE, "{line}");
                     } else {
                         left += 1;

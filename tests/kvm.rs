@@ -609,6 +609,14 @@ fn a_long_mode_program_runs_64_bit_code_through_the_page_tables() {
     let v = vmm.start_vcpu(0, vmhost::vm::kvm::boot::long_mode_vcpu(0x10_0000, 0), false).unwrap();
     assert_eq!(settle(v), VcpuState::Halted);
     assert_eq!(*sink.0.lock(), b"L");
+    // The vCPU thread runs under the VMM's seccomp filter (vm::kvm::seccomp).
+    let vcpu_thread = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "vmhost-vcpu0"))
+        .expect("the vCPU thread");
+    let status = std::fs::read_to_string(vcpu_thread.path().join("status")).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
     // A 64-bit store: in 32-bit mode the same bytes would not write these 8 bytes.
     let mut got = [0u8; 8];
     vmm.memory().read(0x2000, &mut got).unwrap();

@@ -269,7 +269,14 @@ impl KvmVm {
             let t = transport.clone();
             thread::Builder::new()
                 .name(format!("vmhost-{id}-agent-pump"))
-                .spawn(move || pump(&sh, host_end, &t, &taken_rx))
+                .spawn(move || {
+                    // It moves the guest's bytes: confined like the vCPUs.
+                    if let Err(e) = super::seccomp::confine_thread() {
+                        log::error!("{e}; the agent channel stays closed");
+                        return;
+                    }
+                    pump(&sh, host_end, &t, &taken_rx)
+                })
                 .map_err(host_err("start the agent channel pump"))?
         };
         {

@@ -40,6 +40,7 @@ pub mod devices;
 pub mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod vcpu;
 
 use std::fmt;

@@ -172,6 +172,12 @@ impl Vcpu {
                     }
                 }
                 let _ended = Ended(ended, id);
+                // Device models run on this thread: confined before the guest runs.
+                if let Err(e) = super::seccomp::confine_thread() {
+                    *sh.state.lock() = VcpuState::Failed(e.to_string());
+                    sh.changed.notify_all();
+                    return;
+                }
                 run_loop(id, fd, rx, &sh, &pio, &mmio, paused);
             })
             .map_err(|e| Error::Vcpu { id, message: format!("start its thread: {e}") })?;

@@ -593,6 +593,9 @@ fn check_extra_args(cfg: &BootConfig) -> Result<()> {
     Ok(())
 }
 
+/// QEMU's `-sandbox` option (see [`command_line`]).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The virtio devices of every VM besides its mounts: the agent's serial port, the
 /// network device and the balloon (see [`command_line`]).
 const VIRTIO_DEVICES: usize = 3;
@@ -642,6 +645,12 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         cfg.cpus.max(1).to_string(),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        // QEMU's seccomp filter, as libvirt sets it: no obsolete system calls, no
+        // set*id, no fork or exec, no scheduler or resource changes. A guest that takes
+        // QEMU over through a device bug cannot spawn a shell or raise privileges; QEMU
+        // is killed on the spot instead.
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),

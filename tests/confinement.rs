@@ -1,0 +1,107 @@
+//! The VMM is confined: QEMU runs under its seccomp sandbox, and a system call the
+//! sandbox denies ends QEMU (and the VM, reported as a crash) rather than succeeding.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{vm_ready, wait_until};
+use vmhost::vm::{InstanceSpec, Machine, VmEnd};
+use vmhost::wire::InstanceOptions;
+
+#[test]
+fn qemu_runs_sandboxed_and_a_denied_system_call_ends_it() {
+    if !vm_ready("qemu_runs_sandboxed_and_a_denied_system_call_ends_it") {
+        return;
+    }
+    let spec = InstanceSpec {
+        source: vmhost::image::rootfs::Source::Default,
+        cache_dir: vmhost::image::cache_dir(),
+        options: InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+        first_command: None,
+    };
+    let machine = spec.boot(&vmhost::progress::Progress::quiet()).unwrap();
+    let Machine::Qemu(vm) = &machine else { panic!("asked for QEMU") };
+    let pid = vm.pid().unwrap();
+    // Seccomp mode 2: a filter is installed.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string();
+    assert_eq!(seccomp, "2", "{status}");
+    // Ask QEMU to run a program (a migration to `exec:`): it would fork and exec; the
+    // sandbox (spawn=deny) kills it instead.
+    let q = vm.qmp().unwrap();
+    let _ = q.execute_raw(
+        "migrate",
+        Some(serde_json::json!({"uri": "exec:touch /tmp/vmhost-sandbox-escaped"})),
+        Duration::from_secs(10),
+    );
+    assert!(wait_until(Duration::from_secs(30), || machine.state().is_final()), "QEMU survived");
+    match machine.end() {
+        Some(VmEnd::Crashed(why)) => assert!(why.contains("SIGSYS"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!std::path::Path::new("/tmp/vmhost-sandbox-escaped").exists(), "the program ran");
+}
+
+/// What a child process of this test does, by `VMHOST_CONFINE_CHILD`: confine a thread
+/// with the kvm backend's filter, then do one thing on it.
+fn confined_child(what: &str) {
+    let t = std::thread::spawn({
+        let what = what.to_string();
+        move || {
+            vmhost::vm::kvm::seccomp::confine_thread().unwrap();
+            match what.as_str() {
+                // What a VMM thread does: threads, memory, pipes, files it holds, time.
+                "allowed" => {
+                    let inner =
+                        std::thread::spawn(|| vec![7u8; 8 << 20].iter().map(|&b| b as u64).sum::<u64>());
+                    assert_eq!(inner.join().unwrap(), 7 * (8 << 20));
+                    let (r, w) = nix::unistd::pipe().unwrap();
+                    assert_eq!(nix::unistd::write(&w, b"x").unwrap(), 1);
+                    let mut b = [0u8; 1];
+                    assert_eq!(nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&r), &mut b).unwrap(), 1);
+                    let _ = std::time::Instant::now();
+                    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+                    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+                }
+                "exec" => {
+                    let _ = std::process::Command::new("true").status();
+                }
+                "socket" => {
+                    let _ = std::net::TcpStream::connect("127.0.0.1:9");
+                }
+                other => panic!("{other}"),
+            }
+        }
+    });
+    t.join().unwrap();
+    println!("survived");
+}
+
+#[test]
+fn a_kvm_vmm_thread_keeps_what_it_needs_and_dies_on_a_denied_call() {
+    if let Ok(what) = std::env::var("VMHOST_CONFINE_CHILD") {
+        confined_child(&what);
+        return;
+    }
+    let run = |what: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_kvm_vmm_thread_keeps_what_it_needs_and_dies_on_a_denied_call",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1"])
+            .env("VMHOST_CONFINE_CHILD", what)
+            .output()
+            .unwrap()
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let out = run("allowed");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("survived"), "{out:?}");
+    for what in ["exec", "socket"] {
+        let out = run(what);
+        assert_eq!(out.status.signal(), Some(nix::libc::SIGSYS), "{what}: {out:?}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"), "{what}");
+    }
+}

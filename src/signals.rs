@@ -2,8 +2,10 @@
 //!
 //! [`watch`] blocks the signals in the calling thread (call it first thing in `main`,
 //! before other threads start, so that they inherit the mask) and starts one thread that
-//! takes them with `sigwait` and passes them on a channel. A child process inherits the
-//! mask through exec: spawn children with [`crate::unix::clean_signals_in_child`].
+//! takes them with `sigwait` and passes them on a channel. std's `Command` empties the
+//! signal mask in the child; signals set to be ignored stay ignored through exec, which
+//! [`crate::unix::clean_signals_in_child`] undoes for the children vmhost stops with
+//! signals (QEMU, the helper).
 
 use crossbeam_channel::Receiver;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};

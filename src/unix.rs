@@ -221,9 +221,10 @@ pub fn shutdown_listener(listener: &UnixListener) {
 }
 
 /// Has `cmd`'s child start with an empty signal mask and every signal at its default
-/// action, whatever the spawning thread had: a thread that takes SIGTERM with
-/// [`crate::signals::watch`] blocks it, and a child would inherit that mask (and any
-/// ignored signal) through exec, so SIGTERM would no longer end a QEMU gracefully.
+/// action, whatever the spawning process had: an ignored signal (SIGTERM or SIGHUP under
+/// `nohup` or a supervisor that ignores them) stays ignored through exec, and then the
+/// stop escalation's SIGTERM would not end QEMU gracefully. (std already empties the
+/// mask in the child; this does it too, as part of one rule.)
 pub fn clean_signals_in_child(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: between fork and exec only async-signal-safe calls are made: sigemptyset,
@@ -245,11 +246,18 @@ pub fn clean_signals_in_child(cmd: &mut std::process::Command) {
     }
 }
 
-/// This process's limit of open descriptors (the soft RLIMIT_NOFILE), after raising it to
-/// the hard limit where it is lower (as Go's runtime does at start): a server's caps on
-/// connections are taken from it, so that its clients never use up what the VM, the
+/// This process's limit of open descriptors (the soft RLIMIT_NOFILE), which a server's
+/// caps on connections are taken from, so that its clients never use up what the VM, the
 /// control socket and the log need.
 pub fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (as Go's runtime does at start) and
+/// returns the new soft limit. For vmhost's own processes (`vmhost helper`, `vmhost
+/// host`), never for a library caller's: children inherit it, and `select(2)` users
+/// break past 1024.
+pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

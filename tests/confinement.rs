@@ -64,8 +64,32 @@ fn confined_child(what: &str) {
                     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
                     assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
                 }
+                // execve itself, on this thread (no fork first).
                 "exec" => {
+                    let prog = c"/bin/true";
+                    let argv = [prog.as_ptr(), std::ptr::null()];
+                    let envp = [std::ptr::null()];
+                    // SAFETY: NUL-terminated strings and arrays; replaces the process.
+                    unsafe { nix::libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+                }
+                // A new process (posix_spawn's clone without CLONE_THREAD).
+                "spawn" => {
                     let _ = std::process::Command::new("true").status();
+                }
+                // A thread in a new network namespace.
+                "namespace" => {
+                    // SAFETY: a raw clone that would start a thread; the filter kills
+                    // the process before it returns.
+                    unsafe {
+                        nix::libc::syscall(
+                            nix::libc::SYS_clone,
+                            nix::libc::CLONE_VM
+                                | nix::libc::CLONE_THREAD
+                                | nix::libc::CLONE_SIGHAND
+                                | nix::libc::CLONE_NEWNET,
+                            std::ptr::null_mut::<u8>(),
+                        )
+                    };
                 }
                 "socket" => {
                     let _ = std::net::TcpStream::connect("127.0.0.1:9");
@@ -99,7 +123,7 @@ fn a_kvm_vmm_thread_keeps_what_it_needs_and_dies_on_a_denied_call() {
     use std::os::unix::process::ExitStatusExt;
     let out = run("allowed");
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("survived"), "{out:?}");
-    for what in ["exec", "socket"] {
+    for what in ["exec", "spawn", "namespace", "socket"] {
         let out = run(what);
         assert_eq!(out.status.signal(), Some(nix::libc::SIGSYS), "{what}: {out:?}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"), "{what}");

@@ -10,6 +10,10 @@ use std::time::Duration;
 use common::{children_of, vm_ready, wait_until};
 use vmhost::{Image, Instance, InstanceOptions};
 
+/// The tests of this file take turns: one counts its VM's QEMU among this process's
+/// children, the other starts fifty.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn small() -> InstanceOptions {
     InstanceOptions { memory_mb: 128, backend: vmhost::wire::Backend::Qemu, ..Default::default() }
 }
@@ -29,6 +33,7 @@ fn an_idle_guest_takes_no_ticks_and_gives_back_the_memory_it_frees() {
     if !vm_ready("an_idle_guest_takes_no_ticks_and_gives_back_the_memory_it_frees") {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !vmhost::image::kernel::resolve(&vmhost::image::cache_dir(), &vmhost::progress::Progress::quiet())
         .is_ok_and(|k| k.is_minimal())
     {
@@ -47,7 +52,14 @@ fn an_idle_guest_takes_no_ticks_and_gives_back_the_memory_it_frees() {
     let ticks: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX);
     assert!(ticks < 4 * 60, "{ticks} timer interrupts in 4 s on an idle guest: {out:?}");
     // 48 MiB written in the guest and freed: QEMU's memory grows, then shrinks again.
-    let qemu = children_of(std::process::id()).into_iter().find(|(_, c)| c.starts_with("qemu")).unwrap().0;
+    // This VM's QEMU: the only one of this process (the tests of this file take turns).
+    let qemus: Vec<u32> = children_of(std::process::id())
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("qemu"))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(qemus.len(), 1, "one QEMU");
+    let qemu = qemus[0];
     let before = anon_kib(qemu);
     let fill =
         vm.command("sh").args(["-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=48 2>&1"]).output().unwrap();
@@ -65,6 +77,7 @@ fn fifty_idle_vms_at_once_each_answer_a_command() {
     if !vm_ready("fifty_idle_vms_at_once_each_answer_a_command") {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let vms: Vec<Instance> = (0..50)
         .map(|i| {
             Instance::new_in_process(Image::Default, small()).unwrap_or_else(|e| panic!("VM {}: {e}", i + 1))

@@ -239,15 +239,20 @@ fn a_flood_of_idle_connections_is_capped_and_never_starves_the_control_socket() 
     }
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    // Our own descriptors: 1,100 connections and more.
-    vmhost::unix::fd_limit();
+    // Our own descriptors: 1,100 connections and more, as many as the hard limit lets
+    // us beyond what the host process caps at (which follows its own limit).
+    let ours = vmhost::unix::raise_fd_limit();
+    let flood = 1100.min(ours.saturating_sub(200) as usize);
+    if flood < 1100 {
+        eprintln!("note: {flood} helper connections, not 1,100: the descriptor limit here is {ours}");
+    }
     let h = Host::start("host-flood");
-    // 1,100 helper connections that never send a byte, and 100 control ones.
+    // Helper connections that never send a byte, and 100 control ones.
     let helper: Vec<UnixStream> =
-        (0..1100).filter_map(|_| UnixStream::connect(h.sock("helper.sock")).ok()).collect();
+        (0..flood).filter_map(|_| UnixStream::connect(h.sock("helper.sock")).ok()).collect();
     let control: Vec<UnixStream> =
         (0..100).filter_map(|_| UnixStream::connect(h.sock("vmhost.sock")).ok()).collect();
-    assert_eq!(helper.len(), 1100, "connect(2) itself is not refused");
+    assert_eq!(helper.len(), flood, "connect(2) itself is not refused");
     // Past the cap, a helper connection is answered with why, then closed.
     let mut last = helper.last().unwrap().try_clone().unwrap();
     last.set_read_timeout(Some(GUARD)).unwrap();

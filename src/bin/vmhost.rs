@@ -145,6 +145,8 @@ fn flag_value(args: &[String], i: &mut usize, flag: &str) -> Result<Option<Strin
 
 fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     let mut socket = None;
+    // Descriptors for many clients first: the connection cap follows the limit.
+    vmhost::unix::raise_fd_limit();
     let mut opts = ServerOptions::default();
     let mut i = 0;
     while i < args.len() {
@@ -677,6 +679,8 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     }
     let name = name.ok_or("host: --name NAME is required")?;
     let dir = dir.ok_or("host: --dir DIR is required")?;
+    // Descriptors for many clients (the helper's connection cap follows the limit).
+    vmhost::unix::raise_fd_limit();
     // A DIR that a live host serves is refused before a whole VM boots for nothing.
     ControlServer::check_free(&dir.join("vmhost.sock")).map_err(|e| e.to_string())?;
     let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;

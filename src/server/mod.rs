@@ -227,8 +227,8 @@ impl Default for ServerOptions {
 
 /// Connections a server takes by default: a quarter of the descriptors this process may
 /// open beyond 64 (a connection holds two, and the VM, the control socket and the log
-/// need theirs), at most 1024 and at least 8 (the limit raised to the hard one first:
-/// [`crate::unix::fd_limit`]).
+/// need theirs), at most 1024 and at least 8 ([`crate::unix::fd_limit`]; vmhost's own
+/// processes raise it to the hard limit first, [`crate::unix::raise_fd_limit`]).
 pub fn default_max_connections() -> usize {
     (crate::unix::fd_limit().saturating_sub(64) / 4).clamp(8, 1024) as usize
 }

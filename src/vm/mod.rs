@@ -280,7 +280,7 @@ pub fn check_mounts(mounts: &[crate::wire::MountConfig]) -> Result<Vec<crate::wi
             return Err(bad(format!(
                 "{} is on a filesystem without user extended attributes, where a writable mount keeps \
                  what the guest sets (owners, modes, symlinks); mount it read-only (:ro) or share a \
-                 directory on ext4, xfs, btrfs or tmpfs",
+                 directory on ext4, xfs or btrfs (tmpfs has them from Linux 6.6)",
                 path.display()
             )));
         }

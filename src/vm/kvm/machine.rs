@@ -257,6 +257,17 @@ impl KvmVm {
             how: OnceLock::new(),
             wake_pump: taken_tx,
         });
+        // A guest that halts (halt, or power-off without power-off hardware) leaves its
+        // vCPUs in HLT for ever: its kernel's last line on the console ends the VM.
+        let weak = Arc::downgrade(&shared);
+        shared.console.on_end(Box::new(move |said| {
+            let Some(sh) = weak.upgrade() else { return };
+            log::info!("{}: the guest kernel announced {said:?}", sh.id);
+            if said.host_must_end() && sh.life.state() == VmState::Running {
+                sh.life.set_end_reason(said.end());
+                let _ = sh.stop_tx.try_send(());
+            }
+        }));
 
         // vCPUs: the first enters the kernel; the others wait in KVM for the INIT and
         // SIPI the kernel sends them (the in-kernel LAPIC runs that protocol).
@@ -399,7 +410,11 @@ fn supervise(
             recv(wait) -> _ => End::Timeout,
         }
     };
+    // A stop the host asked for ends however the guest takes it (the agent's power-off
+    // is a reboot by triple fault on vmhost's kernel): stopped, not rebooted.
+    let asked = sh.life.state() == VmState::Stopping;
     let (why, how) = match end {
+        End::Vcpu(_) | End::Reset if asked => (VmEnd::Stopped, "stopped by the host".to_string()),
         End::Vcpu(id) => match vmm.vcpus().iter().find(|v| v.id() == id).map(|v| v.state()) {
             Some(VcpuState::Failed(why)) => {
                 let m = format!("vCPU {id} failed: {why}");

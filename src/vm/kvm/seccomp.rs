@@ -1,20 +1,29 @@
-//! Seccomp for the kvm backend's threads: what a guest that took over the VMM (through a
-//! bug in a device model, which runs on the vCPU threads) could do with it is cut down
-//! to what those threads do anyway.
+//! Seccomp for the kvm backend's threads that run device models and move the guest's
+//! bytes: the vCPUs and the agent channel's pump.
 //!
-//! Each thread the VMM starts (vCPUs, the agent channel's pump, the supervisor) installs
-//! [`confine_thread`] first: a classic BPF filter, per thread (the library may run the
-//! VMM inside a caller's process, whose other threads stay as they are), inherited by
-//! threads it starts. Like QEMU's `-sandbox` it denies the calls that would take the VMM
-//! somewhere new, and the process is killed (SIGSYS) on the first one: starting
-//! programs or processes (execve, fork, clone without CLONE_THREAD), changing
-//! credentials or capabilities, tracing or writing other processes, mounts and
-//! namespaces, kernel modules, kexec and reboot, BPF, perf, keyrings, userfaultfd,
-//! port I/O privileges, and new sockets. `clone3` answers ENOSYS, so that thread creation
-//! falls back to `clone`, whose flags the filter can see. Calls of another ABI (x32,
-//! i386) are killed too. Everything else a Rust thread does (memory, futexes, files it
-//! holds, KVM ioctls) stays allowed: an allow-list is stricter, but one written here
-//! could not be checked against a Linux guest on hardware virtualization.
+//! Each installs [`confine_thread`] first: a classic BPF filter, per thread (the library
+//! may run the VMM inside a caller's process, whose other threads stay as they are),
+//! inherited by threads it starts. Like QEMU's `-sandbox` it denies the calls that would
+//! take the VMM somewhere new, and **the process** is killed (SIGSYS) on the first one:
+//! starting programs or processes (execve, fork, clone without CLONE_THREAD or with a
+//! new namespace), tracing or writing other processes, mounts and namespaces, kernel
+//! modules, kexec and reboot, BPF, perf, keyrings, userfaultfd, io_uring (which makes
+//! sockets of its own), port I/O privileges, and new sockets. `clone3` answers ENOSYS, so
+//! that thread creation falls back to `clone`, whose flags the filter can see. Calls of
+//! another ABI (x32, i386) are killed too. `PR_SET_NO_NEW_PRIVS` comes with it, so
+//! set*id and capset can only lower privileges and stay allowed (glibc makes every
+//! thread of a process repeat them, so denying them would kill a caller that drops
+//! privileges while a VM runs).
+//!
+//! What it is not: a boundary between threads. The confined threads share the address
+//! space of the supervisor's and (in-process) the caller's, which can still do all of
+//! this; a thread taken over can write their memory. What it buys is that a guest
+//! exploiting a device model cannot simply exec a shell, open a socket or load a module
+//! from the thread it took; running the VMM in a helper process (`VMHOST_USE_HELPER=1`)
+//! keeps a kill from taking the caller's process with it. Everything else a Rust thread
+//! does (memory, futexes, files it holds, KVM ioctls, logging to stderr) stays allowed:
+//! an allow-list is stricter, but one written here could not be checked against a Linux
+//! guest on hardware virtualization.
 
 use crate::vm::kvm::Error;
 
@@ -33,16 +42,6 @@ const DENIED: &[(u32, &str)] = &[
     (161, "chroot"),
     (272, "unshare"),
     (308, "setns"),
-    (105, "setuid"),
-    (106, "setgid"),
-    (113, "setreuid"),
-    (114, "setregid"),
-    (116, "setgroups"),
-    (117, "setresuid"),
-    (119, "setresgid"),
-    (122, "setfsuid"),
-    (123, "setfsgid"),
-    (126, "capset"),
     (175, "init_module"),
     (313, "finit_module"),
     (176, "delete_module"),
@@ -62,11 +61,16 @@ const DENIED: &[(u32, &str)] = &[
     (135, "personality"),
     (41, "socket"),
     (53, "socketpair"),
+    (425, "io_uring_setup"),
+    (426, "io_uring_enter"),
+    (427, "io_uring_register"),
 ];
 
 const NR_CLONE: u32 = 56;
 const NR_CLONE3: u32 = 435;
 const CLONE_THREAD: u32 = 0x0001_0000;
+/// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
+const CLONE_NEW_NAMESPACES: u32 = 0x7E02_0000;
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
@@ -98,7 +102,8 @@ fn stmt(code: u16, k: u32) -> nix::libc::sock_filter {
 ///             == each denied call  -> KILL
 ///             == clone3            -> ENOSYS
 ///             != clone             -> ALLOW
-/// load flags; CLONE_THREAD set     -> ALLOW, else KILL
+/// load flags; a new namespace      -> KILL
+///             CLONE_THREAD set     -> ALLOW, else KILL
 /// ALLOW: allow   KILL: kill the process   ENOSYS: fail with ENOSYS
 /// ```
 pub fn program() -> Vec<nix::libc::sock_filter> {
@@ -120,6 +125,7 @@ pub fn program() -> Vec<nix::libc::sock_filter> {
         (JEQ_K, NR_CLONE3, To::Enosys, To::Next),
         (JEQ_K, NR_CLONE, To::Next, To::Allow),
         (LD_W_ABS, OFF_ARG0_LOW, To::Next, To::Next),
+        (JSET_K, CLONE_NEW_NAMESPACES, To::Kill, To::Next),
         (JSET_K, CLONE_THREAD, To::Allow, To::Kill),
     ]);
     let (allow, kill, enosys) = (steps.len(), steps.len() + 1, steps.len() + 2);

@@ -506,8 +506,11 @@ fn read_console(sh: &Shared, fifo: File) {
 }
 
 /// The local APIC timer's period for vmhost's own kernel (kernel/patches/0005-*): bus
-/// cycles per jiffy, QEMU's 1 GHz APIC bus at the kernel's HZ=250.
-const LAPIC_TIMER_PERIOD_ARG: &str = "lapic_timer_period=4000000";
+/// cycles per jiffy, QEMU's (and KVM's) 1 GHz APIC bus at the kernel's HZ (250 when the
+/// kernel's config is not beside it, as vmhost's kernel.config sets it).
+fn lapic_timer_period_arg(hz: Option<u32>) -> String {
+    format!("lapic_timer_period={}", 1_000_000_000 / hz.filter(|&h| h > 0).unwrap_or(250))
+}
 
 /// The kernel parameter that has vmhost's own kernel warm the agent up
 /// (kernel/patches/0004-*, [`crate::agent::main`]).
@@ -521,6 +524,7 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     let mut append = vec!["console=ttyS0", "panic=-1"];
     append.extend(tsc.iter().map(String::as_str));
     append.push("cryptomgr.notests");
+    let lapic_period = lapic_timer_period_arg(cfg.kernel.hz());
     if minimal {
         // No ACPI: devices come on the command line (QEMU's microvm adds them), reboot
         // by triple fault (which -no-reboot turns into QEMU exiting).
@@ -530,7 +534,7 @@ fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
         // core), with its period given: QEMU's APIC bus runs at 1 GHz, 4000000 cycles a
         // jiffy at HZ=250, so the kernel skips its ~220 ms calibration against the PIT
         // (kernel/patches/0005-*). The stock kernel calibrates (it has no such patch).
-        append.push(LAPIC_TIMER_PERIOD_ARG);
+        append.push(&lapic_period);
         if cfg.machine == MachineType::Microvm {
             append.push("pci=off");
         }

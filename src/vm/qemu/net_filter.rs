@@ -100,6 +100,12 @@ pub fn rejection(frame: &[u8]) -> Option<Vec<u8>> {
     if ip[0] >> 4 != 4 || header < 20 || ip.len() < header || ip[9] == IP_ICMP {
         return None;
     }
+    // Only for the first fragment of a packet one host sent to one host (RFC 1122).
+    let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1FFF != 0;
+    let group = |a: &[u8]| a[0] >= 224 || a == [255, 255, 255, 255] || a[0] == 0;
+    if later_fragment || group(&ip[12..16]) || group(&ip[16..20]) || ip[19] == 255 {
+        return None;
+    }
     // The original header and the first 8 bytes of what follows it (RFC 792).
     let quoted = &ip[..(header + 8).min(ip.len())];
     let mut icmp = vec![3, 13, 0, 0, 0, 0, 0, 0];
@@ -177,8 +183,15 @@ impl NetFilter {
         // one writer at a time.
         let to_guest = std::sync::Arc::new(parking_lot::Mutex::new(to_guest));
         let (out_guest, in_guest) = (to_guest.clone(), to_guest);
-        spawn("vmhost-net-out", Box::new(move || filter(from_guest, to_net, &out_guest, host_loopback)))?;
-        spawn("vmhost-net-in", Box::new(move || pass(from_net, &in_guest)))?;
+        let started =
+            spawn("vmhost-net-out", Box::new(move || filter(from_guest, to_net, &out_guest, host_loopback)))
+                .and_then(|_| spawn("vmhost-net-in", Box::new(move || pass(from_net, &in_guest))));
+        if let Err(e) = started {
+            // Ends a thread that did start, and frees QEMU's sockets for a retry.
+            let _ = guest.shutdown(std::net::Shutdown::Both);
+            let _ = net.shutdown(std::net::Shutdown::Both);
+            return Err(e);
+        }
         log::debug!(
             "guest network filter running (host loopback {})",
             if host_loopback { "open" } else { "closed" }
@@ -323,8 +336,11 @@ mod tests {
         assert_eq!((icmp[0], icmp[1]), (3, 13));
         assert_eq!(checksum(icmp), 0, "ICMP checksum");
         assert_eq!(&icmp[8..], &f[14..14 + 28], "the original header and 8 bytes");
-        // No answer to ICMP, to non-IPv4, to garbage.
+        // No answer to ICMP, to later fragments, to broadcasts, to non-IPv4, to garbage.
         assert!(rejection(&ipv4(GATEWAY, IP_ICMP, 0, 0)).is_none());
+        assert!(rejection(&ipv4(GATEWAY, IP_UDP, 53, 0x0010)).is_none());
+        assert!(rejection(&ipv4([10, 0, 2, 255], IP_UDP, 9, 0)).is_none());
+        assert!(rejection(&ipv4([224, 0, 0, 1], IP_UDP, 9, 0)).is_none());
         assert!(rejection(&[0u8; 20]).is_none());
         let mut arp = vec![0u8; 60];
         arp[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());

@@ -162,12 +162,12 @@ pub mod msg {
         CMD_EXIT_CODE = 0x040C => "CmdExitCode",
         /// Signal a running command.
         CMD_KILL = 0x040D => "CmdKill",
-        /// A writable handle on a command's standard input.
-        CMD_STDIN_PIPE = 0x040E => "CmdStdinPipe",
         /// A readable handle on a command's standard output.
-        CMD_STDOUT_PIPE = 0x040F => "CmdStdoutPipe",
+        CMD_STDOUT_PIPE = 0x040E => "CmdStdoutPipe",
         /// A readable handle on a command's standard error.
-        CMD_STDERR_PIPE = 0x0410 => "CmdStderrPipe",
+        CMD_STDERR_PIPE = 0x040F => "CmdStderrPipe",
+        /// A writable handle on a command's standard input.
+        CMD_STDIN_PIPE = 0x0410 => "CmdStdinPipe",
         /// Run a command, streaming its output as it comes.
         CMD_RUN_STREAMING = 0x0411 => "CmdRunStreaming",
         /// Run a command on a terminal (vmhost's addition).
@@ -1522,12 +1522,12 @@ requests! {
     CmdExitCode = CMD_EXIT_CODE { handle: u64 },
     /// Kill the guest process.
     CmdKill = CMD_KILL { handle: u64 },
-    /// Stdin as a writable file handle.
-    CmdStdinPipe = CMD_STDIN_PIPE { handle: u64 },
-    /// Stdout as a readable file handle.
+    /// Stdout as a readable handle (ConnRead or FileRead).
     CmdStdoutPipe = CMD_STDOUT_PIPE { handle: u64 },
-    /// Stderr as a readable file handle.
+    /// Stderr as a readable handle (ConnRead or FileRead).
     CmdStderrPipe = CMD_STDERR_PIPE { handle: u64 },
+    /// Stdin as a writable handle (ConnWrite or FileWrite).
+    CmdStdinPipe = CMD_STDIN_PIPE { handle: u64 },
     /// Run, streaming output.
     CmdRunStreaming = CMD_RUN_STREAMING { handle: u64 },
     /// Run it on a terminal sized by InstanceSetConsole (vmhost's addition).

@@ -194,3 +194,53 @@ fn a_client_gone_mid_stream_takes_its_guest_process_down() {
     );
     assert_eq!(sh(vm, "echo still-here"), "still-here\n", "the guest and the helper still serve");
 }
+
+/// The original client's pipe sequence, byte for byte through the real helper: its pipe
+/// numbers (0x040E stdout, 0x040F stderr, 0x0410 stdin) and its connection messages on
+/// the pipe handles (ConnWrite 0x0505, ConnClose 0x0506, ConnRead 0x0504, ConnLocalAddr
+/// 0x0507, ConnRemoteAddr 0x0508).
+#[test]
+fn the_originals_pipe_sequence_byte_for_byte() {
+    let Some(vm) = shared_guest("the_originals_pipe_sequence_byte_for_byte") else { return };
+    let sock = vm.helper_socket().expect("a helper").to_path_buf();
+    let mut conn = UnixStream::connect(&sock).unwrap();
+    let max = wire::DEFAULT_MAX_FRAME;
+    // One exchange: the Response's fields after the OK byte.
+    let mut ask = |ty: u16, payload: &[u8]| -> Vec<u8> {
+        wire::write_frame(&mut conn, ty, payload, max).unwrap();
+        let r = wire::read_frame(&mut conn, max).unwrap();
+        assert_eq!((r.ty, r.payload.first()), (msg::RESPONSE, Some(&0)), "{ty:#06x}: {:?}", r.payload);
+        r.payload[1..].to_vec()
+    };
+    let u64_of = |b: Vec<u8>| u64::from_be_bytes(b[..8].try_into().unwrap());
+    let string = |s: &str| [&(s.len() as u32).to_be_bytes()[..], s.as_bytes()].concat();
+    // CmdNew("sh", ["-c", "cat; echo e >&2"])
+    let script = "cat; echo e >&2";
+    let new = [string("sh"), 2u32.to_be_bytes().to_vec(), string("-c"), string(script)].concat();
+    let h = u64_of(ask(0x0400, &new));
+    let stdout = u64_of(ask(0x040E, &h.to_be_bytes()));
+    let stderr = u64_of(ask(0x040F, &h.to_be_bytes()));
+    let stdin = u64_of(ask(0x0410, &h.to_be_bytes()));
+    ask(0x0407, &h.to_be_bytes()); // CmdStart
+    let write = [&stdin.to_be_bytes()[..], &string("hello")].concat();
+    assert_eq!(ask(0x0505, &write), 5u32.to_be_bytes()); // ConnWrite: u32 written
+    assert_eq!(ask(0x0507, &stdin.to_be_bytes()), string("pipe")); // ConnLocalAddr
+    assert_eq!(ask(0x0508, &stdout.to_be_bytes()), string("pipe")); // ConnRemoteAddr
+    assert!(ask(0x0506, &stdin.to_be_bytes()).is_empty()); // ConnClose: EOF for cat
+    let read = |h: u64| [&h.to_be_bytes()[..], &4096u32.to_be_bytes()].concat();
+    let mut out = Vec::new();
+    loop {
+        let b = ask(0x0504, &read(stdout)); // ConnRead: bytes, empty at the end
+        let n = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[4..4 + n]);
+    }
+    assert_eq!(out, b"hello");
+    let e = ask(0x0504, &read(stderr));
+    assert_eq!(&e[4..], b"e\n");
+    assert_eq!(ask(0x0408, &h.to_be_bytes()), 0i32.to_be_bytes()); // CmdWait
+    ask(0x0506, &stdout.to_be_bytes());
+    ask(0x0506, &stderr.to_be_bytes());
+}

@@ -340,6 +340,11 @@ fn request_path(req: &Request) -> String {
     }
 }
 
+/// Whether `handle` is a command pipe's (which the Conn* messages serve too).
+pub(super) fn is_pipe(files: &Files, handle: u64) -> bool {
+    files.lock().get(handle, "file").is_ok_and(|f| matches!(*f, HostFile::Pipe { .. }))
+}
+
 /// Whether `req` is one this module serves.
 pub(super) fn is_fs(req: &Request) -> bool {
     matches!(req.ty() >> 8, 0x02 | 0x03) && !matches!(req, Request::FsSnapshot { .. })

@@ -592,6 +592,28 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
     let vm = &inst.vm;
     let cmd = |h: u64| inst.cmds.lock().get(h, "command");
     match req {
+        // A pipe handle is served as a connection too, as the original's helper serves
+        // it; other connections are the network family's (not built yet).
+        Request::ConnRead { handle, .. }
+        | Request::ConnWrite { handle, .. }
+        | Request::ConnClose { handle }
+        | Request::ConnLocalAddr { handle }
+        | Request::ConnRemoteAddr { handle }
+            if super::fs::is_pipe(&inst.files, handle) =>
+        {
+            let as_file = match req {
+                Request::ConnRead { handle, max } => Request::FileRead { handle, max },
+                Request::ConnWrite { handle, data } => Request::FileWrite { handle, data },
+                Request::ConnClose { handle } => Request::FileClose { handle },
+                _ => {
+                    return Ok(Reply::with(|e| {
+                        e.string("pipe");
+                    }))
+                }
+            };
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), as_file)
+        }
         req if super::fs::is_fs(&req) => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
             super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), req)

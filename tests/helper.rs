@@ -320,3 +320,32 @@ fn refused_frames_never_cost_the_helper() {
     c.close().unwrap();
     assert!(wait_exit(&mut child).success());
 }
+
+#[test]
+fn a_link_named_cc_helper_serves_as_the_originals_helper() {
+    // The original's clients run `cc-helper -socket PATH` (Go flag style).
+    let dir = TempDir::new("cchelper");
+    let link = dir.join("cc-helper");
+    std::os::unix::fs::symlink(vmhost_bin(), &link).unwrap();
+    let sock = dir.join("h.sock");
+    let mut child = Command::new(&link).arg("-socket").arg(&sock).stdin(Stdio::null()).spawn().unwrap();
+    let c = client::connect_to(&sock, GUARD).unwrap();
+    // A helper with no instance: InstanceID answers NotRunning, as any helper's would.
+    let e = remote(c.call(msg::INSTANCE_ID, &[]));
+    assert_eq!((e.code, e.op.as_str()), (ErrorCode::NotRunning, "InstanceID"));
+    c.close().unwrap();
+    assert!(wait_exit(&mut child).success());
+    assert!(!sock.exists(), "socket left behind");
+    // `vmhost helper -socket` is the same.
+    let sock = dir.join("h2.sock");
+    let mut child = Command::new(vmhost_bin())
+        .args(["helper", "-socket"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = client::connect_to(&sock, GUARD).unwrap();
+    assert_eq!(remote(c.call(msg::INSTANCE_ID, &[])).code, ErrorCode::NotRunning);
+    c.close().unwrap();
+    assert!(wait_exit(&mut child).success());
+}

@@ -46,7 +46,9 @@ USAGE:
 
     vmhost helper --socket PATH [--max-frame BYTES]
         Serve the helper protocol for one VM on the Unix socket PATH. Exits when its
-        last client disconnects, or on SIGTERM/SIGINT, removing the socket.
+        last client disconnects, or on SIGTERM/SIGINT, removing the socket. Also
+        `-socket PATH`, and run through a link named cc-helper (`cc-helper -socket
+        PATH`), as the original's clients start their helper.
 
     vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop)
         Send one control request to a per-VM host process (its vmhost.sock) and print
@@ -87,6 +89,9 @@ ENVIRONMENT:
     VMHOST_USE_HELPER   1/0: run instances through a helper process or in-process
 ";
 
+/// The name under which the original's clients start their helper.
+const CC_HELPER: &str = "cc-helper";
+
 fn main() -> ExitCode {
     // Each line is stamped with the time since vmhost started, which is what reading a
     // boot or a slow call needs.
@@ -107,6 +112,18 @@ fn main() -> ExitCode {
         })
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Called as `cc-helper` (a link to vmhost), it is the original's helper: the clients of
+    // the original start `cc-helper -socket PATH`.
+    let called_as = std::env::args_os().next().map(PathBuf::from);
+    if called_as.as_deref().and_then(|p| p.file_name()).is_some_and(|n| n == CC_HELPER) {
+        return match cmd_helper(&args) {
+            Ok(code) => code,
+            Err(msg) => {
+                eprintln!("{CC_HELPER}: {msg}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match args.first().map(String::as_str) {
         None | Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
@@ -150,7 +167,9 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     let mut opts = ServerOptions::default();
     let mut i = 0;
     while i < args.len() {
-        if let Some(v) = flag_value(args, &mut i, "--socket")? {
+        // `-socket` too: the original's clients pass Go-style flags.
+        let socket_flag = if args[i].starts_with("--") { "--socket" } else { "-socket" };
+        if let Some(v) = flag_value(args, &mut i, socket_flag)? {
             socket = Some(PathBuf::from(v));
         } else if let Some(v) = flag_value(args, &mut i, "--max-frame")? {
             opts.max_frame = v.parse().map_err(|_| format!("--max-frame: {v:?} is not a byte count"))?;

@@ -6,21 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::{vm_ready, wait_until};
-use vmhost::vm::{InstanceSpec, Machine, VmEnd};
-use vmhost::wire::InstanceOptions;
+use vmhost::vm::{Machine, VmEnd};
 
 #[test]
 fn qemu_runs_sandboxed_and_a_denied_system_call_ends_it() {
     if !vm_ready("qemu_runs_sandboxed_and_a_denied_system_call_ends_it") {
         return;
     }
-    let spec = InstanceSpec {
-        source: vmhost::image::rootfs::Source::Default,
-        cache_dir: vmhost::image::cache_dir(),
-        options: InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
-        first_command: None,
-    };
-    let machine = spec.boot(&vmhost::progress::Progress::quiet()).unwrap();
+    let machine = common::boot_qemu_machine();
     let Machine::Qemu(vm) = &machine else { panic!("asked for QEMU") };
     let pid = vm.pid().unwrap();
     // Seccomp mode 2: a filter is installed.

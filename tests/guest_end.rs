@@ -16,7 +16,7 @@ use vmhost::client;
 use vmhost::server::control::{ControlClient, ControlServer};
 use vmhost::server::helper::Helper;
 use vmhost::server::Server;
-use vmhost::vm::{InstanceSpec, VmEnd};
+use vmhost::vm::VmEnd;
 use vmhost::wire::{msg, ErrorCode, InstanceOptions, Request};
 use vmhost::{Error, Image, Instance};
 
@@ -90,13 +90,7 @@ fn a_halted_guest_is_stopped_on_the_control_socket_and_its_host_exits_non_zero()
     }
     // The library's own host: a booted machine behind a control and a helper socket.
     let dir = TempDir::new("halted");
-    let spec = InstanceSpec {
-        source: vmhost::image::rootfs::Source::Default,
-        cache_dir: vmhost::image::cache_dir(),
-        options: InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
-        first_command: None,
-    };
-    let machine = spec.boot(&vmhost::progress::Progress::quiet()).unwrap();
+    let machine = common::boot_qemu_machine();
     let control =
         ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), Arc::new(machine.clone()))
             .unwrap();

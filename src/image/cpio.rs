@@ -208,7 +208,7 @@ impl<W: Write> Writer<W> {
             name.len() as u32 + 1,
             0,
         ];
-        let mut h = String::with_capacity(110);
+        let mut h = String::with_capacity(HEADER_LEN as usize);
         h.push_str("070701");
         for f in fields {
             h.push_str(&format!("{f:08X}"));

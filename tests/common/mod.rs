@@ -224,3 +224,15 @@ pub fn private_cache(home: &std::path::Path) -> PathBuf {
     copy(&cache.join("rootfs"), &theirs);
     xdg
 }
+
+/// Boots the default image on QEMU through the library's own machine API (no helper
+/// protocol): what `vmhost host` does before it serves the VM.
+pub fn boot_qemu_machine() -> vmhost::vm::Machine {
+    let spec = vmhost::vm::InstanceSpec {
+        source: vmhost::image::rootfs::Source::Default,
+        cache_dir: vmhost::image::cache_dir(),
+        options: vmhost::wire::InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
+        first_command: None,
+    };
+    spec.boot(&vmhost::progress::Progress::quiet()).unwrap()
+}

@@ -175,8 +175,3 @@ pub fn confine_thread() -> Result<(), Error> {
 fn confining(source: std::io::Error) -> Error {
     Error::Host { op: "confine a VMM thread with seccomp".into(), source }
 }
-
-/// The names of the system calls the filter kills for (documentation and tests).
-pub fn denied() -> impl Iterator<Item = &'static str> {
-    DENIED.iter().map(|(_, name)| *name)
-}

@@ -18,6 +18,37 @@ fn qemu_runs_sandboxed_and_a_denied_system_call_ends_it() {
     let pid = vm.pid().unwrap();
     // Seccomp mode 2: a filter is installed.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        // vmhost is root: QEMU is not, and each VM's QEMU is a user of its own.
+        let other = common::boot_qemu_machine();
+        let Machine::Qemu(other_vm) = &other else { panic!("asked for QEMU") };
+        let other_status =
+            std::fs::read_to_string(format!("/proc/{}/status", other_vm.pid().unwrap())).unwrap();
+        let field = |s: &str, name: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (uid, other_uid) = (field(&status, "Uid:"), field(&other_status, "Uid:"));
+        use vmhost::vm::qemu::user::{DYNAMIC_UIDS, DYNAMIC_UID_FIRST};
+        for (ids, s) in [(&uid, &status), (&other_uid, &other_status)] {
+            let n: Vec<u32> = ids.split(' ').map(|v| v.parse().unwrap()).collect();
+            assert!(n.iter().all(|&u| u == n[0] && (DYNAMIC_UID_FIRST..DYNAMIC_UID_FIRST + DYNAMIC_UIDS).contains(&u)), "{s}");
+            assert_eq!(field(s, "Gid:"), *ids, "{s}");
+            assert_eq!(field(s, "Groups:"), "", "{s}");
+            assert_eq!(field(s, "CapEff:"), "0000000000000000", "{s}");
+            assert_eq!(field(s, "CapPrm:"), "0000000000000000", "{s}");
+        }
+        assert_ne!(uid, other_uid, "two VMs' QEMUs share a user");
+        // And the guest works as before.
+        let req = vmhost::agent::proto::ExecRequest { program: "true".into(), ..Default::default() };
+        let p = other.agent().unwrap().exec(&req).unwrap();
+        assert_eq!(p.drain(|_, _| Ok(())).unwrap(), 0);
+        other.stop(Duration::from_secs(10)).unwrap();
+    }
     let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap().trim().to_string();
     assert_eq!(seccomp, "2", "{status}");
     // Ask QEMU to run a program (a migration to `exec:`): it would fork and exec; the

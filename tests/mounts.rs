@@ -26,6 +26,11 @@ fn shared_directories_read_write_and_read_only() {
     }
     let rw = TempDir::new("mount-rw");
     let ro = TempDir::new("mount-ro");
+    // As root, each VM's QEMU runs as a user of its own, who may write what everyone may.
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(rw.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
     std::fs::write(rw.join("from-host.txt"), "host says hi\n").unwrap();
     std::fs::write(ro.join("keep.txt"), "do not touch\n").unwrap();
     let opts = InstanceOptions {
@@ -86,6 +91,33 @@ fn bad_mounts_are_refused_before_boot() {
 }
 
 #[test]
+fn a_share_qemu_s_own_user_cannot_reach_is_refused_before_boot() {
+    if !vm_ready("a_share_qemu_s_own_user_cannot_reach_is_refused_before_boot") {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_share_qemu_s_own_user_cannot_reach_is_refused_before_boot: QEMU changes user only under root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("mount-private");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let open = TempDir::new("mount-open");
+    for (path, mode) in [(dir.path(), "ro"), (open.path(), "rw")] {
+        let out = std::process::Command::new(common::vmhost_bin())
+            .args(["run", "--mount"])
+            .arg(format!("{}:work:{mode}", path.display()))
+            .args(["--", "true"])
+            .env_remove("VMHOST_QEMU_USER")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(err.contains(&path.display().to_string()) && err.contains("VMHOST_QEMU_USER"), "{err}");
+    }
+}
+
+#[test]
 fn a_kernel_without_9p_is_refused_with_what_to_do() {
     if !vm_ready("a_kernel_without_9p_is_refused_with_what_to_do") {
         return;
@@ -118,10 +150,24 @@ const PLANT: &str = "cd /mnt/work && cp /bin/busybox suid && chown 0:0 suid && c
     && ln -s /etc/shadow link && mknod dev c 1 3 && mkfifo fifo \
     && stat -c '%n %a %u %g %F' suid owned d link dev fifo";
 
+/// Who owns on the host what the guest made in a writable share: the user QEMU ran as.
+#[derive(Clone, Copy, Debug)]
+enum HostOwner {
+    /// This uid.
+    Uid(u32),
+    /// The VM's own user (vmhost running as root).
+    PerVm,
+}
+
 /// Runs [`PLANT`] through `vmhost run --mount DIR:work`, as the user `as_user` (uid, gid)
 /// when given, and checks both views: the guest keeps what it set, the host gets plain
-/// files and directories of the user who ran vmhost, without setuid or setgid bits.
-fn plant_and_check(dir: &std::path::Path, env: &[(String, String)], as_user: Option<(u32, u32)>) {
+/// files and directories of QEMU's user, `owner`, without setuid or setgid bits.
+fn plant_and_check(
+    dir: &std::path::Path,
+    env: &[(String, String)],
+    as_user: Option<(u32, u32)>,
+    owner: HostOwner,
+) {
     let mut cmd = match as_user {
         Some((uid, gid)) => {
             let mut c = std::process::Command::new("setpriv");
@@ -150,14 +196,21 @@ fn plant_and_check(dir: &std::path::Path, env: &[(String, String)], as_user: Opt
     );
     // The host's: nothing to run with privileges, nothing owned by anyone else, nothing
     // that leads out of the share.
-    let me = as_user.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
     use std::os::unix::fs::MetadataExt;
+    use vmhost::vm::qemu::user::{DYNAMIC_UIDS, DYNAMIC_UID_FIRST};
+    let per_vm = DYNAMIC_UID_FIRST..DYNAMIC_UID_FIRST + DYNAMIC_UIDS;
     for name in ["suid", "owned", "d", "link", "dev", "fifo"] {
         let m = std::fs::symlink_metadata(dir.join(name)).unwrap();
         let t = m.file_type();
         assert!(t.is_file() || t.is_dir(), "{name} is a {t:?} on the host");
         assert_eq!(m.mode() & 0o7000, 0, "{name} has mode {:o} on the host", m.mode());
-        assert_eq!(m.uid(), me, "{name} belongs to uid {} on the host", m.uid());
+        match owner {
+            HostOwner::Uid(me) => assert_eq!(m.uid(), me, "{name} belongs to uid {} on the host", m.uid()),
+            HostOwner::PerVm => {
+                assert!(per_vm.contains(&m.uid()), "{name} belongs to uid {} on the host", m.uid());
+                assert_eq!(m.gid(), m.uid(), "{name}");
+            }
+        }
         assert_eq!(m.mode() & 0o777, if t.is_dir() { 0o755 } else { 0o644 }, "{name}");
     }
     // The guest's symlink is a file holding its target.
@@ -169,12 +222,24 @@ fn a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_ho
     if !vm_ready("a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_host") {
         return;
     }
-    let share = TempDir::new("mount-plant");
-    plant_and_check(share.path(), &[], None);
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("note: running as a non-root user already; the run as nobody needs root");
+    let me = nix::unistd::geteuid();
+    if !me.is_root() {
+        let share = TempDir::new("mount-plant");
+        plant_and_check(share.path(), &[], None, HostOwner::Uid(me.as_raw()));
+        eprintln!("note: running as a non-root user already; the runs as root and nobody need root");
         return;
     }
+    // As root: QEMU as the VM's own user (in a share everyone may write), and as root
+    // when asked (VMHOST_QEMU_USER=root); mapped-xattr keeps the host's files plain both ways.
+    let share = TempDir::new("mount-plant");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(share.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    plant_and_check(share.path(), &[], None, HostOwner::PerVm);
+    let share = TempDir::new("mount-plant-root");
+    let env = [("VMHOST_QEMU_USER".to_string(), "root".to_string())];
+    plant_and_check(share.path(), &env, None, HostOwner::Uid(0));
     // The same as an unprivileged user (nobody), with a cache of its own holding copies
     // of the kernel and the default image (root's cache is under /root, 0700).
     let (uid, gid) = (65534, 65534);
@@ -190,5 +255,5 @@ fn a_writable_mount_never_plants_setuid_files_other_owners_or_symlinks_on_the_ho
         ("XDG_RUNTIME_DIR".to_string(), home.path().display().to_string()),
         ("HOME".to_string(), home.path().display().to_string()),
     ];
-    plant_and_check(&share, &env, Some((uid, gid)));
+    plant_and_check(&share, &env, Some((uid, gid)), HostOwner::Uid(uid));
 }

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,6 +36,9 @@ use crate::qmp;
 use crate::unix;
 
 pub mod net_filter;
+pub mod user;
+
+pub use user::QemuUser;
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +131,9 @@ pub struct BootConfig {
     /// [`crate::agent::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
     /// either way (see [`AgentLink::exec`]).
     pub first_command: Option<ExecRequest>,
+    /// Who QEMU runs as (by default [`QemuUser::from_env`]: a user of its own when
+    /// vmhost is root; see [`user`]).
+    pub qemu_user: QemuUser,
 }
 
 impl BootConfig {
@@ -149,6 +155,7 @@ impl BootConfig {
             extra_args: super::kernel_args_from_env(),
             host_loopback: false,
             first_command: None,
+            qemu_user: QemuUser::from_env()?,
         })
     }
 }
@@ -229,11 +236,37 @@ pub struct QemuVm {
 impl QemuVm {
     /// Boots a VM and returns once its agent answered (or with an error carrying the
     /// last console lines).
-    pub fn boot(cfg: BootConfig) -> Result<QemuVm> {
+    pub fn boot(mut cfg: BootConfig) -> Result<QemuVm> {
         static N: AtomicU64 = AtomicU64::new(1);
         check_extra_args(&cfg)?;
         let qemu = qemu_binary()?;
+        let creds = cfg.qemu_user.credentials(cfg.accel)?;
+        // What QEMU keeps open from us: the kernel and the initramfs, for a QEMU of
+        // another user (see `user`).
+        let mut inherited = Vec::new();
+        if let Some(c) = &creds {
+            for m in &cfg.mounts {
+                c.check_share(m)?;
+            }
+            let kernel = cfg.kernel_image.clone().unwrap_or_else(|| cfg.kernel.vmlinux.clone());
+            for (what, path) in [("kernel", kernel), ("initramfs", cfg.initramfs.clone())] {
+                c.check_readable(what, &path)?;
+                let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+                let fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                match what {
+                    "kernel" => cfg.kernel_image = Some(fd),
+                    _ => cfg.initramfs = fd,
+                }
+                inherited.push(f);
+            }
+        }
         let dir = RunDir::new()?;
+        if let Some(c) = &creds {
+            if let Some(base) = dir.0.parent() {
+                user::open_for_traversal(base)?;
+            }
+            c.give(&dir.0)?;
+        }
         let console = ConsoleLog::new(Some(&dir.0.join("console.log")), cfg.dmesg);
         let id = format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
@@ -264,6 +297,14 @@ impl QemuVm {
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
         let console = open_console(&shared.dir.0)?;
+        if let Some(c) = &creds {
+            for name in ["console.in", "console.out", "cmdline.cfg"] {
+                let p = shared.dir.0.join(name);
+                if p.exists() {
+                    c.give(&p)?;
+                }
+            }
+        }
         let reader = shared.clone();
         thread::Builder::new()
             .name("vmhost-console".into())
@@ -275,9 +316,10 @@ impl QemuVm {
         let (started_tx, started_rx) = crossbeam_channel::bounded(1);
         let sup = shared.clone();
         let timeout = cfg.timeout;
+        let child = ChildSetup { creds: creds.map(Arc::new), inherited };
         thread::Builder::new()
             .name(format!("vmhost-qemu-{}", shared.id))
-            .spawn(move || supervise(sup, qemu, args, stderr, timeout, started_tx))
+            .spawn(move || supervise(sup, qemu, args, stderr, timeout, child, started_tx))
             .map_err(|e| Error::io("start VM supervisor", &shared.dir.0, e))?;
         match started_rx.recv() {
             Ok(Ok(())) => {}
@@ -452,6 +494,13 @@ impl QemuVm {
         self.shared.life.stop(self.shared.clone(), timeout)
     }
 
+    /// Stops the VM as [`Self::stop`] does, recording `why` as how it ended (unless an
+    /// end was recorded before).
+    pub fn end_because(&self, why: VmEnd, timeout: Duration) -> Result<()> {
+        self.shared.life.set_end_reason(why);
+        self.stop(timeout)
+    }
+
     /// Ends the VM at once: SIGTERM, 1 s, SIGKILL.
     pub fn force_stop(&self) -> Result<()> {
         self.shared.life.force_stop(self.shared.clone())
@@ -484,7 +533,6 @@ fn open_console(dir: &Path) -> Result<File> {
 
 /// Reads the guest console until the VM ends, into the VM's [`ConsoleLog`].
 fn read_console(sh: &Shared, fifo: File) {
-    use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; 16 << 10];
     let mut fifo = fifo;
     loop {
@@ -831,6 +879,13 @@ fn end_of(
     }
 }
 
+/// What QEMU's process gets besides its arguments: the user it runs as (none: ours) and
+/// the files it inherits (their `/proc/self/fd` paths are in its arguments).
+struct ChildSetup {
+    creds: Option<Arc<user::Credentials>>,
+    inherited: Vec<File>,
+}
+
 /// The supervisor thread: starts QEMU, reports back, then waits for it to exit (or
 /// for the instance timeout) and records the end.
 fn supervise(
@@ -839,16 +894,33 @@ fn supervise(
     args: Vec<String>,
     stderr: File,
     timeout: Option<Duration>,
+    child_setup: ChildSetup,
     started: crossbeam_channel::Sender<Result<()>>,
 ) {
     let mut cmd = Command::new(&qemu);
     cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
     // QEMU takes SIGTERM as a graceful quit: not blocked as our signal thread blocks it.
     unix::clean_signals_in_child(&mut cmd);
-    // SAFETY: prctl is async-signal-safe. This thread lives until QEMU exits, so the
-    // parent-death signal fires only when our whole process dies.
+    let creds = child_setup.creds.clone();
+    if creds.is_some() {
+        // Not our working directory, which QEMU's user may not reach.
+        cmd.current_dir(&sh.dir.0);
+    }
+    let inherited: Vec<i32> = child_setup.inherited.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: fcntl, setgroups, setresgid, setresuid and prctl are async-signal-safe and
+    // touch only memory allocated before the fork. This thread lives until QEMU exits,
+    // so the parent-death signal fires only when our whole process dies.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            for &fd in &inherited {
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(c) = &creds {
+                c.assume()?;
+            }
+            // After the change of user, which clears the parent-death signal.
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -870,6 +942,9 @@ fn supervise(
             return;
         }
     };
+    // QEMU has its copies; the uid stays taken until it exits.
+    drop(child_setup.inherited);
+    let _uid_held = child_setup.creds;
     let pid = child.id() as i32;
     let process = Arc::new(VmProcess::new(child));
     let _ = sh.process.set(process.clone());
@@ -976,6 +1051,7 @@ mod tests {
                 args: vec![args.into()],
                 ..Default::default()
             }),
+            qemu_user: QemuUser::Same,
         }
     }
 

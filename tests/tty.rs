@@ -205,7 +205,7 @@ fn instance_exec_runs_the_main_process_on_the_console() {
                 name: "sh".into(),
                 args: vec!["-c".into(), "tty; stty size; read x; echo got-$x; exit 5".into()],
             };
-            c.call(r.ty(), &r.to_payload()).map(|resp| resp.decoder().i32().unwrap())
+            c.call(r.ty(), &r.to_payload())
         }
     });
     let mut seen = String::new();
@@ -221,12 +221,21 @@ fn instance_exec_runs_the_main_process_on_the_console() {
     assert!(seen.contains("/dev/pts/"), "{seen:?}");
     // Typed on the helper's stdin: reaches the main process.
     helper.stdin.as_mut().unwrap().write_all(b"abc\n").unwrap();
-    let code = exec.join().unwrap().unwrap();
+    // Exit status 5: the original's error, and the VM ended with its main process.
+    let answer = exec.join().unwrap();
     while let Ok(b) = rx.recv_timeout(Duration::from_millis(500)) {
         seen.push_str(&String::from_utf8_lossy(&b));
     }
     assert!(seen.contains("got-abc"), "{seen:?}");
-    assert_eq!(code, 5);
+    match answer {
+        Err(vmhost::Error::Remote(f)) => {
+            assert_eq!((f.code, f.message.as_str()), (vmhost::wire::ErrorCode::Io, "exec sh: exit status 5"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let end = call(Request::InstanceEnd {}).unwrap();
+    let mut d = end.decoder();
+    assert_eq!((d.u8().unwrap(), d.u64().unwrap()), (8, 5));
     call(Request::InstanceClose {}).unwrap();
     drop(client);
     let _ = helper.wait();

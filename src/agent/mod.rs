@@ -23,6 +23,7 @@
 pub mod buffers;
 pub mod fs;
 pub mod init;
+pub mod main_process;
 pub mod proto;
 pub mod serve;
 pub mod spawn;

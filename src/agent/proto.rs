@@ -37,6 +37,8 @@
 //! says no first process (the parameter did not reach the agent) leaves the host to
 //! start the command with an Exec of its own. Since version 4.
 //!
+//! Version 5 added [`ExecRequest::main`], a trailing byte of the Exec payload.
+//!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
 //! [`CREDIT`] as its consumer takes the data. Standard input is paced by the replies:
@@ -49,7 +51,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -254,6 +256,9 @@ pub struct ExecRequest {
     /// with the pty as its controlling terminal on stdin, stdout and stderr; its
     /// output comes as stdout, STDIN bytes are typed into it.
     pub tty: Option<(u16, u16)>,
+    /// The instance's main process (InstanceExec): PID 1 of a PID namespace of its own,
+    /// whose end ends the VM ([`crate::agent::main_process`]).
+    pub main: bool,
 }
 
 impl ExecRequest {
@@ -269,6 +274,7 @@ impl ExecRequest {
             Some((cols, rows)) => enc.bool(true).u16(cols).u16(rows),
             None => enc.bool(false).u16(0).u16(0),
         };
+        enc.bool(self.main);
     }
 
     /// The payload in lowercase hex: one word for a command line or an environment
@@ -315,6 +321,7 @@ impl ExecRequest {
                 let size = (d.u16()?, d.u16()?);
                 on.then_some(size)
             },
+            main: d.bool()?,
         };
         d.finish()?;
         Ok(r)
@@ -359,6 +366,7 @@ mod tests {
             user: "nobody".into(),
             stdin: true,
             tty: Some((100, 30)),
+            main: true,
         };
         let mut e = Encoder::new();
         r.encode(&mut e);

@@ -681,6 +681,7 @@ fn start(req: &ExecRequest) -> Result<spawn::Spawned, (ErrorCode, String)> {
         gid: user.gid,
         groups: &user.groups,
         tty: req.tty,
+        main: req.main,
     };
     // The host prefixes "exec PROGRAM: "; the message is the cause alone.
     spawn::spawn(&spec).map_err(|e| match e.kind() {

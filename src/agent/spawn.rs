@@ -52,6 +52,9 @@ pub struct Spec<'a> {
     pub groups: &'a [u32],
     /// A terminal of (cols, rows) instead of pipes.
     pub tty: Option<(u16, u16)>,
+    /// The instance's main process: PID 1 of a PID namespace of its own
+    /// ([`super::main_process`]).
+    pub main: bool,
 }
 
 /// A started process and the agent's ends of its pipes.
@@ -83,7 +86,7 @@ pub struct Ends {
 /// The process is registered for [`wait`] before any reaping can see it.
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
     let program = resolve(spec.program, spec.env, spec.dir)?;
-    let forked = spec.tty.is_some() || !same_identity(spec.uid, spec.gid, spec.groups);
+    let forked = spec.main || spec.tty.is_some() || !same_identity(spec.uid, spec.gid, spec.groups);
     if forked {
         // Outside the lock: it looks at the file.
         check_format(&Path::new(spec.dir).join(&program))?;
@@ -93,6 +96,7 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
     // whose exec failed, which the spawn itself (std's or glibc's) waits for.
     let mut table = CHILDREN.table.lock();
     let (pid, ends) = match spec.tty {
+        _ if spec.main => super::main_process::spawn(spec, &program),
         Some((cols, rows)) => spawn_pty(spec, &program, cols, rows),
         None if forked => spawn_fork(spec, &program),
         None => spawn_vfork(spec, &program),
@@ -288,7 +292,7 @@ fn supplementary_groups() -> Option<Vec<u32>> {
     }
 }
 
-fn same_identity(uid: u32, gid: u32, groups: &[u32]) -> bool {
+pub(super) fn same_identity(uid: u32, gid: u32, groups: &[u32]) -> bool {
     if uid != nix::unistd::geteuid().as_raw() || gid != nix::unistd::getegid().as_raw() {
         return false;
     }
@@ -331,7 +335,7 @@ pub fn resolve(program: &str, env: &[(String, String)], dir: &str) -> io::Result
     Err(io::Error::from_raw_os_error(if denied { libc::EACCES } else { libc::ENOENT }))
 }
 
-fn cstring(s: &[u8]) -> io::Result<CString> {
+pub(super) fn cstring(s: &[u8]) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in an argument"))
 }
 
@@ -389,19 +393,41 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// What exec takes, prepared before the process is made: the program's path, and the
+/// arguments and environment with their NULL-terminated arrays of pointers (into the
+/// strings, which must outlive them).
+pub(super) struct ExecStrings {
+    pub(super) path: CString,
+    pub(super) argv: Vec<CString>,
+    pub(super) envp: Vec<CString>,
+    pub(super) argv_p: Vec<*mut libc::c_char>,
+    pub(super) envp_p: Vec<*mut libc::c_char>,
+}
+
+impl ExecStrings {
+    pub(super) fn new(spec: &Spec<'_>, program: &Path) -> io::Result<ExecStrings> {
+        let path = cstring(program.as_os_str().as_bytes())?;
+        let mut argv = vec![cstring(spec.program.as_bytes())?];
+        for a in spec.args {
+            argv.push(cstring(a.as_bytes())?);
+        }
+        let envp: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+            .collect::<io::Result<_>>()?;
+        // Pointers to the strings' heap buffers, which moving the vectors does not move.
+        let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+        argv_p.push(std::ptr::null_mut());
+        let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr() as *mut _).collect();
+        envp_p.push(std::ptr::null_mut());
+        Ok(ExecStrings { path, argv, envp, argv_p, envp_p })
+    }
+}
+
 fn spawn_vfork(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> {
     use std::os::fd::AsRawFd;
-    let path = cstring(program.as_os_str().as_bytes())?;
-    let mut argv = vec![cstring(spec.program.as_bytes())?];
-    for a in spec.args {
-        argv.push(cstring(a.as_bytes())?);
-    }
-    let envp: Vec<CString> =
-        spec.env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<_>>()?;
-    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
-    argv_p.push(std::ptr::null_mut());
-    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr() as *mut _).collect();
-    envp_p.push(std::ptr::null_mut());
+    let ExecStrings { path, argv: _argv, envp: _envp, argv_p, envp_p } = ExecStrings::new(spec, program)?;
     let dir = cstring(spec.dir.as_bytes())?;
     let dev_null = cstring(b"/dev/null")?;
 

@@ -345,6 +345,13 @@ pub(super) fn is_pipe(files: &Files, handle: u64) -> bool {
     files.lock().get(handle, "file").is_ok_and(|f| matches!(*f, HostFile::Pipe { .. }))
 }
 
+/// Whether Conn* messages on `handle` are served as on a pipe: it names one, or a
+/// handle of this table (a pipe's, perhaps) that was closed, which then answers
+/// AlreadyClosed.
+pub(super) fn is_pipe_or_closed(files: &Files, handle: u64) -> bool {
+    files.lock().was_freed(handle) || is_pipe(files, handle)
+}
+
 /// Whether `req` is one this module serves.
 pub(super) fn is_fs(req: &Request) -> bool {
     matches!(req.ty() >> 8, 0x02 | 0x03) && !matches!(req, Request::FsSnapshot { .. })

@@ -137,6 +137,7 @@ fn exec_request(program: String, args: Vec<String>, user: &str) -> ExecRequest {
         user: user.to_string(),
         stdin: false,
         tty: None,
+        main: false,
     }
 }
 
@@ -167,6 +168,11 @@ impl<T: Clone> Table<T> {
             )),
             None => Err(ErrorFrame::new(ErrorCode::InvalidHandle, "", format!("no {what} with handle {h}"))),
         }
+    }
+
+    /// Whether `h` was given out by this table and taken back.
+    pub(super) fn was_freed(&self, h: u64) -> bool {
+        self.freed.contains(&h)
     }
 
     pub(super) fn remove(&mut self, h: u64, what: &str) -> Result<T, ErrorFrame> {
@@ -375,6 +381,8 @@ struct Instance {
     console: Mutex<(i32, i32)>,
     /// Running commands on a terminal, resized with the console.
     ttys: Mutex<Vec<std::sync::Weak<Process>>>,
+    /// Set once InstanceExec started the main process (there is one).
+    main_started: std::sync::atomic::AtomicBool,
 }
 
 /// The helper-protocol service of one helper process.
@@ -467,7 +475,14 @@ impl Helper {
                     ));
                 };
                 dec.finish()?;
-                dispatch(&st, call, req).map_err(|f| st.after_end(ty, f))
+                // InstanceExec's failure is the main process's, which ended the VM.
+                dispatch(&st, call, req).map_err(|f| {
+                    if ty == msg::INSTANCE_EXEC {
+                        f
+                    } else {
+                        st.after_end(ty, f)
+                    }
+                })
             });
         }
         Arc::new(Helper { mux, state })
@@ -522,6 +537,7 @@ fn new_instance(vm: Machine, user: String) -> Instance {
         files: Mutex::new(Table::new()),
         console: Mutex::new((80, 24)),
         ttys: Mutex::new(Vec::new()),
+        main_started: std::sync::atomic::AtomicBool::new(false),
     }
 }
 
@@ -599,7 +615,7 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
         | Request::ConnClose { handle }
         | Request::ConnLocalAddr { handle }
         | Request::ConnRemoteAddr { handle }
-            if super::fs::is_pipe(&inst.files, handle) =>
+            if super::fs::is_pipe_or_closed(&inst.files, handle) =>
         {
             let as_file = match req {
                 Request::ConnRead { handle, max } => Request::FileRead { handle, max },
@@ -672,16 +688,36 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             vm.set_network(enabled).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
         }
         Request::InstanceExec { name, args } => {
-            // The main process, attached to the console: a terminal in the guest sized by
+            // The instance's main process, as the original's Exec: PID 1 of the guest
+            // for the command (a PID namespace of its own: crate::agent::main_process),
+            // attached to the console: a terminal in the guest sized by
             // InstanceSetConsole, our stdin typed into it, its output on our stdout.
-            // Answered with its exit code when it exits.
-            let c = Cmd::new(name, args, &inst.user);
-            c.tty.store(true, std::sync::atomic::Ordering::SeqCst);
+            // When it exits the VM ends (InstanceWait answers, InstanceEnd says how)
+            // and the answer is the original's: nothing after the status byte for exit
+            // status 0, an error (code 7, "exit status N") for any other.
+            use std::sync::atomic::Ordering::SeqCst;
+            if inst.main_started.swap(true, SeqCst) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "exec",
+                    "the instance already has its main process (InstanceExec runs once)",
+                ));
+            }
+            let c = Cmd::new(name.clone(), args, &inst.user);
+            c.tty.store(true, SeqCst);
+            c.spec.lock().main = true;
             if let Ok(term) = std::env::var("TERM") {
                 c.set_env("TERM", &term);
             }
             c.pipes.want(0)?;
-            let p = c.start(inst)?;
+            let p = match c.start(inst) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing was replaced: the instance runs on, and may try again.
+                    inst.main_started.store(false, SeqCst);
+                    return Err(e);
+                }
+            };
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let typist = {
                 let (p, stop) = (p.clone(), stop.clone());
@@ -696,14 +732,22 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
                 },
                 &call.canceller(),
             );
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            stop.store(true, SeqCst);
             let _ = typist.join();
             c.record(&code);
-            let code = code.map_err(|e| frame(&e, ""))?;
-            log::info!("InstanceExec main process exited with {code}");
-            Ok(Reply::with(|e| {
-                e.i32(code);
-            }))
+            // Killed when the client went away (drain_until's SIGKILL): 128 + 9.
+            let status = *code.as_ref().unwrap_or(&(128 + nix::libc::SIGKILL));
+            log::info!("InstanceExec: the main process exited with status {status}; ending the VM");
+            if let Err(e) = vm.end_because(crate::vm::VmEnd::MainExited(status), Duration::from_secs(10)) {
+                log::warn!("ending the VM after its main process: {e}");
+            }
+            let code = code.map_err(|e| frame(&vm.ended_error("InstanceExec").unwrap_or(e), ""))?;
+            if code == 0 {
+                Ok(Reply::ok())
+            } else {
+                Err(ErrorFrame::new(ErrorCode::Io, "exec", format!("exec {name}: exit status {code}"))
+                    .with_path(name))
+            }
         }
         Request::CmdNew { name, args } => {
             let h = st.handle();

@@ -26,6 +26,9 @@ pub enum VmEnd {
     Timeout(Duration),
     /// The VMM failed, or its process ended without being asked to: what happened.
     Crashed(String),
+    /// The instance's main process (the helper protocol's InstanceExec) exited with
+    /// this status (128 + N when signal N ended it), which ends the VM.
+    MainExited(i32),
 }
 
 impl VmEnd {
@@ -46,12 +49,14 @@ impl VmEnd {
             VmEnd::Crashed(_) => 123,
             VmEnd::Timeout(_) => 124,
             VmEnd::Stopped => 125,
+            VmEnd::MainExited(code) => *code as u8,
         }
     }
 }
 
 impl VmEnd {
-    /// The InstanceEnd answer's fields: kind (1-7), timeout in ns, detail.
+    /// The InstanceEnd answer's fields: kind (1-8), a number (the timeout in ns, the
+    /// main process's exit status), detail.
     pub fn to_wire(&self) -> (u8, u64, &str) {
         match self {
             VmEnd::Stopped => (1, 0, ""),
@@ -61,6 +66,7 @@ impl VmEnd {
             VmEnd::GuestReset => (5, 0, ""),
             VmEnd::Timeout(t) => (6, t.as_nanos().min(u64::MAX as u128) as u64, ""),
             VmEnd::Crashed(why) => (7, 0, why),
+            VmEnd::MainExited(code) => (8, *code as u32 as u64, ""),
         }
     }
 
@@ -76,6 +82,7 @@ impl VmEnd {
             5 => VmEnd::GuestReset,
             6 => VmEnd::Timeout(Duration::from_nanos(nanos)),
             7 => VmEnd::Crashed(detail),
+            8 => VmEnd::MainExited(nanos as u32 as i32),
             other => return Err(other),
         }))
     }
@@ -93,6 +100,7 @@ impl fmt::Display for VmEnd {
             }
             VmEnd::Timeout(t) => write!(f, "the instance timeout of {:.1} s was reached", t.as_secs_f64()),
             VmEnd::Crashed(why) => write!(f, "{why}"),
+            VmEnd::MainExited(code) => write!(f, "its main process exited with status {code}"),
         }
     }
 }
@@ -167,11 +175,15 @@ mod tests {
             VmEnd::GuestReset,
             VmEnd::Timeout(Duration::from_secs(3)),
             VmEnd::Crashed("x".into()),
+            VmEnd::MainExited(3),
+            VmEnd::MainExited(-1),
         ] {
             let (k, n, d) = end.to_wire();
             assert_eq!(VmEnd::from_wire(k, n, d.to_string()), Ok(Some(end.clone())));
         }
         assert_eq!(VmEnd::from_wire(0, 0, String::new()), Ok(None));
-        assert_eq!(VmEnd::from_wire(8, 0, String::new()), Err(8));
+        assert_eq!(VmEnd::from_wire(9, 0, String::new()), Err(9));
+        assert!(!VmEnd::MainExited(3).is_error());
+        assert_eq!(VmEnd::MainExited(3).exit_code(), 3);
     }
 }

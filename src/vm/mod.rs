@@ -189,6 +189,12 @@ impl Machine {
         on_backend!(self, v => v.force_stop())
     }
 
+    /// Stops the VM gracefully for `why` (its main process exited), which is then how
+    /// it ended.
+    pub fn end_because(&self, why: VmEnd, timeout: Duration) -> Result<()> {
+        on_backend!(self, v => v.end_because(why, timeout))
+    }
+
     /// Blocks until the VM has ended, at most `timeout` (`None`: still running).
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
         on_backend!(self, v => v.wait_timeout(timeout))

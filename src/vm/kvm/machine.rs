@@ -353,6 +353,13 @@ impl KvmVm {
         self.shared.life.stop(self.shared.clone(), timeout)
     }
 
+    /// Stops the VM as [`Self::stop`] does, recording `why` as how it ended (unless an
+    /// end was recorded before).
+    pub fn end_because(&self, why: VmEnd, timeout: Duration) -> Result<()> {
+        self.shared.life.set_end_reason(why);
+        self.stop(timeout)
+    }
+
     /// Ends the VM at once.
     pub fn force_stop(&self) -> Result<()> {
         self.shared.life.force_stop(self.shared.clone())

@@ -182,7 +182,7 @@ fn whole_machine(qemu: &std::path::Path) {
                     first_command: None,
                 };
                 let t = Instant::now();
-                let err = vmhost::vm::kvm::KvmVm::boot(cfg).err().expect("the program has no agent");
+                let err = vmhost::vm::kvm::KvmVm::boot(cfg).expect_err("the program has no agent");
                 assert!(err.to_string().contains("shut down or rebooted"), "{err}");
                 t.elapsed().as_secs_f64()
             })

@@ -266,7 +266,8 @@ fn peer_with_other_uid_is_refused() {
     std::fs::set_permissions(server.socket_path(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let addr = nix::sys::socket::UnixAddr::new(server.socket_path()).unwrap();
     let request = wire::Header { ty: msg::INSTANCE_ID, len: 0 }.to_bytes();
-    // Fork: the child only makes system calls (no allocation) before _exit.
+    // SAFETY: fork in a test process; the child only makes system calls (no allocation)
+    // before _exit.
     match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
             use nix::sys::socket::*;
@@ -288,6 +289,7 @@ fn peer_with_other_uid_is_refused() {
                     Ok(_) => 1,          // answered: the check failed
                 }
             })();
+            // SAFETY: _exit ends the forked child without running the parent's handlers.
             unsafe { nix::libc::_exit(code) };
         }
         nix::unistd::ForkResult::Parent { child } => {

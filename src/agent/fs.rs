@@ -56,6 +56,12 @@ pub struct Files {
     open: Mutex<HashMap<u64, Arc<OpenFile>>>,
 }
 
+impl std::fmt::Debug for Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Files").finish_non_exhaustive()
+    }
+}
+
 /// An I/O failure as the host sees it: code IO and the errno's text (the host adds
 /// the operation and the path).
 pub(crate) fn io_error(e: io::Error) -> FsError {

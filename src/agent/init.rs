@@ -113,8 +113,9 @@ fn make_links() -> usize {
             let mut key = Vec::with_capacity(dir.len() + 1);
             key.extend_from_slice(dir);
             key.push(0);
-            // SAFETY: stat on a NUL-terminated path into a zeroed stat we own.
+            // SAFETY: a zeroed stat is a valid value of this plain C struct.
             let mut st: nix::libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: stat on a NUL-terminated path into the stat we own.
             if unsafe { nix::libc::stat(key.as_ptr().cast(), &mut st) } == 0 {
                 let at = nix::libc::timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec };
                 let mt = nix::libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec };

@@ -38,6 +38,7 @@ pub fn warm_up() {
 /// The process the host asked for on the kernel command line ([`proto::FIRST_EXEC_VAR`]),
 /// started before the server runs: the request, and the process or why it could not
 /// start.
+#[derive(Debug)]
 pub struct First {
     req: ExecRequest,
     started: Result<spawn::Spawned, (ErrorCode, String)>,

@@ -33,6 +33,7 @@ use nix::libc;
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What to start.
+#[derive(Debug)]
 pub struct Spec<'a> {
     /// The program: a path, or a name looked up in the environment's PATH.
     pub program: &'a str,
@@ -58,6 +59,7 @@ pub struct Spec<'a> {
 }
 
 /// A started process and the agent's ends of its pipes.
+#[derive(Debug)]
 pub struct Spawned {
     /// Its process id (also its process group id).
     pub pid: i32,
@@ -71,6 +73,7 @@ pub struct Spawned {
 }
 
 /// The agent's ends of a started process's standard descriptors.
+#[derive(Debug)]
 pub struct Ends {
     /// The write end of its stdin, when piped.
     pub stdin: Option<File>,
@@ -435,11 +438,11 @@ fn spawn_vfork(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> {
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
 
+    let mut o = SpawnObjects::new()?;
     // SAFETY: the posix_spawn objects are initialised before use and destroyed by
     // SpawnObjects' drop; every pointer handed to posix_spawn (path, argv, envp and the
     // strings they point to, the descriptors) outlives the call, which returns only
     // after the child has exec'd or failed to.
-    let mut o = SpawnObjects::new()?;
     unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);

@@ -46,7 +46,7 @@ pub const WRITE_CHUNK: usize = 8 << 20;
 const WHOLE_WRITE: usize = 32 << 20;
 
 /// The guest's filesystem. Paths are the guest's; relative ones start at `/`.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Fs<'a> {
     inst: &'a Instance,
 }
@@ -291,7 +291,7 @@ impl<'a> Fs<'a> {
 }
 
 /// Options for [`Fs::options`], like [`std::fs::OpenOptions`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions<'a> {
     fs: Fs<'a>,
     read: bool,
@@ -593,6 +593,7 @@ impl DirEntry {
 }
 
 /// The entries of a directory, from [`Fs::read_dir`].
+#[derive(Debug)]
 pub struct ReadDir {
     entries: std::vec::IntoIter<DirEntry>,
 }

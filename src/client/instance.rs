@@ -111,6 +111,12 @@ pub struct Instance {
     owned: bool,
 }
 
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance").finish_non_exhaustive()
+    }
+}
+
 impl Instance {
     /// Boots an instance of `image`, in this process or through a helper as
     /// `VMHOST_USE_HELPER` says. Boot progress shows on a terminal.
@@ -397,6 +403,7 @@ impl Stdio {
 }
 
 /// A guest command being prepared, like [`std::process::Command`].
+#[derive(Debug)]
 pub struct Command<'a> {
     inst: &'a Instance,
     program: String,
@@ -684,6 +691,7 @@ impl<'a> Command<'a> {
 }
 
 /// The write end of a spawned guest command's stdin; dropping it sends EOF.
+#[derive(Debug)]
 pub struct ChildStdin<'a>(File<'a>);
 
 impl ChildStdin<'_> {
@@ -704,6 +712,7 @@ impl std::io::Write for ChildStdin<'_> {
 }
 
 /// The read end of a spawned guest command's stdout.
+#[derive(Debug)]
 pub struct ChildStdout<'a>(File<'a>);
 
 impl std::io::Read for ChildStdout<'_> {
@@ -717,6 +726,7 @@ impl std::io::Read for ChildStdout<'_> {
 }
 
 /// The read end of a spawned guest command's stderr.
+#[derive(Debug)]
 pub struct ChildStderr<'a>(File<'a>);
 
 impl std::io::Read for ChildStderr<'_> {
@@ -730,6 +740,7 @@ impl std::io::Read for ChildStderr<'_> {
 }
 
 /// A started guest command, like [`std::process::Child`].
+#[derive(Debug)]
 pub struct Child<'a> {
     inst: &'a Instance,
     handle: u64,

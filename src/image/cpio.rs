@@ -62,6 +62,7 @@ impl Meta {
 }
 
 /// Writes a newc archive to `W`.
+#[derive(Debug)]
 pub struct Writer<W: Write> {
     out: W,
     ino: u32,

@@ -26,7 +26,7 @@ pub fn cache_dir() -> PathBuf {
 
 /// A 128-bit FNV-1a digest, as 32 hex digits: content keys for the cache (not a
 /// security boundary: the cache is the user's own).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Digest(u128);
 
 impl Digest {

@@ -570,6 +570,12 @@ pub struct Listener {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener").finish_non_exhaustive()
+    }
+}
+
 impl Listener {
     /// The next event, waiting up to `timeout`. After the connection ends, events
     /// already received are still returned, then the connection's error.

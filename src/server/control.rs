@@ -289,6 +289,12 @@ pub struct ControlServer {
     closed: Arc<AtomicBool>,
 }
 
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer").finish_non_exhaustive()
+    }
+}
+
 impl ControlServer {
     /// Writes the pid file, binds the socket and starts serving in the background.
     pub fn start(

@@ -391,6 +391,12 @@ pub struct Helper {
     state: Arc<State>,
 }
 
+impl std::fmt::Debug for Helper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Helper").finish_non_exhaustive()
+    }
+}
+
 struct State {
     instance: Mutex<Option<Arc<Instance>>>,
     /// Set while InstanceNew boots (without holding `instance`, so that other requests

@@ -90,6 +90,12 @@ pub struct Call<'a> {
     cancel: Option<&'a AtomicBool>,
 }
 
+impl<'a> std::fmt::Debug for Call<'a> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call").finish_non_exhaustive()
+    }
+}
+
 impl<'a> Call<'a> {
     /// A call whose early frames go to `sink` (for serving without a socket: the
     /// library's in-process mode).
@@ -155,6 +161,12 @@ type MuxFn = Box<dyn Fn(&mut Call<'_>, &mut Decoder<'_>) -> HandlerResult + Send
 #[derive(Default)]
 pub struct Mux {
     handlers: HashMap<u16, MuxFn>,
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux").finish_non_exhaustive()
+    }
 }
 
 impl Mux {
@@ -303,6 +315,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
 }
 
 impl Server {

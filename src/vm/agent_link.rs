@@ -110,6 +110,12 @@ pub struct AgentLink {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").finish_non_exhaustive()
+    }
+}
+
 impl AgentLink {
     /// Waits up to `timeout` for the agent's HELLO on `stream`, answers it, and starts
     /// the reader. The guest speaks first, so this is also "wait until booted".
@@ -434,6 +440,7 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
 }
 
 /// A process running in the guest.
+#[derive(Debug)]
 pub struct Process {
     id: u32,
     pid: u32,

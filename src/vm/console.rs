@@ -39,6 +39,12 @@ pub struct ConsoleLog {
     on_end: std::sync::OnceLock<EndHook>,
 }
 
+impl std::fmt::Debug for ConsoleLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleLog").finish_non_exhaustive()
+    }
+}
+
 impl ConsoleLog {
     /// A console log writing `path` (when it can be created), copying to stderr when
     /// `dmesg`.
@@ -146,6 +152,7 @@ impl ConsoleLog {
 }
 
 /// A [`Write`] into a shared [`ConsoleLog`], for device models that print.
+#[derive(Debug)]
 pub struct ConsoleWriter(pub std::sync::Arc<ConsoleLog>);
 
 impl Write for ConsoleWriter {

@@ -99,7 +99,7 @@ pub fn kvm_unsupported(
 }
 
 /// A running VM, on one of the backends.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Machine {
     /// A QEMU process supervised over QMP.
     Qemu(qemu::QemuVm),

@@ -31,6 +31,12 @@ pub struct Bus {
     unclaimed: AtomicU64,
 }
 
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
 impl Bus {
     /// An empty bus.
     pub fn new() -> Bus {

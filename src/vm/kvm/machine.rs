@@ -176,6 +176,12 @@ pub struct KvmVm {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm").finish_non_exhaustive()
+    }
+}
+
 fn host_err(op: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| super::Error::Host { op: op.to_string(), source }.into()
 }

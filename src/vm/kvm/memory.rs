@@ -18,6 +18,12 @@ pub struct GuestMemory {
     regions: Vec<Region>,
 }
 
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory").finish_non_exhaustive()
+    }
+}
+
 // SAFETY: the mappings live as long as the GuestMemory and are only reached through
 // its bounds-checked, copying accessors; the guest writes them concurrently anyway,
 // as with any VMM's memory.

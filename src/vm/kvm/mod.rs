@@ -183,6 +183,7 @@ pub fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
 }
 
 /// A VM: its KVM file, its memory, its buses and its vCPUs.
+#[derive(Debug)]
 pub struct Vmm {
     kvm: Kvm,
     vm: Arc<VmFd>,

@@ -73,6 +73,12 @@ pub struct VcpuSetup {
     pub sregs: Arc<dyn Fn(&mut kvm_sregs) + Send + Sync>,
 }
 
+impl std::fmt::Debug for VcpuSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuSetup").finish_non_exhaustive()
+    }
+}
+
 impl VcpuSetup {
     /// Real mode at `cs:ip` (the segment's base is `cs << 4`), interrupts off.
     pub fn real_mode(cs: u16, ip: u16) -> VcpuSetup {
@@ -139,6 +145,12 @@ pub struct Vcpu {
     /// std's handle type for the thread (an integer on every libc, which keeps `Vcpu`
     /// `Send` where the libc crate's `pthread_t` is a pointer, as on musl).
     pthread: std::os::unix::thread::RawPthread,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").finish_non_exhaustive()
+    }
 }
 
 impl Vcpu {

@@ -233,6 +233,12 @@ pub struct QemuVm {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm").field("id", &self.shared.id).finish_non_exhaustive()
+    }
+}
+
 impl QemuVm {
     /// Boots a VM and returns once its agent answered (or with an error carrying the
     /// last console lines).

@@ -13,6 +13,12 @@ pub struct I8042 {
     on_reset: Box<dyn FnMut() + Send>,
 }
 
+impl std::fmt::Debug for I8042 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I8042").finish_non_exhaustive()
+    }
+}
+
 impl I8042 {
     /// A controller that calls `on_reset` when the guest asks for a reset.
     pub fn new(on_reset: Box<dyn FnMut() + Send>) -> I8042 {

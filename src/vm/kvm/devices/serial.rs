@@ -42,6 +42,12 @@ pub struct Serial {
     interrupt: Box<dyn FnMut() + Send>,
 }
 
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serial").finish_non_exhaustive()
+    }
+}
+
 impl Serial {
     /// A UART writing the guest's output to `out` and raising its interrupt with
     /// `interrupt`.

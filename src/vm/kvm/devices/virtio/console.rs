@@ -69,6 +69,12 @@ pub struct Console {
     input_taken: Option<crossbeam_channel::Sender<()>>,
 }
 
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
 /// Port `port`'s receive queue index (its transmit queue is the next one).
 fn rx_queue(port: usize) -> usize {
     if port == 0 {

@@ -79,6 +79,12 @@ pub struct MmioTransport<D: VirtioDevice> {
     config_generation: u32,
 }
 
+impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport").finish_non_exhaustive()
+    }
+}
+
 impl<D: VirtioDevice> MmioTransport<D> {
     /// The transport of `device`; `raise` pulses its interrupt line (an irqfd).
     pub fn new(device: D, mem: Arc<GuestMemory>, raise: Interrupt) -> MmioTransport<D> {

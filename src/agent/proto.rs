@@ -1,5 +1,6 @@
 //! The agent protocol: between the helper (host) and `vmhost-agent` (guest), over one
-//! virtio-serial port.
+//! virtio-serial port. `docs/agent-protocol.md` is its specification; this module is
+//! its encoding.
 //!
 //! Framing is the helper protocol's (big-endian primitives of [`crate::wire`]) with a
 //! request/stream id added, so that many operations share the one channel and a blocked
@@ -69,14 +70,15 @@ pub const HELLO: u16 = 0x0001;
 pub const HELLO_ACK: u16 = 0x0002;
 /// Start a process: [`ExecRequest`]. OK carries `u32 pid`.
 pub const EXEC: u16 = 0x0101;
-/// Bytes for a process's stdin: `bytes` (empty closes stdin). OK when written.
+/// Bytes for a process's stdin: `u32 process id, bytes` (empty closes stdin). OK when
+/// written.
 pub const STDIN: u16 = 0x0102;
-/// Signal a process (its whole process group): `i32 signal`.
+/// Signal a process (its whole process group): `u32 process id, i32 signal`.
 pub const SIGNAL: u16 = 0x0103;
 /// Resize a process's terminal (one started with a tty): `u32 process id, u16 cols,
 /// u16 rows`. OK when done.
 pub const RESIZE: u16 = 0x0105;
-/// Grant a process more output: `u32 bytes`. Not answered.
+/// Grant a process more output: `u32 process id, u32 bytes`. Not answered.
 pub const CREDIT: u16 = 0x0104;
 /// A filesystem request: `u16 helper-protocol type` (an Fs* or File* message) then
 /// that message's request payload, file handles being the agent's own. OK carries the

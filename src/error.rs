@@ -10,31 +10,6 @@ use std::path::PathBuf;
 
 use crate::wire::{self, DecodeError, ErrorCode, ErrorFrame, FrameError};
 
-/// The errno whose `strerror` text is `message`, for the errors guest file operations
-/// commonly give.
-fn guest_errno(message: &str) -> Option<i32> {
-    use nix::errno::Errno;
-    const COMMON: &[Errno] = &[
-        Errno::ENOENT,
-        Errno::EACCES,
-        Errno::EPERM,
-        Errno::EEXIST,
-        Errno::ENOTDIR,
-        Errno::EISDIR,
-        Errno::ENOTEMPTY,
-        Errno::EINVAL,
-        Errno::ENOSPC,
-        Errno::EROFS,
-        Errno::EXDEV,
-        Errno::ELOOP,
-        Errno::ENAMETOOLONG,
-        Errno::EBADF,
-        Errno::EBUSY,
-        Errno::ETXTBSY,
-    ];
-    COMMON.iter().find(|e| e.desc() == message).map(|e| *e as i32)
-}
-
 impl Error {
     /// The crate error an [`io::Error`] made by `From<Error>` carries, or else the I/O
     /// error itself, as done by `op`.
@@ -181,12 +156,12 @@ pub enum Error {
 
 impl Error {
     /// The [`io::ErrorKind`] closest to this error. For a guest error, the guest's
-    /// errno is recovered from its message (the agent sends `strerror` text), so a
-    /// missing guest file is [`io::ErrorKind::NotFound`] as a local one would be.
+    /// errno (the Error frame's typed field) decides, so a missing guest file is
+    /// [`io::ErrorKind::NotFound`] as a local one would be.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
             Error::Io { source, .. } => source.kind(),
-            Error::Remote(ef) => match guest_errno(&ef.message) {
+            Error::Remote(ef) => match ef.errno {
                 Some(n) => io::Error::from_raw_os_error(n).kind(),
                 None => match ef.code {
                     ErrorCode::InvalidArgument | ErrorCode::InvalidHandle => io::ErrorKind::InvalidInput,
@@ -227,8 +202,13 @@ impl Error {
     pub fn to_frame(&self, op: &str) -> ErrorFrame {
         match self {
             Error::Remote(f) => f.clone(),
-            Error::Io { path, .. } => {
-                ErrorFrame::new(self.code(), op, self.to_string()).with_path(path.display().to_string())
+            Error::Io { path, source, .. } => {
+                let f =
+                    ErrorFrame::new(self.code(), op, self.to_string()).with_path(path.display().to_string());
+                match source.raw_os_error() {
+                    Some(n) => f.with_errno(n),
+                    None => f,
+                }
             }
             _ => ErrorFrame::new(self.code(), op, self.to_string()),
         }

@@ -78,8 +78,8 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(UnixListener::from(fd))
 }
 
-/// Makes sure `dir` is a directory only we can list and write: creates it 0700, or
-/// checks that an existing one is ours and closed to others (0700, or 0711: searchable).
+/// Makes sure `dir` is a directory only we can enter: creates it 0700, or checks that an
+/// existing one is ours and closed to others.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     match fs::symlink_metadata(dir) {
@@ -91,16 +91,14 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
         Err(e) => Err(Error::io("stat", dir, e)),
         Ok(m) => {
             let me = nix::unistd::geteuid().as_raw();
-            // Searchable by others (0711) is private still: the run directories' home
-            // is, when QEMU runs as other users (see vm::qemu::user).
-            if !m.is_dir() || m.uid() != me || m.mode() & 0o066 != 0 {
+            if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
                 return Err(Error::io(
                     "use private directory",
                     dir,
                     io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         format!(
-                            "must be a directory owned by uid {me} with mode 0700 or 0711 (it is {:o}, uid {})",
+                            "must be a directory owned by uid {me} with mode 0700 (it is {:o}, uid {})",
                             m.mode() & 0o7777,
                             m.uid()
                         ),

@@ -1156,7 +1156,8 @@ impl Wire for DockerfileOptions {
     }
 }
 
-/// The payload of an Error frame (0xFF01): code, message, op, path.
+/// The payload of an Error frame (0xFF01): code, message, op, path, and vmhost's
+/// optional errno.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
     /// What kind of failure.
@@ -1167,17 +1168,26 @@ pub struct ErrorFrame {
     pub op: String,
     /// The path or handle concerned, if any.
     pub path: String,
+    /// The errno of the guest (or host) system call that failed: vmhost's trailing
+    /// `i32`, sent only when a system call failed; v0.0.2 peers neither send nor read it.
+    pub errno: Option<i32>,
 }
 
 impl ErrorFrame {
     /// An error frame with no path.
     pub fn new(code: ErrorCode, op: impl Into<String>, message: impl Into<String>) -> ErrorFrame {
-        ErrorFrame { code, message: message.into(), op: op.into(), path: String::new() }
+        ErrorFrame { code, message: message.into(), op: op.into(), path: String::new(), errno: None }
     }
 
     /// The same error naming a path or handle.
     pub fn with_path(mut self, path: impl Into<String>) -> ErrorFrame {
         self.path = path.into();
+        self
+    }
+
+    /// The same error with the errno of the system call that failed.
+    pub fn with_errno(mut self, errno: i32) -> ErrorFrame {
+        self.errno = Some(errno);
         self
     }
 }
@@ -1200,6 +1210,9 @@ impl std::error::Error for ErrorFrame {}
 impl Wire for ErrorFrame {
     fn encode(&self, enc: &mut Encoder) {
         enc.u8(self.code.as_u8()).string(&self.message).string(&self.op).string(&self.path);
+        if let Some(n) = self.errno {
+            enc.i32(n);
+        }
     }
 
     fn decode(dec: &mut Decoder<'_>) -> Result<Self, DecodeError> {
@@ -1208,6 +1221,12 @@ impl Wire for ErrorFrame {
             message: dec.string()?,
             op: dec.string()?,
             path: dec.string()?,
+            // Absent, or a whole i32: anything in between is bytes no field takes.
+            errno: match dec.remaining() {
+                0 => None,
+                count @ 1..=3 => return Err(DecodeError::TrailingBytes { count }),
+                _ => Some(dec.i32()?),
+            },
         })
     }
 }

@@ -43,6 +43,13 @@ fn qemu_runs_sandboxed_and_a_denied_system_call_ends_it() {
             assert_eq!(field(s, "CapPrm:"), "0000000000000000", "{s}");
         }
         assert_ne!(uid, other_uid, "two VMs' QEMUs share a user");
+        // QEMU reaches nothing of ours by name: its run directory (where its stderr,
+        // qemu.log, is) stays ours and closed, its working directory is /.
+        use std::os::unix::fs::MetadataExt;
+        let log = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+        let run_dir = std::fs::metadata(log.parent().unwrap()).unwrap();
+        assert_eq!((run_dir.uid(), run_dir.mode() & 0o777), (0, 0o700), "{}", log.display());
+        assert_eq!(std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(), std::path::Path::new("/"));
         // And the guest works as before.
         let req = vmhost::agent::proto::ExecRequest { program: "true".into(), ..Default::default() };
         let p = other.agent().unwrap().exec(&req).unwrap();

@@ -35,7 +35,15 @@ struct Helper {
 #[derive(Debug, PartialEq)]
 enum Answer {
     Ok(Vec<u8>),
-    Err { code: u8, message: String, op: String, path: String },
+    /// `errno`: vmhost's optional trailing field (a failed system call's), which the
+    /// original's clients do not read.
+    Err {
+        code: u8,
+        message: String,
+        op: String,
+        path: String,
+        errno: Option<i32>,
+    },
 }
 
 fn string(s: &str) -> Vec<u8> {
@@ -121,8 +129,12 @@ impl Helper {
                 let message = take_string(&mut rest);
                 let op = take_string(&mut rest);
                 let path = take_string(&mut rest);
-                assert!(rest.is_empty(), "{ty:#06x}: bytes after an Error's fields");
-                Answer::Err { code, message, op, path }
+                let errno = match rest.len() {
+                    0 => None,
+                    4 => Some(i32::from_be_bytes(rest.try_into().unwrap())),
+                    n => panic!("{ty:#06x}: {n} bytes after an Error's fields"),
+                };
+                Answer::Err { code, message, op, path, errno }
             }
             other => panic!("{ty:#06x} answered with frame type {other:#06x}"),
         }
@@ -137,9 +149,9 @@ impl Helper {
     }
 
     /// InstanceNew as the Python package sends it: a directory source (empty: vmhost's
-    /// default image), no image ref or cache dir, 256 MiB, 1 vCPU, no timeout, no user,
+    /// default image), no image ref or cache dir, 256 MiB, 1 vCPU, no timeout, `user`,
     /// no dmesg, no mounts.
-    fn new_instance(&mut self) {
+    fn new_instance(&mut self, user: &str) {
         let mut p = vec![1u8];
         p.extend(string(""));
         p.extend(string(""));
@@ -147,7 +159,7 @@ impl Helper {
         p.extend(256u64.to_be_bytes());
         p.extend(1i32.to_be_bytes());
         p.extend(0u64.to_be_bytes());
-        p.extend(string(""));
+        p.extend(string(user));
         p.push(0);
         p.extend(0u32.to_be_bytes());
         assert_eq!(self.ok(0x0100, &p), b"");
@@ -199,7 +211,7 @@ fn the_python_packages_sequences_through_cc_helper() {
         return;
     }
     let mut c = Helper::start("orig-py");
-    c.new_instance();
+    c.new_instance("");
     assert_eq!(c.ok(0x0104, &[]), [1]); // InstanceIsRunning: true
 
     // test_command_exit_code: CmdRun answers the i32 exit status.
@@ -293,25 +305,29 @@ fn exec_that_fails_answers_the_originals_error_and_ends_the_vm() {
     if !vm_ready("exec_that_fails_answers_the_originals_error_and_ends_the_vm") {
         return;
     }
+    // As another user (the instance's `uid:gid`): the main process changes identity.
     let mut c = Helper::start("orig-exec");
-    c.new_instance();
+    c.new_instance("1000:1000");
     // A command that cannot start leaves the instance running.
     let missing = [string("no-such-program"), strings(&[])].concat();
     match c.call(0x0107, &missing) {
-        Answer::Err { code, message, .. } => assert_eq!(code, 7, "{message}"),
+        Answer::Err { code, message, errno, .. } => assert_eq!((code, errno), (7, Some(2)), "{message}"),
         a => panic!("{a:?}"),
     }
     assert_eq!(c.ok(0x0104, &[]), [1]);
-    let exec = [string("sh"), strings(&["-c", "exit 3"])].concat();
+    let exec = [string("sh"), strings(&["-c", "echo uid=$(id -u):$(id -g) pid=$$; exit 3"])].concat();
     assert_eq!(
         c.call(0x0107, &exec),
         Answer::Err {
             code: 7,
             message: "exec sh: exit status 3".into(),
             op: "exec".into(),
-            path: "sh".into()
+            path: "sh".into(),
+            errno: None,
         }
     );
+    let console = c.console_until("pid=");
+    assert!(console.contains("uid=1000:1000 pid=1\r\n"), "{console:?}");
     assert_eq!(c.ok(0x0102, &[]), b"");
     let end = c.ok(0x0108, &[]);
     assert_eq!((end[0], &end[1..9]), (8, &3u64.to_be_bytes()[..]), "{end:?}");

@@ -435,10 +435,35 @@ fn error_frame() {
             message: "m".into(),
             op: "FsOpen".into(),
             path: "/p".into(),
+            errno: None,
         },
         &[3, 0, 0, 0, 1, b'm', 0, 0, 0, 6, b'F', b's', b'O', b'p', b'e', b'n', 0, 0, 0, 2, b'/', b'p'],
     );
     check(ErrorFrame::new(ErrorCode::Unknown, "", ""), &[99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // vmhost's trailing errno (ENOENT), when a system call failed; a v0.0.2 frame, without
+    // it, decodes with none (above). Every prefix but the v0.0.2 frame itself is refused.
+    let with_errno =
+        ErrorFrame::new(ErrorCode::Io, "FsStat", "No such file or directory").with_path("/x").with_errno(2);
+    let bytes = [
+        &[7, 0, 0, 0, 25][..],
+        b"No such file or directory",
+        &[0, 0, 0, 6],
+        b"FsStat",
+        &[0, 0, 0, 2, b'/', b'x', 0, 0, 0, 2],
+    ]
+    .concat();
+    assert_eq!(with_errno.to_payload(), bytes);
+    assert_eq!(ErrorFrame::from_payload(&bytes).unwrap(), with_errno);
+    let v002 = bytes.len() - 4;
+    for cut in 0..bytes.len() {
+        let decoded = ErrorFrame::from_payload(&bytes[..cut]);
+        if cut == v002 {
+            assert_eq!(decoded.unwrap(), ErrorFrame { errno: None, ..with_errno.clone() });
+        } else {
+            assert!(decoded.is_err(), "prefix of {cut} bytes accepted");
+        }
+    }
+    assert_trailing_refused(&bytes, |b| ErrorFrame::from_payload(b).map(drop));
 }
 
 #[test]

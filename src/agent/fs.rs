@@ -25,20 +25,25 @@ use std::sync::Arc;
 use nix::libc;
 use parking_lot::Mutex;
 
-use super::proto;
+use super::proto::{self, AgentError};
 use crate::wire::{DirEntry, Encoder, ErrorCode, FileInfo, FileMode, RequestRef, Wire};
 
-/// An agent-side failure: the helper error code and a message (the helper adds the
-/// operation and the path).
-pub type FsError = (ErrorCode, String);
+/// An agent-side failure (see [`AgentError`]).
+pub type FsError = AgentError;
 
 /// The most data one FileRead answers with, and the largest FsReadFile served whole:
 /// what fits in one agent frame with room for the header fields.
 pub const MAX_CHUNK: usize = proto::MAX_FRAME as usize - 1024;
 
-/// The message of the error FsReadFile gives for a file larger than [`MAX_CHUNK`]; the
-/// helper then reads it through a handle.
-pub const TOO_LARGE: &str = "file too large for one agent frame";
+/// The error FsReadFile gives for a file larger than [`MAX_CHUNK`]: EFBIG, which the
+/// helper takes as "read it through a handle".
+fn too_large() -> FsError {
+    AgentError {
+        code: ErrorCode::InvalidArgument,
+        message: "file too large for one agent frame".into(),
+        errno: libc::EFBIG,
+    }
+}
 
 /// The most files one agent keeps open for the host.
 pub const MAX_OPEN: usize = 4096;
@@ -62,17 +67,14 @@ impl std::fmt::Debug for Files {
     }
 }
 
-/// An I/O failure as the host sees it: code IO and the errno's text (the host adds
+/// An I/O failure as the host sees it: code IO, the errno and its text (the host adds
 /// the operation and the path).
 pub(crate) fn io_error(e: io::Error) -> FsError {
-    match e.raw_os_error() {
-        Some(n) => (ErrorCode::Io, nix::errno::Errno::from_raw(n).desc().to_string()),
-        None => (ErrorCode::Io, e.to_string()),
-    }
+    AgentError::from_io(&e)
 }
 
 fn invalid(message: impl Into<String>) -> FsError {
-    (ErrorCode::InvalidArgument, message.into())
+    AgentError::new(ErrorCode::InvalidArgument, message.into())
 }
 
 /// A guest path from the host: relative ones are taken from `/`.
@@ -132,13 +134,16 @@ impl Files {
             .lock()
             .get(&h)
             .cloned()
-            .ok_or_else(|| (ErrorCode::InvalidHandle, format!("no open file {h}")))
+            .ok_or_else(|| AgentError::new(ErrorCode::InvalidHandle, format!("no open file {h}")))
     }
 
     fn insert(&self, file: File, name: String) -> Result<u64, FsError> {
         let mut open = self.open.lock();
         if open.len() >= MAX_OPEN {
-            return Err((ErrorCode::Io, format!("the guest agent already holds {MAX_OPEN} open files")));
+            return Err(AgentError::new(
+                ErrorCode::Io,
+                format!("the guest agent already holds {MAX_OPEN} open files"),
+            ));
         }
         let h = self.next.fetch_add(1, Ordering::Relaxed);
         open.insert(h, Arc::new(OpenFile { file, name }));
@@ -190,16 +195,21 @@ impl Files {
             }
             RequestRef::FsReadFile { path } => {
                 let mut f = File::open(guest_path(path)?).map_err(io_error)?;
+                // Its size first (fstat): one larger than a frame is refused unread.
+                let size = f.metadata().map_or(0, |m| m.len() as usize);
+                if size > MAX_CHUNK {
+                    return Err(too_large());
+                }
                 // Read behind the length field of a kept buffer (see `super::buffers`),
                 // which is the answer.
-                let mut answer =
-                    super::buffers::take(4 + f.metadata().map_or(0, |m| m.len() as usize).min(MAX_CHUNK + 1));
+                let mut answer = super::buffers::take(4 + size);
                 answer.extend_from_slice(&[0; 4]);
-                // One byte more than allowed tells "too large" from "exactly the limit".
+                // A file whose size says nothing (/proc): one byte more than allowed
+                // tells "too large" from "exactly the limit".
                 let n = (&mut f).take(MAX_CHUNK as u64 + 1).read_to_end(&mut answer).map_err(io_error)?;
                 if n > MAX_CHUNK {
                     super::buffers::give(answer);
-                    return Err(invalid(TOO_LARGE));
+                    return Err(too_large());
                 }
                 answer[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 return Ok(answer);
@@ -292,7 +302,10 @@ impl Files {
                         mode,
                     });
                     if entries.len() > crate::wire::MAX_LIST as usize {
-                        return Err((ErrorCode::Io, format!("more than {} entries", crate::wire::MAX_LIST)));
+                        return Err(AgentError::new(
+                            ErrorCode::Io,
+                            format!("more than {} entries", crate::wire::MAX_LIST),
+                        ));
                     }
                 }
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -301,7 +314,7 @@ impl Files {
                     e.encode(&mut out);
                 }
                 if out.as_bytes().len() > MAX_CHUNK {
-                    return Err((
+                    return Err(AgentError::new(
                         ErrorCode::Io,
                         format!("the listing of {path} is too large for one answer"),
                     ));
@@ -330,10 +343,9 @@ impl Files {
                 }
             }
             RequestRef::FileClose { handle } => {
-                self.open
-                    .lock()
-                    .remove(&handle)
-                    .ok_or_else(|| (ErrorCode::InvalidHandle, format!("no open file {handle}")))?;
+                self.open.lock().remove(&handle).ok_or_else(|| {
+                    AgentError::new(ErrorCode::InvalidHandle, format!("no open file {handle}"))
+                })?;
             }
             RequestRef::FileRead { handle, max } => {
                 // Read straight into the answer, behind its length field: no zeroed

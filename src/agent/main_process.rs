@@ -112,9 +112,24 @@ pub(super) fn spawn(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> 
     };
     drop(report_w);
     drop(io.child);
-    // Whether the exec succeeded: EOF when it did, its errno when it failed.
+    // Whether the exec succeeded: EOF when it did, its errno when it failed. Bounded: a
+    // child stuck before its exec (it should never be) is killed rather than holding
+    // the table of children for ever.
     let mut errno = [0u8; 4];
     let mut got = 0;
+    let mut pfd = libc::pollfd { fd: report_r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on a descriptor we own.
+    if unsafe { libc::poll(&mut pfd, 1, 30_000) } == 0 {
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the main process did not reach its exec in 30 s",
+        ));
+    }
     while got < 4 {
         // SAFETY: read into our buffer from a descriptor we own.
         let n = unsafe { libc::read(report_r.as_raw_fd(), errno[got..].as_mut_ptr().cast(), 4 - got) };
@@ -173,6 +188,16 @@ fn clone_and_exec(raw: &Raw<'_>, ns_flags: libc::c_long) -> io::Result<i32> {
     Ok(pid as i32)
 }
 
+/// The kernel's `struct sigaction` on x86-64 (for `rt_sigaction` made directly).
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
 /// The child's side: never returns.
 unsafe fn child(raw: &Raw<'_>, namespaced: bool) -> ! {
     let fail = |report: i32| -> ! {
@@ -214,19 +239,26 @@ unsafe fn child(raw: &Raw<'_>, namespaced: bool) -> ! {
     if libc::chdir(raw.dir.as_ptr()) != 0 {
         fail(raw.report);
     }
-    // Default dispositions (the agent ignores SIGPIPE) and an empty mask.
-    for sig in 1..libc::SIGRTMIN() {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
+    // Default dispositions for what the agent ignores (SIGPIPE; exec resets handlers
+    // itself) and an empty mask. Raw system calls: after a raw clone, libc's wrappers may
+    // take locks another thread of the agent held at the clone (musl's signal(SIGABRT),
+    // the set*id broadcast of both libcs to threads this process does not have).
+    for sig in 1..32 {
+        let mut old = KernelSigaction::default();
+        if libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<KernelSigaction>(), &mut old, 8) == 0
+            && old.handler == libc::SIG_IGN
+        {
+            let dfl = KernelSigaction::default();
+            libc::syscall(libc::SYS_rt_sigaction, sig, &dfl, std::ptr::null_mut::<KernelSigaction>(), 8);
         }
     }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    let empty: u64 = 0;
+    libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty, std::ptr::null_mut::<u64>(), 8);
+    // The child is one thread: the raw calls change exactly its credentials.
     if let Some((uid, gid)) = raw.ids {
-        if libc::setgroups(raw.groups.len(), raw.groups.as_ptr()) != 0
-            || libc::setresgid(gid, gid, gid) != 0
-            || libc::setresuid(uid, uid, uid) != 0
+        if libc::syscall(libc::SYS_setgroups, raw.groups.len(), raw.groups.as_ptr()) != 0
+            || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+            || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
         {
             fail(raw.report);
         }

@@ -38,7 +38,8 @@
 //! says no first process (the parameter did not reach the agent) leaves the host to
 //! start the command with an Exec of its own. Since version 4.
 //!
-//! Version 5 added [`ExecRequest::main`], a trailing byte of the Exec payload.
+//! Version 5 added [`ExecRequest::main`], a trailing byte of the Exec payload; version 6
+//! the errno of [`AgentError`].
 //!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
@@ -49,10 +50,10 @@ use std::io::{self, Read, Write};
 
 use byteorder::{BigEndian, ByteOrder};
 
-use crate::wire::{DecodeError, Decoder, Encoder};
+use crate::wire::{DecodeError, Decoder, Encoder, ErrorCode};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -95,7 +96,8 @@ pub const PING: u16 = 0x0202;
 pub const NETWORK_UP: u16 = 0x0203;
 /// Success: request-specific payload.
 pub const OK: u16 = 0xFF00;
-/// Failure: `u8 code (helper protocol error codes), string message`.
+/// Failure: [`AgentError`]: `u8 code (helper protocol error codes), string message,
+/// i32 errno` (0: none; since version 6).
 pub const ERROR: u16 = 0xFF01;
 /// Process output: `u8 stream (1 stdout, 2 stderr), bytes`.
 pub const OUTPUT: u16 = 0xFF02;
@@ -237,6 +239,57 @@ pub fn encode_frame_into(buf: &mut Vec<u8>, ty: u16, id: u32, payload: &[u8]) ->
 /// Writes one frame with a single write.
 pub fn write_frame(w: &mut impl Write, ty: u16, id: u32, payload: &[u8]) -> io::Result<()> {
     w.write_all(&encode_frame(ty, id, payload)?)
+}
+
+/// What an [`ERROR`] frame says: the helper protocol's error code, a message and, when
+/// a guest system call failed, its errno, which the host hands on as a typed field (no
+/// one reads the errno back from the text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentError {
+    /// The helper protocol's error code.
+    pub code: ErrorCode,
+    /// What failed (the host adds the operation and the path).
+    pub message: String,
+    /// The errno of the failed system call; 0 when none failed.
+    pub errno: i32,
+}
+
+impl AgentError {
+    /// A failure that is not a system call's.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> AgentError {
+        AgentError { code, message: message.into(), errno: 0 }
+    }
+
+    /// A failed system call: code IO, the errno's text and the errno.
+    pub fn from_io(e: &io::Error) -> AgentError {
+        match e.raw_os_error() {
+            Some(n) => AgentError {
+                code: ErrorCode::Io,
+                message: nix::errno::Errno::from_raw(n).desc().to_string(),
+                errno: n,
+            },
+            None => AgentError::new(ErrorCode::Io, e.to_string()),
+        }
+    }
+
+    /// This error with `code` instead.
+    pub fn with_code(self, code: ErrorCode) -> AgentError {
+        AgentError { code, ..self }
+    }
+
+    /// The payload of its [`ERROR`] frame.
+    pub fn encode(&self, enc: &mut Encoder) {
+        enc.u8(self.code.as_u8()).string(&self.message).i32(self.errno);
+    }
+
+    /// Reads an [`ERROR`] payload; a malformed one is an error that says so.
+    pub fn decode(payload: &[u8]) -> AgentError {
+        let mut d = Decoder::new(payload);
+        let code = ErrorCode::from_u8(d.u8().unwrap_or(99));
+        let message = d.string().unwrap_or_else(|_| "malformed agent error".into());
+        let errno = d.i32().unwrap_or(0);
+        AgentError { code, message, errno }
+    }
 }
 
 /// How to start a process in the guest.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use super::proto::{self, ExecRequest};
+use super::proto::{self, AgentError, ExecRequest};
 use super::{say, spawn, trace, PORT_NAME};
 use crate::wire::{Decoder, Encoder, ErrorCode};
 
@@ -41,7 +41,7 @@ pub fn warm_up() {
 #[derive(Debug)]
 pub struct First {
     req: ExecRequest,
-    started: Result<spawn::Spawned, (ErrorCode, String)>,
+    started: Result<spawn::Spawned, AgentError>,
 }
 
 impl First {
@@ -56,13 +56,13 @@ impl First {
                 let started = start(&req);
                 (req, started)
             }
-            Err(m) => (ExecRequest::default(), Err((ErrorCode::InvalidArgument, m))),
+            Err(m) => (ExecRequest::default(), Err(AgentError::new(ErrorCode::InvalidArgument, m))),
         };
         match &started {
             Ok(child) => {
                 trace(format_args!("first process started at boot: {} (pid {})", req.program, child.pid))
             }
-            Err((_, m)) => trace(format_args!("first process not started: {m}")),
+            Err(e) => trace(format_args!("first process not started: {}", e.message)),
         }
         First { req, started }
     }
@@ -183,9 +183,13 @@ impl Writer {
     }
 
     fn error(&self, id: u32, code: ErrorCode, message: &str) {
-        let mut e = Encoder::new();
-        e.u8(code.as_u8()).string(message);
-        self.send(proto::ERROR, id, e.as_bytes());
+        self.fail(id, &AgentError::new(code, message));
+    }
+
+    fn fail(&self, id: u32, e: &AgentError) {
+        let mut enc = Encoder::new();
+        e.encode(&mut enc);
+        self.send(proto::ERROR, id, enc.as_bytes());
     }
 }
 
@@ -486,21 +490,21 @@ impl Server {
                 self.writer.ok(f.id, &answer);
                 super::buffers::give(answer);
             }
-            Err((code, message)) => self.writer.error(f.id, code, &message),
+            Err(e) => self.writer.fail(f.id, &e),
         }
         super::buffers::give(f.payload);
     }
 
     /// Answers an Exec (or the first process, started at boot): OK with the pid, or the
     /// error.
-    fn answer_exec(&self, id: u32, req: &ExecRequest, started: Result<i32, (ErrorCode, String)>) {
+    fn answer_exec(&self, id: u32, req: &ExecRequest, started: Result<i32, AgentError>) {
         match started {
             Ok(pid) => {
                 self.writer.ok(id, &(pid as u32).to_be_bytes());
                 trace(format_args!("process {id} started: {} (pid {pid})", req.program));
             }
-            Err((code, msg)) => {
-                self.writer.error(id, code, &msg);
+            Err(e) => {
+                self.writer.fail(id, &e);
                 // A failed start may leave a child to reap (a pty child killed when its
                 // ends could not be set).
                 spawn::start_reaper();
@@ -509,9 +513,9 @@ impl Server {
     }
 
     /// Starts a process as process `id` (see [`start`] and [`Server::adopt`]).
-    fn spawn(self: Arc<Self>, id: u32, req: &ExecRequest) -> Result<i32, (ErrorCode, String)> {
+    fn spawn(self: Arc<Self>, id: u32, req: &ExecRequest) -> Result<i32, AgentError> {
         if self.procs.lock().contains_key(&id) {
-            return Err((ErrorCode::InvalidArgument, format!("process id {id} is in use")));
+            return Err(AgentError::new(ErrorCode::InvalidArgument, format!("process id {id} is in use")));
         }
         let child = start(req)?;
         Ok(self.adopt(id, req, child))
@@ -647,8 +651,8 @@ impl Server {
 
 /// Starts the process `req` asks for: its user, environment and working directory
 /// resolved as the guest's files say.
-fn start(req: &ExecRequest) -> Result<spawn::Spawned, (ErrorCode, String)> {
-    let user = resolve_user(&req.user).map_err(|m| (ErrorCode::InvalidArgument, m))?;
+fn start(req: &ExecRequest) -> Result<spawn::Spawned, AgentError> {
+    let user = resolve_user(&req.user).map_err(|m| AgentError::new(ErrorCode::InvalidArgument, m))?;
     // The environment: the request's (a later entry wins), with HOME, USER and
     // LOGNAME when it lacks them.
     let mut env = std::collections::BTreeMap::new();
@@ -668,7 +672,7 @@ fn start(req: &ExecRequest) -> Result<spawn::Spawned, (ErrorCode, String)> {
         }
     } else {
         if let Err(e) = std::fs::read_dir(&req.dir) {
-            return Err((ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
+            return Err(AgentError::new(ErrorCode::Io, format!("working directory {}: {e}", req.dir)));
         }
         req.dir.as_str()
     };
@@ -686,8 +690,8 @@ fn start(req: &ExecRequest) -> Result<spawn::Spawned, (ErrorCode, String)> {
     };
     // The host prefixes "exec PROGRAM: "; the message is the cause alone.
     spawn::spawn(&spec).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidInput => (ErrorCode::InvalidArgument, e.to_string()),
-        _ => super::fs::io_error(e),
+        std::io::ErrorKind::InvalidInput => AgentError::new(ErrorCode::InvalidArgument, e.to_string()),
+        _ => AgentError::from_io(&e),
     })
 }
 

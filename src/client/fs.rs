@@ -34,12 +34,9 @@ use super::instance::{decode, Instance};
 use crate::error::{Error, Result};
 use crate::wire::{self, FileInfo, FileMode, Request, Wire};
 
-/// What FsReadFile's refusal of a file larger than one answer says (then read it
-/// through a handle).
-pub const READ_FILE_TOO_LARGE: &str = "larger than one answer";
-
-/// The most one FileRead asks for: one agent frame's worth.
-pub const READ_CHUNK: usize = crate::agent::fs::MAX_CHUNK;
+/// The most one FileRead asks for: well within one helper answer (64 MiB), which the
+/// helper fills from the guest a frame at a time.
+pub const READ_CHUNK: usize = 8 << 20;
 /// The most one FileWrite carries (the helper splits it for the guest).
 pub const WRITE_CHUNK: usize = 8 << 20;
 /// Data up to this size goes in one FsWriteFile; larger data through a handle.
@@ -87,10 +84,8 @@ impl<'a> Fs<'a> {
         match self.call(Request::FsReadFile { path: p.clone() }) {
             Ok(r) => r.decoder().bytes().map_err(decode("FsReadFile")),
             // Larger than one answer: through a handle, chunk by chunk.
-            Err(Error::Remote(ef))
-                if ef.code == wire::ErrorCode::InvalidArgument
-                    && ef.message.contains("larger than one answer") =>
-            {
+            // EFBIG: larger than one answer.
+            Err(Error::Remote(ef)) if ef.errno == Some(nix::libc::EFBIG) => {
                 let f = self.open(&p)?;
                 let mut data = Vec::new();
                 loop {

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::helper::{frame, Table};
 use super::pipes::PipeSlot;
 use super::{HandlerResult, Reply};
-use crate::agent::fs::{MAX_CHUNK, TOO_LARGE};
+use crate::agent::fs::MAX_CHUNK;
 use crate::vm::agent_link::AgentLink;
 use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request};
 
@@ -92,16 +92,18 @@ fn open(
     }))
 }
 
-/// The error for a file too large for one FsReadFile answer.
+/// The error for a file too large for one FsReadFile answer: EFBIG, which tells a
+/// client to read it through FsOpen and FileRead.
 fn too_large(size: usize) -> ErrorFrame {
     ErrorFrame::new(
         ErrorCode::InvalidArgument,
         "",
         format!(
-            "the file ({size} bytes) is {} ({MAX_READ_FILE} bytes): read it through FsOpen and FileRead",
-            crate::client::fs::READ_FILE_TOO_LARGE
+            "the file ({size} bytes) is larger than one answer ({MAX_READ_FILE} bytes): read it through \
+             FsOpen and FileRead"
         ),
     )
+    .with_errno(nix::libc::EFBIG)
 }
 
 /// Reads a whole guest file through an agent handle, chunk by chunk.
@@ -194,7 +196,8 @@ pub(super) fn serve(
             open(agent, files, next_handle, &req, &path)
         }
         Request::FsReadFile { ref path } => match ask(agent, &req, path) {
-            Err(e) if e.message == TOO_LARGE => {
+            // EFBIG: larger than an agent frame; the helper reads it in chunks.
+            Err(e) if e.errno == Some(nix::libc::EFBIG) => {
                 let data = read_through_handle(agent, path)?;
                 Ok(Reply::with(|e| {
                     e.bytes(&data);
@@ -239,9 +242,35 @@ pub(super) fn serve(
             Ok(Reply::ok())
         }
         Request::FileRead { handle, max } => {
+            // The helper splits: as much as asked, within one answer, an agent frame at a
+            // time, up to a short read (the end of the file, or a pipe's pace).
             let a = agent_handle(files, handle)?;
-            let max = max.min(MAX_CHUNK as u32);
-            fields(ask_open(agent, &Request::FileRead { handle: a, max })?)
+            let max = (max as usize).min(MAX_READ_FILE);
+            let mut data = Vec::new();
+            loop {
+                let want = (max - data.len()).min(MAX_CHUNK);
+                let chunk = match ask_open(agent, &Request::FileRead { handle: a, max: want as u32 }) {
+                    Ok(c) => c,
+                    // What was read is the answer; the error comes again on the next read.
+                    Err(_) if !data.is_empty() => break,
+                    Err(e) => return Err(e),
+                };
+                let bytes = Decoder::new(&chunk).bytes().map_err(|e| {
+                    ErrorFrame::new(
+                        ErrorCode::Unknown,
+                        "",
+                        format!("bad FileRead answer from the guest: {e}"),
+                    )
+                })?;
+                let short = bytes.len() < want;
+                data.extend_from_slice(&bytes);
+                if short || data.len() >= max {
+                    break;
+                }
+            }
+            Ok(Reply::with(|e| {
+                e.bytes(&data);
+            }))
         }
         Request::FileWrite { handle, data } => {
             let a = agent_handle(files, handle)?;

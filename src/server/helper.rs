@@ -719,9 +719,10 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             let p = match c.start(inst) {
                 Ok(p) => p,
                 Err(e) => {
-                    // Nothing was replaced: the instance runs on, and may try again.
+                    // Nothing was replaced: the instance runs on, and may try again (a
+                    // start that failed because the VM ended says NotRunning).
                     inst.main_started.store(false, SeqCst);
-                    return Err(e);
+                    return Err(st.after_end(msg::INSTANCE_EXEC, e));
                 }
             };
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -741,11 +742,19 @@ fn serve_instance(st: &State, inst: &Arc<Instance>, call: &mut Call<'_>, req: Re
             stop.store(true, SeqCst);
             let _ = typist.join();
             c.record(&code);
-            // Killed when the client went away (drain_until's SIGKILL): 128 + 9.
-            let status = *code.as_ref().unwrap_or(&(128 + nix::libc::SIGKILL));
-            log::info!("InstanceExec: the main process exited with status {status}; ending the VM");
-            if let Err(e) = vm.end_because(crate::vm::VmEnd::MainExited(status), Duration::from_secs(10)) {
-                log::warn!("ending the VM after its main process: {e}");
+            // Its exit status, or SIGKILL's (128 + 9) when the client went away (drain_until
+            // killed it); when the VM itself failed, the backend says how it ended.
+            let status = match &code {
+                Ok(status) => Some(*status),
+                Err(_) if call.is_cancelled() => Some(128 + nix::libc::SIGKILL),
+                Err(_) => None,
+            };
+            if let Some(status) = status {
+                log::info!("InstanceExec: the main process exited with status {status}; ending the VM");
+                if let Err(e) = vm.end_because(crate::vm::VmEnd::MainExited(status), Duration::from_secs(10))
+                {
+                    log::warn!("ending the VM after its main process: {e}");
+                }
             }
             let code = code.map_err(|e| frame(&vm.ended_error("InstanceExec").unwrap_or(e), ""))?;
             if code == 0 {

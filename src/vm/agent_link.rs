@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use crate::agent::proto::{self, ExecRequest};
 use crate::error::{Error, Result};
-use crate::wire::{Decoder, Encoder, ErrorCode, ErrorFrame};
+use crate::wire::{Decoder, Encoder, ErrorFrame};
 
 /// How long the agent may take to start a process.
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -402,11 +402,13 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 }
             }
             proto::ERROR => {
-                let mut d = Decoder::new(&f.payload);
-                let code = ErrorCode::from_u8(d.u8().unwrap_or(99));
-                let message = d.string().unwrap_or_else(|_| "malformed agent error".into());
+                let e = proto::AgentError::decode(&f.payload);
+                let mut frame = ErrorFrame::new(e.code, "", e.message);
+                if e.errno != 0 {
+                    frame = frame.with_errno(e.errno);
+                }
                 if let Some(tx) = inner.pending.lock().remove(&f.id) {
-                    let _ = tx.send(Err(ErrorFrame::new(code, "", message)));
+                    let _ = tx.send(Err(frame));
                 }
             }
             proto::OUTPUT => {
@@ -515,15 +517,15 @@ impl Process {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<i32> {
         loop {
+            // Checked on every event too: a process that never stops printing must not
+            // outlive a consumer that went away.
+            if cancelled() {
+                let _ = self.signal(nix::libc::SIGKILL);
+                return Err(Error::Closed);
+            }
             let ev = match self.events.recv_timeout(Duration::from_millis(200)) {
                 Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => {
-                    if cancelled() {
-                        let _ = self.signal(nix::libc::SIGKILL);
-                        return Err(Error::Closed);
-                    }
-                    continue;
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(self.link.inner.error("wait").unwrap_or(Error::Closed));
                 }

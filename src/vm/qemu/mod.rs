@@ -3,7 +3,7 @@
 //!
 //! Default machine: `-M microvm` (with its ACPI tables, which is how Debian kernels find
 //! virtio-mmio devices and the power button), the uncompressed vmlinux booted through
-//! its PVH entry, `-nodefaults`, the serial console through a FIFO into a bounded
+//! its PVH entry, `-nodefaults`, the serial console through a socket pair into a bounded
 //! `console.log` (and our stderr in dmesg mode), and
 //! `-no-reboot` so that a guest reboot ends the VM. The accelerator is KVM where the
 //! host has hardware virtualization, else TCG (`VMHOST_ACCEL=kvm|tcg|auto`).
@@ -247,9 +247,9 @@ impl QemuVm {
         check_extra_args(&cfg)?;
         let qemu = qemu_binary()?;
         let creds = cfg.qemu_user.credentials(cfg.accel)?;
-        // What QEMU keeps open from us: the kernel and the initramfs, for a QEMU of
-        // another user (see `user`).
-        let mut inherited = Vec::new();
+        // What QEMU keeps open from us (see `QemuFds`), and for a QEMU of another user
+        // (see `user`) the kernel and the initramfs too: it opens nothing of ours by name.
+        let mut inherited: Vec<OwnedFd> = Vec::new();
         if let Some(c) = &creds {
             for m in &cfg.mounts {
                 c.check_share(m)?;
@@ -263,16 +263,11 @@ impl QemuVm {
                     "kernel" => cfg.kernel_image = Some(fd),
                     _ => cfg.initramfs = fd,
                 }
-                inherited.push(f);
+                inherited.push(f.into());
             }
         }
         let dir = RunDir::new()?;
-        if let Some(c) = &creds {
-            if let Some(base) = dir.0.parent() {
-                user::open_for_traversal(base)?;
-            }
-            c.give(&dir.0)?;
-        }
+        let fds = QemuFds::new(&dir.0)?;
         let console = ConsoleLog::new(Some(&dir.0.join("console.log")), cfg.dmesg);
         let id = format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
@@ -298,19 +293,14 @@ impl QemuVm {
         }));
         let vm = QemuVm { shared: shared.clone() };
         let (append, private) = kernel_cmdline(&cfg);
-        let args = command_line(&cfg, cmdline_args(append, private, &shared.dir.0)?, &shared.dir.0);
+        let (cmdline, cmdline_file) = cmdline_args(append, private, &shared.dir.0, creds.is_some())?;
+        inherited.extend(cmdline_file);
+        let args = command_line(&cfg, cmdline, &fds);
         log::debug!("qemu {}", args.join(" "));
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
-        let console = open_console(&shared.dir.0)?;
-        if let Some(c) = &creds {
-            for name in ["console.in", "console.out", "cmdline.cfg"] {
-                let p = shared.dir.0.join(name);
-                if p.exists() {
-                    c.give(&p)?;
-                }
-            }
-        }
+        let QemuFds { console, for_qemu } = fds;
+        inherited.extend(for_qemu);
         let reader = shared.clone();
         thread::Builder::new()
             .name("vmhost-console".into())
@@ -338,6 +328,7 @@ impl QemuVm {
                 Ok(vm)
             }
             Err(e) => {
+                log::debug!("{}: the boot failed: {e}", shared.id);
                 let _ = vm.force_stop();
                 Err(vm.boot_error(e))
             }
@@ -519,41 +510,51 @@ impl QemuVm {
     }
 }
 
-/// Creates the console FIFOs QEMU's `pipe` chardev uses (`console.in`, which nobody
-/// writes, and `console.out`) and opens the output one for reading. Opened read-write,
-/// so that opening does not wait for QEMU.
-fn open_console(dir: &Path) -> Result<File> {
-    use nix::sys::stat::Mode;
-    for name in ["console.in", "console.out"] {
-        let p = dir.join(name);
-        nix::unistd::mkfifo(&p, Mode::S_IRUSR | Mode::S_IWUSR)
-            .map_err(|e| Error::io("create console FIFO", &p, e.into()))?;
-    }
-    let out = dir.join("console.out");
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&out)
-        .map_err(|e| Error::io("open console", &out, e))
+/// What QEMU gets as open descriptors rather than names, all made by us in the VM's
+/// run directory, which only we can enter: its listening sockets (QMP, the agent's
+/// port, the network device's and slirp's streams), bound here and listened on by
+/// QEMU (`fd=N`), and its end of the console's socket pair. Nothing QEMU (or a guest
+/// that took it over) does can put something else at a path we later connect to or
+/// read.
+struct QemuFds {
+    /// Our end of the console.
+    console: File,
+    /// QEMU's descriptors, in [`QemuFds::ORDER`]: closed here once QEMU has its copies.
+    for_qemu: Vec<OwnedFd>,
 }
 
-/// Reads the guest console until the VM ends, into the VM's [`ConsoleLog`].
-fn read_console(sh: &Shared, fifo: File) {
-    let mut buf = vec![0u8; 16 << 10];
-    let mut fifo = fifo;
-    loop {
-        // Poll first: we hold the FIFO open for writing too, so it never reports EOF.
-        let mut pfd = nix::libc::pollfd { fd: fifo.as_raw_fd(), events: nix::libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd on a descriptor we own.
-        let ready = unsafe { nix::libc::poll(&mut pfd, 1, 200) } > 0;
-        if !ready {
-            if sh.life.state().is_final() {
-                return;
-            }
-            continue;
+impl QemuFds {
+    /// The sockets, in the order of `for_qemu`, by the name of their path.
+    const ORDER: [&'static str; 4] = ["qmp.sock", "agent.sock", "guest-net.sock", "slirp.sock"];
+
+    fn new(dir: &Path) -> Result<QemuFds> {
+        let mut for_qemu: Vec<OwnedFd> = Vec::new();
+        for name in QemuFds::ORDER {
+            for_qemu.push(unix::bind_socket(&dir.join(name))?.into());
         }
-        match fifo.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| Error::io("create the console socket", dir, e))?;
+        for_qemu.push(theirs.into());
+        Ok(QemuFds { console: File::from(OwnedFd::from(ours)), for_qemu })
+    }
+
+    /// The descriptor number QEMU gets for the socket `name` (one of [`QemuFds::ORDER`])
+    /// or, for "console", its end of the console.
+    fn fd(&self, name: &str) -> i32 {
+        let i = QemuFds::ORDER.iter().position(|n| *n == name).unwrap_or(QemuFds::ORDER.len());
+        self.for_qemu[i].as_raw_fd()
+    }
+}
+
+/// Reads the guest console until the VM ends (QEMU's end of the socket pair closes
+/// with it), into the VM's [`ConsoleLog`].
+fn read_console(sh: &Shared, mut console: File) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match console.read(&mut buf) {
+            Ok(0) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
             Ok(n) => sh.console.append(&buf[..n]),
         }
     }
@@ -665,18 +666,34 @@ const QEMU_CONFIG_VALUE: usize = 1023;
 /// it carries a command (`private`), `-readconfig` with a file in the VM's private run
 /// directory that holds it. QEMU's own arguments are readable by every user of the host
 /// (`ps`); the file is not.
-fn cmdline_args(append: String, private: bool, dir: &Path) -> Result<[String; 2]> {
+fn cmdline_args(
+    append: String,
+    private: bool,
+    dir: &Path,
+    other_user: bool,
+) -> Result<([String; 2], Option<OwnedFd>)> {
     if !private {
-        return Ok(["-append".into(), append]);
+        return Ok((["-append".into(), append], None));
     }
     let path = dir.join("cmdline.cfg");
     let text = format!("[machine]\n  append = \"{append}\"\n");
     std::fs::write(&path, text).map_err(|e| Error::io("write the kernel command line", &path, e))?;
-    Ok(["-readconfig".into(), path.display().to_string()])
+    if !other_user {
+        return Ok((["-readconfig".into(), path.display().to_string()], None));
+    }
+    // A QEMU of another user reads it through the descriptor (reopened by
+    // /proc/self/fd, which checks the file's mode, not the directory's): 0644 in a
+    // directory only we enter.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::io("chmod", &path, e))?;
+    let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+    let arg = format!("/proc/self/fd/{}", f.as_raw_fd());
+    Ok((["-readconfig".into(), arg], Some(f.into())))
 }
 
 /// QEMU's arguments, with `cmdline` giving the kernel its command line.
-fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<String> {
+fn command_line(cfg: &BootConfig, cmdline: [String; 2], fds: &QemuFds) -> Vec<String> {
     let minimal = cfg.kernel.is_minimal();
     let (machine, serial_dev, net_dev, balloon_dev) = match cfg.machine {
         MachineType::Microvm if minimal => {
@@ -689,7 +706,6 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
     };
     let kernel = cfg.kernel_image.as_ref().unwrap_or(&cfg.kernel.vmlinux);
     let cpu = cpu_model(cfg.accel);
-    let p = |name: &str| dir.join(name).display().to_string();
     let mut args: Vec<String> = vec![
         "-M".into(),
         machine.into(),
@@ -717,7 +733,7 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         "-initrd".into(),
         cfg.initramfs.display().to_string(),
         "-chardev".into(),
-        format!("pipe,id=con,path={}", p("console")),
+        format!("socket,id=con,fd={}", fds.fd("console")),
         "-serial".into(),
         "chardev:con".into(),
         // Two ports (0, kept for a console, and the agent's), not the default 31: the
@@ -726,20 +742,22 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         "-device".into(),
         format!("{serial_dev},max_ports=2"),
         "-chardev".into(),
-        format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock")),
+        format!("socket,id=agent,fd={},server=on,wait=off", fds.fd("agent.sock")),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={}", crate::agent::PORT_NAME),
         // wait=on: QEMU accepts us before it sets its monitor up. With wait=off, QEMU 7.2
         // can lose an early client's greeting or commands under load (its main loop
         // accepts while the monitor's I/O thread takes the socket over); we connect at
         // once, so it waits at most one dial interval for us.
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=on", p("qmp.sock")),
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={},server=on,wait=on", fds.fd("qmp.sock")),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
         // The network device and QEMU's user-mode network, each on a socket of its own
         // that net_filter joins when the network is first enabled (slirp behind a hub,
         // IPv6 off); the device's link starts down (see QemuVm::set_network).
         "-netdev".into(),
-        format!("stream,id={NET_ID},server=on,addr.type=unix,addr.path={}", p("guest-net.sock")),
+        format!("stream,id={NET_ID},server=on,addr.type=fd,addr.str={}", fds.fd("guest-net.sock")),
         "-device".into(),
         format!("{net_dev},netdev={NET_ID}"),
         "-netdev".into(),
@@ -747,7 +765,7 @@ fn command_line(cfg: &BootConfig, cmdline: [String; 2], dir: &Path) -> Vec<Strin
         "-netdev".into(),
         "hubport,id=slirp-port,hubid=0,netdev=slirp".into(),
         "-netdev".into(),
-        format!("stream,id=slirp-net,server=on,addr.type=unix,addr.path={}", p("slirp.sock")),
+        format!("stream,id=slirp-net,server=on,addr.type=fd,addr.str={}", fds.fd("slirp.sock")),
         "-netdev".into(),
         "hubport,id=filter-port,hubid=0,netdev=slirp-net".into(),
         // Memory the guest frees goes back to the host (free page reporting: the guest
@@ -889,7 +907,7 @@ fn end_of(
 /// the files it inherits (their `/proc/self/fd` paths are in its arguments).
 struct ChildSetup {
     creds: Option<Arc<user::Credentials>>,
-    inherited: Vec<File>,
+    inherited: Vec<OwnedFd>,
 }
 
 /// The supervisor thread: starts QEMU, reports back, then waits for it to exit (or
@@ -910,9 +928,10 @@ fn supervise(
     let creds = child_setup.creds.clone();
     if creds.is_some() {
         // Not our working directory, which QEMU's user may not reach.
-        cmd.current_dir(&sh.dir.0);
+        cmd.current_dir("/");
     }
     let inherited: Vec<i32> = child_setup.inherited.iter().map(|f| f.as_raw_fd()).collect();
+    let parent = std::process::id();
     // SAFETY: fcntl, setgroups, setresgid, setresuid and prctl are async-signal-safe and
     // touch only memory allocated before the fork. This thread lives until QEMU exits,
     // so the parent-death signal fires only when our whole process dies.
@@ -926,9 +945,17 @@ fn supervise(
             if let Some(c) = &creds {
                 c.assume()?;
             }
-            // After the change of user, which clears the parent-death signal.
+            // No privileges from any exec after this one (QEMU's sandbox sets it too).
+            if nix::libc::prctl(nix::libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // After the change of user, which clears the parent-death signal; a parent
+            // that died before it was set is seen here instead.
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if nix::libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("vmhost ended while QEMU started"));
             }
             // No transparent huge pages for QEMU (kept across exec): with them, each
             // byte the guest touches makes 2 MiB of its memory resident, and each

@@ -159,12 +159,12 @@ impl Credentials {
             op: "mount".into(),
             message: format!(
                 "{} is not open to QEMU's user (uid {}): when vmhost runs as root, each VM's QEMU runs \
-                 as a user of its own, which may {grant} only what every user may (chmod o+{}X on the \
-                 directory and those above it), or set VMHOST_QEMU_USER to a user that may {grant} it \
-                 (its owner), or to root to keep QEMU as root",
+                 as a user of its own, which may {grant} only what every user may (chmod o+{} on the \
+                 directory, o+x on those above it), or set VMHOST_QEMU_USER to a user that may \
+                 {grant} it (its owner), or to root to keep QEMU as root",
                 path.display(),
                 self.uid,
-                if m.writable { "rw" } else { "r" },
+                if m.writable { "rwx" } else { "rx" },
             ),
         })
     }
@@ -192,12 +192,6 @@ impl Credentials {
         })
     }
 
-    /// Gives `path` (a file or directory vmhost made for QEMU) to these credentials.
-    pub(crate) fn give(&self, path: &Path) -> Result<()> {
-        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
-            .map_err(|e| Error::io("give to QEMU's user", path, e))
-    }
-
     /// Takes these credentials on, in the child between fork and exec: only
     /// async-signal-safe calls on memory allocated before the fork.
     pub(crate) fn assume(&self) -> std::io::Result<()> {
@@ -215,32 +209,21 @@ impl Credentials {
     }
 }
 
-/// Makes the private directory of the VMs' run directories traversable (0711), so that
-/// a QEMU of another user reaches its own run directory inside it by name; nobody but
-/// its owner lists it.
-pub(crate) fn open_for_traversal(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let m = std::fs::symlink_metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
-    if m.mode() & 0o777 != 0o711 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| Error::io("make traversable", dir, e))?;
-    }
-    Ok(())
-}
-
-/// Where the per-VM uids are locked: one place for every vmhost of the host.
-fn uid_lock_dir() -> PathBuf {
+/// Where the per-VM uids are locked: one place for every vmhost of the host, in root's
+/// /run, or else in root's private run directory (checked to be root's and closed).
+fn uid_lock_dir() -> Result<PathBuf> {
     if Path::new("/run").is_dir() {
-        PathBuf::from("/run/vmhost/qemu-uids")
-    } else {
-        PathBuf::from("/tmp/vmhost-0/qemu-uids")
+        return Ok(PathBuf::from("/run/vmhost/qemu-uids"));
     }
+    let base = super::super::run_dir::run_base();
+    crate::unix::ensure_private_dir(&base)?;
+    Ok(base.join("qemu-uids"))
 }
 
 /// Takes the first free uid of the range: one whose lock file nobody holds and that no
 /// live process runs as.
 fn take_uid() -> Result<(u32, File)> {
-    let dir = uid_lock_dir();
+    let dir = uid_lock_dir()?;
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -254,10 +237,12 @@ fn take_uid() -> Result<(u32, File)> {
             continue;
         }
         let path = dir.join(uid.to_string());
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io("open QEMU uid lock", &path, e))?;
         // SAFETY: flock on a descriptor we own.
@@ -265,7 +250,9 @@ fn take_uid() -> Result<(u32, File)> {
             use std::os::fd::AsRawFd;
             nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) == 0
         };
-        if locked {
+        // Locked, and still no process of that uid (one may have started between the
+        // look at /proc and the lock): ours.
+        if locked && !uids_in_use().contains(&uid) {
             return Ok((uid, file));
         }
     }

@@ -13,8 +13,11 @@
 //! Everything is blocking std I/O: one thread per connection and per VM, crossbeam
 //! channels between them, no async runtime.
 //!
-//! The full message catalogue of the helper protocol is in `docs/protocol.md`.
-
+//! The full message catalogue of the helper protocol is in `docs/protocol.md`; the agent
+//! protocol's is in `docs/agent-protocol.md`. Runnable programs are in `examples/`
+//! (`cargo run --example run_command -- uname -a`). The README follows.
+//!
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub mod agent;

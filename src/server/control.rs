@@ -65,6 +65,29 @@ pub trait VmController: Send + Sync + 'static {
     fn wait(&self) -> Result<()>;
 }
 
+/// The control server over a VM of either backend (the arrow runs from the server to
+/// the VM, never back).
+impl VmController for crate::vm::Machine {
+    fn state(&self) -> VmState {
+        crate::vm::Machine::state(self)
+    }
+    fn stop(&self, timeout: Duration) -> Result<()> {
+        crate::vm::Machine::stop(self, timeout)
+    }
+    fn force_stop(&self) -> Result<()> {
+        crate::vm::Machine::force_stop(self)
+    }
+    fn ssh_port(&self) -> u16 {
+        0
+    }
+    fn backend(&self) -> &str {
+        crate::vm::Machine::backend(self).as_str()
+    }
+    fn wait(&self) -> Result<()> {
+        crate::vm::Machine::wait(self)
+    }
+}
+
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {

@@ -210,27 +210,6 @@ impl Machine {
     }
 }
 
-impl crate::server::control::VmController for Machine {
-    fn state(&self) -> VmState {
-        Machine::state(self)
-    }
-    fn stop(&self, timeout: Duration) -> Result<()> {
-        Machine::stop(self, timeout)
-    }
-    fn force_stop(&self) -> Result<()> {
-        Machine::force_stop(self)
-    }
-    fn ssh_port(&self) -> u16 {
-        0
-    }
-    fn backend(&self) -> &str {
-        Machine::backend(self).as_str()
-    }
-    fn wait(&self) -> Result<()> {
-        Machine::wait(self)
-    }
-}
-
 /// How long a guest may take to reach its agent: `VMHOST_BOOT_TIMEOUT` (seconds) or
 /// 120 s.
 pub fn boot_timeout() -> Duration {

@@ -54,11 +54,20 @@ struct OpenFile {
     name: String,
 }
 
-/// The files the host has open, by agent handle.
-#[derive(Default)]
+/// The files the host has open, by agent handle, and where guest paths lead.
 pub struct Files {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// `/` in the guest; a host directory when the agent's server runs in a test
+    /// ([`crate::agent::serve::serve_over`]), paths then resolved lexically below it:
+    /// a test root, not a jail (a symlink in it leads out).
+    root: PathBuf,
+}
+
+impl Default for Files {
+    fn default() -> Files {
+        Files::new()
+    }
 }
 
 impl std::fmt::Debug for Files {
@@ -77,15 +86,20 @@ fn invalid(message: impl Into<String>) -> FsError {
     AgentError::new(ErrorCode::InvalidArgument, message.into())
 }
 
-/// A guest path from the host: relative ones are taken from `/`.
-fn guest_path(p: &str) -> Result<PathBuf, FsError> {
+/// A guest path from the host: relative ones are taken from `/`, which is `root`.
+fn guest_path(root: &Path, p: &str) -> Result<PathBuf, FsError> {
     if p.is_empty() {
         return Err(invalid("empty path"));
     }
     if p.contains('\0') {
         return Err(invalid("NUL byte in path"));
     }
-    Ok(Path::new("/").join(p))
+    let p = Path::new("/").join(p);
+    if root == Path::new("/") {
+        return Ok(p);
+    }
+    let inside = normalize(&p);
+    Ok(root.join(inside.strip_prefix("/").unwrap_or(&inside)))
 }
 
 /// `p` with `.` and `..` resolved lexically (symlinks are not followed).
@@ -126,7 +140,16 @@ fn file_info(path: &str, m: &Metadata) -> FileInfo {
 impl Files {
     /// The table, empty.
     pub fn new() -> Files {
-        Files { next: AtomicU64::new(1), open: Mutex::new(HashMap::new()) }
+        Files::with_root("/")
+    }
+
+    /// The table, empty, with guest paths taken below `root` (see [`Files`]).
+    pub fn with_root(root: impl Into<PathBuf>) -> Files {
+        Files { next: AtomicU64::new(1), open: Mutex::new(HashMap::new()), root: root.into() }
+    }
+
+    fn guest_path(&self, p: &str) -> Result<PathBuf, FsError> {
+        guest_path(&self.root, p)
     }
 
     fn get(&self, h: u64) -> Result<Arc<OpenFile>, FsError> {
@@ -151,7 +174,7 @@ impl Files {
     }
 
     fn open(&self, path: &str, flags: i32, perm: u32) -> Result<u64, FsError> {
-        let p = cpath(&guest_path(path)?)?;
+        let p = cpath(&self.guest_path(path)?)?;
         // SAFETY: open on a NUL-terminated path; the descriptor is owned right after.
         let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, perm as libc::c_uint) };
         if fd < 0 {
@@ -189,12 +212,12 @@ impl Files {
                     .create(true)
                     .truncate(true)
                     .mode(perm.to_unix_perm())
-                    .open(guest_path(path)?)
+                    .open(self.guest_path(path)?)
                     .map_err(io_error)?;
                 f.write_all(data).map_err(io_error)?;
             }
             RequestRef::FsReadFile { path } => {
-                let mut f = File::open(guest_path(path)?).map_err(io_error)?;
+                let mut f = File::open(self.guest_path(path)?).map_err(io_error)?;
                 // Its size first (fstat): one larger than a frame is refused unread.
                 let size = f.metadata().map_or(0, |m| m.len() as usize);
                 if size > MAX_CHUNK {
@@ -215,16 +238,16 @@ impl Files {
                 return Ok(answer);
             }
             RequestRef::FsStat { path } => {
-                let m = std::fs::metadata(guest_path(path)?).map_err(io_error)?;
+                let m = std::fs::metadata(self.guest_path(path)?).map_err(io_error)?;
                 file_info(path, &m).encode(&mut out);
             }
             RequestRef::FsLstat { path } => {
-                let m = std::fs::symlink_metadata(guest_path(path)?).map_err(io_error)?;
+                let m = std::fs::symlink_metadata(self.guest_path(path)?).map_err(io_error)?;
                 file_info(path, &m).encode(&mut out);
             }
             RequestRef::FsRemove { path } => {
                 // Go's os.Remove: a file, or else an empty directory.
-                let p = guest_path(path)?;
+                let p = self.guest_path(path)?;
                 if let Err(e) = std::fs::remove_file(&p) {
                     let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
                     if !is_dir {
@@ -235,7 +258,7 @@ impl Files {
             }
             RequestRef::FsRemoveAll { path } => {
                 // Go's os.RemoveAll: everything under it; a missing path is no error.
-                let p = guest_path(path)?;
+                let p = self.guest_path(path)?;
                 // Go refuses a path ending in "." or ".." (EINVAL); and whatever spelling
                 // names the root ("/", "/tmp/..", "a/../") is refused.
                 if path
@@ -246,7 +269,7 @@ impl Files {
                 {
                     return Err(invalid(format!("{path}: a path ending in . or .. cannot be removed")));
                 }
-                if normalize(&p) == Path::new("/") {
+                if normalize(&p) == normalize(&self.root) {
                     return Err(invalid("refusing to remove the guest's whole root"));
                 }
                 let r = match std::fs::symlink_metadata(&p) {
@@ -262,11 +285,11 @@ impl Files {
             RequestRef::FsMkdir { path, perm } => {
                 std::fs::DirBuilder::new()
                     .mode(perm.to_unix_perm())
-                    .create(guest_path(path)?)
+                    .create(self.guest_path(path)?)
                     .map_err(io_error)?;
             }
             RequestRef::FsMkdirAll { path, perm } => {
-                let p = guest_path(path)?;
+                let p = self.guest_path(path)?;
                 if !p.is_dir() {
                     std::fs::DirBuilder::new()
                         .recursive(true)
@@ -276,20 +299,20 @@ impl Files {
                 }
             }
             RequestRef::FsRename { from, to } => {
-                std::fs::rename(guest_path(from)?, guest_path(to)?).map_err(io_error)?;
+                std::fs::rename(self.guest_path(from)?, self.guest_path(to)?).map_err(io_error)?;
             }
             RequestRef::FsSymlink { target, link } => {
                 if target.is_empty() || target.contains('\0') {
                     return Err(invalid("bad symlink target"));
                 }
-                std::os::unix::fs::symlink(target, guest_path(link)?).map_err(io_error)?;
+                std::os::unix::fs::symlink(target, self.guest_path(link)?).map_err(io_error)?;
             }
             RequestRef::FsReadlink { path } => {
-                let t = std::fs::read_link(guest_path(path)?).map_err(io_error)?;
+                let t = std::fs::read_link(self.guest_path(path)?).map_err(io_error)?;
                 out.string(&t.to_string_lossy());
             }
             RequestRef::FsReadDir { path } => {
-                let dir = guest_path(path)?;
+                let dir = self.guest_path(path)?;
                 let mut entries = Vec::new();
                 for e in std::fs::read_dir(&dir).map_err(io_error)? {
                     let e = e.map_err(io_error)?;
@@ -323,7 +346,7 @@ impl Files {
             RequestRef::FsChmod { path, mode } => {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(
-                    guest_path(path)?,
+                    self.guest_path(path)?,
                     std::fs::Permissions::from_mode(mode.to_unix_perm()),
                 )
                 .map_err(io_error)?;
@@ -331,10 +354,10 @@ impl Files {
             RequestRef::FsChown { path, uid, gid } => {
                 // -1 leaves that id unchanged, as with chown(2) and Go's os.Chown.
                 let id = |v: i32| (v >= 0).then_some(v as u32);
-                std::os::unix::fs::chown(guest_path(path)?, id(uid), id(gid)).map_err(io_error)?;
+                std::os::unix::fs::chown(self.guest_path(path)?, id(uid), id(gid)).map_err(io_error)?;
             }
             RequestRef::FsChtimes { path, atime, mtime } => {
-                let p = cpath(&guest_path(path)?)?;
+                let p = cpath(&self.guest_path(path)?)?;
                 let ts = |s: i64| libc::timespec { tv_sec: s as _, tv_nsec: 0 };
                 let times = [ts(atime), ts(mtime)];
                 // SAFETY: utimensat on a NUL-terminated path with two timespecs.

@@ -105,6 +105,7 @@ pub fn run(first: Option<First>) -> i32 {
         files: super::fs::Files::new(),
         fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
         proc_pool: Arc::new(Pool::new(usize::MAX)),
+        ends_at_eof: false,
     });
     // Started while the host answers the Hello: the worker for the first command. The
     // reaper starts once a command has run a while or has ended (spawn::start_reaper).
@@ -115,6 +116,33 @@ pub fn run(first: Option<First>) -> i32 {
         server.answer_exec(id, &req, started);
     }
     server.serve(file)
+}
+
+/// The agent's server over any stream `port` (one end of a socket pair), its files
+/// below `root` (see [`super::fs::Files::with_root`]): the middle of vmhost (the helper's
+/// Fs and File handlers, the agent link, the agent's file serving) tested without a
+/// guest. It says Hello and serves until the other end closes. Not for Exec: a process
+/// it started would be a child of this process, which has no reaper for it.
+pub fn serve_over(port: File, root: std::path::PathBuf) -> i32 {
+    let writer = match port.try_clone() {
+        Ok(w) => Writer(Arc::new(Mutex::new((w, Vec::new())))),
+        Err(e) => {
+            say(format_args!("clone the stream: {e}"));
+            return 1;
+        }
+    };
+    let mut hello = Encoder::new();
+    hello.u32(proto::VERSION).string("vmhost-agent (in-process)").u8(0);
+    writer.send(proto::HELLO, 0, hello.as_bytes());
+    let server = Arc::new(Server {
+        writer,
+        procs: Mutex::new(HashMap::new()),
+        files: super::fs::Files::with_root(root),
+        fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
+        proc_pool: Arc::new(Pool::new(usize::MAX)),
+        ends_at_eof: true,
+    });
+    server.serve(port)
 }
 
 /// Finds `/dev/vportNpM` whose port name is [`PORT_NAME`], waiting for it to appear.
@@ -255,6 +283,9 @@ struct Server {
     fs_pool: Arc<Pool>,
     /// Carries each process's output and end: one worker per running process.
     proc_pool: Arc<Pool>,
+    /// Whether the end of the stream ends the server (a socket's, in tests) rather than
+    /// meaning "no host yet" (the virtio port's).
+    ends_at_eof: bool,
 }
 
 /// The most threads serving filesystem requests at once.
@@ -360,6 +391,7 @@ impl Server {
                     // A large one (stdin data) came from the kept buffers.
                     super::buffers::give(f.payload);
                 }
+                Ok(None) if me.ends_at_eof => return 0,
                 // The host end is not connected (yet, or any more): keep the port open
                 // and wait, as closing and reopening it loses data.
                 Ok(None) => thread::sleep(Duration::from_millis(50)),

@@ -385,3 +385,109 @@ pub(super) fn is_pipe_or_closed(files: &Files, handle: u64) -> bool {
 pub(super) fn is_fs(req: &Request) -> bool {
     matches!(req.ty() >> 8, 0x02 | 0x03) && !matches!(req, Request::FsSnapshot { .. })
 }
+
+/// The helper's Fs and File handlers against the agent's real file serving, over a
+/// socket pair, with a scratch directory as the guest's root: no guest, milliseconds.
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::test_dir::TempDir;
+    use crate::wire::FileInfo;
+
+    struct Guestless {
+        agent: AgentLink,
+        files: Files,
+        next: AtomicU64,
+        dir: TempDir,
+    }
+
+    impl Guestless {
+        fn new(tag: &str) -> Guestless {
+            let dir = TempDir::new(tag);
+            let (host, guest) = UnixStream::pair().unwrap();
+            let root = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                crate::agent::serve::serve_over(std::fs::File::from(OwnedFd::from(guest)), root)
+            });
+            let agent = AgentLink::connect(host, Duration::from_secs(10), None).unwrap();
+            Guestless { agent, files: Mutex::new(Table::new()), next: AtomicU64::new(1), dir }
+        }
+
+        /// One request through the helper's handler: the fields after the OK byte.
+        fn call(&self, req: Request) -> Result<Vec<u8>, ErrorFrame> {
+            let next = || self.next.fetch_add(1, Ordering::Relaxed);
+            serve(&self.agent, &self.files, &next, &|| false, req).map(|r| r.payload[1..].to_vec())
+        }
+
+        fn handle(&self, req: Request) -> u64 {
+            Decoder::new(&self.call(req).unwrap()).u64().unwrap()
+        }
+    }
+
+    use std::os::fd::OwnedFd;
+
+    fn bytes(answer: &[u8]) -> Vec<u8> {
+        Decoder::new(answer).bytes().unwrap().to_vec()
+    }
+
+    #[test]
+    fn files_round_trip_and_errors_carry_the_errno() {
+        let g = Guestless::new("fs-rt");
+        let perm = wire::FileMode::from_unix(0o644);
+        g.call(Request::FsWriteFile { path: "/a.txt".into(), data: b"hello".to_vec(), perm }).unwrap();
+        assert_eq!(std::fs::read(g.dir.join("a.txt")).unwrap(), b"hello", "below the root, not in /");
+        assert_eq!(bytes(&g.call(Request::FsReadFile { path: "a.txt".into() }).unwrap()), b"hello");
+        let info: FileInfo =
+            wire::Wire::from_payload(&g.call(Request::FsStat { path: "/a.txt".into() }).unwrap()).unwrap();
+        assert_eq!((info.name.as_str(), info.size), ("a.txt", 5));
+        // A missing file: code IO, the errno as a field, not only as text.
+        let e = g.call(Request::FsStat { path: "/missing".into() }).unwrap_err();
+        assert_eq!((e.code, e.errno, e.path.as_str()), (ErrorCode::Io, Some(nix::libc::ENOENT), "/missing"));
+        let err = crate::Error::Remote(e);
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        // `..` cannot climb above the root.
+        g.call(Request::FsWriteFile { path: "/../../x.txt".into(), data: b"x".to_vec(), perm }).unwrap();
+        assert!(g.dir.join("x.txt").exists());
+    }
+
+    #[test]
+    fn a_file_larger_than_a_frame_is_read_through_a_handle_by_the_helper() {
+        let g = Guestless::new("fs-big");
+        // 3 MiB: three agent frames; the agent refuses FsReadFile with EFBIG unread and
+        // the helper reads it in chunks.
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(g.dir.join("big"), &data).unwrap();
+        assert_eq!(bytes(&g.call(Request::FsReadFile { path: "/big".into() }).unwrap()), data);
+        // Through a handle: one FileRead of 2.5 MiB is filled a frame at a time; the
+        // rest comes short; then empty at the end.
+        let h = g.handle(Request::FsOpen { path: "/big".into() });
+        let first = bytes(&g.call(Request::FileRead { handle: h, max: 5 << 19 }).unwrap());
+        assert_eq!(first, data[..5 << 19]);
+        let rest = bytes(&g.call(Request::FileRead { handle: h, max: 4 << 20 }).unwrap());
+        assert_eq!(rest, data[5 << 19..]);
+        assert!(bytes(&g.call(Request::FileRead { handle: h, max: 4096 }).unwrap()).is_empty());
+        g.call(Request::FileClose { handle: h }).unwrap();
+    }
+
+    #[test]
+    fn helper_handles_map_to_the_agents_and_a_closed_one_is_already_closed() {
+        let g = Guestless::new("fs-handles");
+        std::fs::write(g.dir.join("f"), b"abc").unwrap();
+        // The helper's handles are its own numbers, not the agent's.
+        let _other = g.next.fetch_add(100, Ordering::Relaxed);
+        let h = g.handle(Request::FsOpen { path: "/f".into() });
+        assert!(h > 100, "{h}");
+        assert_eq!(bytes(&g.call(Request::FileRead { handle: h, max: 2 }).unwrap()), b"ab");
+        g.call(Request::FileClose { handle: h }).unwrap();
+        let e = g.call(Request::FileRead { handle: h, max: 2 }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::AlreadyClosed);
+        let e = g.call(Request::FileClose { handle: h }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::AlreadyClosed);
+        let e = g.call(Request::FileRead { handle: 99_999, max: 2 }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidHandle);
+    }
+}

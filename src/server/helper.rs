@@ -150,7 +150,7 @@ pub(super) struct Table<T> {
 }
 
 impl<T: Clone> Table<T> {
-    fn new() -> Table<T> {
+    pub(super) fn new() -> Table<T> {
         Table { live: HashMap::new(), freed: HashSet::new() }
     }
 

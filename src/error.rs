@@ -116,9 +116,9 @@ pub enum Error {
         /// The operation.
         op: String,
         /// Its lifecycle state.
-        state: crate::vm::VmState,
+        state: crate::vm::state::VmState,
         /// How it ended.
-        end: Option<crate::vm::VmEnd>,
+        end: Option<crate::vm::end::VmEnd>,
     },
     /// A VM lifecycle operation failed.
     Vm {
@@ -137,7 +137,7 @@ pub enum Error {
     /// A QMP exchange with QEMU failed.
     Qmp(crate::qmp::Error),
     /// The kvm backend's VMM failed (a KVM ioctl, guest memory, a vCPU).
-    Kvm(crate::vm::kvm::Error),
+    Kvm(crate::vm::kvm::error::Error),
     /// The backend asked for cannot run here.
     BackendUnavailable {
         /// The backend ("kvm").
@@ -286,8 +286,8 @@ impl std::error::Error for Error {
     }
 }
 
-impl From<crate::vm::kvm::Error> for Error {
-    fn from(e: crate::vm::kvm::Error) -> Error {
+impl From<crate::vm::kvm::error::Error> for Error {
+    fn from(e: crate::vm::kvm::error::Error) -> Error {
         Error::Kvm(e)
     }
 }

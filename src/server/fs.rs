@@ -16,8 +16,9 @@ use std::sync::Arc;
 use nix::libc;
 use parking_lot::Mutex;
 
-use super::helper::{frame, Table};
+use super::helper::frame;
 use super::pipes::PipeSlot;
+use super::table::Table;
 use super::{HandlerResult, Reply};
 use crate::agent::fs::MAX_CHUNK;
 use crate::vm::agent_link::AgentLink;

@@ -18,11 +18,15 @@
 //!   (its remaining bytes cannot be skipped safely);
 //! - a peer running as another uid (SO_PEERCRED) is dropped before anything is read.
 
+mod cmd;
 pub mod control;
+pub mod first_command;
 mod fs;
 mod hangup;
 pub mod helper;
+mod instance;
 mod pipes;
+mod table;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

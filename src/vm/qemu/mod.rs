@@ -652,7 +652,7 @@ fn check_extra_args(cfg: &BootConfig) -> Result<()> {
     Ok(())
 }
 
-/// QEMU's `-sandbox` option (see [`command_line`]).
+/// QEMU's `-sandbox` option (see `command_line`).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The virtio devices of every VM besides its mounts: the agent's serial port, the

@@ -1,0 +1,205 @@
+//! The Instance* family (but InstanceNew, which makes one: see the helper): the booted
+//! instance's lifecycle, console, network and main process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::cmd::Cmd;
+use super::helper::{frame, State};
+use super::table::Table;
+use super::{Call, HandlerResult, Reply};
+use crate::vm::agent_link::Process;
+use crate::vm::Machine;
+use crate::wire::{msg, ErrorCode, ErrorFrame, Request};
+
+/// The helper's booted instance: its VM, its user, its tables of handles, its console.
+pub(super) struct BootedInstance {
+    pub(super) vm: Machine,
+    pub(super) user: String,
+    pub(super) cmds: Mutex<Table<Arc<Cmd>>>,
+    pub(super) files: super::fs::Files,
+    pub(super) console: Mutex<(i32, i32)>,
+    /// Running commands on a terminal, resized with the console.
+    pub(super) ttys: Mutex<Vec<std::sync::Weak<Process>>>,
+    /// Set once InstanceExec started the main process (there is one).
+    pub(super) main_started: std::sync::atomic::AtomicBool,
+}
+
+impl BootedInstance {
+    pub(super) fn new(vm: Machine, user: String) -> BootedInstance {
+        BootedInstance {
+            vm,
+            user,
+            cmds: Mutex::new(Table::new()),
+            files: Mutex::new(Table::new()),
+            console: Mutex::new((80, 24)),
+            ttys: Mutex::new(Vec::new()),
+            main_started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// Serves an Instance* request on the instance `inst`.
+pub(super) fn serve(
+    st: &State,
+    inst: &Arc<BootedInstance>,
+    call: &mut Call<'_>,
+    req: Request,
+) -> HandlerResult {
+    let vm = &inst.vm;
+    match req {
+        Request::InstanceClose {} => {
+            let r = vm.stop(Duration::from_secs(10));
+            let mut slot = st.instance.lock();
+            // Only this instance: another connection may have made a new one meanwhile.
+            if slot.as_ref().is_some_and(|i| Arc::ptr_eq(i, inst)) {
+                slot.take();
+            }
+            r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+        }
+        Request::InstanceWait {} => loop {
+            if let Some(r) = vm.wait_timeout(Duration::from_millis(200)) {
+                break r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""));
+            }
+            if call.is_cancelled() {
+                break Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
+            }
+        },
+        Request::InstanceId {} => Ok(Reply::with(|e| {
+            e.string(vm.id());
+        })),
+        Request::InstanceIsRunning {} => Ok(Reply::with(|e| {
+            e.bool(vm.is_running());
+        })),
+        Request::InstanceEnd {} => Ok(Reply::with(|e| match vm.end().filter(|_| vm.state().is_final()) {
+            Some(end) => {
+                let (kind, nanos, detail) = end.to_wire();
+                e.u8(kind).u64(nanos).string(detail);
+            }
+            None => {
+                e.u8(0).u64(0).string("");
+            }
+        })),
+        Request::InstanceSetConsole { cols, rows } => {
+            if !(1..=10_000).contains(&cols) || !(1..=10_000).contains(&rows) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "",
+                    format!("console size {cols}x{rows}"),
+                ));
+            }
+            *inst.console.lock() = (cols, rows);
+            let live: Vec<Arc<Process>> =
+                inst.ttys.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
+            for p in live {
+                if let Err(e) = p.resize(cols as u16, rows as u16) {
+                    log::debug!("resizing a guest terminal: {e}"); // it may just have exited
+                }
+            }
+            Ok(Reply::ok())
+        }
+        Request::InstanceSetNetwork { enabled } => {
+            vm.set_network(enabled).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+        }
+        Request::InstanceExec { name, args } => {
+            // The instance's main process, as the original's Exec: PID 1 of the guest
+            // for the command (a PID namespace of its own: crate::agent::main_process),
+            // attached to the console: a terminal in the guest sized by
+            // InstanceSetConsole, our stdin typed into it, its output on our stdout.
+            // When it exits the VM ends (InstanceWait answers, InstanceEnd says how)
+            // and the answer is the original's: nothing after the status byte for exit
+            // status 0, an error (code 7, "exit status N") for any other.
+            use std::sync::atomic::Ordering::SeqCst;
+            if inst.main_started.swap(true, SeqCst) {
+                return Err(ErrorFrame::new(
+                    ErrorCode::InvalidArgument,
+                    "exec",
+                    "the instance already has its main process (InstanceExec runs once)",
+                ));
+            }
+            let c = Cmd::new(name.clone(), args, &inst.user);
+            c.tty.store(true, SeqCst);
+            c.spec.lock().main = true;
+            if let Ok(term) = std::env::var("TERM") {
+                c.set_env("TERM", &term);
+            }
+            c.pipes.want(0)?;
+            let p = match c.start(inst) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing was replaced: the instance runs on, and may try again (a
+                    // start that failed because the VM ended says NotRunning).
+                    inst.main_started.store(false, SeqCst);
+                    return Err(st.after_end(msg::INSTANCE_EXEC, e));
+                }
+            };
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let typist = {
+                let (p, stop) = (p.clone(), stop.clone());
+                std::thread::spawn(move || forward_console_input(&p, &stop))
+            };
+            let code = p.drain_until(
+                |_, data| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(data).and_then(|()| out.flush());
+                    Ok(())
+                },
+                &call.canceller(),
+            );
+            stop.store(true, SeqCst);
+            let _ = typist.join();
+            c.record(&code);
+            // Its exit status, or SIGKILL's (128 + 9) when the client went away (drain_until
+            // killed it); when the VM itself failed, the backend says how it ended.
+            let status = match &code {
+                Ok(status) => Some(*status),
+                Err(_) if call.is_cancelled() => Some(128 + nix::libc::SIGKILL),
+                Err(_) => None,
+            };
+            if let Some(status) = status {
+                log::info!("InstanceExec: the main process exited with status {status}; ending the VM");
+                if let Err(e) = vm.end_because(crate::vm::VmEnd::MainExited(status), Duration::from_secs(10))
+                {
+                    log::warn!("ending the VM after its main process: {e}");
+                }
+            }
+            let code = code.map_err(|e| frame(&vm.ended_error("InstanceExec").unwrap_or(e), ""))?;
+            if code == 0 {
+                Ok(Reply::ok())
+            } else {
+                Err(ErrorFrame::new(ErrorCode::Io, "exec", format!("exec {name}: exit status {code}"))
+                    .with_path(name))
+            }
+        }
+        other => Err(super::helper::not_yet(other.name())),
+    }
+}
+
+/// Types our stdin into the console's process until `stop`; EOF on our stdin sends
+/// nothing (a terminal has no EOF of its own: the user types Ctrl-D).
+fn forward_console_input(p: &Process, stop: &std::sync::atomic::AtomicBool) {
+    // Raw reads of fd 0: std's buffered Stdin could hold bytes that poll cannot see.
+    let fd = 0;
+    let mut buf = [0u8; 4096];
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut pfd = nix::libc::pollfd { fd, events: nix::libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { nix::libc::poll(&mut pfd, 1, 100) };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: read into a buffer we own, at most its length.
+        let r = unsafe { nix::libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(r) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if p.write_stdin(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -69,7 +69,7 @@ fn main() {
     w.finish().unwrap();
     let qemu = vmhost::vm::qemu::qemu_binary().unwrap();
     // The same TSC parameters as vmhost's own command line.
-    let tsc = vmhost::vm::clock::kernel_args(minimal.hz()).join(" ");
+    let tsc = vmhost::vm::qemu::clock::kernel_args(minimal.hz()).join(" ");
     let bare = |cpus: u32| -> f64 {
         let t = Instant::now();
         let st = Command::new(&qemu)

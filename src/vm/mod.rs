@@ -3,7 +3,6 @@
 //! QEMU supervised over QMP ([`qemu`]) or vmhost's own KVM VMM ([`kvm`]).
 
 pub mod agent_link;
-pub mod clock;
 pub mod console;
 pub mod end;
 pub mod kvm;

@@ -25,7 +25,7 @@ use std::time::Duration;
 pub fn host_tsc_khz() -> Option<u32> {
     static KHZ: OnceLock<Option<u32>> = OnceLock::new();
     *KHZ.get_or_init(|| {
-        let base = super::run_dir::run_base();
+        let base = crate::vm::run_dir::run_base();
         // The cache is trusted only in the user's private run directory.
         let khz = match crate::unix::ensure_private_dir(&base) {
             Ok(()) => cached_or_measured(&base.join("tsc-khz")),

@@ -618,3 +618,67 @@ fn every_request_message_encodes_as_documented() {
     assert_eq!(Request::from_payload(msg::RESPONSE, &[]), Ok(None));
     assert_eq!(Request::from_payload(0x0999, &[]), Ok(None));
 }
+
+/// Every answer's fields, by hand from `docs/protocol.md`: one vector per layout, both
+/// ways, each prefix refused, a trailing byte refused; and the whole Response payload
+/// is the OK byte then the fields.
+#[test]
+fn responses() {
+    let hosts = FileInfo {
+        name: "h".into(),
+        size: 2,
+        mode: FileMode(0o644),
+        mod_time: 1,
+        is_dir: false,
+        is_symlink: false,
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(Response, Vec<u8>)> = vec![
+        (Response::InstanceClose {}, vec![]),
+        (Response::InstanceId { id: "v1".into() }, vec![0, 0, 0, 2, b'v', b'1']),
+        (Response::InstanceIsRunning { running: true }, vec![1]),
+        (Response::InstanceEnd { kind: 8, number: 3, detail: "x".into() },
+            vec![8, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 1, b'x']),
+        (Response::FsOpen { handle: 0x0102 }, vec![0, 0, 0, 0, 0, 0, 1, 2]),
+        (Response::FsReadFile { data: b"ab".to_vec() }, vec![0, 0, 0, 2, b'a', b'b']),
+        (Response::FsStat { info: hosts.clone() },
+            vec![0, 0, 0, 1, b'h', 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0x01, 0xA4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]),
+        (Response::FsReadDir { entries: vec![DirEntry { name: "a".into(), is_dir: true, mode: FileMode(FileMode::DIR) }] },
+            vec![0, 0, 0, 1, 0, 0, 0, 1, b'a', 1, 0x80, 0, 0, 0]),
+        (Response::FileWrite { written: 5 }, vec![0, 0, 0, 5]),
+        (Response::FileSeek { offset: -1 }, vec![0xFF; 8]),
+        (Response::CmdEnviron { env: vec!["A=1".into()] }, vec![0, 0, 0, 1, 0, 0, 0, 3, b'A', b'=', b'1']),
+        (Response::CmdWait { exit_code: -1 }, vec![0xFF; 4]),
+        (Response::CmdOutput { output: b"hi".to_vec(), exit_code: 3 }, vec![0, 0, 0, 2, b'h', b'i', 0, 0, 0, 3]),
+        (Response::SnapshotAsSource { source_type: 1, source_path: "/s".into() }, vec![1, 0, 0, 0, 2, b'/', b's']),
+    ];
+    for (r, bytes) in cases {
+        let mut enc = Encoder::new();
+        r.encode(&mut enc);
+        assert_eq!(enc.as_bytes(), &bytes[..], "encoding of {r:?}");
+        assert_eq!(r.to_payload(), [&[0u8][..], &bytes].concat(), "{r:?}: the OK byte first");
+        assert_eq!(
+            Response::from_fields(r.ty(), &bytes).unwrap(),
+            Some(r.clone()),
+            "decoding of {bytes:02x?}"
+        );
+        for cut in 0..bytes.len() {
+            assert!(Response::from_fields(r.ty(), &bytes[..cut]).is_err(), "{r:?}: prefix of {cut} accepted");
+        }
+        let longer = [&bytes[..], &[0]].concat();
+        assert!(Response::from_fields(r.ty(), &longer).is_err(), "{r:?}: a trailing byte accepted");
+    }
+    // Not a request: no answer layout.
+    assert_eq!(Response::from_fields(msg::RESPONSE, &[]).unwrap(), None);
+}
+
+/// The catalogue gives every request an answer layout: each reads from zero bytes
+/// (empty strings and lists, zero numbers) as the answer to its own type.
+#[test]
+fn every_request_has_its_answers_layout() {
+    let zeros = [0u8; 64];
+    for &(ty, name) in msg::ALL.iter().filter(|&&(t, _)| !msg::is_answer(t)) {
+        let r = Response::read(ty, &mut Decoder::new(&zeros)).unwrap().unwrap_or_else(|| panic!("{name}"));
+        assert_eq!((r.ty(), r.name()), (ty, name));
+    }
+}

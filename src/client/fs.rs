@@ -30,9 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::libc;
 
-use super::instance::{decode, Instance};
+use super::instance::{answer, unexpected, Instance};
 use crate::error::{Error, Result};
-use crate::wire::{self, FileInfo, FileMode, Request, Wire};
+use crate::wire::{self, FileInfo, FileMode, Request};
 
 /// The most one FileRead asks for: well within one helper answer (64 MiB), which the
 /// helper fills from the guest a frame at a time.
@@ -72,17 +72,18 @@ impl<'a> Fs<'a> {
     }
 
     fn info(&self, req: Request) -> Result<Metadata> {
-        let name = req.name();
-        let r = self.call(req)?;
-        let info = FileInfo::decode(&mut r.decoder()).map_err(decode(name))?;
-        Ok(Metadata { info })
+        match self.inst.answer(&req)? {
+            wire::Response::FsStat { info } | wire::Response::FsLstat { info } => Ok(Metadata { info }),
+            other => Err(unexpected(&req, &other)),
+        }
     }
 
     /// The whole contents of a file.
     pub fn read(&self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
         let p = path_str(path.as_ref())?;
-        match self.call(Request::FsReadFile { path: p.clone() }) {
-            Ok(r) => r.decoder().bytes().map_err(decode("FsReadFile")),
+        match self.inst.answer(&Request::FsReadFile { path: p.clone() }) {
+            Ok(wire::Response::FsReadFile { data }) => Ok(data),
+            Ok(other) => Err(unexpected(&Request::FsReadFile { path: p }, &other)),
             // Larger than one answer: through a handle, chunk by chunk.
             // EFBIG: larger than one answer.
             Err(Error::Remote(ef)) if ef.errno == Some(nix::libc::EFBIG) => {
@@ -148,9 +149,7 @@ impl<'a> Fs<'a> {
     /// The entries of a directory, sorted by name, without `.` and `..`.
     pub fn read_dir(&self, path: impl AsRef<Path>) -> Result<ReadDir> {
         let dir = path.as_ref().to_path_buf();
-        let r = self.call(Request::FsReadDir { path: path_str(&dir)? })?;
-        let mut d = r.decoder();
-        let entries = d.dir_entries().map_err(decode("FsReadDir"))?;
+        let entries = answer!(self.inst, Request::FsReadDir { path: path_str(&dir)? }, FsReadDir { entries });
         let entries: Vec<DirEntry> =
             entries.into_iter().map(|e| DirEntry { path: dir.join(&e.name), entry: e }).collect();
         Ok(ReadDir { entries: entries.into_iter() })
@@ -219,8 +218,9 @@ impl<'a> Fs<'a> {
 
     /// The target of a symbolic link.
     pub fn read_link(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
-        let r = self.call(Request::FsReadlink { path: path_str(path.as_ref())? })?;
-        r.decoder().string().map(PathBuf::from).map_err(decode("FsReadlink"))
+        let target =
+            answer!(self.inst, Request::FsReadlink { path: path_str(path.as_ref())? }, FsReadlink { target });
+        Ok(PathBuf::from(target))
     }
 
     /// Sets the permission bits (and setuid, setgid, sticky) of a path.
@@ -278,9 +278,12 @@ impl<'a> Fs<'a> {
     }
 
     fn open_with(&self, req: Request, name: String) -> Result<File<'a>> {
-        let what = req.name();
-        let r = self.call(req)?;
-        let handle = r.decoder().u64().map_err(decode(what))?;
+        let handle = match self.inst.answer(&req)? {
+            wire::Response::FsOpen { handle }
+            | wire::Response::FsCreate { handle }
+            | wire::Response::FsOpenFile { handle } => handle,
+            other => return Err(unexpected(&req, &other)),
+        };
         Ok(File { inst: self.inst, handle, name, closed: false })
     }
 }
@@ -407,8 +410,7 @@ impl<'a> File<'a> {
 
     /// Its metadata.
     pub fn metadata(&self) -> Result<Metadata> {
-        let r = self.inst.request(&Request::FileStat { handle: self.handle })?;
-        let info = FileInfo::decode(&mut r.decoder()).map_err(decode("FileStat"))?;
+        let info = answer!(self.inst, Request::FileStat { handle: self.handle }, FileStat { info });
         Ok(Metadata { info })
     }
 
@@ -429,14 +431,17 @@ impl<'a> File<'a> {
     }
 
     fn write_some(&self, data: &[u8]) -> Result<usize> {
-        let r = self.inst.request(&Request::FileWrite { handle: self.handle, data: data.to_vec() })?;
-        Ok(r.decoder().u32().map_err(decode("FileWrite"))? as usize)
+        let written = answer!(
+            self.inst,
+            Request::FileWrite { handle: self.handle, data: data.to_vec() },
+            FileWrite { written }
+        );
+        Ok(written as usize)
     }
 
     fn read_some(&self, max: usize) -> Result<Vec<u8>> {
         let max = max.min(READ_CHUNK) as u32;
-        let r = self.inst.request(&Request::FileRead { handle: self.handle, max })?;
-        r.decoder().bytes().map_err(decode("FileRead"))
+        Ok(answer!(self.inst, Request::FileRead { handle: self.handle, max }, FileRead { data }))
     }
 }
 
@@ -481,8 +486,12 @@ impl Seek for File<'_> {
             SeekFrom::Current(n) => (n, 1),
             SeekFrom::End(n) => (n, 2),
         };
-        let r = self.inst.request(&Request::FileSeek { handle: self.handle, offset, whence })?;
-        Ok(r.decoder().i64().map_err(decode("FileSeek"))? as u64)
+        let offset = answer!(
+            self.inst,
+            Request::FileSeek { handle: self.handle, offset, whence },
+            FileSeek { offset }
+        );
+        Ok(offset as u64)
     }
 }
 

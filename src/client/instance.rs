@@ -48,7 +48,35 @@ enum Transport {
     Remote(Client),
 }
 
+/// The fields of the typed answer to a request: `answer!(transport, request, Variant {
+/// field, .. })` gives the field (or a tuple of them) of the [`wire::Response`] variant the
+/// catalogue defines for that request.
+macro_rules! answer {
+    ($t:expr, $req:expr, $variant:ident { $($f:ident),* }) => {{
+        let req = $req;
+        match $t.answer(&req)? {
+            wire::Response::$variant { $($f),* } => ($($f),*),
+            other => return Err($crate::client::instance::unexpected(&req, &other).into()),
+        }
+    }};
+}
+pub(super) use answer;
+
+/// The error for an answer that is not the one the catalogue gives `req` (which
+/// [`wire::Response::from_fields`] never makes).
+pub(super) fn unexpected(req: &Request, got: &wire::Response) -> Error {
+    Error::UnexpectedFrame { request: req.name().into(), got: got.ty() }
+}
+
 impl Transport {
+    /// The typed answer to `req`: its fields read as the catalogue defines them.
+    fn answer(&self, req: &Request) -> Result<wire::Response> {
+        let r = self.call(req)?;
+        wire::Response::from_fields(req.ty(), r.fields())
+            .map_err(decode(req.name()))?
+            .ok_or_else(|| Error::UnexpectedFrame { request: req.name().into(), got: req.ty() })
+    }
+
     fn call(&self, req: &Request) -> Result<Response> {
         self.call_streaming(req, &mut |ty, _| {
             Err(Error::UnexpectedFrame { request: req.name().into(), got: ty })
@@ -174,7 +202,7 @@ impl Instance {
     /// `helper.sock`). Dropping it only disconnects; [`Instance::close`] stops the guest.
     pub fn attach(client: Client) -> Result<Instance> {
         let t = Transport::Remote(client);
-        let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
+        let id = answer!(t, Request::InstanceId {}, InstanceId { id });
         Ok(Instance { t, id, closed: false, owned: false })
     }
 
@@ -192,7 +220,7 @@ impl Instance {
             options,
         };
         t.call(&Request::InstanceNew { new })?;
-        let id = t.call(&Request::InstanceId {})?.decoder().string().map_err(decode("InstanceID"))?;
+        let id = answer!(t, Request::InstanceId {}, InstanceId { id });
         Ok(Instance { t, id, closed: false, owned: true })
     }
 
@@ -219,7 +247,7 @@ impl Instance {
 
     /// Whether the guest is running.
     pub fn is_running(&self) -> Result<bool> {
-        self.t.call(&Request::InstanceIsRunning {})?.decoder().bool().map_err(decode("InstanceIsRunning"))
+        Ok(answer!(self.t, Request::InstanceIsRunning {}, InstanceIsRunning { running }))
     }
 
     /// How the VM ended: `None` while it runs.
@@ -231,11 +259,9 @@ impl Instance {
     /// # Ok::<(), vmhost::Error>(())
     /// ```
     pub fn end(&self) -> Result<Option<crate::vm::VmEnd>> {
-        let reply = self.t.call(&Request::InstanceEnd {})?;
-        let mut d = reply.decoder();
-        let (kind, nanos, detail) =
-            (|| Ok((d.u8()?, d.u64()?, d.string()?)))().map_err(decode("InstanceEnd"))?;
-        crate::vm::VmEnd::from_wire(kind, nanos, detail).map_err(|k| Error::InvalidArgument {
+        let (kind, number, detail) =
+            answer!(self.t, Request::InstanceEnd {}, InstanceEnd { kind, number, detail });
+        crate::vm::VmEnd::from_wire(kind, number, detail).map_err(|k| Error::InvalidArgument {
             op: "InstanceEnd".into(),
             message: format!("unknown end kind {k} (a newer helper?)"),
         })
@@ -260,8 +286,8 @@ impl Instance {
     }
 
     /// Sends one raw helper-protocol request (any message of the catalogue) and returns
-    /// its Response; an Error frame is [`Error::Remote`]. The typed API is built on
-    /// this; it is here for what the typed API does not cover.
+    /// its Response's bytes; an Error frame is [`Error::Remote`]. [`Instance::answer`]
+    /// reads them as the catalogue defines them.
     ///
     /// ```no_run
     /// use vmhost::wire::Request;
@@ -272,6 +298,22 @@ impl Instance {
     /// ```
     pub fn request(&self, req: &Request) -> Result<Response> {
         self.t.call(req)
+    }
+
+    /// Sends one request (any message of the catalogue) and returns its typed answer,
+    /// the [`wire::Response`] variant of the same name; an Error frame is
+    /// [`Error::Remote`]. The std-like API is built on this; it is here for what that API
+    /// does not cover.
+    ///
+    /// ```no_run
+    /// use vmhost::wire::{Request, Response};
+    /// let vm = vmhost::Instance::new(vmhost::Image::Default, Default::default())?;
+    /// let Response::InstanceId { id } = vm.answer(&Request::InstanceId {})? else { unreachable!() };
+    /// assert_eq!(id, vm.id());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn answer(&self, req: &Request) -> Result<wire::Response> {
+        self.t.answer(req)
     }
 
     /// A command to run in the guest, like [`std::process::Command::new`].
@@ -477,11 +519,11 @@ impl<'a> Command<'a> {
     /// Creates the command handle in the helper, with env and directory applied.
     fn prepare(&self) -> Result<u64> {
         let t = &self.inst.t;
-        let h = t
-            .call(&Request::CmdNew { name: self.program.clone(), args: self.args.clone() })?
-            .decoder()
-            .u64()
-            .map_err(decode("CmdNew"))?;
+        let h = answer!(
+            t,
+            Request::CmdNew { name: self.program.clone(), args: self.args.clone() },
+            CmdNew { handle }
+        );
         let setup = || -> Result<()> {
             for (k, v) in &self.env {
                 t.call(&Request::CmdSetEnv { handle: h, key: k.clone(), value: v.clone() })?;
@@ -566,11 +608,7 @@ impl<'a> Command<'a> {
         use std::sync::atomic::{AtomicBool, Ordering};
         self.with_handle(|h| {
             let t = &self.inst.t;
-            let pipe = t
-                .call(&Request::CmdStdinPipe { handle: h })?
-                .decoder()
-                .u64()
-                .map_err(decode("CmdStdinPipe"))?;
+            let pipe = answer!(t, Request::CmdStdinPipe { handle: h }, CmdStdinPipe { handle });
             let mut stdin = ChildStdin(File::pipe(self.inst, pipe, "stdin"));
             // The reader may block for ever: a detached thread, passing chunks on.
             let (tx, rx) = crossbeam_channel::bounded::<Option<Vec<u8>>>(4);
@@ -615,13 +653,7 @@ impl<'a> Command<'a> {
     /// Runs the command with its output discarded and returns how it ended.
     pub fn status(&self) -> Result<ExitStatus> {
         self.with_handle(|h| {
-            let code = self
-                .inst
-                .t
-                .call(&Request::CmdRun { handle: h })?
-                .decoder()
-                .i32()
-                .map_err(decode("CmdRun"))?;
+            let code = answer!(self.inst.t, Request::CmdRun { handle: h }, CmdRun { exit_code });
             Ok(ExitStatus { code })
         })
     }
@@ -629,10 +661,11 @@ impl<'a> Command<'a> {
     /// Runs the command and returns stdout and stderr interleaved as they came.
     pub fn combined_output(&self) -> Result<(ExitStatus, Vec<u8>)> {
         self.with_handle(|h| {
-            let r = self.inst.t.call(&Request::CmdCombinedOutput { handle: h })?;
-            let mut d = r.decoder();
-            let out = d.bytes().map_err(decode("CmdCombinedOutput"))?;
-            let code = d.i32().map_err(decode("CmdCombinedOutput"))?;
+            let (out, code) = answer!(
+                self.inst.t,
+                Request::CmdCombinedOutput { handle: h },
+                CmdCombinedOutput { output, exit_code }
+            );
             Ok((ExitStatus { code }, out))
         })
     }
@@ -664,8 +697,12 @@ impl<'a> Command<'a> {
                         1 => Request::CmdStdoutPipe { handle: h },
                         _ => Request::CmdStderrPipe { handle: h },
                     };
-                    let name = req.name();
-                    pipes[i] = Some(t.call(&req)?.decoder().u64().map_err(decode(name))?);
+                    pipes[i] = Some(match t.answer(&req)? {
+                        wire::Response::CmdStdinPipe { handle }
+                        | wire::Response::CmdStdoutPipe { handle }
+                        | wire::Response::CmdStderrPipe { handle } => handle,
+                        other => return Err(unexpected(&req, &other)),
+                    });
                 }
             }
             t.call(&Request::CmdStart { handle: h }).map(drop)
@@ -756,8 +793,9 @@ pub struct Child<'a> {
 impl Child<'_> {
     /// Whether it has exited: its status, or None while it runs.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        match self.inst.t.call(&Request::CmdExitCode { handle: self.handle }) {
-            Ok(r) => Ok(Some(ExitStatus { code: r.decoder().i32().map_err(decode("CmdExitCode"))? })),
+        match self.inst.t.answer(&Request::CmdExitCode { handle: self.handle }) {
+            Ok(wire::Response::CmdExitCode { exit_code }) => Ok(Some(ExitStatus { code: exit_code })),
+            Ok(other) => Err(unexpected(&Request::CmdExitCode { handle: self.handle }, &other)),
             Err(Error::Remote(ef)) if ef.code == wire::ErrorCode::InvalidArgument => Ok(None),
             Err(e) => Err(e),
         }
@@ -793,13 +831,7 @@ impl Child<'_> {
         if let Some(stdin) = self.stdin.take() {
             stdin.close()?;
         }
-        let code = self
-            .inst
-            .t
-            .call(&Request::CmdWait { handle: self.handle })?
-            .decoder()
-            .i32()
-            .map_err(decode("CmdWait"))?;
+        let code = answer!(self.inst.t, Request::CmdWait { handle: self.handle }, CmdWait { exit_code });
         Ok(ExitStatus { code })
     }
 

@@ -14,7 +14,7 @@ use crate::agent::proto::ExecRequest;
 use crate::agent::spawn::DEFAULT_PATH;
 use crate::error::Error;
 use crate::vm::agent_link::Process;
-use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, StreamChunk, StreamEnd, Wire};
+use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, Response, StreamChunk, StreamEnd, Wire};
 
 /// The request a new command starts from: `program` with `args`, as `user`, with the
 /// default `PATH` alone for its environment.
@@ -227,9 +227,7 @@ pub(super) fn serve(
         Request::CmdNew { name, args } => {
             let h = next_handle();
             inst.cmds.lock().insert(h, Cmd::new(name, args, &inst.user));
-            Ok(Reply::with(|e| {
-                e.u64(h);
-            }))
+            Ok(Response::CmdNew { handle: h }.into())
         }
         Request::CmdEntrypoint { args } => {
             // Plain root filesystems carry no image config: the entrypoint is the first
@@ -240,9 +238,7 @@ pub(super) fn serve(
             };
             let h = next_handle();
             inst.cmds.lock().insert(h, Cmd::new(program, rest, &inst.user));
-            Ok(Reply::with(|e| {
-                e.u64(h);
-            }))
+            Ok(Response::CmdEntrypoint { handle: h }.into())
         }
         Request::CmdFree { handle } => inst.cmds.lock().remove(handle, "command").map(|_| Reply::ok()),
         Request::CmdSetDir { handle, dir } => {
@@ -262,15 +258,11 @@ pub(super) fn serve(
         }
         Request::CmdGetEnv { handle, key } => {
             let v = cmd(handle)?.get_env(&key);
-            Ok(Reply::with(|e| {
-                e.string(&v);
-            }))
+            Ok(Response::CmdGetEnv { value: v }.into())
         }
         Request::CmdEnviron { handle } => {
             let env = cmd(handle)?.spec.lock().env.clone();
-            Ok(Reply::with(|e| {
-                e.string_list(&env);
-            }))
+            Ok(Response::CmdEnviron { env }.into())
         }
         Request::CmdStart { handle } => {
             // Output goes to the pipes the client asked for, the rest is discarded.
@@ -282,17 +274,13 @@ pub(super) fn serve(
         }
         Request::CmdWait { handle } => {
             let code = cmd(handle)?.wait(&call.canceller())?;
-            Ok(Reply::with(|e| {
-                e.i32(code);
-            }))
+            Ok(Response::CmdWait { exit_code: code }.into())
         }
         Request::CmdRun { handle } => {
             let c = cmd(handle)?;
             let p = c.start(inst)?;
             let (code, _) = c.finish(&p, Sink::Discard, &call.canceller())?;
-            Ok(Reply::with(|e| {
-                e.i32(code);
-            }))
+            Ok(Response::CmdRun { exit_code: code }.into())
         }
         Request::CmdOutput { handle } | Request::CmdCombinedOutput { handle } => {
             let combined = matches!(req, Request::CmdCombinedOutput { .. });
@@ -304,17 +292,15 @@ pub(super) fn serve(
                 Sink::Stdout(b) | Sink::Combined(b) => b,
                 Sink::Discard => Vec::new(),
             };
-            Ok(Reply::with(|e| {
-                e.bytes(&out).i32(code);
-            }))
+            Ok(if combined {
+                Response::CmdCombinedOutput { output: out, exit_code: code }
+            } else {
+                Response::CmdOutput { output: out, exit_code: code }
+            }
+            .into())
         }
         Request::CmdExitCode { handle } => match &*cmd(handle)?.run.lock() {
-            RunState::Done(code) => {
-                let code = *code;
-                Ok(Reply::with(|e| {
-                    e.i32(code);
-                }))
-            }
+            RunState::Done(code) => Ok(Response::CmdExitCode { exit_code: *code }.into()),
             RunState::Failed(m) => Err(ErrorFrame::new(ErrorCode::Io, "", m.clone())),
             _ => Err(ErrorFrame::new(ErrorCode::InvalidArgument, "", "the command has not exited")),
         },
@@ -380,9 +366,12 @@ pub(super) fn serve(
             let h = next_handle();
             let pipe = super::fs::HostFile::Pipe { slot: c.pipes.clone(), stream, cmd: handle };
             inst.files.lock().insert(h, Arc::new(pipe));
-            Ok(Reply::with(|e| {
-                e.u64(h);
-            }))
+            Ok(match stream {
+                0 => Response::CmdStdinPipe { handle: h },
+                1 => Response::CmdStdoutPipe { handle: h },
+                _ => Response::CmdStderrPipe { handle: h },
+            }
+            .into())
         }
         other => Err(super::helper::not_yet(other.name())),
     }

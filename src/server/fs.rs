@@ -22,7 +22,7 @@ use super::table::Table;
 use super::{HandlerResult, Reply};
 use crate::agent::fs::MAX_CHUNK;
 use crate::vm::agent_link::AgentLink;
-use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request};
+use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request, Response};
 
 /// What a helper file handle stands for.
 pub(super) enum HostFile {
@@ -88,9 +88,12 @@ fn open(
     let a = decode_u64(&ask(agent, req, path)?, req.name())?;
     let h = next_handle();
     files.lock().insert(h, Arc::new(HostFile::Guest { agent: a }));
-    Ok(Reply::with(|e| {
-        e.u64(h);
-    }))
+    Ok(match req {
+        Request::FsOpen { .. } => Response::FsOpen { handle: h },
+        Request::FsCreate { .. } => Response::FsCreate { handle: h },
+        _ => Response::FsOpenFile { handle: h },
+    }
+    .into())
 }
 
 /// The error for a file too large for one FsReadFile answer: EFBIG, which tells a
@@ -183,11 +186,19 @@ pub(super) fn serve(
     if let Some((h, slot, stream, cmd)) = pipe {
         return serve_pipe(files, h, &slot, stream, cmd, cancelled, req);
     }
-    let fields = |answer: Vec<u8>| {
-        let mut payload = Vec::with_capacity(1 + answer.len());
-        payload.push(0);
-        payload.extend_from_slice(&answer);
-        Ok(Reply { ty: wire::msg::RESPONSE, payload })
+    // The guest's answer, read as the answer to this request before it goes on: the
+    // guest is not trusted, and a malformed answer is an error here, not the client's.
+    let ty = req.ty();
+    let fields = |answer: Vec<u8>| -> HandlerResult {
+        match Response::from_fields(ty, &answer) {
+            Ok(Some(r)) => Ok(r.into()),
+            Ok(None) => Err(ErrorFrame::new(ErrorCode::Unknown, "", "no answer layout for this request")),
+            Err(e) => Err(ErrorFrame::new(
+                ErrorCode::Unknown,
+                "",
+                format!("bad {} answer from the guest: {e}", wire::type_name(ty)),
+            )),
+        }
     };
     match req {
         Request::FsOpen { ref path }
@@ -200,9 +211,7 @@ pub(super) fn serve(
             // EFBIG: larger than an agent frame; the helper reads it in chunks.
             Err(e) if e.errno == Some(nix::libc::EFBIG) => {
                 let data = read_through_handle(agent, path)?;
-                Ok(Reply::with(|e| {
-                    e.bytes(&data);
-                }))
+                Ok(Response::FsReadFile { data }.into())
             }
             r => fields(r?),
         },
@@ -269,16 +278,12 @@ pub(super) fn serve(
                     break;
                 }
             }
-            Ok(Reply::with(|e| {
-                e.bytes(&data);
-            }))
+            Ok(Response::FileRead { data }.into())
         }
         Request::FileWrite { handle, data } => {
             let a = agent_handle(files, handle)?;
             let n = write_chunks(agent, a, &data, "")?;
-            Ok(Reply::with(|e| {
-                e.u32(n.min(u32::MAX as u64) as u32);
-            }))
+            Ok(Response::FileWrite { written: n.min(u32::MAX as u64) as u32 }.into())
         }
         Request::FileSeek { handle, offset, whence } => {
             let a = agent_handle(files, handle)?;
@@ -329,21 +334,15 @@ fn serve_pipe(
         }
         Request::FileRead { max, .. } if stream != 0 => {
             let data = slot.io(cancelled)?.read(stream, (max as usize).min(MAX_CHUNK), cancelled)?;
-            Ok(Reply::with(|e| {
-                e.bytes(&data);
-            }))
+            Ok(Response::FileRead { data }.into())
         }
         Request::FileRead { .. } => wrong("FileRead (stdin is write-only)"),
         Request::FileWrite { data, .. } if stream == 0 => {
             slot.write_stdin(&data, cancelled)?;
-            Ok(Reply::with(|e| {
-                e.u32(data.len() as u32);
-            }))
+            Ok(Response::FileWrite { written: data.len() as u32 }.into())
         }
         Request::FileWrite { .. } => wrong("FileWrite (output pipes are read-only)"),
-        Request::FileName { .. } => Ok(Reply::with(|e| {
-            e.string(&pipe_name(stream, cmd));
-        })),
+        Request::FileName { .. } => Ok(Response::FileName { name: pipe_name(stream, cmd) }.into()),
         other => wrong(other.name()),
     }
 }

@@ -28,7 +28,7 @@ use crate::progress::Progress;
 use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
 use crate::vm::InstanceSpec;
 use crate::vm::Machine;
-use crate::wire::{msg, ErrorCode, ErrorFrame, Request};
+use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
 
 pub use super::cmd::MAX_COLLECTED_OUTPUT;
 pub use super::first_command::{FirstCommand, FIRST_COMMAND_ENV};
@@ -269,11 +269,10 @@ fn serve_instance(
                 Request::ConnRead { handle, max } => Request::FileRead { handle, max },
                 Request::ConnWrite { handle, data } => Request::FileWrite { handle, data },
                 Request::ConnClose { handle } => Request::FileClose { handle },
-                _ => {
-                    return Ok(Reply::with(|e| {
-                        e.string("pipe");
-                    }))
+                Request::ConnLocalAddr { .. } => {
+                    return Ok(Response::ConnLocalAddr { address: "pipe".into() }.into())
                 }
+                _ => return Ok(Response::ConnRemoteAddr { address: "pipe".into() }.into()),
             };
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
             super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), as_file)

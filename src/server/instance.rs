@@ -12,7 +12,7 @@ use super::table::Table;
 use super::{Call, HandlerResult, Reply};
 use crate::vm::agent_link::Process;
 use crate::vm::Machine;
-use crate::wire::{msg, ErrorCode, ErrorFrame, Request};
+use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
 
 /// The helper's booted instance: its VM, its user, its tables of handles, its console.
 pub(super) struct BootedInstance {
@@ -67,21 +67,18 @@ pub(super) fn serve(
                 break Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
             }
         },
-        Request::InstanceId {} => Ok(Reply::with(|e| {
-            e.string(vm.id());
-        })),
-        Request::InstanceIsRunning {} => Ok(Reply::with(|e| {
-            e.bool(vm.is_running());
-        })),
-        Request::InstanceEnd {} => Ok(Reply::with(|e| match vm.end().filter(|_| vm.state().is_final()) {
-            Some(end) => {
-                let (kind, nanos, detail) = end.to_wire();
-                e.u8(kind).u64(nanos).string(detail);
-            }
-            None => {
-                e.u8(0).u64(0).string("");
-            }
-        })),
+        Request::InstanceId {} => Ok(Response::InstanceId { id: vm.id().to_string() }.into()),
+        Request::InstanceIsRunning {} => Ok(Response::InstanceIsRunning { running: vm.is_running() }.into()),
+        Request::InstanceEnd {} => {
+            let (kind, number, detail) = match vm.end().filter(|_| vm.state().is_final()) {
+                Some(end) => {
+                    let (kind, number, detail) = end.to_wire();
+                    (kind, number, detail.to_string())
+                }
+                None => (0, 0, String::new()),
+            };
+            Ok(Response::InstanceEnd { kind, number, detail }.into())
+        }
         Request::InstanceSetConsole { cols, rows } => {
             if !(1..=10_000).contains(&cols) || !(1..=10_000).contains(&rows) {
                 return Err(ErrorFrame::new(

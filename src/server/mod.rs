@@ -74,6 +74,13 @@ impl Reply {
     }
 }
 
+/// A typed answer as its Response frame.
+impl From<crate::wire::Response> for Reply {
+    fn from(r: crate::wire::Response) -> Reply {
+        Reply { ty: msg::RESPONSE, payload: r.to_payload() }
+    }
+}
+
 impl From<DecodeError> for ErrorFrame {
     fn from(e: DecodeError) -> ErrorFrame {
         ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("bad payload: {e}"))

@@ -36,7 +36,7 @@ pub use catalogue::{msg, type_name};
 pub use codec::{Decoder, Encoder, Wire};
 pub use error::{response_fields, DecodeError, ErrorCode, ErrorFrame};
 pub use frame::{read_frame, read_header, write_frame, Frame, FrameError, Header};
-pub use requests::{Field, Request, RequestRef};
+pub use requests::{Field, Request, RequestRef, Response};
 pub use types::{
     Backend, DirEntry, DockerfileOptions, FileInfo, FileMode, InstanceNew, InstanceOptions, MountConfig,
     SnapshotOptions, SourceType, StreamChunk, StreamEnd, NET_HOST_LOOPBACK, STREAM_STDERR, STREAM_STDOUT,

@@ -119,10 +119,28 @@ macro_rules! wire_field {
     };
 }
 
-wire_field!(InstanceNew, SnapshotOptions, DockerfileOptions);
+wire_field!(InstanceNew, SnapshotOptions, DockerfileOptions, FileInfo);
+
+/// FsReadDir's answer: a `u32` count and that many [`DirEntry`].
+impl Field for Vec<DirEntry> {
+    type Ref<'a> = Vec<DirEntry>;
+    fn put(&self, enc: &mut Encoder) {
+        enc.u32(self.len() as u32);
+        for e in self {
+            e.encode(enc);
+        }
+    }
+    fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<Vec<DirEntry>, DecodeError> {
+        dec.dir_entries()
+    }
+    fn from_ref(r: Vec<DirEntry>) -> Vec<DirEntry> {
+        r
+    }
+}
 
 macro_rules! requests {
-    ($( $(#[$doc:meta])* $name:ident = $ty:ident { $($field:ident : $fty:ty),* $(,)? }, )*) => {
+    ($( $(#[$doc:meta])* $name:ident = $ty:ident { $($field:ident : $fty:ty),* $(,)? }
+        => { $($rfield:ident : $rty:ty),* $(,)? }, )*) => {
         /// Every request of the helper protocol with its fields, in wire order.
         ///
         /// The layouts are those of `docs/protocol.md`; [`Request::encode`] and
@@ -197,148 +215,186 @@ macro_rules! requests {
                 }
             }
         }
+
+        /// Every answer of the helper protocol: the fields of a Response frame after its
+        /// OK byte, by the request it answers, in wire order (`docs/protocol.md`). One
+        /// definition beside each request's: [`Response::encode`] and [`Response::read`]
+        /// are the only code that turns them into bytes and back. CmdRunStreaming's
+        /// answer is its stream frames ([`StreamChunk`], [`StreamEnd`]), not a Response.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub enum Response {
+            $( $(#[$doc])* $name { $($rfield: $rty),* }, )*
+        }
+
+        impl Response {
+            /// The type of the request it answers.
+            pub fn ty(&self) -> u16 {
+                match self {
+                    $( Response::$name { .. } => msg::$ty, )*
+                }
+            }
+
+            /// Appends the answer's fields (after the OK byte).
+            pub fn encode(&self, enc: &mut Encoder) {
+                match self {
+                    $( Response::$name { $($rfield),* } => { $( Field::put($rfield, enc); )* } )*
+                }
+            }
+
+            /// Reads the fields of the answer to a request of type `ty`; `None` for a type
+            /// that is not a request. The caller checks [`Decoder::finish`].
+            pub fn read(ty: u16, dec: &mut Decoder<'_>) -> Result<Option<Response>, DecodeError> {
+                Ok(Some(match ty {
+                    $( msg::$ty => Response::$name {
+                        $($rfield: <$rty as Field>::from_ref(<$rty as Field>::get_ref(dec)?)),*
+                    }, )*
+                    _ => return Ok(None),
+                }))
+            }
+        }
     };
 }
 
 requests! {
     /// Create the instance.
-    InstanceNew = INSTANCE_NEW { new: InstanceNew },
+    InstanceNew = INSTANCE_NEW { new: InstanceNew } => {},
     /// Shut the instance down.
-    InstanceClose = INSTANCE_CLOSE {},
+    InstanceClose = INSTANCE_CLOSE {} => {},
     /// Wait for the instance to exit.
-    InstanceWait = INSTANCE_WAIT {},
+    InstanceWait = INSTANCE_WAIT {} => {},
     /// The instance's id.
-    InstanceId = INSTANCE_ID {},
+    InstanceId = INSTANCE_ID {} => { id: String },
     /// Whether it runs.
-    InstanceIsRunning = INSTANCE_IS_RUNNING {},
+    InstanceIsRunning = INSTANCE_IS_RUNNING {} => { running: bool },
     /// Console size.
-    InstanceSetConsole = INSTANCE_SET_CONSOLE { cols: i32, rows: i32 },
+    InstanceSetConsole = INSTANCE_SET_CONSOLE { cols: i32, rows: i32 } => {},
     /// Networking on or off.
-    InstanceSetNetwork = INSTANCE_SET_NETWORK { enabled: bool },
+    InstanceSetNetwork = INSTANCE_SET_NETWORK { enabled: bool } => {},
     /// Run the main process on the console.
-    InstanceExec = INSTANCE_EXEC { name: String, args: Vec<String> },
+    InstanceExec = INSTANCE_EXEC { name: String, args: Vec<String> } => {},
     /// How it ended.
-    InstanceEnd = INSTANCE_END {},
+    InstanceEnd = INSTANCE_END {} => { kind: u8, number: u64, detail: String },
     /// Open for reading.
-    FsOpen = FS_OPEN { path: String },
+    FsOpen = FS_OPEN { path: String } => { handle: u64 },
     /// Create or truncate.
-    FsCreate = FS_CREATE { path: String },
+    FsCreate = FS_CREATE { path: String } => { handle: u64 },
     /// Open with Linux O_* flags and a permission.
-    FsOpenFile = FS_OPEN_FILE { path: String, flags: i32, perm: FileMode },
+    FsOpenFile = FS_OPEN_FILE { path: String, flags: i32, perm: FileMode } => { handle: u64 },
     /// Read a whole file.
-    FsReadFile = FS_READ_FILE { path: String },
+    FsReadFile = FS_READ_FILE { path: String } => { data: Vec<u8> },
     /// Write a whole file.
-    FsWriteFile = FS_WRITE_FILE { path: String, data: Vec<u8>, perm: FileMode },
+    FsWriteFile = FS_WRITE_FILE { path: String, data: Vec<u8>, perm: FileMode } => {},
     /// Stat, following symlinks.
-    FsStat = FS_STAT { path: String },
+    FsStat = FS_STAT { path: String } => { info: FileInfo },
     /// Stat, not following symlinks.
-    FsLstat = FS_LSTAT { path: String },
+    FsLstat = FS_LSTAT { path: String } => { info: FileInfo },
     /// Remove a file or empty directory.
-    FsRemove = FS_REMOVE { path: String },
+    FsRemove = FS_REMOVE { path: String } => {},
     /// Remove recursively.
-    FsRemoveAll = FS_REMOVE_ALL { path: String },
+    FsRemoveAll = FS_REMOVE_ALL { path: String } => {},
     /// Make a directory.
-    FsMkdir = FS_MKDIR { path: String, perm: FileMode },
+    FsMkdir = FS_MKDIR { path: String, perm: FileMode } => {},
     /// Make a directory and its parents.
-    FsMkdirAll = FS_MKDIR_ALL { path: String, perm: FileMode },
+    FsMkdirAll = FS_MKDIR_ALL { path: String, perm: FileMode } => {},
     /// Rename.
-    FsRename = FS_RENAME { from: String, to: String },
+    FsRename = FS_RENAME { from: String, to: String } => {},
     /// Make `link` a symlink to `target` (Go `os.Symlink(oldname, newname)`).
-    FsSymlink = FS_SYMLINK { target: String, link: String },
+    FsSymlink = FS_SYMLINK { target: String, link: String } => {},
     /// Read a symlink.
-    FsReadlink = FS_READLINK { path: String },
+    FsReadlink = FS_READLINK { path: String } => { target: String },
     /// List a directory.
-    FsReadDir = FS_READ_DIR { path: String },
+    FsReadDir = FS_READ_DIR { path: String } => { entries: Vec<DirEntry> },
     /// Change mode bits.
-    FsChmod = FS_CHMOD { path: String, mode: FileMode },
+    FsChmod = FS_CHMOD { path: String, mode: FileMode } => {},
     /// Change owner.
-    FsChown = FS_CHOWN { path: String, uid: i32, gid: i32 },
+    FsChown = FS_CHOWN { path: String, uid: i32, gid: i32 } => {},
     /// Change times (Unix seconds).
-    FsChtimes = FS_CHTIMES { path: String, atime: i64, mtime: i64 },
+    FsChtimes = FS_CHTIMES { path: String, atime: i64, mtime: i64 } => {},
     /// Snapshot the filesystem.
-    FsSnapshot = FS_SNAPSHOT { opts: SnapshotOptions },
+    FsSnapshot = FS_SNAPSHOT { opts: SnapshotOptions } => { handle: u64 },
     /// Close a file.
-    FileClose = FILE_CLOSE { handle: u64 },
+    FileClose = FILE_CLOSE { handle: u64 } => {},
     /// Read up to `max` bytes.
-    FileRead = FILE_READ { handle: u64, max: u32 },
+    FileRead = FILE_READ { handle: u64, max: u32 } => { data: Vec<u8> },
     /// Write bytes.
-    FileWrite = FILE_WRITE { handle: u64, data: Vec<u8> },
+    FileWrite = FILE_WRITE { handle: u64, data: Vec<u8> } => { written: u32 },
     /// Seek (whence 0 start, 1 current, 2 end).
-    FileSeek = FILE_SEEK { handle: u64, offset: i64, whence: i32 },
+    FileSeek = FILE_SEEK { handle: u64, offset: i64, whence: i32 } => { offset: i64 },
     /// Flush to storage.
-    FileSync = FILE_SYNC { handle: u64 },
+    FileSync = FILE_SYNC { handle: u64 } => {},
     /// Set the length.
-    FileTruncate = FILE_TRUNCATE { handle: u64, size: i64 },
+    FileTruncate = FILE_TRUNCATE { handle: u64, size: i64 } => {},
     /// Stat an open file.
-    FileStat = FILE_STAT { handle: u64 },
+    FileStat = FILE_STAT { handle: u64 } => { info: FileInfo },
     /// The name it was opened with.
-    FileName = FILE_NAME { handle: u64 },
+    FileName = FILE_NAME { handle: u64 } => { name: String },
     /// Prepare a command.
-    CmdNew = CMD_NEW { name: String, args: Vec<String> },
+    CmdNew = CMD_NEW { name: String, args: Vec<String> } => { handle: u64 },
     /// Prepare the image's entrypoint.
-    CmdEntrypoint = CMD_ENTRYPOINT { args: Vec<String> },
+    CmdEntrypoint = CMD_ENTRYPOINT { args: Vec<String> } => { handle: u64 },
     /// Forget a command.
-    CmdFree = CMD_FREE { handle: u64 },
+    CmdFree = CMD_FREE { handle: u64 } => {},
     /// Working directory.
-    CmdSetDir = CMD_SET_DIR { handle: u64, dir: String },
+    CmdSetDir = CMD_SET_DIR { handle: u64, dir: String } => {},
     /// Set a variable.
-    CmdSetEnv = CMD_SET_ENV { handle: u64, key: String, value: String },
+    CmdSetEnv = CMD_SET_ENV { handle: u64, key: String, value: String } => {},
     /// Read a variable.
-    CmdGetEnv = CMD_GET_ENV { handle: u64, key: String },
+    CmdGetEnv = CMD_GET_ENV { handle: u64, key: String } => { value: String },
     /// The whole environment.
-    CmdEnviron = CMD_ENVIRON { handle: u64 },
+    CmdEnviron = CMD_ENVIRON { handle: u64 } => { env: Vec<String> },
     /// Start.
-    CmdStart = CMD_START { handle: u64 },
+    CmdStart = CMD_START { handle: u64 } => {},
     /// Wait.
-    CmdWait = CMD_WAIT { handle: u64 },
+    CmdWait = CMD_WAIT { handle: u64 } => { exit_code: i32 },
     /// Start and wait.
-    CmdRun = CMD_RUN { handle: u64 },
+    CmdRun = CMD_RUN { handle: u64 } => { exit_code: i32 },
     /// Run, collect stdout.
-    CmdOutput = CMD_OUTPUT { handle: u64 },
+    CmdOutput = CMD_OUTPUT { handle: u64 } => { output: Vec<u8>, exit_code: i32 },
     /// Run, collect stdout and stderr together.
-    CmdCombinedOutput = CMD_COMBINED_OUTPUT { handle: u64 },
+    CmdCombinedOutput = CMD_COMBINED_OUTPUT { handle: u64 } => { output: Vec<u8>, exit_code: i32 },
     /// Exit code of a finished command.
-    CmdExitCode = CMD_EXIT_CODE { handle: u64 },
+    CmdExitCode = CMD_EXIT_CODE { handle: u64 } => { exit_code: i32 },
     /// Kill the guest process.
-    CmdKill = CMD_KILL { handle: u64 },
+    CmdKill = CMD_KILL { handle: u64 } => {},
     /// Stdout as a readable handle (ConnRead or FileRead).
-    CmdStdoutPipe = CMD_STDOUT_PIPE { handle: u64 },
+    CmdStdoutPipe = CMD_STDOUT_PIPE { handle: u64 } => { handle: u64 },
     /// Stderr as a readable handle (ConnRead or FileRead).
-    CmdStderrPipe = CMD_STDERR_PIPE { handle: u64 },
+    CmdStderrPipe = CMD_STDERR_PIPE { handle: u64 } => { handle: u64 },
     /// Stdin as a writable handle (ConnWrite or FileWrite).
-    CmdStdinPipe = CMD_STDIN_PIPE { handle: u64 },
+    CmdStdinPipe = CMD_STDIN_PIPE { handle: u64 } => { handle: u64 },
     /// Run, streaming output.
-    CmdRunStreaming = CMD_RUN_STREAMING { handle: u64 },
+    CmdRunStreaming = CMD_RUN_STREAMING { handle: u64 } => {},
     /// Run it on a terminal sized by InstanceSetConsole (vmhost's addition).
-    CmdSetTty = CMD_SET_TTY { handle: u64, enabled: bool },
+    CmdSetTty = CMD_SET_TTY { handle: u64, enabled: bool } => {},
     /// Listen in the guest.
-    NetListen = NET_LISTEN { network: String, address: String },
+    NetListen = NET_LISTEN { network: String, address: String } => { handle: u64 },
     /// Accept a connection.
-    ListenerAccept = LISTENER_ACCEPT { handle: u64 },
+    ListenerAccept = LISTENER_ACCEPT { handle: u64 } => { handle: u64 },
     /// Close a listener.
-    ListenerClose = LISTENER_CLOSE { handle: u64 },
+    ListenerClose = LISTENER_CLOSE { handle: u64 } => {},
     /// A listener's address.
-    ListenerAddr = LISTENER_ADDR { handle: u64 },
+    ListenerAddr = LISTENER_ADDR { handle: u64 } => { address: String },
     /// Read up to `max` bytes.
-    ConnRead = CONN_READ { handle: u64, max: u32 },
+    ConnRead = CONN_READ { handle: u64, max: u32 } => { data: Vec<u8> },
     /// Write bytes.
-    ConnWrite = CONN_WRITE { handle: u64, data: Vec<u8> },
+    ConnWrite = CONN_WRITE { handle: u64, data: Vec<u8> } => { written: u32 },
     /// Close a connection.
-    ConnClose = CONN_CLOSE { handle: u64 },
+    ConnClose = CONN_CLOSE { handle: u64 } => {},
     /// Local address.
-    ConnLocalAddr = CONN_LOCAL_ADDR { handle: u64 },
+    ConnLocalAddr = CONN_LOCAL_ADDR { handle: u64 } => { address: String },
     /// Remote address.
-    ConnRemoteAddr = CONN_REMOTE_ADDR { handle: u64 },
+    ConnRemoteAddr = CONN_REMOTE_ADDR { handle: u64 } => { address: String },
     /// A snapshot's cache key.
-    SnapshotCacheKey = SNAPSHOT_CACHE_KEY { handle: u64 },
+    SnapshotCacheKey = SNAPSHOT_CACHE_KEY { handle: u64 } => { key: String },
     /// A snapshot's parent.
-    SnapshotParent = SNAPSHOT_PARENT { handle: u64 },
+    SnapshotParent = SNAPSHOT_PARENT { handle: u64 } => { handle: u64 },
     /// Release a snapshot.
-    SnapshotClose = SNAPSHOT_CLOSE { handle: u64 },
+    SnapshotClose = SNAPSHOT_CLOSE { handle: u64 } => {},
     /// A snapshot as an InstanceNew source.
-    SnapshotAsSource = SNAPSHOT_AS_SOURCE { handle: u64 },
+    SnapshotAsSource = SNAPSHOT_AS_SOURCE { handle: u64 } => { source_type: u8, source_path: String },
     /// Build from a Dockerfile.
-    BuildDockerfile = BUILD_DOCKERFILE { opts: DockerfileOptions },
+    BuildDockerfile = BUILD_DOCKERFILE { opts: DockerfileOptions } => { handle: u64 },
 }
 
 impl Request {
@@ -357,6 +413,31 @@ impl Request {
     /// Decodes a whole payload of type `ty`; `None` for a type that is not a request.
     pub fn from_payload(ty: u16, payload: &[u8]) -> Result<Option<Request>, DecodeError> {
         Ok(RequestRef::from_payload(ty, payload)?.map(RequestRef::into_owned))
+    }
+}
+
+impl Response {
+    /// The message's catalogue name (`FsOpen`) of the request it answers.
+    pub fn name(&self) -> &'static str {
+        msg::name(self.ty()).unwrap_or("?")
+    }
+
+    /// The whole Response payload: the OK byte, then the fields.
+    pub fn to_payload(&self) -> Vec<u8> {
+        let mut enc = Encoder::response();
+        self.encode(&mut enc);
+        enc.into_bytes()
+    }
+
+    /// Decodes the fields of a Response payload (after its OK byte) answering a request
+    /// of type `ty`, all of them; `None` for a type that is not a request.
+    pub fn from_fields(ty: u16, fields: &[u8]) -> Result<Option<Response>, DecodeError> {
+        let mut dec = Decoder::new(fields);
+        let r = Response::read(ty, &mut dec)?;
+        if r.is_some() {
+            dec.finish()?;
+        }
+        Ok(r)
     }
 }
 

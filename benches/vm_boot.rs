@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmhost::agent::proto::ExecRequest;
+use vmhost::contract::proto::ExecRequest;
 use vmhost::image::{initramfs, kernel, rootfs::Source};
 use vmhost::progress::Progress;
 use vmhost::vm::qemu::{BootConfig, MachineType, QemuVm};

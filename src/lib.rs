@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod contract;
 pub mod error;
 pub mod image;
 pub mod progress;

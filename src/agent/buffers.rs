@@ -1,5 +1,5 @@
 //! Large buffers kept for reuse: the payloads of big frames and file-read answers (up
-//! to [`proto::MAX_FRAME`](super::proto::MAX_FRAME) each; at most eight of them,
+//! to [`proto::MAX_FRAME`](crate::contract::proto::MAX_FRAME) each; at most eight of them,
 //! ~8 MiB, stay for the guest's life).
 //!
 //! Allocated once and reused, not allocated per frame: an allocator may map and unmap

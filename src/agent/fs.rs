@@ -1,7 +1,7 @@
 //! The guest's filesystem, served to the host: the agent end of the helper protocol's
 //! Fs* and File* messages.
 //!
-//! An agent [`FS`](super::proto::FS) frame carries a helper-protocol message type and
+//! An agent [`FS`](crate::contract::proto::FS) frame carries a helper-protocol message type and
 //! that message's request payload, unchanged, except that file handles are this agent's
 //! own (the helper keeps the table that maps its handles to them). The answer is the
 //! helper protocol's response fields, or an agent error with the helper error code.
@@ -25,15 +25,12 @@ use std::sync::Arc;
 use nix::libc;
 use parking_lot::Mutex;
 
-use super::proto::{self, AgentError};
+use crate::contract::proto::AgentError;
+use crate::contract::MAX_CHUNK;
 use crate::wire::{DirEntry, Encoder, ErrorCode, FileInfo, FileMode, RequestRef, Wire};
 
 /// An agent-side failure (see [`AgentError`]).
 pub type FsError = AgentError;
-
-/// The most data one FileRead answers with, and the largest FsReadFile served whole:
-/// what fits in one agent frame with room for the header fields.
-pub const MAX_CHUNK: usize = proto::MAX_FRAME as usize - 1024;
 
 /// The error FsReadFile gives for a file larger than [`MAX_CHUNK`]: EFBIG, which the
 /// helper takes as "read it through a handle".

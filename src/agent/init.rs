@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 
-use super::{say, trace, MODULES_LIST};
+use super::{say, trace};
+use crate::contract::{DNS, GATEWAY, GUEST_ADDR, MODULES_LIST};
 
 /// Runs the agent as PID 1; powers the VM off when its server ends.
 pub fn run() -> ! {
@@ -46,7 +47,8 @@ pub fn run() -> ! {
     trace(format_args!("setup done"));
     // The command the host put on the kernel command line, if any, starts now: it runs
     // while the server starts and the host answers its Hello.
-    let first = std::env::var_os(super::proto::FIRST_EXEC_VAR).map(|p| super::serve::First::start(&p));
+    let first =
+        std::env::var_os(crate::contract::proto::FIRST_EXEC_VAR).map(|p| super::serve::First::start(&p));
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
         power_button_thread(watch_power_button);
@@ -61,7 +63,7 @@ pub fn run() -> ! {
 const MAX_LINK_NAME: u64 = 4096;
 
 /// Makes the hard links the initramfs lists instead of archiving them (a tar image's:
-/// `crate::image::cpio::LINKS_FILE`), then gives each directory that gained a name
+/// `crate::contract::LINKS_FILE`), then gives each directory that gained a name
 /// its times from the image back, so the guest sees the image as it was written. The
 /// list is removed after (an image made from this guest's root must not carry it).
 /// Returns how many links it made.
@@ -71,7 +73,7 @@ const MAX_LINK_NAME: u64 = 4096;
 fn make_links() -> usize {
     use std::io::BufRead;
     use std::os::unix::ffi::OsStrExt;
-    let list = std::path::Path::new("/").join(crate::image::cpio::LINKS_FILE);
+    let list = std::path::Path::new("/").join(crate::contract::LINKS_FILE);
     let mut reader = match File::open(&list) {
         Ok(f) => std::io::BufReader::with_capacity(64 << 10, f),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
@@ -193,7 +195,7 @@ fn module_list() -> Vec<(String, String)> {
 /// Loads modules in order, with their parameters.
 fn load_modules(modules: &[(String, String)]) {
     for (file, params) in modules {
-        let path = format!("{}/modules/{file}", super::AGENT_DIR);
+        let path = format!("{}/modules/{file}", crate::contract::AGENT_DIR);
         // PCI transports are for machines with a PCI bus (not microvm).
         if file.starts_with("virtio_pci") && !has_pci() {
             continue;
@@ -219,14 +221,6 @@ fn has_pci() -> bool {
 fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
     nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
 }
-
-/// The guest side of QEMU's user-mode network: the address, gateway and DNS server
-/// slirp hands out, set statically (no DHCP client needed). Whether packets flow is the
-/// host's choice: it sets the link up or down (InstanceSetNetwork).
-pub const GUEST_ADDR: [u8; 4] = [10, 0, 2, 15];
-/// The host as the guest sees it.
-pub const GATEWAY: [u8; 4] = [10, 0, 2, 2];
-const DNS: &str = "10.0.2.3";
 
 /// Configures eth0 for QEMU's user-mode network: address, netmask, up, default route,
 /// and /etc/resolv.conf when the image has none. Idempotent: a second call finds it
@@ -260,7 +254,8 @@ pub(crate) fn configure_network() -> Result<(), String> {
 /// mounted read-only here and is read-only in QEMU too.
 fn mount_shared() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(list) = cmdline.split_whitespace().find_map(|w| w.strip_prefix(super::MOUNTS_PARAM)) else {
+    let Some(list) = cmdline.split_whitespace().find_map(|w| w.strip_prefix(crate::contract::MOUNTS_PARAM))
+    else {
         return;
     };
     for item in list.split(',').filter(|i| !i.is_empty()) {
@@ -269,7 +264,7 @@ fn mount_shared() {
             say(format_args!("bad mount tag {tag:?}"));
             continue;
         }
-        let target = format!("{}/{tag}", super::MOUNT_ROOT);
+        let target = format!("{}/{tag}", crate::contract::MOUNT_ROOT);
         let _ = std::fs::create_dir_all(&target);
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if mode == "ro" {

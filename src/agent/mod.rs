@@ -7,7 +7,7 @@
 //!   listed, in dependency order; brings lo up (vmhost's own kernel has done it during
 //!   boot); mounts the host's directories. Then it runs the **server** ([`serve`]):
 //!   starts the first command if the host put one on the kernel command line, finds its
-//!   virtio-serial port by name, says Hello, speaks the agent protocol ([`proto`]) on it
+//!   virtio-serial port by name, says Hello, speaks the agent protocol ([`crate::contract::proto`]) on it
 //!   and runs commands. When the server ends, it syncs and powers the VM off.
 //! - the **power button** watcher, on machines with ACPI (a stock kernel's).
 //! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
@@ -24,23 +24,8 @@ pub mod buffers;
 pub mod fs;
 pub mod init;
 pub mod main_process;
-pub mod proto;
 pub mod serve;
 pub mod spawn;
-
-/// The name of the virtio-serial port the agent serves.
-pub const PORT_NAME: &str = "vmhost.agent";
-/// Where the initramfs keeps the agent's files (modules, module list).
-pub const AGENT_DIR: &str = "/vmhost";
-/// Host directories shared with the guest are mounted at `MOUNT_ROOT/<tag>`.
-pub const MOUNT_ROOT: &str = "/mnt";
-
-/// The kernel command-line parameter that lists the host mounts for the agent:
-/// `vmhost.mounts=TAG:rw,TAG:ro`.
-pub const MOUNTS_PARAM: &str = "vmhost.mounts=";
-
-/// The module list: one `file.ko [params]` per line, in load order.
-pub const MODULES_LIST: &str = "/vmhost/modules.load";
 
 /// Entry point of `vmhost-agent`, called from its C `main`: std's runtime start does
 /// not run, so this does the part of it the agent needs. Standard descriptors the

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use super::proto::{self, AgentError, ExecRequest};
-use super::{say, spawn, trace, PORT_NAME};
+use super::{say, spawn, trace};
+use crate::contract::proto::{self, AgentError, ExecRequest};
+use crate::contract::PORT_NAME;
 use crate::wire::{Decoder, Encoder, ErrorCode};
 
 /// Gives the agent root's supplementary groups, so that a command run as root starts

@@ -29,9 +29,6 @@ use std::process::{Command, Stdio};
 
 use nix::libc;
 
-/// The search path when the environment has no PATH (Debian's default for root).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// What to start.
 #[derive(Debug)]
 pub struct Spec<'a> {
@@ -318,7 +315,11 @@ pub fn resolve(program: &str, env: &[(String, String)], dir: &str) -> io::Result
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
-    let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(crate::contract::DEFAULT_PATH, |(_, v)| v.as_str());
     let mut denied = false;
     for d in path.split(':') {
         let d = if d.is_empty() { "." } else { d };

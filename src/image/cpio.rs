@@ -17,7 +17,7 @@
 //!   (With one vCPU they cost about what the agent's link(2) calls would.)
 //! - A name given as a link to an entry already written as a plain file (a tar hard
 //!   link, [`Writer::hard_link_to`]) cannot be archived so, since the kernel links only
-//!   to an entry whose own link count said so. Those are listed in [`LINKS_FILE`]
+//!   to an entry whose own link count said so. Those are listed in [`crate::contract::LINKS_FILE`]
 //!   (`TARGET\0NAME\0` for each, both relative to the root), and the agent makes them
 //!   with `link(2)` before anything runs in the guest (`crate::agent::init`).
 
@@ -35,9 +35,6 @@ pub const S_IFCHR: u32 = 0o020000;
 pub const S_IFBLK: u32 = 0o060000;
 /// FIFO.
 pub const S_IFIFO: u32 = 0o010000;
-
-/// Where the archive lists the hard links the guest makes at boot (see the module doc).
-pub const LINKS_FILE: &str = "vmhost/links";
 
 /// Metadata of one archive entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +314,7 @@ impl<W: Write> Writer<W> {
                     list.push(0);
                 }
             }
-            self.file(LINKS_FILE, Meta::root(0o644), &list)?;
+            self.file(crate::contract::LINKS_FILE, Meta::root(0o644), &list)?;
         }
         self.header("TRAILER!!!", Meta::root(0), 1, 0)?;
         self.out.flush()?;
@@ -338,6 +335,7 @@ fn entry_name(name: &str) -> io::Result<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::LINKS_FILE;
 
     #[test]
     fn newc_layout_by_hand() {

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::helper::frame;
+use super::frame;
 use super::instance::BootedInstance;
 use super::pipes::{CmdIo, PipeSlot};
 use super::{Call, HandlerResult, Reply};
-use crate::agent::proto::ExecRequest;
-use crate::agent::spawn::DEFAULT_PATH;
+use crate::contract::proto::ExecRequest;
+use crate::contract::DEFAULT_PATH;
 use crate::error::Error;
 use crate::vm::agent_link::Process;
 use crate::wire::{self, msg, ErrorCode, ErrorFrame, Request, Response, StreamChunk, StreamEnd, Wire};
@@ -373,6 +373,6 @@ pub(super) fn serve(
             }
             .into())
         }
-        other => Err(super::helper::not_yet(other.name())),
+        other => Err(super::not_yet(other.name())),
     }
 }

@@ -2,7 +2,7 @@
 //! `Instance::new_with_first_command`), and how it reaches a helper process.
 
 use super::cmd::exec_request;
-use crate::agent::proto::ExecRequest;
+use crate::contract::proto::ExecRequest;
 
 /// A guest's first command, declared when it boots ([`super::helper::Helper::set_first_command`],
 /// `Instance::new_with_first_command`): the guest starts it as soon as it is set up,

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use nix::libc;
 use parking_lot::Mutex;
 
-use super::helper::frame;
+use super::frame;
 use super::pipes::PipeSlot;
 use super::table::Table;
 use super::{HandlerResult, Reply};
-use crate::agent::fs::MAX_CHUNK;
+use crate::contract::MAX_CHUNK;
 use crate::vm::agent_link::AgentLink;
 use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request, Response};
 

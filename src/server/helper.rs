@@ -23,6 +23,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::instance::BootedInstance;
+use super::{frame, not_yet};
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
@@ -33,7 +34,7 @@ use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
 pub use super::cmd::MAX_COLLECTED_OUTPUT;
 pub use super::first_command::{FirstCommand, FIRST_COMMAND_ENV};
 /// The default `PATH` of guest commands.
-pub use crate::agent::spawn::DEFAULT_PATH;
+pub use crate::contract::DEFAULT_PATH;
 
 /// The helper-protocol service of one helper process.
 pub struct Helper {
@@ -183,19 +184,6 @@ impl Handler for Helper {
     fn handle(&self, call: &mut Call<'_>, ty: u16, payload: &[u8]) -> HandlerResult {
         self.mux.handle(call, ty, payload)
     }
-}
-
-/// The Error frame for a crate error, naming `path` when the error names none.
-pub(super) fn frame(e: &Error, path: &str) -> ErrorFrame {
-    let mut f = e.to_frame("");
-    if f.path.is_empty() {
-        f.path = path.to_string();
-    }
-    f
-}
-
-pub(super) fn not_yet(what: &str) -> ErrorFrame {
-    ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("{what} is not supported by this build yet"))
 }
 
 /// Serves one decoded request.

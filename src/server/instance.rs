@@ -7,7 +7,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::cmd::Cmd;
-use super::helper::{frame, State};
+use super::frame;
+use super::helper::State;
 use super::table::Table;
 use super::{Call, HandlerResult, Reply};
 use crate::vm::agent_link::Process;
@@ -171,7 +172,7 @@ pub(super) fn serve(
                     .with_path(name))
             }
         }
-        other => Err(super::helper::not_yet(other.name())),
+        other => Err(super::not_yet(other.name())),
     }
 }
 

@@ -81,6 +81,19 @@ impl From<crate::wire::Response> for Reply {
     }
 }
 
+/// The Error frame for a crate error, naming `path` when the error names none.
+pub(crate) fn frame(e: &Error, path: &str) -> ErrorFrame {
+    let mut f = e.to_frame("");
+    if f.path.is_empty() {
+        f.path = path.to_string();
+    }
+    f
+}
+
+pub(crate) fn not_yet(what: &str) -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("{what} is not supported by this build yet"))
+}
+
 impl From<DecodeError> for ErrorFrame {
     fn from(e: DecodeError) -> ErrorFrame {
         ErrorFrame::new(ErrorCode::InvalidArgument, "", format!("bad payload: {e}"))

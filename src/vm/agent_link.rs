@@ -1,4 +1,4 @@
-//! The host end of the agent protocol ([`crate::agent::proto`]): one reader thread
+//! The host end of the agent protocol ([`crate::contract::proto`]): one reader thread
 //! routes answers to waiting requests by id and process output to per-process channels,
 //! so that many requests and processes share the one channel.
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use crate::agent::proto::{self, ExecRequest};
+use crate::contract::proto::{self, ExecRequest};
 use crate::error::{Error, Result};
 use crate::wire::{Decoder, Encoder, ErrorFrame};
 

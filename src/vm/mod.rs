@@ -293,7 +293,7 @@ pub struct InstanceSpec {
     /// The guest's first command (see [`crate::FirstCommand`]): started as soon as the
     /// guest is up where the backend can ([`qemu::BootConfig::first_command`]), and the
     /// only command that may start first either way.
-    pub first_command: Option<crate::agent::proto::ExecRequest>,
+    pub first_command: Option<crate::contract::proto::ExecRequest>,
 }
 
 impl InstanceSpec {

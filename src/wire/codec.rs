@@ -2,11 +2,10 @@
 //! payloads.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::error::{DecodeError, ErrorCode};
-use super::types::DirEntry;
 use super::MAX_LIST;
 
 /// Appends protocol primitives to a buffer.
@@ -35,7 +34,8 @@ impl Encoder {
 
     /// An encoder for a Response payload: starts with the OK error-code byte.
     pub fn response() -> Encoder {
-        Encoder { buf: vec![ErrorCode::Ok.as_u8()] }
+        // The OK error-code byte (ErrorCode::Ok).
+        Encoder { buf: vec![0] }
     }
 
     /// Clears the buffer for reuse.
@@ -297,12 +297,6 @@ impl<'a> Decoder<'a> {
         (0..n).map(|_| self.string()).collect()
     }
 
-    /// Reads a `u32` count and that many [`DirEntry`] (the FsReadDir answer).
-    pub fn dir_entries(&mut self) -> Result<Vec<DirEntry>, DecodeError> {
-        let n = self.count("directory entries", 9)?;
-        (0..n).map(|_| DirEntry::decode(self)).collect()
-    }
-
     /// Reads a `u32` count and that many (key, value) string pairs. A repeated key keeps
     /// its last value, as a Go map would.
     pub fn string_map(&mut self) -> Result<BTreeMap<String, String>, DecodeError> {
@@ -339,3 +333,81 @@ pub trait Wire: Sized {
         enc.into_bytes()
     }
 }
+
+/// A payload that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A field runs past the end of the payload.
+    Truncated {
+        /// The primitive being read.
+        what: &'static str,
+        /// Offset of the field in the payload.
+        offset: usize,
+        /// Bytes the field needs.
+        needed: u64,
+        /// Bytes that were left.
+        remaining: usize,
+    },
+    /// A string is not valid UTF-8.
+    InvalidUtf8 {
+        /// Offset of the string's data in the payload.
+        offset: usize,
+    },
+    /// A list or map announces more elements than the remaining bytes can hold.
+    CountTooLarge {
+        /// The kind of list.
+        what: &'static str,
+        /// Offset of the count in the payload.
+        offset: usize,
+        /// The announced count.
+        count: u32,
+        /// Bytes that were left after the count.
+        remaining: usize,
+    },
+    /// A bool byte other than 0 or 1.
+    InvalidBool {
+        /// Offset of the byte.
+        offset: usize,
+        /// The byte.
+        value: u8,
+    },
+    /// A value outside the range the message allows.
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// Bytes left over after the last field.
+    TrailingBytes {
+        /// How many bytes were left.
+        count: usize,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Truncated { what, offset, needed, remaining } => write!(
+                f,
+                "truncated payload: {what} at offset {offset} needs {needed} bytes, {remaining} left"
+            ),
+            DecodeError::InvalidUtf8 { offset } => {
+                write!(f, "string at offset {offset} is not valid UTF-8")
+            }
+            DecodeError::CountTooLarge { what, offset, count, remaining } => write!(
+                f,
+                "{what} at offset {offset} announces {count} elements but only {remaining} bytes remain"
+            ),
+            DecodeError::InvalidBool { offset, value } => {
+                write!(f, "bool at offset {offset} is {value}, not 0 or 1")
+            }
+            DecodeError::OutOfRange { field, reason } => write!(f, "{field} out of range: {reason}"),
+            DecodeError::TrailingBytes { count } => {
+                write!(f, "{count} unexpected bytes after the last field")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::codec::{Decoder, Encoder, Wire};
+use super::codec::{DecodeError, Decoder, Encoder, Wire};
 
 /// Error codes carried by Error frames and by the Response frame's leading byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,84 +79,6 @@ impl fmt::Display for ErrorCode {
         write!(f, "{} ({})", self.describe(), self.as_u8())
     }
 }
-
-/// A payload that does not decode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
-    /// A field runs past the end of the payload.
-    Truncated {
-        /// The primitive being read.
-        what: &'static str,
-        /// Offset of the field in the payload.
-        offset: usize,
-        /// Bytes the field needs.
-        needed: u64,
-        /// Bytes that were left.
-        remaining: usize,
-    },
-    /// A string is not valid UTF-8.
-    InvalidUtf8 {
-        /// Offset of the string's data in the payload.
-        offset: usize,
-    },
-    /// A list or map announces more elements than the remaining bytes can hold.
-    CountTooLarge {
-        /// The kind of list.
-        what: &'static str,
-        /// Offset of the count in the payload.
-        offset: usize,
-        /// The announced count.
-        count: u32,
-        /// Bytes that were left after the count.
-        remaining: usize,
-    },
-    /// A bool byte other than 0 or 1.
-    InvalidBool {
-        /// Offset of the byte.
-        offset: usize,
-        /// The byte.
-        value: u8,
-    },
-    /// A value outside the range the message allows.
-    OutOfRange {
-        /// The field.
-        field: &'static str,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// Bytes left over after the last field.
-    TrailingBytes {
-        /// How many bytes were left.
-        count: usize,
-    },
-}
-
-impl fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DecodeError::Truncated { what, offset, needed, remaining } => write!(
-                f,
-                "truncated payload: {what} at offset {offset} needs {needed} bytes, {remaining} left"
-            ),
-            DecodeError::InvalidUtf8 { offset } => {
-                write!(f, "string at offset {offset} is not valid UTF-8")
-            }
-            DecodeError::CountTooLarge { what, offset, count, remaining } => write!(
-                f,
-                "{what} at offset {offset} announces {count} elements but only {remaining} bytes remain"
-            ),
-            DecodeError::InvalidBool { offset, value } => {
-                write!(f, "bool at offset {offset} is {value}, not 0 or 1")
-            }
-            DecodeError::OutOfRange { field, reason } => write!(f, "{field} out of range: {reason}"),
-            DecodeError::TrailingBytes { count } => {
-                write!(f, "{count} unexpected bytes after the last field")
-            }
-        }
-    }
-}
-
-impl std::error::Error for DecodeError {}
 
 /// The payload of an Error frame (0xFF01): code, message, op, path, and vmhost's
 /// optional errno.

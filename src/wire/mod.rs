@@ -33,8 +33,8 @@ mod requests;
 mod types;
 
 pub use catalogue::{msg, type_name};
-pub use codec::{Decoder, Encoder, Wire};
-pub use error::{response_fields, DecodeError, ErrorCode, ErrorFrame};
+pub use codec::{DecodeError, Decoder, Encoder, Wire};
+pub use error::{response_fields, ErrorCode, ErrorFrame};
 pub use frame::{read_frame, read_header, write_frame, Frame, FrameError, Header};
 pub use requests::{Field, Request, RequestRef, Response};
 pub use types::{

@@ -2,8 +2,8 @@
 //! [`RequestRef`]), and the [`Field`] trait their fields implement.
 
 use super::catalogue::msg;
+use super::codec::DecodeError;
 use super::codec::{Decoder, Encoder, Wire};
-use super::error::DecodeError;
 use super::types::*;
 
 /// A value with a fixed place in a request: the primitives and the typed payloads.
@@ -131,7 +131,8 @@ impl Field for Vec<DirEntry> {
         }
     }
     fn get_ref<'a>(dec: &mut Decoder<'a>) -> Result<Vec<DirEntry>, DecodeError> {
-        dec.dir_entries()
+        let n = dec.count("directory entries", 9)?;
+        (0..n).map(|_| DirEntry::decode(dec)).collect()
     }
     fn from_ref(r: Vec<DirEntry>) -> Vec<DirEntry> {
         r

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::codec::DecodeError;
 use super::codec::{Decoder, Encoder, Wire};
-use super::error::{DecodeError, ErrorCode};
+use super::error::ErrorCode;
 
 /// Go `io/fs.FileMode` bits: permissions in the low 9 bits, the file type and special
 /// bits at the top. Not POSIX `S_IFMT` values; [`FileMode::from_unix`] converts.

@@ -19,7 +19,7 @@
 //! offer yet).
 //!
 //! Interrupts are edges through KVM irqfds into the in-kernel PIC and I/O APIC. The
-//! virtio console is multiport: port 1 is named [`crate::agent::PORT_NAME`] and carries
+//! virtio console is multiport: port 1 is named [`crate::contract::PORT_NAME`] and carries
 //! the agent channel to one end of a socket pair, whose other end the host's
 //! [`AgentLink`] uses as it uses QEMU's chardev socket.
 //!
@@ -92,7 +92,7 @@ pub struct KvmConfig {
     pub boot_timeout: Duration,
     /// The guest's first command ([`AgentLink::connect`]): only it may start first. This
     /// machine starts it when it is run, not at boot.
-    pub first_command: Option<crate::agent::proto::ExecRequest>,
+    pub first_command: Option<crate::contract::proto::ExecRequest>,
 }
 
 /// The kernel command line: the machine's devices, `quiet` unless in dmesg mode, then
@@ -239,7 +239,7 @@ impl KvmVm {
         let to_link = host_end.try_clone().map_err(host_err("clone the agent channel"))?;
         let mut device = Console::multiport(vec![
             (None, Box::new(ConsoleWriter(console.clone()))),
-            (Some(crate::agent::PORT_NAME.to_string()), Box::new(to_link)),
+            (Some(crate::contract::PORT_NAME.to_string()), Box::new(to_link)),
         ]);
         // Wakes the pump when the guest takes input, and (from the supervisor) when the
         // VM ends.

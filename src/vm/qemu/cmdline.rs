@@ -96,13 +96,13 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
             .iter()
             .map(|m| format!("{}:{}", m.tag, if m.writable { "rw" } else { "ro" }))
             .collect();
-        format!("{}{}", crate::agent::MOUNTS_PARAM, list.join(","))
+        format!("{}{}", crate::contract::MOUNTS_PARAM, list.join(","))
     });
     append.extend(mounts_arg.as_deref());
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
-    // The first command, for the agent (crate::agent::proto::FIRST_EXEC_VAR), where it
+    // The first command, for the agent (crate::contract::proto::FIRST_EXEC_VAR), where it
     // fits. The kernel keeps COMMAND_LINE_SIZE (2048) bytes with their NUL and cuts the
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
     // device. The command line then goes to QEMU in a file (see `cmdline_args`), whose
@@ -111,7 +111,7 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
     let quoted = given.clone().any(|a| a.contains('"'));
-    let first_param = cfg.first_command.as_ref().map(crate::agent::proto::encode_first_exec);
+    let first_param = cfg.first_command.as_ref().map(crate::contract::proto::encode_first_exec);
     let first_param = first_param.filter(|p| !quoted && used + p.len() < room);
     if cfg.first_command.is_some() && first_param.is_none() {
         log::debug!("the first command does not fit on the kernel command line: it starts when run");
@@ -232,7 +232,7 @@ pub(super) fn command_line(cfg: &BootConfig, cmdline: [String; 2], fds: &QemuFds
         "-chardev".into(),
         format!("socket,id=agent,fd={},server=on,wait=off", fds.fd("agent.sock")),
         "-device".into(),
-        format!("virtserialport,chardev=agent,name={}", crate::agent::PORT_NAME),
+        format!("virtserialport,chardev=agent,name={}", crate::contract::PORT_NAME),
         // wait=on: QEMU accepts us before it sets its monitor up. With wait=off, QEMU 7.2
         // can lose an early client's greeting or commands under load (its main loop
         // accepts while the monitor's I/O thread takes the socket over); we connect at
@@ -329,7 +329,7 @@ pub fn cpu_model(accel: Accel) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::proto::ExecRequest;
+    use crate::contract::proto::ExecRequest;
     use crate::image::kernel::Kernel;
     use crate::vm::qemu::QemuUser;
     use std::time::Duration;

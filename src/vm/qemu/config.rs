@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::QemuUser;
-use crate::agent::proto::ExecRequest;
+use crate::contract::proto::ExecRequest;
 use crate::error::{Error, Result};
 use crate::image::kernel::Kernel;
 
@@ -97,7 +97,7 @@ pub struct BootConfig {
     pub host_loopback: bool,
     /// The guest's first command: the agent starts it as soon as the guest is set up,
     /// before the host asks (it goes on the kernel command line: see
-    /// [`crate::agent::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
+    /// [`crate::contract::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
     /// either way (see [`crate::vm::agent_link::AgentLink::exec`]).
     pub first_command: Option<ExecRequest>,
     /// Who QEMU runs as (by default [`QemuUser::from_env`]: a user of its own when

@@ -16,6 +16,7 @@
 //! Frames on both sockets are QEMU's stream framing: a big-endian u32 length, then the
 //! Ethernet frame. Frames from slirp to the guest pass unchanged.
 
+use crate::contract::GATEWAY;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -30,7 +31,6 @@ pub const MAX_FRAME: usize = 69_632;
 /// host's loopback.
 const NETWORK: [u8; 3] = [10, 0, 2];
 const DNS: [u8; 4] = [10, 0, 2, 3];
-const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 
 const ETH_ARP: u16 = 0x0806;
 const ETH_IPV4: u16 = 0x0800;

@@ -434,7 +434,7 @@ mod tests {
         let r = ExecRequest {
             program: "sh".into(),
             args: vec!["-c".into(), "echo \"a b\" -- x=y.z\n\u{e9}".into()],
-            env: vec![format!("PATH={}", crate::agent::spawn::DEFAULT_PATH)],
+            env: vec![format!("PATH={}", crate::contract::DEFAULT_PATH)],
             stdin: true,
             ..Default::default()
         };

@@ -68,13 +68,34 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener> {
 }
 
 /// Binds and listens with the socket node created 0600 from the start: on Linux the node
-/// takes the socket inode's mode, which `fchmod` sets before `bind`.
+/// takes the socket inode's mode, which `fchmod` sets before `bind`. The node is bound
+/// under a temporary name and renamed to `path` once it listens, so that `path` exists
+/// only when a connect to it succeeds: a client that waits for the file (as the
+/// original's clients wait for their helper's) is never refused in between.
 fn bind_private(path: &Path) -> io::Result<UnixListener> {
     use std::os::fd::AsRawFd;
     let fd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     nix::sys::stat::fchmod(fd.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(0o600))?;
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    socket::listen(&fd, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{:x}~", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    // A path near the 107-byte limit is bound where it is (the brief refusal window
+    // then remains).
+    let staged = tmp.as_os_str().len() <= 107;
+    let bound = if staged { &tmp } else { path };
+    if staged {
+        let _ = fs::remove_file(&tmp);
+    }
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(bound)?)?;
+    let listening = socket::listen(&fd, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))
+        .map_err(io::Error::from)
+        .and_then(|()| if staged { fs::rename(&tmp, path) } else { Ok(()) });
+    if let Err(e) = listening {
+        if staged {
+            let _ = fs::remove_file(&tmp);
+        }
+        return Err(e);
+    }
     Ok(UnixListener::from(fd))
 }
 
@@ -274,5 +295,27 @@ pub fn raise_fd_limit() -> u64 {
         },
         Ok((soft, _)) => soft,
         Err(_) => 1024,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_path_appears_only_once_it_listens_and_leaves_nothing_beside_it() {
+        let dir = crate::test_dir::TempDir::new("bind");
+        let path = dir.join("s.sock");
+        let listener = bind_socket(&path).unwrap();
+        // The path is there and takes connections at once; no staging name is left.
+        let _client = UnixStream::connect(&path).unwrap();
+        listener.accept().unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["s.sock"]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -99,7 +99,7 @@ impl Transport {
                         wire::FrameError::Io(std::io::Error::other(msg))
                     })
                 };
-                let answer = h.call_local(req.ty(), &req.to_payload(), &mut sink);
+                let answer = h.call_local(req.clone(), &mut sink);
                 if let Some(e) = failed {
                     return Err(e);
                 }

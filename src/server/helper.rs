@@ -1,8 +1,7 @@
 //! The helper: `vmhost helper --socket PATH` serves the helper protocol for one VM.
 //!
-//! Every request type of the catalogue is registered in the [`Mux`]: its payload is
-//! decoded into a [`Request`] (a malformed one is answered with code 2 before anything
-//! happens) and served by `dispatch`. Until an instance exists,
+//! Every request's payload is decoded into a [`Request`] (a malformed one is answered
+//! with code 2 before anything happens) and served by `dispatch`. Until an instance exists,
 //! instance-scoped messages answer Error code 3 (NotRunning) naming the operation.
 //!
 //! The same service runs without a socket for the library's in-process mode
@@ -26,7 +25,7 @@ use super::instance::BootedInstance;
 use super::{frame, not_yet};
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::server::{Call, Handler, HandlerResult, Mux, Reply};
+use crate::server::{Call, Handler, HandlerResult, Reply};
 use crate::vm::InstanceSpec;
 use crate::vm::Machine;
 use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
@@ -38,7 +37,6 @@ pub use crate::contract::DEFAULT_PATH;
 
 /// The helper-protocol service of one helper process.
 pub struct Helper {
-    mux: Mux,
     state: Arc<State>,
 }
 
@@ -117,32 +115,7 @@ impl Helper {
             progress,
             first_command: Mutex::new(None),
         });
-        let mut mux = Mux::new();
-        for &(ty, _) in msg::ALL {
-            if msg::is_answer(ty) {
-                continue;
-            }
-            let st = state.clone();
-            mux.register(ty, move |call, dec| {
-                let Some(req) = Request::read(ty, dec)? else {
-                    return Err(ErrorFrame::new(
-                        ErrorCode::InvalidArgument,
-                        "",
-                        format!("unknown message type: {ty:#06x}"),
-                    ));
-                };
-                dec.finish()?;
-                // InstanceExec's failure is the main process's, which ended the VM.
-                dispatch(&st, call, req).map_err(|f| {
-                    if ty == msg::INSTANCE_EXEC {
-                        f
-                    } else {
-                        st.after_end(ty, f)
-                    }
-                })
-            });
-        }
-        Arc::new(Helper { mux, state })
+        Arc::new(Helper { state })
     }
 
     /// Declares the first command of the next instance this helper boots (see
@@ -151,16 +124,26 @@ impl Helper {
         *self.state.first_command.lock() = Some(first);
     }
 
-    /// Serves one request without a socket: `on_frame` receives the frames a streaming
-    /// request sends ahead of its answer.
-    pub fn call_local(
-        &self,
-        ty: u16,
-        payload: &[u8],
-        on_frame: crate::server::FrameSink<'_>,
-    ) -> HandlerResult {
+    /// Serves one request without a socket and without encoding it (the library's
+    /// in-process mode): `on_frame` receives the frames a streaming request sends ahead
+    /// of its answer.
+    pub fn call_local(&self, req: Request, on_frame: crate::server::FrameSink<'_>) -> HandlerResult {
         let mut call = Call::new(0, on_frame);
-        self.mux.handle(&mut call, ty, payload)
+        self.serve(&mut call, req)
+    }
+
+    /// Serves one decoded request; the error names the message.
+    fn serve(&self, call: &mut Call<'_>, req: Request) -> HandlerResult {
+        let ty = req.ty();
+        let st = &self.state;
+        // InstanceExec's failure is the main process's, which ended the VM.
+        dispatch(st, call, req).map_err(|f| {
+            let mut f = if ty == msg::INSTANCE_EXEC { f } else { st.after_end(ty, f) };
+            if f.op.is_empty() {
+                f.op = crate::wire::type_name(ty);
+            }
+            f
+        })
     }
 
     /// Stops the instance, if any (the helper is going away).
@@ -180,9 +163,18 @@ impl Helper {
     }
 }
 
+/// A request's payload is decoded into a [`Request`] (a malformed one is answered with
+/// code 2 before anything happens, an unknown type too), then served.
 impl Handler for Helper {
     fn handle(&self, call: &mut Call<'_>, ty: u16, payload: &[u8]) -> HandlerResult {
-        self.mux.handle(call, ty, payload)
+        let refused = |message: String| {
+            ErrorFrame::new(ErrorCode::InvalidArgument, crate::wire::type_name(ty), message)
+        };
+        match Request::from_payload(ty, payload) {
+            Ok(Some(req)) => self.serve(call, req),
+            Ok(None) => Err(refused(format!("unknown message type: {ty:#06x}"))),
+            Err(e) => Err(refused(format!("bad payload: {e}"))),
+        }
     }
 }
 

@@ -38,9 +38,7 @@ pub mod wire;
 mod test_dir;
 
 pub use client::fs::{File, Fs, Metadata, OpenOptions};
-pub use client::instance::{
-    Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, FirstCommand, Image, Instance, Output,
-    Stdio,
-};
+pub use client::instance::{FirstCommand, Image, Instance};
+pub use client::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio};
 pub use error::{Error, Result};
 pub use wire::InstanceOptions;

@@ -8,6 +8,7 @@
 
 pub mod fs;
 pub mod instance;
+pub mod process;
 
 use std::ffi::OsString;
 use std::os::unix::net::UnixStream;

@@ -30,7 +30,7 @@ pub fn run() -> ! {
     let modules = module_list();
     load_modules(&modules);
     let _ = nix::unistd::sethostname("vmhost");
-    super::serve::take_root_groups();
+    super::user::take_root_groups();
     // eth0 is configured only when the host first connects the network
     // (proto::NETWORK_UP).
     // vmhost's own kernel has brought lo up during boot (kernel/patches/0002-*).

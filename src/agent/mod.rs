@@ -13,8 +13,12 @@
 //! - the **reaper** ([`spawn::reap_forever`]) waits for every child: the commands' (whose
 //!   status it keeps for the server, unless a command's worker reaps it first) and the
 //!   orphans every PID 1 inherits.
-//! - **workers**: one per running command (its output and end), and some for file
-//!   requests.
+//! - **workers** (`pool`): one per running command (its output and end), and some for
+//!   file requests.
+//!
+//! Files: [`init`] (setting the guest up), [`serve`] (the frame loop and the process
+//! runner), [`fs`] (file requests), [`spawn`] and [`main_process`] (starting processes),
+//! [`user`] (guest users), `pool` (worker threads), [`buffers`] (kept large buffers).
 //!
 //! One process, not init plus a forked server: under emulation the fork, the second
 //! address space and the switches between the two cost ~10 ms of every boot. The price
@@ -24,8 +28,10 @@ pub mod buffers;
 pub mod fs;
 pub mod init;
 pub mod main_process;
+mod pool;
 pub mod serve;
 pub mod spawn;
+pub mod user;
 
 /// Entry point of `vmhost-agent`, called from its C `main`: std's runtime start does
 /// not run, so this does the part of it the agent needs. Standard descriptors the
@@ -55,7 +61,7 @@ pub fn main(warm_up: bool) -> ! {
         init::run()
     }
     if warm_up {
-        serve::warm_up();
+        user::warm_up();
         std::process::exit(0)
     }
     eprintln!("vmhost-agent runs as /init inside a vmhost guest");

@@ -12,29 +12,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
+use super::pool::Pool;
+use super::user::resolve_user;
 use super::{say, spawn, trace};
 use crate::contract::proto::{self, AgentError, ExecRequest};
 use crate::contract::PORT_NAME;
 use crate::wire::{Decoder, Encoder, ErrorCode};
-
-/// Gives the agent root's supplementary groups, so that a command run as root starts
-/// the fast way (see `spawn`) with exactly the groups it should have. Called before the
-/// agent starts its threads, so that glibc has no other thread to change them on.
-pub fn take_root_groups() {
-    if let Ok(root) = resolve_user("root") {
-        let gids: Vec<nix::unistd::Gid> =
-            root.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect();
-        if let Err(e) = nix::unistd::setgroups(&gids) {
-            say(format_args!("setgroups for root: {e}"));
-        }
-    }
-}
-
-/// The warm-up's share (see [`super::main`]): reads root's user and groups as
-/// [`take_root_groups`] does, without taking them.
-pub fn warm_up() {
-    let _ = resolve_user("root");
-}
 
 /// The process the host asked for on the kernel command line ([`proto::FIRST_EXEC_VAR`]),
 /// started before the server runs: the request, and the process or why it could not
@@ -291,86 +274,6 @@ struct Server {
 
 /// The most threads serving filesystem requests at once.
 const MAX_FS_WORKERS: usize = 32;
-
-/// How long a pool worker beyond [`KEPT_WORKERS`] waits for a job before it ends.
-const WORKER_IDLE: Duration = Duration::from_secs(60);
-/// Pool workers that stay however long they idle.
-const KEPT_WORKERS: usize = 4;
-
-/// A job for a [`Pool`] worker.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Threads that run jobs off the read loop. A job goes to an idle worker, or to a new
-/// one when all are busy, up to `max` (beyond that jobs queue); workers stay for the
-/// next job, since under emulation starting a thread costs milliseconds.
-struct Pool {
-    state: Mutex<PoolState>,
-    /// A job was queued.
-    queued: Condvar,
-    max: usize,
-}
-
-#[derive(Default)]
-struct PoolState {
-    jobs: std::collections::VecDeque<Job>,
-    /// Workers waiting for a job (counted from before their thread runs).
-    idle: usize,
-    workers: usize,
-}
-
-impl Pool {
-    fn new(max: usize) -> Pool {
-        Pool { state: Mutex::new(PoolState::default()), queued: Condvar::new(), max }
-    }
-
-    /// Runs `job` on a worker, starting one when no idle worker is left for it.
-    fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) {
-        let mut st = self.state.lock();
-        st.jobs.push_back(Box::new(job));
-        if st.jobs.len() > st.idle && st.workers < self.max {
-            self.start_worker_locked(&mut st);
-        }
-        self.queued.notify_one();
-    }
-
-    /// Starts a worker that waits for jobs.
-    fn start_worker(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        self.start_worker_locked(&mut st);
-    }
-
-    fn start_worker_locked(self: &Arc<Self>, st: &mut PoolState) {
-        let me = self.clone();
-        let started = thread::Builder::new().spawn(move || loop {
-            let mut st = me.state.lock();
-            while st.jobs.is_empty() {
-                // Beyond a few, a worker idle for a minute ends: the pool shrinks back
-                // after a burst of commands.
-                if me.queued.wait_for(&mut st, WORKER_IDLE).timed_out()
-                    && st.jobs.is_empty()
-                    && st.workers > KEPT_WORKERS
-                {
-                    st.workers -= 1;
-                    st.idle -= 1;
-                    return;
-                }
-            }
-            let job = st.jobs.pop_front().expect("not empty");
-            st.idle -= 1;
-            drop(st);
-            job();
-            me.state.lock().idle += 1;
-        });
-        match started {
-            Ok(_) => {
-                st.workers += 1;
-                st.idle += 1;
-            }
-            // The queued jobs wait for a worker to be free.
-            Err(e) => say(format_args!("cannot start a worker thread: {e}")),
-        }
-    }
-}
 
 impl Server {
     fn serve(self: Arc<Self>, mut port: File) -> i32 {
@@ -807,55 +710,4 @@ fn feed_stdin(
             Err(m) => w.error(req, ErrorCode::Io, &m),
         }
     }
-}
-
-struct User {
-    name: String,
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    home: String,
-}
-
-/// Resolves a user name or `uid[:gid]` against the guest's /etc/passwd, with the
-/// supplementary groups /etc/group gives the name.
-fn resolve_user(spec: &str) -> Result<User, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let entries: Vec<Vec<&str>> =
-        passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 6).collect();
-    let spec = if spec.is_empty() { "root" } else { spec };
-    let (name, group) = spec.split_once(':').unwrap_or((spec, ""));
-    let numeric = name.parse::<u32>().ok();
-    let found = entries.iter().find(|f| f[0] == name || numeric.is_some_and(|_| f[2] == name));
-    let mut user = match (found, numeric) {
-        (Some(f), _) => User {
-            name: f[0].to_string(),
-            uid: f[2].parse().map_err(|_| format!("bad uid for {name} in /etc/passwd"))?,
-            gid: f[3].parse().map_err(|_| format!("bad gid for {name} in /etc/passwd"))?,
-            groups: Vec::new(),
-            home: f[5].to_string(),
-        },
-        (None, Some(uid)) => {
-            User { name: name.to_string(), uid, gid: uid, groups: Vec::new(), home: "/".into() }
-        }
-        (None, None) if name == "root" => {
-            User { name: "root".into(), uid: 0, gid: 0, groups: Vec::new(), home: "/root".into() }
-        }
-        (None, None) => return Err(format!("user {name:?} not found in the guest's /etc/passwd")),
-    };
-    if !group.is_empty() {
-        user.gid = group.parse().map_err(|_| format!("group {group:?} is not a number"))?;
-    }
-    user.groups.push(user.gid);
-    for line in std::fs::read_to_string("/etc/group").unwrap_or_default().lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 4 && f[3].split(',').any(|m| m == user.name) {
-            if let Ok(g) = f[2].parse::<u32>() {
-                if !user.groups.contains(&g) {
-                    user.groups.push(g);
-                }
-            }
-        }
-    }
-    Ok(user)
 }

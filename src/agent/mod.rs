@@ -16,9 +16,10 @@
 //! - **workers** (`pool`): one per running command (its output and end), and some for
 //!   file requests.
 //!
-//! Files: [`init`] (setting the guest up), [`serve`] (the frame loop and the process
-//! runner), [`fs`] (file requests), [`spawn`] and [`main_process`] (starting processes),
-//! [`user`] (guest users), `pool` (worker threads), [`buffers`] (kept large buffers).
+//! Files: [`init`] (setting the guest up), [`serve`] (the frame loop), `process` (the
+//! processes it runs: credit, output, stdin), `writer` (the port's write side), [`fs`]
+//! (file requests), [`spawn`] and [`main_process`] (starting processes), [`user`] (guest
+//! users), `pool` (worker threads), [`buffers`] (kept large buffers).
 //!
 //! One process, not init plus a forked server: under emulation the fork, the second
 //! address space and the switches between the two cost ~10 ms of every boot. The price
@@ -29,9 +30,11 @@ pub mod fs;
 pub mod init;
 pub mod main_process;
 mod pool;
+mod process;
 pub mod serve;
 pub mod spawn;
 pub mod user;
+mod writer;
 
 /// Entry point of `vmhost-agent`, called from its C `main`: std's runtime start does
 /// not run, so this does the part of it the agent needs. Standard descriptors the

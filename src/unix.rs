@@ -112,14 +112,6 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
         Err(e) => Err(Error::io("stat", dir, e)),
         Ok(m) => {
             let me = nix::unistd::geteuid().as_raw();
-            // Ours, and nobody else could write in it (a build of 2026-12-07 made the
-            // VMs' one 0711): closed again, nothing in it can be another's doing.
-            if m.is_dir() && m.uid() == me && m.mode() & 0o077 != 0 && m.mode() & 0o022 == 0 {
-                log::info!("closing {} to others (it was {:o})", dir.display(), m.mode() & 0o777);
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::io("chmod private directory", dir, e))?;
-                return Ok(());
-            }
             if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
                 return Err(Error::io(
                     "use private directory",

@@ -117,36 +117,43 @@ fn read_through_handle(agent: &AgentLink, path: &str) -> Result<Vec<u8>, ErrorFr
     let size = ask(agent, &Request::FileStat { handle: a }, path)
         .and_then(|s| wire::Wire::from_payload(&s).map_err(ErrorFrame::from))
         .map(|info: wire::FileInfo| info.size.max(0) as usize);
-    let mut data = Vec::new();
+    // One byte more than an answer holds tells a file that grew since its stat.
     let result = match size {
         Ok(n) if n > MAX_READ_FILE => Err(too_large(n)),
         Err(e) => Err(e),
-        Ok(n) => {
-            data.reserve_exact(n);
-            Ok(())
-        }
+        Ok(_) => read_filled(agent, a, MAX_READ_FILE + 1)
+            .map_err(|ef| if ef.path.is_empty() { ef.with_path(path) } else { ef })
+            .and_then(|data| match data.len() {
+                n if n > MAX_READ_FILE => Err(too_large(n)),
+                _ => Ok(data),
+            }),
     };
-    let result = result.and_then(|()| loop {
-        let chunk = match ask(agent, &Request::FileRead { handle: a, max: MAX_CHUNK as u32 }, path) {
-            Ok(c) => c,
-            Err(e) => break Err(e),
-        };
-        let bytes = match Decoder::new(&chunk).bytes() {
-            Ok(b) => b,
-            Err(e) => {
-                break Err(ErrorFrame::new(ErrorCode::Unknown, "", format!("bad FileRead answer: {e}")))
-            }
-        };
-        if bytes.is_empty() {
-            break Ok(());
-        }
-        if data.len() + bytes.len() > MAX_READ_FILE {
-            break Err(too_large(data.len() + bytes.len()));
-        }
-        data.extend_from_slice(&bytes);
-    });
     let _ = ask(agent, &Request::FileClose { handle: a }, path);
-    result.map(|()| data)
+    result
+}
+
+/// Reads up to `max` bytes of agent handle `a`, an agent frame at a time, stopping at a
+/// short read (the end of the file, or a pipe's pace). An error after some data ends
+/// the read with what was read: it comes again on the next one.
+fn read_filled(agent: &AgentLink, a: u64, max: usize) -> Result<Vec<u8>, ErrorFrame> {
+    let mut data = Vec::new();
+    loop {
+        let want = (max - data.len()).min(MAX_CHUNK);
+        let chunk = match ask_open(agent, &Request::FileRead { handle: a, max: want as u32 }) {
+            Ok(c) => c,
+            Err(_) if !data.is_empty() => break,
+            Err(e) => return Err(e),
+        };
+        let bytes = Decoder::new(&chunk).bytes().map_err(|e| {
+            ErrorFrame::new(ErrorCode::Unknown, "", format!("bad FileRead answer from the guest: {e}"))
+        })?;
+        let short = bytes.len() < want;
+        data.extend_from_slice(&bytes);
+        if short || data.len() >= max {
+            break;
+        }
+    }
+    Ok(data)
 }
 
 /// Writes data to an agent handle in chunks that fit agent frames; returns the count.
@@ -252,32 +259,9 @@ pub(super) fn serve(
             Ok(Reply::ok())
         }
         Request::FileRead { handle, max } => {
-            // The helper splits: as much as asked, within one answer, an agent frame at a
-            // time, up to a short read (the end of the file, or a pipe's pace).
+            // The helper splits: as much as asked, within one answer (see read_filled).
             let a = agent_handle(files, handle)?;
-            let max = (max as usize).min(MAX_READ_FILE);
-            let mut data = Vec::new();
-            loop {
-                let want = (max - data.len()).min(MAX_CHUNK);
-                let chunk = match ask_open(agent, &Request::FileRead { handle: a, max: want as u32 }) {
-                    Ok(c) => c,
-                    // What was read is the answer; the error comes again on the next read.
-                    Err(_) if !data.is_empty() => break,
-                    Err(e) => return Err(e),
-                };
-                let bytes = Decoder::new(&chunk).bytes().map_err(|e| {
-                    ErrorFrame::new(
-                        ErrorCode::Unknown,
-                        "",
-                        format!("bad FileRead answer from the guest: {e}"),
-                    )
-                })?;
-                let short = bytes.len() < want;
-                data.extend_from_slice(&bytes);
-                if short || data.len() >= max {
-                    break;
-                }
-            }
+            let data = read_filled(agent, a, (max as usize).min(MAX_READ_FILE))?;
             Ok(Response::FileRead { data }.into())
         }
         Request::FileWrite { handle, data } => {

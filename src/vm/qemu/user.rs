@@ -125,26 +125,30 @@ impl Credentials {
     /// mode's "other" triple: 4, 2, 1), searching every directory above it, by the mode
     /// bits (access control lists aside).
     fn may(&self, path: &Path, want: u32) -> bool {
-        let allowed = |m: &std::fs::Metadata, want: u32| {
-            let mode = m.mode();
-            let bits = if m.uid() == self.uid {
-                mode >> 6
-            } else if m.gid() == self.gid || self.groups.contains(&m.gid()) {
-                mode >> 3
-            } else {
-                mode
-            };
-            bits & want == want
-        };
         let mut above = PathBuf::new();
         for part in path.parent().into_iter().flat_map(|p| p.components()) {
             above.push(part);
             match std::fs::metadata(&above) {
-                Ok(m) if allowed(&m, 1) => {}
+                Ok(m) if self.allows(&m, 1) => {}
                 _ => return false,
             }
         }
-        std::fs::metadata(path).is_ok_and(|m| allowed(&m, want))
+        std::fs::metadata(path).is_ok_and(|m| self.allows(&m, want))
+    }
+
+    /// Whether a file of metadata `m` gives these credentials `want` (a mode's "other"
+    /// triple: 4, 2, 1), as the kernel decides it: the owner's bits for its owner, the
+    /// group's for its group, the others' for everyone else.
+    fn allows(&self, m: &std::fs::Metadata, want: u32) -> bool {
+        let mode = m.mode();
+        let bits = if m.uid() == self.uid {
+            mode >> 6
+        } else if m.gid() == self.gid || self.groups.contains(&m.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
     }
 
     /// Refuses a shared directory QEMU could not serve as this user.
@@ -172,13 +176,7 @@ impl Credentials {
     /// Refuses a kernel or initramfs QEMU could not read as this user (it opens them
     /// through `/proc/self/fd`, which checks the file's own mode).
     pub(crate) fn check_readable(&self, what: &str, path: &Path) -> Result<()> {
-        let readable = std::fs::metadata(path).is_ok_and(|m| {
-            let mode = m.mode();
-            (m.uid() == self.uid && mode & 0o400 != 0)
-                || ((m.gid() == self.gid || self.groups.contains(&m.gid())) && mode & 0o040 != 0)
-                || mode & 0o004 != 0
-        });
-        if readable {
+        if std::fs::metadata(path).is_ok_and(|m| self.allows(&m, 4)) {
             return Ok(());
         }
         Err(Error::InvalidArgument {
@@ -310,6 +308,15 @@ mod tests {
         set(&top, 0o750);
         assert!(!c.may(&inner, 5));
         set(&top, 0o755);
+        // The owner's bits decide for the owner, as the kernel does: a file every other
+        // user may read is not readable by its owner whose bits say no.
+        let file = top.join("f");
+        std::fs::write(&file, b"x").unwrap();
+        set(&file, 0o044);
+        let owner = std::fs::metadata(&file).unwrap().uid();
+        let as_owner = Credentials { uid: owner, gid: DYNAMIC_UID_FIRST, groups: vec![], _lock: None };
+        assert!(as_owner.check_readable("kernel", &file).is_err());
+        assert!(c.check_readable("kernel", &file).is_ok());
         std::fs::remove_dir_all(&top).unwrap();
     }
 }

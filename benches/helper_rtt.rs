@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmhost::client;
-use vmhost::server::{Mux, Reply, Server};
+use vmhost::server::{Mux, Server};
 use vmhost::wire::{self, msg};
 
 const ID: &str = "vm-0123456789ab";
@@ -76,9 +76,7 @@ fn start_server(dir: &std::path::Path) -> Server {
     let mut mux = Mux::new();
     mux.register(msg::INSTANCE_ID, |_, dec| {
         dec.finish()?;
-        Ok(Reply::with(|e| {
-            e.string(ID);
-        }))
+        Ok(wire::Response::InstanceId { id: ID.into() }.into())
     });
     let server = Server::bind(dir.join("helper.sock"), Arc::new(mux)).unwrap();
     let s = server.clone();

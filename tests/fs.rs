@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, UNIX_EPOCH};
 
 use common::{noise, shared_guest};
-use vmhost::wire::{ErrorCode, FileMode, Request};
+use vmhost::wire::{ErrorCode, FileMode, Request, Response};
 use vmhost::{Error, Instance};
 
 fn sh(vm: &Instance, script: &str) -> String {
@@ -147,8 +147,8 @@ fn file_handles_read_write_seek_at_both_ends() {
 
     // FileName and the raw messages' answers.
     let h = fs.open(p).unwrap();
-    let name = vm.request(&Request::FileName { handle: h.handle() }).unwrap().decoder().string().unwrap();
-    assert_eq!(name, p);
+    let name = vm.answer(&Request::FileName { handle: h.handle() }).unwrap();
+    assert_eq!(name, Response::FileName { name: p.into() });
 }
 
 #[test]
@@ -227,14 +227,14 @@ fn bad_paths_and_handles_are_clear_errors() {
         Request::FsChtimes { path: "/no/such".into(), atime: 0, mtime: 0 },
         Request::FsMkdir { path: "/no/such/dir".into(), perm: FileMode(0o755) },
     ] {
-        let e = vm.request(&req).unwrap_err();
+        let e = vm.answer(&req).unwrap_err();
         assert_eq!(remote_code(&e), ErrorCode::Io, "{} -> {e}", req.name());
     }
     // FsRemoveAll of a missing path is no error (Go's os.RemoveAll).
-    vm.request(&Request::FsRemoveAll { path: "/no/such".into() }).unwrap();
+    vm.answer(&Request::FsRemoveAll { path: "/no/such".into() }).unwrap();
 
     // A handle never given: InvalidHandle. One closed: AlreadyClosed.
-    let e = vm.request(&Request::FileRead { handle: 987_654, max: 10 }).unwrap_err();
+    let e = vm.answer(&Request::FileRead { handle: 987_654, max: 10 }).unwrap_err();
     assert_eq!(remote_code(&e), ErrorCode::InvalidHandle, "{e}");
     let f = fs.open("/etc/passwd").unwrap();
     let h = f.handle();
@@ -246,17 +246,17 @@ fn bad_paths_and_handles_are_clear_errors() {
         Request::FileStat { handle: h },
         Request::FileClose { handle: h },
     ] {
-        let e = vm.request(&req).unwrap_err();
+        let e = vm.answer(&req).unwrap_err();
         assert_eq!(remote_code(&e), ErrorCode::AlreadyClosed, "{} -> {e}", req.name());
     }
     // Bad arguments: whence, negative size, the whole root.
     let g = fs.open("/etc/passwd").unwrap();
-    let e = vm.request(&Request::FileSeek { handle: g.handle(), offset: 0, whence: 7 }).unwrap_err();
+    let e = vm.answer(&Request::FileSeek { handle: g.handle(), offset: 0, whence: 7 }).unwrap_err();
     assert_eq!(remote_code(&e), ErrorCode::InvalidArgument, "{e}");
-    let e = vm.request(&Request::FileTruncate { handle: g.handle(), size: -1 }).unwrap_err();
+    let e = vm.answer(&Request::FileTruncate { handle: g.handle(), size: -1 }).unwrap_err();
     assert_eq!(remote_code(&e), ErrorCode::InvalidArgument, "{e}");
     for root in ["/", "/tmp/..", "tmp/../", "..", "/tmp/x/.."] {
-        let e = vm.request(&Request::FsRemoveAll { path: root.into() }).unwrap_err();
+        let e = vm.answer(&Request::FsRemoveAll { path: root.into() }).unwrap_err();
         assert_eq!(remote_code(&e), ErrorCode::InvalidArgument, "{root}: {e}");
     }
     assert!(fs.exists("/etc/passwd").unwrap());

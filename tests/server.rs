@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::{fd_count, wait_until, TempDir};
 use vmhost::client::{self, Client};
-use vmhost::server::{Mux, Reply, Server, ServerOptions};
-use vmhost::wire::{self, msg, ErrorCode, ErrorFrame, Wire};
+use vmhost::server::{Mux, Server, ServerOptions};
+use vmhost::wire::{self, msg, ErrorCode, ErrorFrame, Response, Wire};
 use vmhost::Error;
 
 const GUARD: Duration = Duration::from_secs(20);
@@ -23,16 +23,12 @@ fn test_mux() -> Mux {
     let mut mux = Mux::new();
     mux.register(msg::INSTANCE_ID, |_, dec| {
         dec.finish()?;
-        Ok(Reply::with(|e| {
-            e.string("vm-test");
-        }))
+        Ok(Response::InstanceId { id: "vm-test".into() }.into())
     });
     mux.register(msg::FS_READ_FILE, |_, dec| {
         let path = dec.string()?;
         dec.finish()?;
-        Ok(Reply::with(|e| {
-            e.bytes(path.as_bytes());
-        }))
+        Ok(Response::FsReadFile { data: path.into_bytes() }.into())
     });
     mux.register(msg::FS_REMOVE, |_, _| panic!("deliberate test panic"));
     mux
@@ -355,13 +351,13 @@ fn close_answers_calls_in_flight_and_cuts_what_outlasts_its_grace() {
     mux.register(msg::INSTANCE_WAIT, move |_, _| {
         let _ = s2.send(());
         thread::sleep(Duration::from_millis(300));
-        Ok(Reply::ok())
+        Ok(Response::InstanceWait {}.into())
     });
     // Longer than close()'s grace.
     mux.register(msg::INSTANCE_CLOSE, move |_, _| {
         let _ = started.send(());
         thread::sleep(vmhost::server::CLOSE_GRACE + Duration::from_secs(3));
-        Ok(Reply::ok())
+        Ok(Response::InstanceClose {}.into())
     });
     let server = Server::bind(dir.join("s.sock"), Arc::new(mux)).unwrap();
     let s = server.clone();
@@ -412,7 +408,7 @@ fn a_handler_sees_its_client_hang_up() {
             thread::sleep(Duration::from_millis(10));
         }
         let _ = tx.send(call.is_cancelled());
-        Ok(Reply::ok())
+        Ok(Response::InstanceWait {}.into())
     });
     let server = Server::bind(dir.join("s.sock"), Arc::new(mux)).unwrap();
     let s = server.clone();

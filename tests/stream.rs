@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{shared_guest, wait_until};
-use vmhost::wire::{self, msg, ErrorCode, Request, StreamChunk, Wire};
+use vmhost::wire::{self, msg, ErrorCode, Request, Response, StreamChunk, Wire};
 use vmhost::{Error, Instance, Stdio};
 
 fn sh(vm: &Instance, script: &str) -> String {
@@ -121,15 +121,22 @@ fn a_stalled_reader_stops_the_guest_process_at_its_credit() {
 #[test]
 fn pipe_messages_on_the_wire() {
     let Some(vm) = shared_guest("pipe_messages_on_the_wire") else { return };
-    let call = |r: Request| vm.request(&r);
-    let h = call(Request::CmdNew { name: "sh".into(), args: vec!["-c".into(), "cat; echo e >&2".into()] })
-        .unwrap()
-        .decoder()
-        .u64()
-        .unwrap();
-    let stdin = call(Request::CmdStdinPipe { handle: h }).unwrap().decoder().u64().unwrap();
-    let stdout = call(Request::CmdStdoutPipe { handle: h }).unwrap().decoder().u64().unwrap();
-    let stderr = call(Request::CmdStderrPipe { handle: h }).unwrap().decoder().u64().unwrap();
+    let call = |r: Request| vm.answer(&r);
+    let handle = |r: Request| match call(r).unwrap() {
+        Response::CmdNew { handle }
+        | Response::CmdStdinPipe { handle }
+        | Response::CmdStdoutPipe { handle }
+        | Response::CmdStderrPipe { handle } => handle,
+        other => panic!("{other:?}"),
+    };
+    let data = |r: Request| match call(r).unwrap() {
+        Response::FileRead { data } => data,
+        other => panic!("{other:?}"),
+    };
+    let h = handle(Request::CmdNew { name: "sh".into(), args: vec!["-c".into(), "cat; echo e >&2".into()] });
+    let stdin = handle(Request::CmdStdinPipe { handle: h });
+    let stdout = handle(Request::CmdStdoutPipe { handle: h });
+    let stderr = handle(Request::CmdStderrPipe { handle: h });
     // Asked twice: refused. Read before the start: refused.
     let e = call(Request::CmdStdoutPipe { handle: h }).unwrap_err();
     assert!(matches!(&e, Error::Remote(ef) if ef.code == ErrorCode::InvalidArgument), "{e}");
@@ -138,29 +145,26 @@ fn pipe_messages_on_the_wire() {
     call(Request::CmdStart { handle: h }).unwrap();
     // Pipes after the start: refused.
     assert!(call(Request::CmdStdinPipe { handle: h }).is_err());
-    let n =
-        call(Request::FileWrite { handle: stdin, data: b"abc".to_vec() }).unwrap().decoder().u32().unwrap();
-    assert_eq!(n, 3);
+    let written = call(Request::FileWrite { handle: stdin, data: b"abc".to_vec() }).unwrap();
+    assert_eq!(written, Response::FileWrite { written: 3 });
     // The wrong direction and file-only messages are refused on pipes.
     assert!(call(Request::FileRead { handle: stdin, max: 1 }).is_err());
     assert!(call(Request::FileWrite { handle: stdout, data: b"x".to_vec() }).is_err());
     assert!(call(Request::FileSeek { handle: stdout, offset: 0, whence: 0 }).is_err());
-    let name = call(Request::FileName { handle: stdout }).unwrap().decoder().string().unwrap();
+    let Response::FileName { name } = call(Request::FileName { handle: stdout }).unwrap() else { panic!() };
     assert!(name.contains("stdout"), "{name}");
     call(Request::FileClose { handle: stdin }).unwrap(); // EOF
     let mut out = Vec::new();
     loop {
-        let r = call(Request::FileRead { handle: stdout, max: 1 << 20 }).unwrap();
-        let data = r.decoder().bytes().unwrap();
-        if data.is_empty() {
+        let chunk = data(Request::FileRead { handle: stdout, max: 1 << 20 });
+        if chunk.is_empty() {
             break;
         }
-        out.extend(data);
+        out.extend(chunk);
     }
     assert_eq!(out, b"abc");
-    let err = call(Request::FileRead { handle: stderr, max: 100 }).unwrap().decoder().bytes().unwrap();
-    assert_eq!(err, b"e\n");
-    assert_eq!(call(Request::CmdWait { handle: h }).unwrap().decoder().i32().unwrap(), 0);
+    assert_eq!(data(Request::FileRead { handle: stderr, max: 100 }), b"e\n");
+    assert_eq!(call(Request::CmdWait { handle: h }).unwrap(), Response::CmdWait { exit_code: 0 });
     call(Request::FileClose { handle: stdout }).unwrap();
     let e = call(Request::FileRead { handle: stdout, max: 1 }).unwrap_err();
     assert!(matches!(&e, Error::Remote(ef) if ef.code == ErrorCode::AlreadyClosed), "{e}");

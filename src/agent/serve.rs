@@ -105,8 +105,10 @@ pub fn run(first: Option<First>) -> i32 {
 /// The agent's server over any stream `port` (one end of a socket pair), its files
 /// below `root` (see [`super::fs::Files::with_root`]): the middle of vmhost (the helper's
 /// Fs and File handlers, the agent link, the agent's file serving) tested without a
-/// guest. It says Hello and serves until the other end closes. Not for Exec: a process
-/// it started would be a child of this process, which has no reaper for it.
+/// guest. It says Hello and serves until the other end closes. Exec runs processes on
+/// this host as this process's children, and the agent's reaper waits for every child:
+/// serve processes only in a process of its own (`server::guestless` re-runs its test
+/// binary for it).
 pub fn serve_over(port: File, root: std::path::PathBuf) -> i32 {
     let writer = match port.try_clone() {
         Ok(w) => Writer(Arc::new(Mutex::new((w, Vec::new())))),

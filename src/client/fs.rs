@@ -67,8 +67,9 @@ impl<'a> Fs<'a> {
         Fs { inst }
     }
 
-    fn call(&self, req: Request) -> Result<super::Response> {
-        self.inst.request(&req)
+    /// Sends a request whose answer has no fields.
+    fn call(&self, req: Request) -> Result<()> {
+        self.inst.t.call(&req)
     }
 
     fn info(&self, req: Request) -> Result<Metadata> {
@@ -118,7 +119,7 @@ impl<'a> Fs<'a> {
         let data = data.as_ref();
         if data.len() <= WHOLE_WRITE {
             let req = Request::FsWriteFile { path: p, data: data.to_vec(), perm: FileMode(0o666) };
-            return self.call(req).map(drop);
+            return self.call(req);
         }
         let f = self.create(&p)?;
         for chunk in data.chunks(WRITE_CHUNK) {
@@ -157,12 +158,12 @@ impl<'a> Fs<'a> {
 
     /// Creates a directory (mode 0777 less the guest's umask); its parent must exist.
     pub fn create_dir(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.call(Request::FsMkdir { path: path_str(path.as_ref())?, perm: FileMode(0o777) }).map(drop)
+        self.call(Request::FsMkdir { path: path_str(path.as_ref())?, perm: FileMode(0o777) })
     }
 
     /// Creates a directory and any missing parents; an existing directory is fine.
     pub fn create_dir_all(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.call(Request::FsMkdirAll { path: path_str(path.as_ref())?, perm: FileMode(0o777) }).map(drop)
+        self.call(Request::FsMkdirAll { path: path_str(path.as_ref())?, perm: FileMode(0o777) })
     }
 
     fn remove_kind(&self, path: &Path, want_dir: bool) -> Result<()> {
@@ -176,7 +177,7 @@ impl<'a> Fs<'a> {
                 wire::ErrorFrame::new(wire::ErrorCode::Io, "FsRemove", msg).with_path(p),
             ));
         }
-        self.call(Request::FsRemove { path: p }).map(drop)
+        self.call(Request::FsRemove { path: p })
     }
 
     /// Removes a file or symbolic link (not a directory).
@@ -195,25 +196,25 @@ impl<'a> Fs<'a> {
         let m = self.symlink_metadata(&p)?;
         if m.is_symlink() {
             // As std: the link goes, not what it points to.
-            return self.call(Request::FsRemove { path: p }).map(drop);
+            return self.call(Request::FsRemove { path: p });
         }
         if !m.is_dir() {
             let ef =
                 wire::ErrorFrame::new(wire::ErrorCode::Io, "FsRemoveAll", "Not a directory").with_path(p);
             return Err(Error::Remote(ef));
         }
-        self.call(Request::FsRemoveAll { path: p }).map(drop)
+        self.call(Request::FsRemoveAll { path: p })
     }
 
     /// Renames a file or directory, replacing `to` if it is a file.
     pub fn rename(&self, from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
-        self.call(Request::FsRename { from: path_str(from.as_ref())?, to: path_str(to.as_ref())? }).map(drop)
+        self.call(Request::FsRename { from: path_str(from.as_ref())?, to: path_str(to.as_ref())? })
     }
 
     /// Makes `link` a symbolic link to `original` (as `std::os::unix::fs::symlink`).
     pub fn symlink(&self, original: impl AsRef<Path>, link: impl AsRef<Path>) -> Result<()> {
         let req = Request::FsSymlink { target: path_str(original.as_ref())?, link: path_str(link.as_ref())? };
-        self.call(req).map(drop)
+        self.call(req)
     }
 
     /// The target of a symbolic link.
@@ -227,13 +228,13 @@ impl<'a> Fs<'a> {
     pub fn set_permissions(&self, path: impl AsRef<Path>, perm: std::fs::Permissions) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let mode = FileMode::from_unix(perm.mode() & 0o7777);
-        self.call(Request::FsChmod { path: path_str(path.as_ref())?, mode }).map(drop)
+        self.call(Request::FsChmod { path: path_str(path.as_ref())?, mode })
     }
 
     /// Changes the owner and/or group (None leaves it), as `std::os::unix::fs::chown`.
     pub fn chown(&self, path: impl AsRef<Path>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         let id = |v: Option<u32>| v.map_or(-1, |v| v as i32);
-        self.call(Request::FsChown { path: path_str(path.as_ref())?, uid: id(uid), gid: id(gid) }).map(drop)
+        self.call(Request::FsChown { path: path_str(path.as_ref())?, uid: id(uid), gid: id(gid) })
     }
 
     /// Sets the access and modification times (whole seconds).
@@ -248,7 +249,7 @@ impl<'a> Fs<'a> {
             atime: secs(accessed),
             mtime: secs(modified),
         };
-        self.call(req).map(drop)
+        self.call(req)
     }
 
     /// Opens a file for reading.
@@ -416,18 +417,18 @@ impl<'a> File<'a> {
 
     /// Flushes its data and metadata to the guest's storage.
     pub fn sync_all(&self) -> Result<()> {
-        self.inst.request(&Request::FileSync { handle: self.handle }).map(drop)
+        self.inst.t.call(&Request::FileSync { handle: self.handle })
     }
 
     /// Truncates or extends it to `size` bytes.
     pub fn set_len(&self, size: u64) -> Result<()> {
-        self.inst.request(&Request::FileTruncate { handle: self.handle, size: size as i64 }).map(drop)
+        self.inst.t.call(&Request::FileTruncate { handle: self.handle, size: size as i64 })
     }
 
     /// Closes it, reporting any error.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.inst.request(&Request::FileClose { handle: self.handle }).map(drop)
+        self.inst.t.call(&Request::FileClose { handle: self.handle })
     }
 
     fn write_some(&self, data: &[u8]) -> Result<usize> {
@@ -498,7 +499,7 @@ impl Seek for File<'_> {
 impl Drop for File<'_> {
     fn drop(&mut self) {
         if !self.closed {
-            if let Err(e) = self.inst.request(&Request::FileClose { handle: self.handle }) {
+            if let Err(e) = self.inst.t.call(&Request::FileClose { handle: self.handle }) {
                 log::debug!("closing guest file {} (handle {}): {e}", self.name, self.handle);
             }
         }

@@ -12,10 +12,11 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 pub use crate::server::helper::FirstCommand;
 use crate::server::helper::Helper;
-use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType};
+use crate::server::Answer;
+use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType, StreamChunk, Wire};
 
 use super::process::Command;
-use super::{Client, Response};
+use super::Client;
 
 /// Where an instance's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -69,54 +70,85 @@ pub(super) fn unexpected(req: &Request, got: &wire::Response) -> Error {
 }
 
 impl Transport {
-    /// The typed answer to `req`: its fields read as the catalogue defines them.
+    /// The typed answer to `req`: in-process straight from the handler, through a
+    /// helper read as the catalogue defines it.
     pub(super) fn answer(&self, req: &Request) -> Result<wire::Response> {
-        let r = self.call(req)?;
-        wire::Response::from_fields(req.ty(), r.fields())
-            .map_err(decode(req.name()))?
-            .ok_or_else(|| Error::UnexpectedFrame { request: req.name().into(), got: req.ty() })
-    }
-
-    pub(super) fn call(&self, req: &Request) -> Result<Response> {
-        self.call_streaming(req, &mut |ty, _| {
-            Err(Error::UnexpectedFrame { request: req.name().into(), got: ty })
-        })
-    }
-
-    pub(super) fn call_streaming(
-        &self,
-        req: &Request,
-        on_frame: &mut dyn FnMut(u16, &[u8]) -> Result<()>,
-    ) -> Result<Response> {
         match self {
-            Transport::Remote(c) => c.call_streaming(req.ty(), &req.to_payload(), on_frame),
+            Transport::Remote(c) => {
+                let r = c.call(req.ty(), &req.to_payload())?;
+                wire::Response::from_fields(req.ty(), r.fields())
+                    .map_err(decode(req.name()))?
+                    .ok_or_else(|| Error::UnexpectedFrame { request: req.name().into(), got: req.ty() })
+            }
             Transport::Local(h) => {
-                let mut failed = None;
-                let mut sink = |ty: u16, p: &[u8]| {
-                    on_frame(ty, p).map_err(|e| {
-                        let msg = e.to_string();
-                        failed = Some(e);
-                        wire::FrameError::Io(std::io::Error::other(msg))
-                    })
+                let chunk = |_: u8, _: &[u8]| -> Result<()> {
+                    Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::STREAM_CHUNK })
                 };
-                let answer = h.call_local(req.clone(), &mut sink);
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                match answer {
-                    Ok(r) if r.ty == msg::RESPONSE || r.ty == msg::STREAM_END => {
-                        Ok(Response { payload: r.payload })
-                    }
-                    Ok(r) => Err(Error::UnexpectedFrame { request: req.name().into(), got: r.ty }),
-                    Err(mut ef) => {
-                        if ef.op.is_empty() {
-                            ef.op = req.name().into();
-                        }
-                        Err(Error::Remote(ef))
+                match Transport::local(h, req, &mut { chunk })? {
+                    Answer::Response(r) => Ok(r),
+                    Answer::StreamEnd(_) => {
+                        Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::STREAM_END })
                     }
                 }
             }
         }
+    }
+
+    /// Sends a request whose answer has no fields.
+    pub(super) fn call(&self, req: &Request) -> Result<()> {
+        self.answer(req).map(drop)
+    }
+
+    /// A streaming request (CmdRunStreaming): its output chunks to `on_chunk` as they
+    /// come, its exit code back.
+    pub(super) fn run_streaming(
+        &self,
+        req: &Request,
+        on_chunk: &mut dyn FnMut(u8, &[u8]) -> Result<()>,
+    ) -> Result<i32> {
+        match self {
+            Transport::Remote(c) => {
+                let r = c.call_streaming(req.ty(), &req.to_payload(), |ty, payload| {
+                    if ty != msg::STREAM_CHUNK {
+                        return Err(Error::UnexpectedFrame { request: req.name().into(), got: ty });
+                    }
+                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
+                    on_chunk(chunk.stream, &chunk.data)
+                })?;
+                let mut dec = r.decoder();
+                let code = dec.i32().map_err(decode("StreamEnd"))?;
+                dec.finish().map_err(decode("StreamEnd"))?;
+                Ok(code)
+            }
+            Transport::Local(h) => match Transport::local(h, req, on_chunk)? {
+                Answer::StreamEnd(e) => Ok(e.exit_code),
+                Answer::Response(_) => {
+                    Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::RESPONSE })
+                }
+            },
+        }
+    }
+
+    /// Serves `req` in this process: nothing is encoded either way.
+    fn local(h: &Helper, req: &Request, on_chunk: &mut dyn FnMut(u8, &[u8]) -> Result<()>) -> Result<Answer> {
+        let mut failed = None;
+        let mut sink = |stream: u8, data: &[u8]| {
+            on_chunk(stream, data).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                wire::FrameError::Io(std::io::Error::other(msg))
+            })
+        };
+        let answer = h.call_local(req.clone(), &mut sink);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        answer.map_err(|mut ef| {
+            if ef.op.is_empty() {
+                ef.op = req.name().into();
+            }
+            Error::Remote(ef)
+        })
     }
 }
 
@@ -283,21 +315,6 @@ impl Instance {
     /// The guest's filesystem, like [`std::fs`].
     pub fn fs(&self) -> super::fs::Fs<'_> {
         super::fs::Fs::new(self)
-    }
-
-    /// Sends one raw helper-protocol request (any message of the catalogue) and returns
-    /// its Response's bytes; an Error frame is [`Error::Remote`]. [`Instance::answer`]
-    /// reads them as the catalogue defines them.
-    ///
-    /// ```no_run
-    /// use vmhost::wire::Request;
-    /// let vm = vmhost::Instance::new(vmhost::Image::Default, Default::default())?;
-    /// let id = vm.request(&Request::InstanceId {})?.decoder().string()?;
-    /// assert_eq!(id, vm.id());
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn request(&self, req: &Request) -> Result<Response> {
-        self.t.call(req)
     }
 
     /// Sends one request (any message of the catalogue) and returns its typed answer,

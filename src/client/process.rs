@@ -3,9 +3,9 @@
 //! its [`Output`] and [`ExitStatus`], and where its standard streams go ([`Stdio`]).
 
 use super::fs::File;
-use super::instance::{answer, decode, unexpected, Instance};
+use super::instance::{answer, unexpected, Instance};
 use crate::error::{Error, Result};
-use crate::wire::{self, msg, Request, StreamChunk, Wire};
+use crate::wire::{self, Request};
 
 /// How a guest command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,14 +209,7 @@ impl<'a> Command<'a> {
 
     /// CmdRunStreaming of command `h`: its chunks to `f`, its exit code back.
     fn run_streaming(&self, h: u64, f: &mut dyn FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
-        let r = self.inst.t.call_streaming(&Request::CmdRunStreaming { handle: h }, &mut |ty, payload| {
-            if ty != msg::STREAM_CHUNK {
-                return Err(Error::UnexpectedFrame { request: "CmdRunStreaming".into(), got: ty });
-            }
-            let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
-            f(chunk.stream, &chunk.data)
-        })?;
-        r.decoder().i32().map_err(decode("StreamEnd"))
+        self.inst.t.run_streaming(&Request::CmdRunStreaming { handle: h }, f)
     }
 
     /// Like [`Command::stream`], feeding `input` to the command's stdin as it is read

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::frame;
 use super::pipes::PipeSlot;
 use super::table::Table;
-use super::{HandlerResult, Reply};
+use super::HandlerResult;
 use crate::contract::MAX_CHUNK;
 use crate::vm::agent_link::AgentLink;
 use crate::wire::{self, Decoder, ErrorCode, ErrorFrame, Request, Response};
@@ -233,7 +233,7 @@ pub(super) fn serve(
             let closed = ask(agent, &Request::FileClose { handle: a }, path);
             written?;
             closed?;
-            Ok(Reply::ok())
+            Ok(Response::FsWriteFile {}.into())
         }
         Request::FsWriteFile { .. }
         | Request::FsStat { .. }
@@ -256,7 +256,7 @@ pub(super) fn serve(
             let a = agent_handle(files, handle)?;
             files.lock().remove(handle, "file")?;
             ask(agent, &Request::FileClose { handle: a }, "")?;
-            Ok(Reply::ok())
+            Ok(Response::FileClose {}.into())
         }
         Request::FileRead { handle, max } => {
             // The helper splits: as much as asked, within one answer (see read_filled).
@@ -314,7 +314,7 @@ fn serve_pipe(
         Request::FileClose { .. } => {
             files.lock().remove(h, "file")?;
             slot.close(stream, cancelled)?;
-            Ok(Reply::ok())
+            Ok(Response::FileClose {}.into())
         }
         Request::FileRead { max, .. } if stream != 0 => {
             let data = slot.io(cancelled)?.read(stream, (max as usize).min(MAX_CHUNK), cancelled)?;
@@ -374,59 +374,26 @@ pub(super) fn is_fs(req: &Request) -> bool {
 /// socket pair, with a scratch directory as the guest's root: no guest, milliseconds.
 #[cfg(test)]
 mod tests {
-    use std::os::unix::net::UnixStream;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Duration;
-
     use super::*;
-    use crate::test_dir::TempDir;
-    use crate::wire::FileInfo;
+    use crate::server::guestless::Guestless;
 
-    struct Guestless {
-        agent: AgentLink,
-        files: Files,
-        next: AtomicU64,
-        dir: TempDir,
-    }
-
-    impl Guestless {
-        fn new(tag: &str) -> Guestless {
-            let dir = TempDir::new(tag);
-            let (host, guest) = UnixStream::pair().unwrap();
-            let root = dir.path().to_path_buf();
-            std::thread::spawn(move || {
-                crate::agent::serve::serve_over(std::fs::File::from(OwnedFd::from(guest)), root)
-            });
-            let agent = AgentLink::connect(host, Duration::from_secs(10), None).unwrap();
-            Guestless { agent, files: Mutex::new(Table::new()), next: AtomicU64::new(1), dir }
+    fn bytes(answer: Response) -> Vec<u8> {
+        match answer {
+            Response::FsReadFile { data } | Response::FileRead { data } => data,
+            other => panic!("{other:?}"),
         }
-
-        /// One request through the helper's handler: the fields after the OK byte.
-        fn call(&self, req: Request) -> Result<Vec<u8>, ErrorFrame> {
-            let next = || self.next.fetch_add(1, Ordering::Relaxed);
-            serve(&self.agent, &self.files, &next, &|| false, req).map(|r| r.payload[1..].to_vec())
-        }
-
-        fn handle(&self, req: Request) -> u64 {
-            Decoder::new(&self.call(req).unwrap()).u64().unwrap()
-        }
-    }
-
-    use std::os::fd::OwnedFd;
-
-    fn bytes(answer: &[u8]) -> Vec<u8> {
-        Decoder::new(answer).bytes().unwrap().to_vec()
     }
 
     #[test]
     fn files_round_trip_and_errors_carry_the_errno() {
-        let g = Guestless::new("fs-rt");
+        let g = Guestless::files("fs-rt");
         let perm = wire::FileMode::from_unix(0o644);
         g.call(Request::FsWriteFile { path: "/a.txt".into(), data: b"hello".to_vec(), perm }).unwrap();
         assert_eq!(std::fs::read(g.dir.join("a.txt")).unwrap(), b"hello", "below the root, not in /");
-        assert_eq!(bytes(&g.call(Request::FsReadFile { path: "a.txt".into() }).unwrap()), b"hello");
-        let info: FileInfo =
-            wire::Wire::from_payload(&g.call(Request::FsStat { path: "/a.txt".into() }).unwrap()).unwrap();
+        assert_eq!(bytes(g.call(Request::FsReadFile { path: "a.txt".into() }).unwrap()), b"hello");
+        let Response::FsStat { info } = g.call(Request::FsStat { path: "/a.txt".into() }).unwrap() else {
+            panic!("FsStat answered otherwise")
+        };
         assert_eq!((info.name.as_str(), info.size), ("a.txt", 5));
         // A missing file: code IO, the errno as a field, not only as text.
         let e = g.call(Request::FsStat { path: "/missing".into() }).unwrap_err();
@@ -440,32 +407,32 @@ mod tests {
 
     #[test]
     fn a_file_larger_than_a_frame_is_read_through_a_handle_by_the_helper() {
-        let g = Guestless::new("fs-big");
+        let g = Guestless::files("fs-big");
         // 3 MiB: three agent frames; the agent refuses FsReadFile with EFBIG unread and
         // the helper reads it in chunks.
         let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         std::fs::write(g.dir.join("big"), &data).unwrap();
-        assert_eq!(bytes(&g.call(Request::FsReadFile { path: "/big".into() }).unwrap()), data);
+        assert_eq!(bytes(g.call(Request::FsReadFile { path: "/big".into() }).unwrap()), data);
         // Through a handle: one FileRead of 2.5 MiB is filled a frame at a time; the
         // rest comes short; then empty at the end.
         let h = g.handle(Request::FsOpen { path: "/big".into() });
-        let first = bytes(&g.call(Request::FileRead { handle: h, max: 5 << 19 }).unwrap());
+        let first = bytes(g.call(Request::FileRead { handle: h, max: 5 << 19 }).unwrap());
         assert_eq!(first, data[..5 << 19]);
-        let rest = bytes(&g.call(Request::FileRead { handle: h, max: 4 << 20 }).unwrap());
+        let rest = bytes(g.call(Request::FileRead { handle: h, max: 4 << 20 }).unwrap());
         assert_eq!(rest, data[5 << 19..]);
-        assert!(bytes(&g.call(Request::FileRead { handle: h, max: 4096 }).unwrap()).is_empty());
+        assert!(bytes(g.call(Request::FileRead { handle: h, max: 4096 }).unwrap()).is_empty());
         g.call(Request::FileClose { handle: h }).unwrap();
     }
 
     #[test]
     fn helper_handles_map_to_the_agents_and_a_closed_one_is_already_closed() {
-        let g = Guestless::new("fs-handles");
+        let g = Guestless::files("fs-handles");
         std::fs::write(g.dir.join("f"), b"abc").unwrap();
         // The helper's handles are its own numbers, not the agent's.
-        let _other = g.next.fetch_add(100, Ordering::Relaxed);
+        g.skip_handles(100);
         let h = g.handle(Request::FsOpen { path: "/f".into() });
         assert!(h > 100, "{h}");
-        assert_eq!(bytes(&g.call(Request::FileRead { handle: h, max: 2 }).unwrap()), b"ab");
+        assert_eq!(bytes(g.call(Request::FileRead { handle: h, max: 2 }).unwrap()), b"ab");
         g.call(Request::FileClose { handle: h }).unwrap();
         let e = g.call(Request::FileRead { handle: h, max: 2 }).unwrap_err();
         assert_eq!(e.code, ErrorCode::AlreadyClosed);

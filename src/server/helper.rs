@@ -25,7 +25,7 @@ use super::instance::BootedInstance;
 use super::{frame, not_yet};
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::server::{Call, Handler, HandlerResult, Reply};
+use crate::server::{Call, Handler, HandlerResult};
 use crate::vm::InstanceSpec;
 use crate::vm::Machine;
 use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
@@ -124,11 +124,11 @@ impl Helper {
         *self.state.first_command.lock() = Some(first);
     }
 
-    /// Serves one request without a socket and without encoding it (the library's
-    /// in-process mode): `on_frame` receives the frames a streaming request sends ahead
-    /// of its answer.
-    pub fn call_local(&self, req: Request, on_frame: crate::server::FrameSink<'_>) -> HandlerResult {
-        let mut call = Call::new(0, on_frame);
+    /// Serves one request without a socket and without encoding anything (the
+    /// library's in-process mode): `on_chunk` receives the output a streaming request
+    /// sends ahead of its answer.
+    pub fn call_local(&self, req: Request, on_chunk: crate::server::ChunkSink<'_>) -> HandlerResult {
+        let mut call = Call::new(0, on_chunk);
         self.serve(&mut call, req)
     }
 
@@ -204,7 +204,7 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
             st.booting.store(false, Ordering::SeqCst);
             let vm = booted.map_err(|e| frame(&e, &new.source_path))?;
             *st.instance.lock() = Some(Arc::new(BootedInstance::new(vm, new.options.user.clone())));
-            Ok(Reply::ok())
+            Ok(Response::InstanceNew {}.into())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),
         req => {
@@ -243,7 +243,7 @@ fn serve_instance(
         | Request::ConnClose { handle }
         | Request::ConnLocalAddr { handle }
         | Request::ConnRemoteAddr { handle }
-            if super::fs::is_pipe_or_closed(&inst.files, handle) =>
+            if super::fs::is_pipe_or_closed(&inst.session.files, handle) =>
         {
             let as_file = match req {
                 Request::ConnRead { handle, max } => Request::FileRead { handle, max },
@@ -255,14 +255,17 @@ fn serve_instance(
                 _ => return Ok(Response::ConnRemoteAddr { address: "pipe".into() }.into()),
             };
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
-            super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), as_file)
+            super::fs::serve(agent, &inst.session.files, &|| st.handle(), &call.canceller(), as_file)
         }
         req if super::fs::is_fs(&req) => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
-            super::fs::serve(agent, &inst.files, &|| st.handle(), &call.canceller(), req)
+            super::fs::serve(agent, &inst.session.files, &|| st.handle(), &call.canceller(), req)
         }
         req if req.ty() >> 8 == 0x01 => super::instance::serve(st, inst, call, req),
-        req if req.ty() >> 8 == 0x04 => super::cmd::serve(inst, &|| st.handle(), call, req),
+        req if req.ty() >> 8 == 0x04 => {
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            super::cmd::serve(agent, &inst.session, &|| st.handle(), call, req)
+        }
         other => Err(not_yet(other.name())),
     }
 }

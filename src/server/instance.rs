@@ -10,20 +10,15 @@ use super::cmd::Cmd;
 use super::frame;
 use super::helper::State;
 use super::table::Table;
-use super::{Call, HandlerResult, Reply};
+use super::{Call, HandlerResult};
 use crate::vm::agent_link::Process;
 use crate::vm::Machine;
 use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
 
-/// The helper's booted instance: its VM, its user, its tables of handles, its console.
+/// The helper's booted instance: its VM and its session.
 pub(super) struct BootedInstance {
     pub(super) vm: Machine,
-    pub(super) user: String,
-    pub(super) cmds: Mutex<Table<Arc<Cmd>>>,
-    pub(super) files: super::fs::Files,
-    pub(super) console: Mutex<(i32, i32)>,
-    /// Running commands on a terminal, resized with the console.
-    pub(super) ttys: Mutex<Vec<std::sync::Weak<Process>>>,
+    pub(super) session: Session,
     /// Set once InstanceExec started the main process (there is one).
     pub(super) main_started: std::sync::atomic::AtomicBool,
 }
@@ -32,12 +27,32 @@ impl BootedInstance {
     pub(super) fn new(vm: Machine, user: String) -> BootedInstance {
         BootedInstance {
             vm,
+            session: Session::new(user),
+            main_started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// What the helper keeps of an instance apart from its VM: the user its commands run
+/// as, its tables of handles, its console. The Cmd*, Fs* and File* handlers serve
+/// against a session and an agent link, with or without a guest behind the link.
+pub(super) struct Session {
+    pub(super) user: String,
+    pub(super) cmds: Mutex<Table<Arc<Cmd>>>,
+    pub(super) files: super::fs::Files,
+    pub(super) console: Mutex<(i32, i32)>,
+    /// Running commands on a terminal, resized with the console.
+    pub(super) ttys: Mutex<Vec<std::sync::Weak<Process>>>,
+}
+
+impl Session {
+    pub(super) fn new(user: String) -> Session {
+        Session {
             user,
             cmds: Mutex::new(Table::new()),
             files: Mutex::new(Table::new()),
             console: Mutex::new((80, 24)),
             ttys: Mutex::new(Vec::new()),
-            main_started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -58,11 +73,11 @@ pub(super) fn serve(
             if slot.as_ref().is_some_and(|i| Arc::ptr_eq(i, inst)) {
                 slot.take();
             }
-            r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
+            r.map(|()| Response::InstanceClose {}.into()).map_err(|e| frame(&e, ""))
         }
         Request::InstanceWait {} => loop {
             if let Some(r) = vm.wait_timeout(Duration::from_millis(200)) {
-                break r.map(|()| Reply::ok()).map_err(|e| frame(&e, ""));
+                break r.map(|()| Response::InstanceWait {}.into()).map_err(|e| frame(&e, ""));
             }
             if call.is_cancelled() {
                 break Err(ErrorFrame::new(ErrorCode::Cancelled, "", "the client went away"));
@@ -88,19 +103,20 @@ pub(super) fn serve(
                     format!("console size {cols}x{rows}"),
                 ));
             }
-            *inst.console.lock() = (cols, rows);
+            *inst.session.console.lock() = (cols, rows);
             let live: Vec<Arc<Process>> =
-                inst.ttys.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
+                inst.session.ttys.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
             for p in live {
                 if let Err(e) = p.resize(cols as u16, rows as u16) {
                     log::debug!("resizing a guest terminal: {e}"); // it may just have exited
                 }
             }
-            Ok(Reply::ok())
+            Ok(Response::InstanceSetConsole {}.into())
         }
-        Request::InstanceSetNetwork { enabled } => {
-            vm.set_network(enabled).map(|()| Reply::ok()).map_err(|e| frame(&e, ""))
-        }
+        Request::InstanceSetNetwork { enabled } => vm
+            .set_network(enabled)
+            .map(|()| Response::InstanceSetNetwork {}.into())
+            .map_err(|e| frame(&e, "")),
         Request::InstanceExec { name, args } => {
             // The instance's main process, as the original's Exec: PID 1 of the guest
             // for the command (a PID namespace of its own: crate::agent::main_process),
@@ -117,22 +133,23 @@ pub(super) fn serve(
                     "the instance already has its main process (InstanceExec runs once)",
                 ));
             }
-            let c = Cmd::new(name.clone(), args, &inst.user);
+            let c = Cmd::new(name.clone(), args, &inst.session.user);
             c.tty.store(true, SeqCst);
             c.spec.lock().main = true;
             if let Ok(term) = std::env::var("TERM") {
                 c.set_env("TERM", &term);
             }
             c.pipes.want(0)?;
-            let p = match c.start(inst) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Nothing was replaced: the instance runs on, and may try again (a
-                    // start that failed because the VM ended says NotRunning).
-                    inst.main_started.store(false, SeqCst);
-                    return Err(st.after_end(msg::INSTANCE_EXEC, e));
-                }
-            };
+            let p =
+                match vm.agent().map_err(|e| frame(&e, "")).and_then(|agent| c.start(agent, &inst.session)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Nothing was replaced: the instance runs on, and may try again (a
+                        // start that failed because the VM ended says NotRunning).
+                        inst.main_started.store(false, SeqCst);
+                        return Err(st.after_end(msg::INSTANCE_EXEC, e));
+                    }
+                };
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let typist = {
                 let (p, stop) = (p.clone(), stop.clone());
@@ -166,7 +183,7 @@ pub(super) fn serve(
             }
             let code = code.map_err(|e| frame(&vm.ended_error("InstanceExec").unwrap_or(e), ""))?;
             if code == 0 {
-                Ok(Reply::ok())
+                Ok(Response::InstanceExec {}.into())
             } else {
                 Err(ErrorFrame::new(ErrorCode::Io, "exec", format!("exec {name}: exit status {code}"))
                     .with_path(name))

@@ -22,6 +22,8 @@ mod cmd;
 pub mod control;
 pub mod first_command;
 mod fs;
+#[cfg(test)]
+mod guestless;
 mod hangup;
 pub mod helper;
 mod instance;
@@ -41,43 +43,36 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::unix;
-use crate::wire::{self, msg, DecodeError, Decoder, Encoder, ErrorCode, ErrorFrame, FrameError};
+use crate::wire::{self, msg, DecodeError, Decoder, ErrorCode, ErrorFrame, FrameError};
 
 /// Identifies one connection of a server, unique for the server's life.
 pub type ConnId = u64;
 
-/// The answer to one request.
-#[derive(Debug)]
-pub struct Reply {
-    /// Frame type: [`msg::RESPONSE`] or a streaming end type.
-    pub ty: u16,
-    /// Frame payload.
-    pub payload: Vec<u8>,
+/// The typed answer to one request, as a handler returns it: nothing is encoded until
+/// the socket layer writes it ([`Server`]), and the library's in-process mode never
+/// encodes it at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A Response frame: the OK byte, then the fields the catalogue gives the request.
+    Response(wire::Response),
+    /// The end of a streaming answer (CmdRunStreaming): the command's exit code.
+    StreamEnd(wire::StreamEnd),
 }
 
-impl Reply {
-    /// A Response frame with the OK byte and no fields.
-    pub fn ok() -> Reply {
-        Reply { ty: msg::RESPONSE, payload: vec![0] }
-    }
-
-    /// A Response frame from an encoder made with [`Encoder::response`].
-    pub fn response(enc: Encoder) -> Reply {
-        Reply { ty: msg::RESPONSE, payload: enc.into_bytes() }
-    }
-
-    /// A Response frame built by `f` after the OK byte.
-    pub fn with(f: impl FnOnce(&mut Encoder)) -> Reply {
-        let mut enc = Encoder::response();
-        f(&mut enc);
-        Reply::response(enc)
+impl From<wire::Response> for Answer {
+    fn from(r: wire::Response) -> Answer {
+        Answer::Response(r)
     }
 }
 
-/// A typed answer as its Response frame.
-impl From<crate::wire::Response> for Reply {
-    fn from(r: crate::wire::Response) -> Reply {
-        Reply { ty: msg::RESPONSE, payload: r.to_payload() }
+impl Answer {
+    /// The frame that carries it: type and payload.
+    pub fn to_frame(&self) -> (u16, Vec<u8>) {
+        use crate::wire::Wire;
+        match self {
+            Answer::Response(r) => (msg::RESPONSE, r.to_payload()),
+            Answer::StreamEnd(e) => (msg::STREAM_END, e.to_payload()),
+        }
     }
 }
 
@@ -101,16 +96,18 @@ impl From<DecodeError> for ErrorFrame {
 }
 
 /// The outcome of a handler: an answer, or an Error frame.
-pub type HandlerResult = std::result::Result<Reply, ErrorFrame>;
+pub type HandlerResult = std::result::Result<Answer, ErrorFrame>;
 
-/// Where a call's early frames go: `(type, payload)`.
-pub type FrameSink<'a> = &'a mut dyn FnMut(u16, &[u8]) -> std::result::Result<(), FrameError>;
+/// Where the output chunks of a streaming call go, ahead of its answer: `(stream, bytes)`
+/// with stream [`wire::STREAM_STDOUT`] or [`wire::STREAM_STDERR`]. On a socket each is a
+/// [`msg::STREAM_CHUNK`] frame; in-process they reach the caller as they are.
+pub type ChunkSink<'a> = &'a mut dyn FnMut(u8, &[u8]) -> std::result::Result<(), FrameError>;
 
 /// The request being served, with a way to send frames before the final answer
 /// (streaming) and who is asking.
 pub struct Call<'a> {
     conn: ConnId,
-    sink: FrameSink<'a>,
+    sink: ChunkSink<'a>,
     cancel: Option<&'a AtomicBool>,
 }
 
@@ -121,9 +118,9 @@ impl<'a> std::fmt::Debug for Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    /// A call whose early frames go to `sink` (for serving without a socket: the
+    /// A call whose output chunks go to `sink` (for serving without a socket: the
     /// library's in-process mode).
-    pub fn new(conn: ConnId, sink: FrameSink<'a>) -> Call<'a> {
+    pub fn new(conn: ConnId, sink: ChunkSink<'a>) -> Call<'a> {
         Call { conn, sink, cancel: None }
     }
 
@@ -145,9 +142,9 @@ impl<'a> Call<'a> {
         self.conn
     }
 
-    /// Sends a frame ahead of the final answer (e.g. a [`msg::STREAM_CHUNK`]).
-    pub fn send(&mut self, ty: u16, payload: &[u8]) -> std::result::Result<(), FrameError> {
-        (self.sink)(ty, payload)
+    /// Sends a chunk of a command's output ahead of the final answer.
+    pub fn send_chunk(&mut self, stream: u8, data: &[u8]) -> std::result::Result<(), FrameError> {
+        (self.sink)(stream, data)
     }
 }
 
@@ -174,12 +171,12 @@ type MuxFn = Box<dyn Fn(&mut Call<'_>, &mut Decoder<'_>) -> HandlerResult + Send
 /// gets the message's name as its op.
 ///
 /// ```
-/// use vmhost::server::{Mux, Reply};
-/// use vmhost::wire::msg;
+/// use vmhost::server::Mux;
+/// use vmhost::wire::{msg, Response};
 /// let mut mux = Mux::new();
 /// mux.register(msg::INSTANCE_ID, |_call, dec| {
 ///     dec.finish()?;
-///     Ok(Reply::with(|enc| { enc.string("vm-1"); }))
+///     Ok(Response::InstanceId { id: "vm-1".into() }.into())
 /// });
 /// ```
 #[derive(Default)]
@@ -688,7 +685,14 @@ impl Inner {
         {
             let guard = self.watch.watch(stream);
             let reply = {
-                let mut sink = |ty: u16, p: &[u8]| wire::write_frame(&mut *stream, ty, p, max);
+                let mut sink = |s: u8, data: &[u8]| {
+                    wire::write_frame(
+                        &mut *stream,
+                        msg::STREAM_CHUNK,
+                        &wire::StreamChunk::payload(s, data),
+                        max,
+                    )
+                };
                 let mut call = Call { conn: id, sink: &mut sink, cancel: Some(guard.flag()) };
                 let handler = &self.handler;
                 panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&mut call, frame.ty, &frame.payload)))
@@ -705,20 +709,24 @@ impl Inner {
                         ))
                     })
             };
-            let sent = match reply {
-                Ok(r) => match wire::write_frame(stream, r.ty, &r.payload, max) {
-                    Err(FrameError::TooLarge { len, .. }) => {
-                        let ef = ErrorFrame::new(
+            let sent =
+                match reply {
+                    Ok(answer) => {
+                        let (ty, payload) = answer.to_frame();
+                        match wire::write_frame(stream, ty, &payload, max) {
+                            Err(FrameError::TooLarge { len, .. }) => {
+                                let ef = ErrorFrame::new(
                             ErrorCode::InvalidArgument,
                             wire::type_name(frame.ty),
                             format!("answer of {len} bytes exceeds the {max}-byte frame limit; ask for less"),
                         );
-                        send_error(stream, &ef, max)
+                                send_error(stream, &ef, max)
+                            }
+                            other => other,
+                        }
                     }
-                    other => other,
-                },
-                Err(ef) => send_error(stream, &ef, max),
-            };
+                    Err(ef) => send_error(stream, &ef, max),
+                };
             sent
         }
     }

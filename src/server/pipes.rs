@@ -324,6 +324,12 @@ impl CmdIo {
         }
     }
 
+    /// How many bytes of `stream` wait for a reader.
+    #[cfg(test)]
+    pub fn queued(&self, stream: u8) -> usize {
+        self.state.lock().queues[index(stream)].len()
+    }
+
     /// Closes the read end of `stream`: what is queued and what follows is discarded.
     pub fn close_reader(&self, stream: u8) {
         let i = index(stream);

@@ -45,10 +45,9 @@ pub fn run() -> ! {
     // cost the first command two thread starts (the setup's and its waiter's), more
     // than running beside the server's start saved.
     trace(format_args!("setup done"));
-    // The command the host put on the kernel command line, if any, starts now: it runs
-    // while the server starts and the host answers its Hello.
-    let first =
-        std::env::var_os(crate::contract::proto::FIRST_EXEC_VAR).map(|p| super::serve::First::start(&p));
+    // The command the host put on the kernel command line, if any: the server starts
+    // it right after its Hello (see serve::run).
+    let first = std::env::var_os(crate::contract::proto::FIRST_EXEC_VAR);
     // The power button is an input device of ACPI machines (a stock kernel's).
     if !modules.is_empty() || std::path::Path::new("/dev/input").exists() {
         power_button_thread(watch_power_button);

@@ -30,9 +30,8 @@ pub struct First {
 
 impl First {
     /// Starts the process `param` (the value of init's [`proto::FIRST_EXEC_VAR`]) asks
-    /// for. Called once the guest is set up, so that the command runs while the server
-    /// finds its port and says Hello (and while the host answers it): the first
-    /// command's exec is then off the path of a `vmhost run`.
+    /// for. Called right after the server's Hello is on its way, so that the command
+    /// runs while the host reads the Hello and answers it.
     pub fn start(param: &std::ffi::OsStr) -> First {
         let req = param.to_str().ok_or_else(|| format!("{}: not UTF-8", proto::FIRST_EXEC_VAR));
         let (req, started) = match req.and_then(proto::decode_first_exec) {
@@ -53,8 +52,11 @@ impl First {
 }
 
 /// Runs the server until the channel fails for good. The guest is set up by then.
-/// `first`: the process started at boot, which is answered right after the Hello.
-pub fn run(first: Option<First>) -> i32 {
+/// `first`: the value of [`proto::FIRST_EXEC_VAR`], the process to start at boot. It
+/// starts after the Hello is written, not before: a command that ends the guest at
+/// once (a crash, a power-off) must not end it before the host knows that the agent
+/// ran, or the host would report a guest that did not boot instead of how it ended.
+pub fn run(first: Option<std::ffi::OsString>) -> i32 {
     let port = match find_port(Duration::from_secs(60)) {
         Some(p) => p,
         None => {
@@ -83,6 +85,7 @@ pub fn run(first: Option<First>) -> i32 {
         .string(concat!("vmhost-agent ", env!("CARGO_PKG_VERSION")))
         .u8(u8::from(first.is_some()));
     writer.send(proto::HELLO, 0, hello.as_bytes());
+    let first = first.map(|p| First::start(&p));
     let server = Arc::new(Server {
         writer,
         procs: Mutex::new(HashMap::new()),

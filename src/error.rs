@@ -286,6 +286,12 @@ impl std::error::Error for Error {
     }
 }
 
+impl From<crate::qmp::Error> for Error {
+    fn from(e: crate::qmp::Error) -> Error {
+        Error::Qmp(e)
+    }
+}
+
 impl From<crate::vm::kvm::error::Error> for Error {
     fn from(e: crate::vm::kvm::error::Error) -> Error {
         Error::Kvm(e)

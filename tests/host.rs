@@ -200,8 +200,8 @@ int main(void) {{
     for (;;) pause();
 }}
 "#,
-            vmhost::agent::init::POWER_BUTTON_THREAD,
-            vmhost::agent::init::POWER_BUTTON_THREAD.len()
+            vmhost::agent::power::POWER_BUTTON_THREAD,
+            vmhost::agent::power::POWER_BUTTON_THREAD.len()
         ),
     )
     .unwrap();

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use nix::libc;
 
-use super::spawn::{cstring, Ends, ExecStrings, Spec};
+use super::launch::{cstring, same_identity, winsize, Ends, ExecStrings, Spec};
 
 /// The standard descriptors the child gets: its ends, and the agent's.
 struct Stdio {
@@ -46,8 +46,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 fn stdio(spec: &Spec<'_>) -> io::Result<Stdio> {
     if let Some((cols, rows)) = spec.tty {
-        let pty =
-            nix::pty::openpty(Some(&super::spawn::winsize(cols, rows)), None).map_err(io::Error::from)?;
+        let pty = nix::pty::openpty(Some(&winsize(cols, rows)), None).map_err(io::Error::from)?;
         for fd in [&pty.master, &pty.slave] {
             // SAFETY: fcntl on a descriptor we own.
             unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -89,7 +88,7 @@ pub(super) fn spawn(spec: &Spec<'_>, program: &Path) -> io::Result<(i32, Ends)> 
     let strings = ExecStrings::new(spec, program)?;
     let dir = cstring(spec.dir.as_bytes())?;
     let groups: Vec<libc::gid_t> = spec.groups.to_vec();
-    let change_user = !super::spawn::same_identity(spec.uid, spec.gid, spec.groups);
+    let change_user = !same_identity(spec.uid, spec.gid, spec.groups);
     let io = stdio(spec)?;
     // The child writes exec's errno here; closed on a successful exec.
     let (report_r, report_w) = pipe()?;

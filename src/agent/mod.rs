@@ -16,9 +16,11 @@
 //! - **workers** (`pool`): one per running command (its output and end), and some for
 //!   file requests.
 //!
-//! Files: [`init`] (setting the guest up), [`serve`] (the frame loop), `process` (the
+//! Files: [`init`] (setting the guest up), `network` (lo and eth0), [`power`] (power-off
+//! and the power button), [`serve`] (the frame loop), `process` (the
 //! processes it runs: credit, output, stdin), `writer` (the port's write side), [`fs`]
-//! (file requests), [`spawn`] and [`main_process`] (starting processes), [`user`] (guest
+//! (file requests), [`spawn`] and [`main_process`] (starting processes, with what they
+//! share in `launch`), [`user`] (guest
 //! users), `pool` (worker threads), [`buffers`] (kept large buffers).
 //!
 //! One process, not init plus a forked server: under emulation the fork, the second
@@ -28,8 +30,11 @@
 pub mod buffers;
 pub mod fs;
 pub mod init;
+mod launch;
 pub mod main_process;
+mod network;
 mod pool;
+pub mod power;
 mod process;
 pub mod serve;
 pub mod spawn;

@@ -223,7 +223,7 @@ impl Server {
                 }
             }
             proto::PING => w.ok(f.id, &[]),
-            proto::NETWORK_UP => match super::init::configure_network() {
+            proto::NETWORK_UP => match super::network::configure_network() {
                 Ok(()) => w.ok(f.id, &[]),
                 Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
             },
@@ -304,7 +304,7 @@ impl Server {
             proto::SHUTDOWN => {
                 w.ok(f.id, &[]);
                 say(format_args!("shutdown requested"));
-                super::init::power_off();
+                super::power::power_off();
             }
             other => {
                 w.error(f.id, ErrorCode::InvalidArgument, &format!("unknown agent message type {other:#06x}"))

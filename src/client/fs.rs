@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::libc;
 
-use super::instance::{answer, unexpected, Instance};
+use super::transport::{answer, unexpected, Transport};
 use crate::error::{Error, Result};
 use crate::wire::{self, FileInfo, FileMode, Request};
 
@@ -45,7 +45,7 @@ const WHOLE_WRITE: usize = 32 << 20;
 /// The guest's filesystem. Paths are the guest's; relative ones start at `/`.
 #[derive(Debug, Clone, Copy)]
 pub struct Fs<'a> {
-    inst: &'a Instance,
+    t: &'a Transport,
 }
 
 fn path_str(p: &Path) -> Result<String> {
@@ -63,17 +63,17 @@ fn secs(t: SystemTime) -> i64 {
 }
 
 impl<'a> Fs<'a> {
-    pub(super) fn new(inst: &'a Instance) -> Fs<'a> {
-        Fs { inst }
+    pub(super) fn new(t: &'a Transport) -> Fs<'a> {
+        Fs { t }
     }
 
     /// Sends a request whose answer has no fields.
     fn call(&self, req: Request) -> Result<()> {
-        self.inst.t.call(&req)
+        self.t.call(&req)
     }
 
     fn info(&self, req: Request) -> Result<Metadata> {
-        match self.inst.answer(&req)? {
+        match self.t.answer(&req)? {
             wire::Response::FsStat { info } | wire::Response::FsLstat { info } => Ok(Metadata { info }),
             other => Err(unexpected(&req, &other)),
         }
@@ -82,7 +82,7 @@ impl<'a> Fs<'a> {
     /// The whole contents of a file.
     pub fn read(&self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
         let p = path_str(path.as_ref())?;
-        match self.inst.answer(&Request::FsReadFile { path: p.clone() }) {
+        match self.t.answer(&Request::FsReadFile { path: p.clone() }) {
             Ok(wire::Response::FsReadFile { data }) => Ok(data),
             Ok(other) => Err(unexpected(&Request::FsReadFile { path: p }, &other)),
             // Larger than one answer: through a handle, chunk by chunk.
@@ -150,7 +150,7 @@ impl<'a> Fs<'a> {
     /// The entries of a directory, sorted by name, without `.` and `..`.
     pub fn read_dir(&self, path: impl AsRef<Path>) -> Result<ReadDir> {
         let dir = path.as_ref().to_path_buf();
-        let entries = answer!(self.inst, Request::FsReadDir { path: path_str(&dir)? }, FsReadDir { entries });
+        let entries = answer!(self.t, Request::FsReadDir { path: path_str(&dir)? }, FsReadDir { entries });
         let entries: Vec<DirEntry> =
             entries.into_iter().map(|e| DirEntry { path: dir.join(&e.name), entry: e }).collect();
         Ok(ReadDir { entries: entries.into_iter() })
@@ -220,7 +220,7 @@ impl<'a> Fs<'a> {
     /// The target of a symbolic link.
     pub fn read_link(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let target =
-            answer!(self.inst, Request::FsReadlink { path: path_str(path.as_ref())? }, FsReadlink { target });
+            answer!(self.t, Request::FsReadlink { path: path_str(path.as_ref())? }, FsReadlink { target });
         Ok(PathBuf::from(target))
     }
 
@@ -279,13 +279,13 @@ impl<'a> Fs<'a> {
     }
 
     fn open_with(&self, req: Request, name: String) -> Result<File<'a>> {
-        let handle = match self.inst.answer(&req)? {
+        let handle = match self.t.answer(&req)? {
             wire::Response::FsOpen { handle }
             | wire::Response::FsCreate { handle }
             | wire::Response::FsOpenFile { handle } => handle,
             other => return Err(unexpected(&req, &other)),
         };
-        Ok(File { inst: self.inst, handle, name, closed: false })
+        Ok(File { t: self.t, handle, name, closed: false })
     }
 }
 
@@ -387,7 +387,7 @@ impl<'a> OpenOptions<'a> {
 /// A file open in the guest. Closed on drop (errors then are only logged; call
 /// [`File::close`] to see them).
 pub struct File<'a> {
-    inst: &'a Instance,
+    t: &'a Transport,
     handle: u64,
     name: String,
     closed: bool,
@@ -395,8 +395,8 @@ pub struct File<'a> {
 
 impl<'a> File<'a> {
     /// A command pipe handle (CmdStdinPipe and friends), read and written like a file.
-    pub(super) fn pipe(inst: &'a Instance, handle: u64, stream: &str) -> File<'a> {
-        File { inst, handle, name: format!("|{stream}"), closed: false }
+    pub(super) fn pipe(t: &'a Transport, handle: u64, stream: &str) -> File<'a> {
+        File { t, handle, name: format!("|{stream}"), closed: false }
     }
 
     /// The name it was opened with.
@@ -411,29 +411,29 @@ impl<'a> File<'a> {
 
     /// Its metadata.
     pub fn metadata(&self) -> Result<Metadata> {
-        let info = answer!(self.inst, Request::FileStat { handle: self.handle }, FileStat { info });
+        let info = answer!(self.t, Request::FileStat { handle: self.handle }, FileStat { info });
         Ok(Metadata { info })
     }
 
     /// Flushes its data and metadata to the guest's storage.
     pub fn sync_all(&self) -> Result<()> {
-        self.inst.t.call(&Request::FileSync { handle: self.handle })
+        self.t.call(&Request::FileSync { handle: self.handle })
     }
 
     /// Truncates or extends it to `size` bytes.
     pub fn set_len(&self, size: u64) -> Result<()> {
-        self.inst.t.call(&Request::FileTruncate { handle: self.handle, size: size as i64 })
+        self.t.call(&Request::FileTruncate { handle: self.handle, size: size as i64 })
     }
 
     /// Closes it, reporting any error.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.inst.t.call(&Request::FileClose { handle: self.handle })
+        self.t.call(&Request::FileClose { handle: self.handle })
     }
 
     fn write_some(&self, data: &[u8]) -> Result<usize> {
         let written = answer!(
-            self.inst,
+            self.t,
             Request::FileWrite { handle: self.handle, data: data.to_vec() },
             FileWrite { written }
         );
@@ -442,7 +442,7 @@ impl<'a> File<'a> {
 
     fn read_some(&self, max: usize) -> Result<Vec<u8>> {
         let max = max.min(READ_CHUNK) as u32;
-        Ok(answer!(self.inst, Request::FileRead { handle: self.handle, max }, FileRead { data }))
+        Ok(answer!(self.t, Request::FileRead { handle: self.handle, max }, FileRead { data }))
     }
 }
 
@@ -487,11 +487,8 @@ impl Seek for File<'_> {
             SeekFrom::Current(n) => (n, 1),
             SeekFrom::End(n) => (n, 2),
         };
-        let offset = answer!(
-            self.inst,
-            Request::FileSeek { handle: self.handle, offset, whence },
-            FileSeek { offset }
-        );
+        let offset =
+            answer!(self.t, Request::FileSeek { handle: self.handle, offset, whence }, FileSeek { offset });
         Ok(offset as u64)
     }
 }
@@ -499,7 +496,7 @@ impl Seek for File<'_> {
 impl Drop for File<'_> {
     fn drop(&mut self) {
         if !self.closed {
-            if let Err(e) = self.inst.t.call(&Request::FileClose { handle: self.handle }) {
+            if let Err(e) = self.t.call(&Request::FileClose { handle: self.handle }) {
                 log::debug!("closing guest file {} (handle {}): {e}", self.name, self.handle);
             }
         }

@@ -6,16 +6,15 @@
 //! so they behave the same. `VMHOST_USE_HELPER` chooses ([`super::use_helper`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 pub use crate::server::helper::FirstCommand;
 use crate::server::helper::Helper;
-use crate::server::Answer;
-use crate::wire::{self, msg, InstanceNew, InstanceOptions, Request, SourceType, StreamChunk, Wire};
+use crate::wire::{self, InstanceNew, InstanceOptions, Request, SourceType};
 
 use super::process::Command;
+use super::transport::{answer, Transport};
 use super::Client;
 
 /// Where an instance's root filesystem comes from.
@@ -40,115 +39,6 @@ impl Image {
         } else {
             Image::Tar(p.to_path_buf())
         }
-    }
-}
-
-/// How requests reach the handlers.
-pub(super) enum Transport {
-    Local(Arc<Helper>),
-    Remote(Client),
-}
-
-/// The fields of the typed answer to a request: `answer!(transport, request, Variant {
-/// field, .. })` gives the field (or a tuple of them) of the [`wire::Response`] variant the
-/// catalogue defines for that request.
-macro_rules! answer {
-    ($t:expr, $req:expr, $variant:ident { $($f:ident),* }) => {{
-        let req = $req;
-        match $t.answer(&req)? {
-            wire::Response::$variant { $($f),* } => ($($f),*),
-            other => return Err($crate::client::instance::unexpected(&req, &other).into()),
-        }
-    }};
-}
-pub(super) use answer;
-
-/// The error for an answer that is not the one the catalogue gives `req` (which
-/// [`wire::Response::from_fields`] never makes).
-pub(super) fn unexpected(req: &Request, got: &wire::Response) -> Error {
-    Error::UnexpectedFrame { request: req.name().into(), got: got.ty() }
-}
-
-impl Transport {
-    /// The typed answer to `req`: in-process straight from the handler, through a
-    /// helper read as the catalogue defines it.
-    pub(super) fn answer(&self, req: &Request) -> Result<wire::Response> {
-        match self {
-            Transport::Remote(c) => {
-                let r = c.call(req.ty(), &req.to_payload())?;
-                wire::Response::from_fields(req.ty(), r.fields())
-                    .map_err(decode(req.name()))?
-                    .ok_or_else(|| Error::UnexpectedFrame { request: req.name().into(), got: req.ty() })
-            }
-            Transport::Local(h) => {
-                let chunk = |_: u8, _: &[u8]| -> Result<()> {
-                    Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::STREAM_CHUNK })
-                };
-                match Transport::local(h, req, &mut { chunk })? {
-                    Answer::Response(r) => Ok(r),
-                    Answer::StreamEnd(_) => {
-                        Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::STREAM_END })
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends a request whose answer has no fields.
-    pub(super) fn call(&self, req: &Request) -> Result<()> {
-        self.answer(req).map(drop)
-    }
-
-    /// A streaming request (CmdRunStreaming): its output chunks to `on_chunk` as they
-    /// come, its exit code back.
-    pub(super) fn run_streaming(
-        &self,
-        req: &Request,
-        on_chunk: &mut dyn FnMut(u8, &[u8]) -> Result<()>,
-    ) -> Result<i32> {
-        match self {
-            Transport::Remote(c) => {
-                let r = c.call_streaming(req.ty(), &req.to_payload(), |ty, payload| {
-                    if ty != msg::STREAM_CHUNK {
-                        return Err(Error::UnexpectedFrame { request: req.name().into(), got: ty });
-                    }
-                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
-                    on_chunk(chunk.stream, &chunk.data)
-                })?;
-                let mut dec = r.decoder();
-                let code = dec.i32().map_err(decode("StreamEnd"))?;
-                dec.finish().map_err(decode("StreamEnd"))?;
-                Ok(code)
-            }
-            Transport::Local(h) => match Transport::local(h, req, on_chunk)? {
-                Answer::StreamEnd(e) => Ok(e.exit_code),
-                Answer::Response(_) => {
-                    Err(Error::UnexpectedFrame { request: req.name().into(), got: msg::RESPONSE })
-                }
-            },
-        }
-    }
-
-    /// Serves `req` in this process: nothing is encoded either way.
-    fn local(h: &Helper, req: &Request, on_chunk: &mut dyn FnMut(u8, &[u8]) -> Result<()>) -> Result<Answer> {
-        let mut failed = None;
-        let mut sink = |stream: u8, data: &[u8]| {
-            on_chunk(stream, data).map_err(|e| {
-                let msg = e.to_string();
-                failed = Some(e);
-                wire::FrameError::Io(std::io::Error::other(msg))
-            })
-        };
-        let answer = h.call_local(req.clone(), &mut sink);
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        answer.map_err(|mut ef| {
-            if ef.op.is_empty() {
-                ef.op = req.name().into();
-            }
-            Error::Remote(ef)
-        })
     }
 }
 
@@ -314,7 +204,7 @@ impl Instance {
 
     /// The guest's filesystem, like [`std::fs`].
     pub fn fs(&self) -> super::fs::Fs<'_> {
-        super::fs::Fs::new(self)
+        super::fs::Fs::new(&self.t)
     }
 
     /// Sends one request (any message of the catalogue) and returns its typed answer,
@@ -335,7 +225,7 @@ impl Instance {
 
     /// A command to run in the guest, like [`std::process::Command::new`].
     pub fn command(&self, program: impl Into<String>) -> Command<'_> {
-        Command::new(self, program.into())
+        Command::new(&self.t, program.into())
     }
 
     /// Blocks until the guest has stopped.
@@ -389,10 +279,6 @@ impl Drop for Instance {
             log::warn!("closing instance {}: {e}", self.id);
         }
     }
-}
-
-pub(super) fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
-    move |source| Error::Decode { msg: msg.into(), source }
 }
 
 /// Re-exported for convenience.

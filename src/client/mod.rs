@@ -9,6 +9,7 @@
 pub mod fs;
 pub mod instance;
 pub mod process;
+mod transport;
 
 use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
@@ -94,7 +95,7 @@ pub fn spawn_helper() -> Result<Client> {
 
 /// [`spawn_helper`] for an instance whose first command is `first` (given to the helper
 /// in its environment, see [`crate::server::helper::FIRST_COMMAND_ENV`]).
-pub(crate) fn spawn_helper_for(first: Option<&crate::FirstCommand>) -> Result<Client> {
+pub(crate) fn spawn_helper_for(first: Option<&crate::server::first_command::FirstCommand>) -> Result<Client> {
     let bin = find_helper(&HelperSearch::from_env())?;
     let socket = helper_socket_path();
     if let Some(dir) = socket.parent() {

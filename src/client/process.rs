@@ -3,7 +3,7 @@
 //! its [`Output`] and [`ExitStatus`], and where its standard streams go ([`Stdio`]).
 
 use super::fs::File;
-use super::instance::{answer, unexpected, Instance};
+use super::transport::{answer, unexpected, Transport};
 use crate::error::{Error, Result};
 use crate::wire::{self, Request};
 
@@ -68,7 +68,7 @@ impl Stdio {
 /// A guest command being prepared, like [`std::process::Command`].
 #[derive(Debug)]
 pub struct Command<'a> {
-    inst: &'a Instance,
+    t: &'a Transport,
     program: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -78,11 +78,11 @@ pub struct Command<'a> {
 }
 
 impl<'a> Command<'a> {
-    /// `program` in `inst`, with no arguments, environment or directory of its own, its
+    /// `program` in the instance `t` reaches, with no arguments, environment or directory of its own, its
     /// standard streams at /dev/null ([`Instance::command`] makes it).
-    pub(super) fn new(inst: &'a Instance, program: String) -> Command<'a> {
+    pub(super) fn new(t: &'a Transport, program: String) -> Command<'a> {
         Command {
-            inst,
+            t,
             program,
             args: Vec::new(),
             env: Vec::new(),
@@ -153,7 +153,7 @@ impl<'a> Command<'a> {
 
     /// Creates the command handle in the helper, with env and directory applied.
     fn prepare(&self) -> Result<u64> {
-        let t = &self.inst.t;
+        let t = self.t;
         let h = answer!(
             t,
             Request::CmdNew { name: self.program.clone(), args: self.args.clone() },
@@ -181,7 +181,7 @@ impl<'a> Command<'a> {
     fn with_handle<T>(&self, f: impl FnOnce(u64) -> Result<T>) -> Result<T> {
         let h = self.prepare()?;
         let r = f(h);
-        let _ = self.inst.t.call(&Request::CmdFree { handle: h });
+        let _ = self.t.call(&Request::CmdFree { handle: h });
         r
     }
 
@@ -209,7 +209,7 @@ impl<'a> Command<'a> {
 
     /// CmdRunStreaming of command `h`: its chunks to `f`, its exit code back.
     fn run_streaming(&self, h: u64, f: &mut dyn FnMut(u8, &[u8]) -> Result<()>) -> Result<i32> {
-        self.inst.t.run_streaming(&Request::CmdRunStreaming { handle: h }, f)
+        self.t.run_streaming(&Request::CmdRunStreaming { handle: h }, f)
     }
 
     /// Like [`Command::stream`], feeding `input` to the command's stdin as it is read
@@ -235,9 +235,9 @@ impl<'a> Command<'a> {
         use crossbeam_channel::RecvTimeoutError;
         use std::sync::atomic::{AtomicBool, Ordering};
         self.with_handle(|h| {
-            let t = &self.inst.t;
+            let t = self.t;
             let pipe = answer!(t, Request::CmdStdinPipe { handle: h }, CmdStdinPipe { handle });
-            let mut stdin = ChildStdin(File::pipe(self.inst, pipe, "stdin"));
+            let mut stdin = ChildStdin(File::pipe(self.t, pipe, "stdin"));
             // The reader may block for ever: a detached thread, passing chunks on.
             let (tx, rx) = crossbeam_channel::bounded::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || {
@@ -281,7 +281,7 @@ impl<'a> Command<'a> {
     /// Runs the command with its output discarded and returns how it ended.
     pub fn status(&self) -> Result<ExitStatus> {
         self.with_handle(|h| {
-            let code = answer!(self.inst.t, Request::CmdRun { handle: h }, CmdRun { exit_code });
+            let code = answer!(self.t, Request::CmdRun { handle: h }, CmdRun { exit_code });
             Ok(ExitStatus { code })
         })
     }
@@ -290,7 +290,7 @@ impl<'a> Command<'a> {
     pub fn combined_output(&self) -> Result<(ExitStatus, Vec<u8>)> {
         self.with_handle(|h| {
             let (out, code) = answer!(
-                self.inst.t,
+                self.t,
                 Request::CmdCombinedOutput { handle: h },
                 CmdCombinedOutput { output, exit_code }
             );
@@ -315,7 +315,7 @@ impl<'a> Command<'a> {
     /// ```
     pub fn spawn(&self) -> Result<Child<'a>> {
         let h = self.prepare()?;
-        let t = &self.inst.t;
+        let t = self.t;
         let mut pipes: [Option<u64>; 3] = [None; 3];
         let started = (|| -> Result<()> {
             for (i, s) in self.stdio.iter().enumerate() {
@@ -336,7 +336,7 @@ impl<'a> Command<'a> {
             t.call(&Request::CmdStart { handle: h }).map(drop)
         })();
         let names = ["stdin", "stdout", "stderr"];
-        let pipe = |i: usize| pipes[i].map(|handle| File::pipe(self.inst, handle, names[i]));
+        let pipe = |i: usize| pipes[i].map(|handle| File::pipe(self.t, handle, names[i]));
         if let Err(e) = started {
             for i in 0..3 {
                 drop(pipe(i));
@@ -345,7 +345,7 @@ impl<'a> Command<'a> {
             return Err(e);
         }
         Ok(Child {
-            inst: self.inst,
+            t: self.t,
             handle: h,
             freed: false,
             stdin: pipe(0).map(ChildStdin),
@@ -407,7 +407,7 @@ impl std::io::Read for ChildStderr<'_> {
 /// A started guest command, like [`std::process::Child`].
 #[derive(Debug)]
 pub struct Child<'a> {
-    inst: &'a Instance,
+    t: &'a Transport,
     handle: u64,
     freed: bool,
     /// Its stdin, when piped.
@@ -421,7 +421,7 @@ pub struct Child<'a> {
 impl Child<'_> {
     /// Whether it has exited: its status, or None while it runs.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        match self.inst.t.answer(&Request::CmdExitCode { handle: self.handle }) {
+        match self.t.answer(&Request::CmdExitCode { handle: self.handle }) {
             Ok(wire::Response::CmdExitCode { exit_code }) => Ok(Some(ExitStatus { code: exit_code })),
             Ok(other) => Err(unexpected(&Request::CmdExitCode { handle: self.handle }, &other)),
             Err(Error::Remote(ef)) if ef.code == wire::ErrorCode::InvalidArgument => Ok(None),
@@ -459,20 +459,20 @@ impl Child<'_> {
         if let Some(stdin) = self.stdin.take() {
             stdin.close()?;
         }
-        let code = answer!(self.inst.t, Request::CmdWait { handle: self.handle }, CmdWait { exit_code });
+        let code = answer!(self.t, Request::CmdWait { handle: self.handle }, CmdWait { exit_code });
         Ok(ExitStatus { code })
     }
 
     /// Kills it (SIGKILL to its process group in the guest).
     pub fn kill(&mut self) -> Result<()> {
-        self.inst.t.call(&Request::CmdKill { handle: self.handle }).map(drop)
+        self.t.call(&Request::CmdKill { handle: self.handle }).map(drop)
     }
 }
 
 impl Drop for Child<'_> {
     fn drop(&mut self) {
         if !std::mem::replace(&mut self.freed, true) {
-            let _ = self.inst.t.call(&Request::CmdFree { handle: self.handle });
+            let _ = self.t.call(&Request::CmdFree { handle: self.handle });
         }
     }
 }

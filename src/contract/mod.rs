@@ -38,7 +38,7 @@ pub const MAX_CHUNK: usize = proto::MAX_FRAME as usize - 1024;
 /// packets flow is the host's choice: it sets the link up or down (InstanceSetNetwork).
 pub const GUEST_ADDR: [u8; 4] = [10, 0, 2, 15];
 /// The host as the guest sees it (the host's loopback only when asked for: see
-/// `crate::vm::qemu::net_filter`).
+/// the QEMU backend's `net_filter`).
 pub const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 /// The DNS server slirp answers on.
 pub const DNS: &str = "10.0.2.3";

@@ -111,7 +111,7 @@ pub const FIRST_EXEC_ID: u32 = 1;
 /// name has no dot, to init as an environment variable: the agent reads it there.
 pub const FIRST_EXEC_VAR: &str = "VMHOST_EXEC";
 /// The longest [`FIRST_EXEC_VAR`] parameter the agent reads, whole. The host puts one on
-/// the command line only where it fits (see `kernel_cmdline` in [`crate::vm::qemu`]),
+/// the command line only where it fits (see `kernel_cmdline` in `vm::qemu`),
 /// which is always less than this.
 pub const MAX_FIRST_EXEC_PARAM: usize = 1024;
 

@@ -621,9 +621,3 @@ impl Iterator for &Listener {
         self.recv().ok()
     }
 }
-
-impl From<Error> for crate::Error {
-    fn from(e: Error) -> crate::Error {
-        crate::Error::Qmp(e)
-    }
-}

@@ -1,7 +1,7 @@
 //! The first command a guest boots with, declared before its boot (the library's
 //! `Instance::new_with_first_command`), and how it reaches a helper process.
 
-use super::cmd::exec_request;
+use super::command::exec_request;
 use crate::contract::proto::ExecRequest;
 
 /// A guest's first command, declared when it boots ([`super::helper::Helper::set_first_command`],

@@ -398,7 +398,7 @@ mod tests {
         // A missing file: code IO, the errno as a field, not only as text.
         let e = g.call(Request::FsStat { path: "/missing".into() }).unwrap_err();
         assert_eq!((e.code, e.errno, e.path.as_str()), (ErrorCode::Io, Some(nix::libc::ENOENT), "/missing"));
-        let err = crate::Error::Remote(e);
+        let err = crate::error::Error::Remote(e);
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         // `..` cannot climb above the root.
         g.call(Request::FsWriteFile { path: "/../../x.txt".into(), data: b"x".to_vec(), perm }).unwrap();

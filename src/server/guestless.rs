@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::instance::Session;
+use super::session::Session;
 use super::{Answer, Call};
 use crate::test_dir::TempDir;
 use crate::vm::agent_link::AgentLink;

@@ -30,7 +30,7 @@ use crate::vm::InstanceSpec;
 use crate::vm::Machine;
 use crate::wire::{msg, ErrorCode, ErrorFrame, Request, Response};
 
-pub use super::cmd::MAX_COLLECTED_OUTPUT;
+pub use super::command::MAX_COLLECTED_OUTPUT;
 pub use super::first_command::{FirstCommand, FIRST_COMMAND_ENV};
 /// The default `PATH` of guest commands.
 pub use crate::contract::DEFAULT_PATH;
@@ -46,8 +46,8 @@ impl std::fmt::Debug for Helper {
     }
 }
 
-pub(super) struct State {
-    pub(super) instance: Mutex<Option<Arc<BootedInstance>>>,
+struct State {
+    instance: Mutex<Option<Arc<BootedInstance>>>,
     /// Set while InstanceNew boots (without holding `instance`, so that other requests
     /// are answered meanwhile).
     booting: std::sync::atomic::AtomicBool,
@@ -58,7 +58,7 @@ pub(super) struct State {
 }
 
 impl State {
-    pub(super) fn handle(&self) -> u64 {
+    fn handle(&self) -> u64 {
         self.next_handle.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -76,15 +76,10 @@ impl State {
 
 impl State {
     /// The answer to a request that failed: once the VM has ended, whatever failed says
-    /// NotRunning and how the VM ended, rather than what broke on the way (the agent
-    /// channel's EOF, a closed handle).
-    pub(super) fn after_end(&self, ty: u16, f: ErrorFrame) -> ErrorFrame {
-        let Some(inst) = self.instance.lock().clone() else { return f };
-        match inst.vm.ended_error(&crate::wire::type_name(ty)) {
-            Some(e) => {
-                log::debug!("{} after the VM's end: {} (was: {})", crate::wire::type_name(ty), e, f.message);
-                frame(&e, &f.path)
-            }
+    /// how it ended ([`BootedInstance::after_end`]).
+    fn after_end(&self, ty: u16, f: ErrorFrame) -> ErrorFrame {
+        match self.instance.lock().clone() {
+            Some(inst) => inst.after_end(ty, f),
             None => f,
         }
     }
@@ -155,7 +150,7 @@ impl Helper {
 
     /// Ends the instance at once, without the guest's shutdown (SIGTERM to QEMU, then
     /// SIGKILL): for throwaway guests whose state nobody keeps.
-    pub fn kill_instance(&self) -> crate::Result<()> {
+    pub fn kill_instance(&self) -> crate::error::Result<()> {
         match self.state.instance.lock().take() {
             Some(i) => i.vm.force_stop(),
             None => Ok(()),
@@ -261,7 +256,7 @@ fn serve_instance(
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
             super::fs::serve(agent, &inst.session.files, &|| st.handle(), &call.canceller(), req)
         }
-        req if req.ty() >> 8 == 0x01 => super::instance::serve(st, inst, call, req),
+        req if req.ty() >> 8 == 0x01 => super::instance::serve(&st.instance, inst, call, req),
         req if req.ty() >> 8 == 0x04 => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
             super::cmd::serve(agent, &inst.session, &|| st.handle(), call, req)

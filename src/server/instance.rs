@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::cmd::Cmd;
+use super::command::Cmd;
 use super::frame;
-use super::helper::State;
-use super::table::Table;
+use super::session::Session;
 use super::{Call, HandlerResult};
 use crate::vm::agent_link::Process;
 use crate::vm::Machine;
@@ -24,6 +23,19 @@ pub(super) struct BootedInstance {
 }
 
 impl BootedInstance {
+    /// The answer to a request that failed: once the VM has ended, whatever failed says
+    /// NotRunning and how the VM ended, rather than what broke on the way (the agent
+    /// channel's EOF, a closed handle).
+    pub(super) fn after_end(&self, ty: u16, f: ErrorFrame) -> ErrorFrame {
+        match self.vm.ended_error(&crate::wire::type_name(ty)) {
+            Some(e) => {
+                log::debug!("{} after the VM's end: {} (was: {})", crate::wire::type_name(ty), e, f.message);
+                frame(&e, &f.path)
+            }
+            None => f,
+        }
+    }
+
     pub(super) fn new(vm: Machine, user: String) -> BootedInstance {
         BootedInstance {
             vm,
@@ -33,33 +45,9 @@ impl BootedInstance {
     }
 }
 
-/// What the helper keeps of an instance apart from its VM: the user its commands run
-/// as, its tables of handles, its console. The Cmd*, Fs* and File* handlers serve
-/// against a session and an agent link, with or without a guest behind the link.
-pub(super) struct Session {
-    pub(super) user: String,
-    pub(super) cmds: Mutex<Table<Arc<Cmd>>>,
-    pub(super) files: super::fs::Files,
-    pub(super) console: Mutex<(i32, i32)>,
-    /// Running commands on a terminal, resized with the console.
-    pub(super) ttys: Mutex<Vec<std::sync::Weak<Process>>>,
-}
-
-impl Session {
-    pub(super) fn new(user: String) -> Session {
-        Session {
-            user,
-            cmds: Mutex::new(Table::new()),
-            files: Mutex::new(Table::new()),
-            console: Mutex::new((80, 24)),
-            ttys: Mutex::new(Vec::new()),
-        }
-    }
-}
-
 /// Serves an Instance* request on the instance `inst`.
 pub(super) fn serve(
-    st: &State,
+    slot: &Mutex<Option<Arc<BootedInstance>>>,
     inst: &Arc<BootedInstance>,
     call: &mut Call<'_>,
     req: Request,
@@ -68,7 +56,7 @@ pub(super) fn serve(
     match req {
         Request::InstanceClose {} => {
             let r = vm.stop(Duration::from_secs(10));
-            let mut slot = st.instance.lock();
+            let mut slot = slot.lock();
             // Only this instance: another connection may have made a new one meanwhile.
             if slot.as_ref().is_some_and(|i| Arc::ptr_eq(i, inst)) {
                 slot.take();
@@ -103,14 +91,7 @@ pub(super) fn serve(
                     format!("console size {cols}x{rows}"),
                 ));
             }
-            *inst.session.console.lock() = (cols, rows);
-            let live: Vec<Arc<Process>> =
-                inst.session.ttys.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
-            for p in live {
-                if let Err(e) = p.resize(cols as u16, rows as u16) {
-                    log::debug!("resizing a guest terminal: {e}"); // it may just have exited
-                }
-            }
+            inst.session.console.resize(cols as u16, rows as u16);
             Ok(Response::InstanceSetConsole {}.into())
         }
         Request::InstanceSetNetwork { enabled } => vm
@@ -140,16 +121,19 @@ pub(super) fn serve(
                 c.set_env("TERM", &term);
             }
             c.pipes.want(0)?;
-            let p =
-                match vm.agent().map_err(|e| frame(&e, "")).and_then(|agent| c.start(agent, &inst.session)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // Nothing was replaced: the instance runs on, and may try again (a
-                        // start that failed because the VM ended says NotRunning).
-                        inst.main_started.store(false, SeqCst);
-                        return Err(st.after_end(msg::INSTANCE_EXEC, e));
-                    }
-                };
+            let p = match vm
+                .agent()
+                .map_err(|e| frame(&e, ""))
+                .and_then(|agent| c.start(agent, &inst.session.console))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    // Nothing was replaced: the instance runs on, and may try again (a
+                    // start that failed because the VM ended says NotRunning).
+                    inst.main_started.store(false, SeqCst);
+                    return Err(inst.after_end(msg::INSTANCE_EXEC, e));
+                }
+            };
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let typist = {
                 let (p, stop) = (p.clone(), stop.clone());

@@ -19,6 +19,8 @@
 //! - a peer running as another uid (SO_PEERCRED) is dropped before anything is read.
 
 mod cmd;
+mod command;
+mod console;
 pub mod control;
 pub mod first_command;
 mod fs;
@@ -28,6 +30,7 @@ mod hangup;
 pub mod helper;
 mod instance;
 mod pipes;
+mod session;
 mod table;
 
 use std::collections::HashMap;

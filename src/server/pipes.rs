@@ -258,7 +258,7 @@ impl CmdIo {
     pub fn start(
         process: Arc<Process>,
         wants: Wants,
-        on_end: impl FnOnce(crate::Result<i32>) + Send + 'static,
+        on_end: impl FnOnce(crate::error::Result<i32>) + Send + 'static,
     ) -> Arc<CmdIo> {
         let io = Arc::new(CmdIo {
             state: Mutex::new(State {
@@ -274,7 +274,7 @@ impl CmdIo {
         io
     }
 
-    fn pump(&self) -> crate::Result<i32> {
+    fn pump(&self) -> crate::error::Result<i32> {
         let result = loop {
             match self.process.recv() {
                 Ok(ProcEvent::Output { stream, data }) => {

@@ -290,7 +290,7 @@ pub struct InstanceSpec {
     pub cache_dir: PathBuf,
     /// Memory, CPUs, timeout, user, console log, mounts.
     pub options: InstanceOptions,
-    /// The guest's first command (see [`crate::FirstCommand`]): started as soon as the
+    /// The guest's first command (see [`crate::server::first_command::FirstCommand`]): started as soon as the
     /// guest is up where the backend can ([`qemu::BootConfig::first_command`]), and the
     /// only command that may start first either way.
     pub first_command: Option<crate::contract::proto::ExecRequest>,

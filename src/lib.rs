@@ -20,19 +20,28 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod agent;
 pub mod client;
-pub mod contract;
 pub mod error;
 pub mod image;
 pub mod progress;
 pub mod qmp;
 pub(crate) mod rate_limit;
 pub mod server;
-pub mod signals;
-pub mod unix;
 pub mod vm;
 pub mod wire;
+
+// vmhost's own binaries' parts, public for them (and for the tests that drive them),
+// hidden from the documentation: not an API. The guest agent (`vmhost-agent`'s code)
+// and the host-guest contract it shares with `vm`; the CLI's Unix plumbing and signal
+// watcher.
+#[doc(hidden)]
+pub mod agent;
+#[doc(hidden)]
+pub mod contract;
+#[doc(hidden)]
+pub mod signals;
+#[doc(hidden)]
+pub mod unix;
 
 #[cfg(test)]
 mod test_dir;

@@ -1,4 +1,4 @@
-//! The guest's filesystem, like [`std::fs`]: [`Fs`] from [`Instance::fs`], a guest
+//! The guest's filesystem, like [`std::fs`]: [`Fs`] from [`Instance::fs`](crate::Instance::fs), a guest
 //! [`File`] that implements [`Read`], [`Write`] and [`Seek`], and [`OpenOptions`].
 //!
 //! Every call is one or a few helper-protocol requests (Fs* and File* messages; see

@@ -143,7 +143,7 @@ impl<'a> Command<'a> {
         self
     }
 
-    /// Runs it on a terminal in the guest (a pty, sized by [`Instance::set_console`]):
+    /// Runs it on a terminal in the guest (a pty, sized by [`Instance::set_console`](crate::Instance::set_console)):
     /// its output, stdout and stderr together, comes as stdout with the terminal's
     /// line endings, and stdin is typed into the terminal.
     pub fn tty(&mut self, on: bool) -> &mut Self {

@@ -134,7 +134,7 @@ impl<'a> Call<'a> {
     }
 
     /// A check of [`Call::is_cancelled`] that does not borrow the call, for use beside
-    /// [`Call::send`].
+    /// [`Call::send_chunk`].
     pub fn canceller(&self) -> impl Fn() -> bool + 'a {
         let c = self.cancel;
         move || c.is_some_and(|c| c.load(Ordering::SeqCst))

@@ -2,8 +2,8 @@
 //! every backend shares ([`stop`]), and [`Machine`], a running VM on either backend:
 //! QEMU supervised over QMP ([`qemu`]) or vmhost's own KVM VMM ([`kvm`]).
 
-pub mod agent_link;
-pub mod console;
+pub(crate) mod agent_link;
+pub(crate) mod console;
 pub mod end;
 pub mod kvm;
 pub(crate) mod lifecycle;

@@ -78,7 +78,7 @@ pub struct KvmConfig {
     pub initramfs: Option<PathBuf>,
     /// Guest memory in MiB.
     pub memory_mb: u64,
-    /// vCPUs (1 to [`mptable::MAX_CPUS`]).
+    /// vCPUs (1 to `mptable::MAX_CPUS`).
     pub cpus: u32,
     /// Kernel parameters after the machine's own.
     pub extra_args: Vec<String>,
@@ -90,7 +90,7 @@ pub struct KvmConfig {
     pub timeout: Option<Duration>,
     /// How long the guest may take to reach its agent.
     pub boot_timeout: Duration,
-    /// The guest's first command ([`AgentLink::connect`]): only it may start first. This
+    /// The guest's first command (`AgentLink::connect`): only it may start first. This
     /// machine starts it when it is run, not at boot.
     pub first_command: Option<crate::contract::proto::ExecRequest>,
 }

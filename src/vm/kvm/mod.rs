@@ -3,9 +3,9 @@
 //! The types follow the KVM file-descriptor hierarchy (rust-vmm's `kvm-ioctls`:
 //! `Kvm` -> `VmFd` -> `VcpuFd`), one noun per module:
 //!
-//! - [`memory`]: guest memory, anonymous mappings registered as KVM memory slots, read
+//! - `memory`: guest memory, anonymous mappings registered as KVM memory slots, read
 //!   and written by guest physical address with bounds checks;
-//! - [`bus`]: the port-I/O and MMIO buses that route exits to devices by address;
+//! - `bus`: the port-I/O and MMIO buses that route exits to devices by address;
 //! - [`vcpu`]: one thread per vCPU running `KVM_RUN`, controlled over a crossbeam
 //!   channel (pause, resume, stop) and kicked out of the guest with a signal and
 //!   `immediate_exit`; it reports what ended it (HLT, shutdown, a fault) as events;
@@ -13,9 +13,9 @@
 //!   (the transport, split virtqueues, and the multiport console that carries the agent);
 //! - [`boot`]: PVH entry of an uncompressed vmlinux (start info, e820, command line,
 //!   initramfs, GDT) and 64-bit entry (identity page tables);
-//! - [`mptable`]: the MultiProcessor table that tells a guest without ACPI its CPUs and
+//! - `mptable`: the MultiProcessor table that tells a guest without ACPI its CPUs and
 //!   its I/O APIC;
-//! - [`machine`]: all of it put together into the backend's VM ([`KvmVm`]).
+//! - `machine`: all of it put together into the backend's VM (`KvmVm`).
 //!
 //! [`Vmm`] ties the first ones together: a VM with its memory, its buses, its interrupt
 //! lines (irqfds into the in-kernel irqchip) and its vCPUs.
@@ -35,12 +35,12 @@
 //! yet: the kvm backend boots vmhost's own kernel, and asked to boot another it says so.
 
 pub mod boot;
-pub mod bus;
+pub(crate) mod bus;
 pub mod devices;
 pub mod error;
-pub mod machine;
-pub mod memory;
-pub mod mptable;
+pub(crate) mod machine;
+pub(crate) mod memory;
+pub(crate) mod mptable;
 pub mod seccomp;
 pub mod vcpu;
 

@@ -98,7 +98,7 @@ pub struct BootConfig {
     /// The guest's first command: the agent starts it as soon as the guest is set up,
     /// before the host asks (it goes on the kernel command line: see
     /// [`crate::contract::proto::FIRST_EXEC_VAR`]), where it fits; only it may start first
-    /// either way (see [`crate::vm::agent_link::AgentLink::exec`]).
+    /// either way (see `crate::vm::agent_link::AgentLink::exec`).
     pub first_command: Option<ExecRequest>,
     /// Who QEMU runs as (by default [`QemuUser::from_env`]: a user of its own when
     /// vmhost is root; see [`super::user`]).

@@ -4,10 +4,12 @@
 //! [`cpio`]; tar archives read by [`tar`]).
 
 pub mod cpio;
+pub mod digest;
 pub mod elf;
 pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;
+pub mod reference;
 pub mod rootfs;
 pub mod tar;
 

@@ -27,6 +27,16 @@ if [ "${#kneed[@]}" -gt 0 ]; then
   say "installing ${kneed[*]}"
   apt-get install -y --no-install-recommends "${kneed[@]}"
 fi
+# The container-image tests' real parts: the CNCF registry (Debian's docker-registry),
+# skopeo and umoci to make and push test images.
+ineed=()
+command -v docker-registry >/dev/null 2>&1 || ineed+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || ineed+=(skopeo)
+command -v umoci >/dev/null 2>&1 || ineed+=(umoci)
+if [ "${#ineed[@]}" -gt 0 ]; then
+  say "installing ${ineed[*]}"
+  apt-get install -y --no-install-recommends "${ineed[@]}"
+fi
 say "guest kernels (stock, and the minimal one: minutes the first time, cached after)"
 ./target/debug/vmhost kernel fetch
 ./target/debug/vmhost kernel build

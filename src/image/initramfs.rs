@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::cpio::{self, Meta};
 use super::kernel::Kernel;
 use super::rootfs::Source;
-use super::{elf, Digest};
+use super::{elf, CacheKey};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -141,7 +141,7 @@ pub fn build(
         Source::Default => Source::Dir(super::rootfs::busybox_root(cache, progress)?),
         other => other.clone(),
     };
-    let mut d = Digest::new();
+    let mut d = CacheKey::new();
     d.field(b"vmhost-initramfs-v4");
     // The agent is keyed by its identity (path, size, mtime), like image files: hashing
     // its 1.6 MB on every boot would cost milliseconds for nothing.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::kernel::{Kernel, KernelKind};
-use super::Digest;
+use super::CacheKey;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -47,7 +47,7 @@ pub const PATCHES: &[(&str, &str)] = &[
 
 /// A digest of [`PATCHES`]: names and contents.
 fn patches_digest() -> String {
-    let mut d = Digest::new();
+    let mut d = CacheKey::new();
     for (name, text) in PATCHES {
         d.field(name.as_bytes()).field(text.as_bytes());
     }
@@ -210,7 +210,7 @@ pub fn build(cache: &Path, source: Option<&Path>, progress: &Progress) -> Result
         )));
     }
     let options = fragment_options();
-    let mut d = Digest::new();
+    let mut d = CacheKey::new();
     d.field(version.as_bytes());
     match source {
         None => d.field(patches_digest().as_bytes()),

@@ -9,8 +9,10 @@ pub mod elf;
 pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;
+pub mod oci;
 pub mod reference;
 pub mod rootfs;
+pub mod store;
 pub mod tar;
 
 use std::path::{Path, PathBuf};
@@ -26,18 +28,19 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/vmhost")
 }
 
-/// A 128-bit FNV-1a digest, as 32 hex digits: content keys for the cache (not a
-/// security boundary: the cache is the user's own).
+/// A 128-bit FNV-1a hash, as 32 hex digits: keys for what the cache builds (kernels,
+/// initramfs images), not content addresses (those are [`digest::Digest`]s) and not a
+/// security boundary: the cache is the user's own.
 #[derive(Debug, Clone)]
-pub struct Digest(u128);
+pub struct CacheKey(u128);
 
-impl Digest {
+impl CacheKey {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013B;
 
     /// A fresh digest.
-    pub fn new() -> Digest {
-        Digest(Self::OFFSET)
+    pub fn new() -> CacheKey {
+        CacheKey(Self::OFFSET)
     }
 
     /// Adds bytes.
@@ -60,15 +63,15 @@ impl Digest {
     }
 }
 
-impl Default for Digest {
-    fn default() -> Digest {
-        Digest::new()
+impl Default for CacheKey {
+    fn default() -> CacheKey {
+        CacheKey::new()
     }
 }
 
 /// The digest of `data`.
 pub fn hash_bytes(data: &[u8]) -> String {
-    Digest::new().update(data).hex()
+    CacheKey::new().update(data).hex()
 }
 
 /// A suffix no other temporary file of this or another process uses.

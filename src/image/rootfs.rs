@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use super::cpio::{self, Meta};
 use super::tar;
-use super::Digest;
+use super::CacheKey;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -33,7 +33,7 @@ impl Source {
     /// A key that changes when the image's content may have changed: for a directory
     /// every entry's path, type, mode, owner, size, mtime and link target; for a tar
     /// file its path, size and mtime.
-    pub fn identity(&self, d: &mut Digest) -> Result<()> {
+    pub fn identity(&self, d: &mut CacheKey) -> Result<()> {
         match self {
             Source::Default => {
                 d.field(b"default");

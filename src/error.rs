@@ -145,6 +145,17 @@ pub enum Error {
         /// Why, and what to use instead.
         why: String,
     },
+    /// A container registry refused or failed a request, or sent what is not allowed.
+    Registry {
+        /// The registry (`localhost:5000`, `docker.io`).
+        registry: String,
+        /// What was being done ("fetch manifest library/busybox:latest").
+        op: String,
+        /// The HTTP status, when one came.
+        status: Option<u16>,
+        /// What went wrong, and what to do.
+        message: String,
+    },
     /// An argument was refused.
     InvalidArgument {
         /// The operation.
@@ -264,6 +275,12 @@ impl fmt::Display for Error {
                 write!(f, "{op}: timed out after {:.1} s", after.as_secs_f64())
             }
             Error::InvalidArgument { op, message } => write!(f, "{op}: {message}"),
+            Error::Registry { registry, op, status: Some(status), message } => {
+                write!(f, "registry {registry}: {op}: HTTP {status}: {message}")
+            }
+            Error::Registry { registry, op, status: None, message } => {
+                write!(f, "registry {registry}: {op}: {message}")
+            }
             Error::BackendUnavailable { backend, why } => {
                 write!(f, "the {backend} backend cannot run here: {why}")
             }

@@ -3,6 +3,7 @@
 //! initramfs that carries both with the agent ([`initramfs`], written as cpio by
 //! [`cpio`]; tar archives read by [`tar`]).
 
+pub mod auth;
 pub mod cpio;
 pub mod digest;
 pub mod elf;
@@ -10,7 +11,9 @@ pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;
 pub mod oci;
+pub mod pull;
 pub mod reference;
+pub mod registry;
 pub mod rootfs;
 pub mod store;
 pub mod tar;

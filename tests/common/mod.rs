@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub mod registry;
 #[path = "../../src/test_dir.rs"]
 mod test_dir;
 pub use test_dir::TempDir;

@@ -1,0 +1,205 @@
+//! Pulling container images from a real registry (the CNCF distribution server,
+//! started here on 127.0.0.1) into the content store: images made with umoci and pushed
+//! with skopeo, gzip and zstd layers, a multi-platform index, the store without the
+//! network, and what a corrupt blob does.
+
+mod common;
+
+use common::registry::{tools_ready, Layout, TestRegistry};
+use common::TempDir;
+use vmhost::image::digest::Digest;
+use vmhost::image::oci::{media, Platform};
+use vmhost::image::pull::{self, PullOptions, PullPolicy};
+use vmhost::image::reference::Reference;
+use vmhost::image::store::Store;
+
+fn reference(reg: &TestRegistry, name: &str) -> Reference {
+    format!("{}/{name}", reg.host()).parse().unwrap()
+}
+
+/// A small image: two layers (the second adds and changes files), a command.
+fn small_image(dir: &TempDir, tag: &str) -> Layout {
+    let l = Layout::new(&dir.join(&format!("layout-{tag}")), tag);
+    l.layer(|root| {
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hello"), format!("hello from {tag}\n")).unwrap();
+    });
+    l.layer(|root| {
+        std::fs::write(root.join("etc/second"), b"second layer\n").unwrap();
+    });
+    l.config(&["--config.cmd", "cat", "--config.cmd", "/etc/hello", "--config.env", "A=1"]);
+    l
+}
+
+#[test]
+fn pull_stores_verified_blobs_and_runs_again_without_the_network() {
+    if !tools_ready("pull_stores_verified_blobs_and_runs_again_without_the_network") {
+        return;
+    }
+    let dir = TempDir::new("pull");
+    let mut reg = TestRegistry::start("pull-reg");
+    // As Docker's schema 2 (skopeo keeps OCI types from an OCI layout unless asked).
+    small_image(&dir, "v1").push(&reg, "test/small:v1", &["--format", "v2s2"]);
+    let store = Store::open(dir.join("store")).unwrap();
+    let r = reference(&reg, "test/small:v1");
+    let opts = PullOptions::default();
+
+    let img = pull::get(&store, &r, PullPolicy::Missing, &opts).unwrap();
+    assert_eq!(img.manifest.layers.len(), 2);
+    for l in &img.manifest.layers {
+        assert!(store.has(&l.digest), "layer {} stored", l.digest);
+        // Stored as verified: the file's digest is its name.
+        assert_eq!(Digest::sha256_of(&std::fs::read(store.blob_path(&l.digest)).unwrap()), l.digest);
+        assert_eq!(l.media_type, media::DOCKER_LAYER_GZIP);
+    }
+    let run = img.config.config.clone().unwrap();
+    assert_eq!(run.cmd.unwrap(), ["cat", "/etc/hello"]);
+    assert!(run.env.unwrap().contains(&"A=1".to_string()));
+    assert_eq!(store.get_ref(&r.to_string()).unwrap(), Some(img.resolved.clone()));
+
+    // With the registry gone: `missing` and `never` find it in the store.
+    reg.stop();
+    let again = pull::get(&store, &r, PullPolicy::Missing, &opts).unwrap();
+    assert_eq!(again.manifest_digest, img.manifest_digest);
+    pull::get(&store, &r, PullPolicy::Never, &opts).unwrap();
+    // `always` asks the registry, and says it cannot reach it.
+    let e = pull::get(&store, &r, PullPolicy::Always, &opts).unwrap_err();
+    assert!(e.to_string().contains(&reg.host()), "{e}");
+    // Something never pulled, with `never`: a clear error.
+    let other = reference(&reg, "test/other:v1");
+    let e = pull::get(&store, &other, PullPolicy::Never, &opts).unwrap_err();
+    assert!(e.to_string().contains("--pull=never"), "{e}");
+
+    // A moved tag is seen by the next pull: push v2 under the same tag.
+    reg.restart();
+    small_image(&dir, "v2").push(&reg, "test/small:v1", &[]);
+    let moved = pull::get(&store, &r, PullPolicy::Always, &opts).unwrap();
+    assert_ne!(moved.manifest_digest, img.manifest_digest);
+    assert_eq!(store.get_ref(&r.to_string()).unwrap(), Some(moved.resolved.clone()));
+    // By digest: the old one, from the store, without asking.
+    reg.stop();
+    let pinned = r.with_digest(img.resolved.clone());
+    assert_eq!(
+        pull::get(&store, &pinned, PullPolicy::Missing, &opts).unwrap().manifest_digest,
+        img.manifest_digest
+    );
+}
+
+#[test]
+fn zstd_layers_and_a_multi_platform_index() {
+    if !tools_ready("zstd_layers_and_a_multi_platform_index") {
+        return;
+    }
+    let dir = TempDir::new("pull-zstd");
+    let reg = TestRegistry::start("pull-zstd-reg");
+    let store = Store::open(dir.join("store")).unwrap();
+    let opts = PullOptions::default();
+
+    small_image(&dir, "z").push(&reg, "test/zstd:1", &["--dest-compress-format", "zstd"]);
+    let img = pull::get(&store, &reference(&reg, "test/zstd:1"), PullPolicy::Missing, &opts).unwrap();
+    assert!(
+        img.manifest.layers.iter().all(|l| l.media_type == media::OCI_LAYER_ZSTD),
+        "{:?}",
+        img.manifest.layers
+    );
+    // umoci writes OCI manifests without a mediaType (the spec allows it): the registry's
+    // Content-Type, or the document's shape, says what it is.
+    assert_eq!(img.manifest.media_type, None);
+
+    // An index whose first entry is linux/arm64/v8 and second linux/amd64: the pull
+    // takes the second for this host, the first when asked.
+    let arm = small_image(&dir, "arm");
+    arm.config(&["--architecture", "arm64", "--os", "linux"]);
+    let amd = small_image(&dir, "amd");
+    let index_dir = dir.join("multi");
+    make_index(&index_dir, &[(&arm, "arm64", Some("v8")), (&amd, "amd64", None)]);
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:1", index_dir.display()))
+        .arg(format!("docker://{}/test/multi:1", reg.host()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = reference(&reg, "test/multi:1");
+    let host = pull::get(&store, &r, PullPolicy::Always, &opts).unwrap();
+    assert_eq!(host.config.architecture, "amd64");
+    let arm_opts =
+        PullOptions { platform: Platform::parse("linux/arm64/v8").unwrap(), ..PullOptions::default() };
+    let armed = pull::get(&store, &r, PullPolicy::Always, &arm_opts).unwrap();
+    assert_eq!(armed.config.architecture, "arm64");
+    assert_eq!(armed.resolved, host.resolved, "one index, two manifests");
+    let e = pull::get(
+        &store,
+        &r,
+        PullPolicy::Always,
+        &PullOptions { platform: Platform::parse("linux/s390x").unwrap(), ..PullOptions::default() },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("linux/amd64") && e.to_string().contains("--platform"), "{e}");
+}
+
+/// An OCI layout holding one image index (tagged `1`) that lists the given images'
+/// manifests with platforms, in order.
+fn make_index(dir: &std::path::Path, images: &[(&Layout, &str, Option<&str>)]) {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut manifests = Vec::new();
+    for (layout, arch, variant) in images {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.path.join("index.json")).unwrap()).unwrap();
+        let desc = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == layout.tag.as_str())
+            .unwrap()
+            .clone();
+        // Copy every blob over (the layouts are small).
+        for e in std::fs::read_dir(layout.path.join("blobs/sha256")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join("blobs/sha256").join(e.file_name())).unwrap();
+        }
+        let mut platform = serde_json::json!({"architecture": arch, "os": "linux"});
+        if let Some(v) = variant {
+            platform["variant"] = serde_json::json!(v);
+        }
+        manifests.push(serde_json::json!({
+            "mediaType": desc["mediaType"], "digest": desc["digest"], "size": desc["size"], "platform": platform
+        }));
+    }
+    let index =
+        serde_json::json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": manifests});
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = Digest::sha256_of(&bytes);
+    std::fs::write(dir.join("blobs/sha256").join(digest.hex()), &bytes).unwrap();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": media::OCI_INDEX, "digest": digest.to_string(), "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "1"}
+    }]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+}
+
+#[test]
+fn a_blob_whose_digest_does_not_match_is_refused_and_not_stored() {
+    if !tools_ready("a_blob_whose_digest_does_not_match_is_refused_and_not_stored") {
+        return;
+    }
+    let dir = TempDir::new("pull-bad");
+    let reg = TestRegistry::start("pull-bad-reg");
+    small_image(&dir, "bad").push(&reg, "test/bad:1", &[]);
+    let store = Store::open(dir.join("store")).unwrap();
+    let r = reference(&reg, "test/bad:1");
+    // Find the top layer through the registry's own files, and change a byte of it.
+    let good = pull::get(&store, &r, PullPolicy::Always, &PullOptions::default()).unwrap();
+    let layer = good.manifest.layers.last().unwrap().digest.clone();
+    let fresh = Store::open(dir.join("store2")).unwrap();
+    let file = reg.blob_file(layer.hex());
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let e = pull::get(&fresh, &r, PullPolicy::Always, &PullOptions::default()).unwrap_err();
+    assert!(e.to_string().contains(&layer.to_string()), "{e}");
+    assert!(!fresh.has(&layer), "a blob that does not match never enters the store");
+    assert!(fresh.get_ref(&r.to_string()).unwrap().is_none(), "nor is the reference recorded");
+}

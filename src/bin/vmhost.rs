@@ -65,7 +65,11 @@ USAGE:
     vmhost --help | --version
 
 VM OPTIONS:
-    --image PATH      root filesystem directory or tar archive (default: busybox)
+    --image IMAGE     a root filesystem directory or tar archive, or a container image
+                      reference (alpine, localhost:5000/app:1, repo@sha256:...): pulled into
+                      the image store when missing (VMHOST_PULL=always|missing|never), run
+                      with its entrypoint, command, env, working directory and user
+                      (default: busybox)
     --memory MB       guest memory, 96 MiB to the host's (default 256)
     --cpus N          vCPUs, 1 to 255 (default 2 with QEMU on a host with 2 CPUs or more,
                       else 1)
@@ -380,8 +384,17 @@ impl VmFlags {
         Ok(true)
     }
 
+    /// The image: a directory or tar file that exists, else a registry reference.
     fn image(&self) -> vmhost::Image {
-        self.image.as_ref().map_or(vmhost::Image::Default, vmhost::Image::from_path)
+        match &self.image {
+            None => vmhost::Image::Default,
+            Some(p) if p.exists() => vmhost::Image::from_path(p),
+            Some(p) => match p.to_str().map(|s| (s, s.parse::<vmhost::image::reference::Reference>())) {
+                Some((s, Ok(_))) => vmhost::Image::Ref(s.to_string()),
+                // Neither: a path, whose open fails with what is missing.
+                _ => vmhost::Image::from_path(p),
+            },
+        }
     }
 }
 
@@ -399,7 +412,8 @@ fn stdin_is_dev_null() -> bool {
 
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let usage =
-        "usage: vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] -- CMD [ARGS...]";
+        "usage: vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] \
+         [--entrypoint PROG] -- CMD [ARGS...] (CMD optional with a container --image)";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
@@ -409,6 +423,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // Our stdin goes to the command when it is not a terminal (piped or redirected) nor
     // /dev/null, with -i also from a terminal, never with -n (like ssh -n).
     let mut stdin_mode = None;
+    let mut entrypoint: Option<String> = None;
     let mut i = 0;
     let mut cmd = Vec::new();
     while i < args.len() {
@@ -424,6 +439,8 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             env.push((k.to_string(), val.to_string()));
         } else if let Some(v) = flag_value(args, &mut i, dir_flag)? {
             dir = Some(v);
+        } else if let Some(v) = flag_value(args, &mut i, "--entrypoint")? {
+            entrypoint = Some(v);
         } else if args[i] == "-t" || args[i] == "--tty" {
             tty = true;
         } else if args[i] == "--net" {
@@ -443,7 +460,20 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         }
         i += 1;
     }
-    let Some((program, rest)) = cmd.split_first() else { return Err(usage.into()) };
+    // A container image runs its entrypoint with CMD as its arguments (or its own
+    // command), as `docker run IMAGE CMD` does; --entrypoint PROG runs PROG instead.
+    let image = vm.image();
+    let from_image = matches!(image, vmhost::Image::Ref(_)) && entrypoint.is_none();
+    if let (Some(e), vmhost::Image::Ref(_)) = (&entrypoint, &image) {
+        cmd.insert(0, e.clone());
+    }
+    if cmd.is_empty() && !from_image {
+        return Err(usage.into());
+    }
+    let (program, rest) = match cmd.split_first() {
+        Some((p, r)) => (p.clone(), r.to_vec()),
+        None => (String::new(), Vec::new()),
+    };
     let fail = |e: vmhost::Error| {
         eprintln!("vmhost: {e}");
         Ok(ExitCode::from(125))
@@ -469,14 +499,14 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // size is known only then), caller-given environment values (the command line that
     // carries it is readable to every user of the guest in /proc/cmdline) or the network
     // (connected after the boot).
-    let booted = if winch.is_none() && env.is_empty() && !net {
-        let mut first = vmhost::FirstCommand::new(program).args(rest).stdin_piped(feed_stdin);
+    let booted = if winch.is_none() && env.is_empty() && !net && !matches!(image, vmhost::Image::Ref(_)) {
+        let mut first = vmhost::FirstCommand::new(&program).args(rest.iter()).stdin_piped(feed_stdin);
         if let Some(d) = &dir {
             first = first.current_dir(d);
         }
-        vmhost::Instance::new_with_first_command(vm.image(), vm.options.clone(), first)
+        vmhost::Instance::new_with_first_command(image, vm.options.clone(), first)
     } else {
-        vmhost::Instance::new(vm.image(), vm.options.clone())
+        vmhost::Instance::new(image, vm.options.clone())
     };
     let inst = match booted {
         Ok(i) => i,
@@ -489,8 +519,16 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     log::debug!("instance {} ready; running {program}", inst.id());
-    let mut c = inst.command(program.clone());
-    c.args(rest.iter().cloned()).envs(env);
+    let mut c = if from_image {
+        let mut c = inst.entrypoint();
+        c.args(cmd.iter().cloned());
+        c
+    } else {
+        let mut c = inst.command(program.clone());
+        c.args(rest.iter().cloned());
+        c
+    };
+    c.envs(env);
     if let Some(d) = dir {
         c.current_dir(d);
     }
@@ -712,6 +750,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         cache_dir: vmhost::image::cache_dir(),
         options: vm.options.clone(),
         first_command: None,
+        image: None,
     };
     let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
     log::info!("host {name}: VM {} running", machine.id());

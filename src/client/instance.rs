@@ -27,6 +27,11 @@ pub enum Image {
     Dir(PathBuf),
     /// A tar archive, optionally compressed.
     Tar(PathBuf),
+    /// A container image from a registry, `[REGISTRY/]REPOSITORY[:TAG][@DIGEST]`
+    /// (`alpine`, `localhost:5000/tools:1`): taken from the image store, pulled when
+    /// missing (`VMHOST_PULL`), its entrypoint, command, environment, working directory
+    /// and user honoured ([`Instance::entrypoint`]).
+    Ref(String),
 }
 
 impl Image {
@@ -133,14 +138,13 @@ impl Instance {
             Image::Default => (SourceType::Dir, String::new()),
             Image::Dir(p) => (SourceType::Dir, p.display().to_string()),
             Image::Tar(p) => (SourceType::Tar, p.display().to_string()),
+            Image::Ref(_) => (SourceType::Registry, String::new()),
         };
-        let new = InstanceNew {
-            source_type,
-            source_path,
-            image_ref: String::new(),
-            cache_dir: String::new(),
-            options,
+        let image_ref = match &image {
+            Image::Ref(r) => r.clone(),
+            _ => String::new(),
         };
+        let new = InstanceNew { source_type, source_path, image_ref, cache_dir: String::new(), options };
         t.call(&Request::InstanceNew { new })?;
         let id = answer!(t, Request::InstanceId {}, InstanceId { id });
         Ok(Instance { t, id, closed: false, owned: true })
@@ -221,6 +225,22 @@ impl Instance {
     /// ```
     pub fn answer(&self, req: &Request) -> Result<wire::Response> {
         self.t.answer(req)
+    }
+
+    /// The image's own command, as `docker run IMAGE ARGS` runs it: its entrypoint
+    /// followed by the arguments given to the returned [`Command`] (or by the image's
+    /// command when none are), with the image's environment, working directory and user.
+    /// On a plain root filesystem the first argument is the program (a shell without one).
+    ///
+    /// ```no_run
+    /// use vmhost::{Image, Instance};
+    /// let vm = Instance::new(Image::Ref("alpine:3.20".into()), Default::default())?;
+    /// let out = vm.entrypoint().arg("cat").arg("/etc/alpine-release").output()?;
+    /// assert!(out.status.success());
+    /// # Ok::<(), vmhost::Error>(())
+    /// ```
+    pub fn entrypoint(&self) -> Command<'_> {
+        Command::entrypoint(&self.t)
     }
 
     /// A command to run in the guest, like [`std::process::Command::new`].

@@ -75,6 +75,8 @@ pub struct Command<'a> {
     dir: Option<String>,
     stdio: [Stdio; 3],
     tty: bool,
+    /// The image's entrypoint (CmdEntrypoint), `args` after it, instead of `program`.
+    entrypoint: bool,
 }
 
 impl<'a> Command<'a> {
@@ -89,7 +91,13 @@ impl<'a> Command<'a> {
             dir: None,
             stdio: [Stdio::Null; 3],
             tty: false,
+            entrypoint: false,
         }
+    }
+
+    /// The image's entrypoint with the arguments added ([`Instance::entrypoint`] makes it).
+    pub(super) fn entrypoint(t: &'a Transport) -> Command<'a> {
+        Command { entrypoint: true, ..Command::new(t, String::new()) }
     }
 
     /// Adds an argument.
@@ -154,11 +162,15 @@ impl<'a> Command<'a> {
     /// Creates the command handle in the helper, with env and directory applied.
     fn prepare(&self) -> Result<u64> {
         let t = self.t;
-        let h = answer!(
-            t,
-            Request::CmdNew { name: self.program.clone(), args: self.args.clone() },
-            CmdNew { handle }
-        );
+        let h = if self.entrypoint {
+            answer!(t, Request::CmdEntrypoint { args: self.args.clone() }, CmdEntrypoint { handle })
+        } else {
+            answer!(
+                t,
+                Request::CmdNew { name: self.program.clone(), args: self.args.clone() },
+                CmdNew { handle }
+            )
+        };
         let setup = || -> Result<()> {
             for (k, v) in &self.env {
                 t.call(&Request::CmdSetEnv { handle: h, key: k.clone(), value: v.clone() })?;

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod store;
 pub mod tar;
+pub mod unpack;
 
 use std::path::{Path, PathBuf};
 

@@ -51,6 +51,8 @@ pub struct Entry {
     pub link: String,
     /// Device numbers.
     pub dev: (u32, u32),
+    /// Extended attributes (pax `SCHILY.xattr.NAME` records), name and raw value.
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 fn bad(offset: u64, msg: impl Into<String>) -> io::Error {
@@ -110,6 +112,12 @@ fn clean(path: &str, offset: u64) -> io::Result<Option<String>> {
     Ok((!parts.is_empty()).then(|| parts.join("/")))
 }
 
+/// A hard link's target as a member path (normalised as member paths are); `None` when
+/// it names the root or leaves the archive.
+pub fn normalise_link(link: &str) -> Option<String> {
+    clean(link, 0).ok().flatten()
+}
+
 struct Counting<R> {
     r: R,
     pos: u64,
@@ -147,7 +155,7 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
     let mut r = Counting { r, pos: 0 };
     let mut long_name: Option<String> = None;
     let mut long_link: Option<String> = None;
-    let mut pax: Vec<(String, String)> = Vec::new();
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     let mut zero_blocks = 0;
     loop {
         let offset = r.pos;
@@ -203,6 +211,9 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
         let mut link = text(&h[157..257]);
         let mut size = size;
         let mut mtime = number(&h[136..148], offset, "mtime")?;
+        let mut uid = number(&h[108..116], offset, "uid")?.min(u32::MAX as u64) as u32;
+        let mut gid = number(&h[116..124], offset, "gid")?.min(u32::MAX as u64) as u32;
+        let mut xattrs = Vec::new();
         if let Some(n) = long_name.take() {
             name = n;
         }
@@ -216,12 +227,24 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
             if k.starts_with("GNU.sparse.") {
                 return Err(sparse(offset, &name));
             }
+            let text = || String::from_utf8_lossy(&v).into_owned();
+            let num = |what: &str| -> io::Result<u64> {
+                String::from_utf8_lossy(&v)
+                    .parse()
+                    .map_err(|_| bad(offset, format!("pax {what} is not a number")))
+            };
             match k.as_str() {
-                "path" => name = v,
-                "linkpath" => link = v,
-                "size" => size = v.parse().map_err(|_| bad(offset, "pax size is not a number"))?,
-                "mtime" => mtime = v.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(mtime),
-                _ => {}
+                "path" => name = text(),
+                "linkpath" => link = text(),
+                "size" => size = num("size")?,
+                "mtime" => mtime = text().split('.').next().and_then(|s| s.parse().ok()).unwrap_or(mtime),
+                "uid" => uid = num("uid")?.min(u32::MAX as u64) as u32,
+                "gid" => gid = num("gid")?.min(u32::MAX as u64) as u32,
+                _ => {
+                    if let Some(attr) = k.strip_prefix("SCHILY.xattr.") {
+                        xattrs.push((attr.to_string(), v));
+                    }
+                }
             }
         }
         let kind = match typeflag {
@@ -252,8 +275,8 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
             path,
             kind,
             mode: number(&h[100..108], offset, "mode")? as u32 & 0o7777,
-            uid: number(&h[108..116], offset, "uid")?.min(u32::MAX as u64) as u32,
-            gid: number(&h[116..124], offset, "gid")?.min(u32::MAX as u64) as u32,
+            uid,
+            gid,
             mtime,
             size: data_size,
             link,
@@ -261,6 +284,7 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
                 number(&h[329..337], offset, "devmajor")? as u32,
                 number(&h[337..345], offset, "devminor")? as u32,
             ),
+            xattrs,
         };
         let mut data = (&mut r).take(data_size);
         f(&entry, &mut data)?;
@@ -270,7 +294,7 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
 }
 
 /// Parses pax records: `"<len> <key>=<value>\n"`.
-fn parse_pax(mut b: &[u8], offset: u64) -> io::Result<Vec<(String, String)>> {
+fn parse_pax(mut b: &[u8], offset: u64) -> io::Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     while !b.is_empty() && b[0] != 0 {
         let sp = b.iter().position(|&c| c == b' ').ok_or_else(|| bad(offset, "bad pax record"))?;
@@ -284,14 +308,42 @@ fn parse_pax(mut b: &[u8], offset: u64) -> io::Result<Vec<(String, String)>> {
         let rec = &b[sp + 1..len];
         let rec = rec.strip_suffix(b"\n").unwrap_or(rec);
         if let Some(eq) = rec.iter().position(|&c| c == b'=') {
-            out.push((
-                String::from_utf8_lossy(&rec[..eq]).into_owned(),
-                String::from_utf8_lossy(&rec[eq + 1..]).into_owned(),
-            ));
+            out.push((String::from_utf8_lossy(&rec[..eq]).into_owned(), rec[eq + 1..].to_vec()));
         }
         b = &b[len..];
     }
     Ok(out)
+}
+
+/// A ustar header for tests that write archives by hand.
+#[cfg(test)]
+pub(crate) fn ustar_header(
+    name: &str,
+    flag: u8,
+    mode: u32,
+    size: u64,
+    link: &str,
+    uid: u32,
+    mtime: u64,
+) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    let mut oct = |at: usize, len: usize, v: u64| {
+        h[at..at + len].copy_from_slice(format!("{v:0width$o}\0", width = len - 1).as_bytes());
+    };
+    oct(100, 8, mode as u64);
+    oct(108, 8, uid as u64);
+    oct(116, 8, uid as u64);
+    oct(124, 12, size);
+    oct(136, 12, mtime);
+    h[156] = flag;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h
 }
 
 #[cfg(test)]
@@ -299,21 +351,7 @@ mod tests {
     use super::*;
 
     fn header(name: &str, typeflag: u8, size: u64, link: &str) -> [u8; 512] {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..107].copy_from_slice(b"0000644");
-        h[108..115].copy_from_slice(b"0000000");
-        h[116..123].copy_from_slice(b"0000000");
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-        h[136..147].copy_from_slice(b"00000000000");
-        h[156] = typeflag;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        h
+        ustar_header(name, typeflag, 0o644, size, link, 0, 0)
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::command::{Cmd, RunState, Sink};
+use super::command::{RunState, Sink};
 use super::frame;
 use super::pipes::CmdIo;
 use super::session::Session;
@@ -26,18 +26,14 @@ pub(super) fn serve(
     match req {
         Request::CmdNew { name, args } => {
             let h = next_handle();
-            s.cmds.lock().insert(h, Cmd::new(name, args, &s.user));
+            s.cmds.lock().insert(h, s.command(name, args));
             Ok(Response::CmdNew { handle: h }.into())
         }
         Request::CmdEntrypoint { args } => {
-            // Plain root filesystems carry no image config: the entrypoint is the first
-            // argument, or a shell.
-            let (program, rest) = match args.split_first() {
-                Some((p, rest)) => (p.clone(), rest.to_vec()),
-                None => ("/bin/sh".to_string(), Vec::new()),
-            };
+            let (program, rest) =
+                s.entrypoint(args).map_err(|m| ErrorFrame::new(ErrorCode::InvalidArgument, "", m))?;
             let h = next_handle();
-            s.cmds.lock().insert(h, Cmd::new(program, rest, &s.user));
+            s.cmds.lock().insert(h, s.command(program, rest));
             Ok(Response::CmdEntrypoint { handle: h }.into())
         }
         Request::CmdFree { handle } => {

@@ -61,7 +61,7 @@ impl Guestless {
 
     fn connect(host: UnixStream, dir: TempDir, child: Option<std::process::Child>) -> Guestless {
         let agent = AgentLink::connect(host, Duration::from_secs(20), None).expect("the agent's Hello");
-        Guestless { agent, session: Session::new(String::new()), dir, next: AtomicU64::new(1), child }
+        Guestless { agent, session: Session::new(String::new(), None), dir, next: AtomicU64::new(1), child }
     }
 
     /// One request through the helper's handler of its family, as the helper routes it:

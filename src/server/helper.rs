@@ -104,7 +104,7 @@ impl Helper {
 
     fn build(vm: Option<(Machine, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
-            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(BootedInstance::new(vm, user)))),
+            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(BootedInstance::new(vm, user, None)))),
             booting: std::sync::atomic::AtomicBool::new(false),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             progress,
@@ -194,11 +194,15 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
                 ));
             }
             let first = st.first_command.lock().take().map(|f| f.request(&new.options.user));
-            let booted = InstanceSpec::from_request(&new)
-                .and_then(|spec| InstanceSpec { first_command: first, ..spec }.boot(&st.progress));
+            let booted = InstanceSpec::from_request(&new, &st.progress).and_then(|spec| {
+                let image = spec.image.clone();
+                InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image))
+            });
             st.booting.store(false, Ordering::SeqCst);
-            let vm = booted.map_err(|e| frame(&e, &new.source_path))?;
-            *st.instance.lock() = Some(Arc::new(BootedInstance::new(vm, new.options.user.clone())));
+            let what = if new.image_ref.is_empty() { &new.source_path } else { &new.image_ref };
+            let (vm, image) = booted.map_err(|e| frame(&e, what))?;
+            let inst = BootedInstance::new(vm, new.options.user.clone(), image);
+            *st.instance.lock() = Some(Arc::new(inst));
             Ok(Response::InstanceNew {}.into())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::command::Cmd;
 use super::frame;
 use super::session::Session;
 use super::{Call, HandlerResult};
@@ -36,10 +35,14 @@ impl BootedInstance {
         }
     }
 
-    pub(super) fn new(vm: Machine, user: String) -> BootedInstance {
+    pub(super) fn new(
+        vm: Machine,
+        user: String,
+        image: Option<crate::image::oci::RunConfig>,
+    ) -> BootedInstance {
         BootedInstance {
             vm,
-            session: Session::new(user),
+            session: Session::new(user, image),
             main_started: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -114,7 +117,7 @@ pub(super) fn serve(
                     "the instance already has its main process (InstanceExec runs once)",
                 ));
             }
-            let c = Cmd::new(name.clone(), args, &inst.session.user);
+            let c = inst.session.command(name.clone(), args);
             c.tty.store(true, SeqCst);
             c.spec.lock().main = true;
             if let Ok(term) = std::env::var("TERM") {

@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use end::VmEnd;
 pub use state::VmState;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::image::rootfs::Source;
@@ -281,6 +281,30 @@ fn keeps_user_xattrs(dir: &std::path::Path) -> bool {
     r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(nix::libc::EOPNOTSUPP)
 }
 
+/// The root directory and run configuration of the container image `reference`: from
+/// the image store in `cache` (`cache/images`), pulled when missing
+/// (`VMHOST_PULL=always|missing|never`, default missing), unpacked once
+/// (`cache/roots`).
+pub fn registry_image(
+    reference: &str,
+    cache: &Path,
+    progress: &Progress,
+) -> Result<(PathBuf, crate::image::oci::RunConfig)> {
+    use crate::image::{pull, reference::Reference, store::Store, unpack};
+    let bad = |m: String| Error::InvalidArgument { op: "image".into(), message: m };
+    let r: Reference =
+        reference.parse().map_err(|e: crate::image::reference::ReferenceError| bad(e.to_string()))?;
+    let policy = match std::env::var("VMHOST_PULL") {
+        Ok(v) if !v.is_empty() => v.parse().map_err(bad)?,
+        _ => pull::PullPolicy::Missing,
+    };
+    let store = Store::open(cache.join("images"))?;
+    let opts = pull::PullOptions { progress: progress.clone(), ..pull::PullOptions::default() };
+    let img = pull::get(&store, &r, policy, &opts)?;
+    let root = unpack::unpacked(&store, &img, cache, progress)?;
+    Ok((root, img.config.config.clone().unwrap_or_default()))
+}
+
 /// Everything needed to boot one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -294,31 +318,31 @@ pub struct InstanceSpec {
     /// guest is up where the backend can ([`qemu::BootConfig::first_command`]), and the
     /// only command that may start first either way.
     pub first_command: Option<crate::contract::proto::ExecRequest>,
+    /// How a container image says to run it (its configuration's `config`), for an
+    /// instance of one.
+    pub image: Option<crate::image::oci::RunConfig>,
 }
 
 impl InstanceSpec {
     /// The spec of an InstanceNew request: source type 0 (tar) and 1 (directory) with a
     /// path, or an empty path for the default image; registry references are refused
     /// for now; an empty cache dir means the default cache.
-    pub fn from_request(req: &InstanceNew) -> Result<InstanceSpec> {
+    pub fn from_request(req: &InstanceNew, progress: &Progress) -> Result<InstanceSpec> {
         let path = PathBuf::from(&req.source_path);
+        let cache_dir =
+            if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
+        let mut image = None;
         let source = match req.source_type {
             _ if req.source_path.is_empty() && req.image_ref.is_empty() => Source::Default,
             SourceType::Tar => Source::Tar(path),
             SourceType::Dir => Source::Dir(path),
             SourceType::Registry => {
-                return Err(Error::InvalidArgument {
-                    op: "InstanceNew".into(),
-                    message: format!(
-                        "registry images ({}) are not supported yet; pass a root filesystem directory or a tar archive",
-                        req.image_ref
-                    ),
-                })
+                let (root, config) = registry_image(&req.image_ref, &cache_dir, progress)?;
+                image = Some(config);
+                Source::Dir(root)
             }
         };
-        let cache_dir =
-            if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
-        Ok(InstanceSpec { source, cache_dir, options: req.options.clone(), first_command: None })
+        Ok(InstanceSpec { source, cache_dir, options: req.options.clone(), first_command: None, image })
     }
 
     /// Checks the spec, prepares kernel and initramfs, and boots the VM on the backend

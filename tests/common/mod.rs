@@ -234,6 +234,7 @@ pub fn boot_qemu_machine() -> vmhost::vm::Machine {
         cache_dir: vmhost::image::cache_dir(),
         options: vmhost::wire::InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
         first_command: None,
+        image: None,
     };
     spec.boot(&vmhost::progress::Progress::quiet()).unwrap()
 }

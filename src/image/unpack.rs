@@ -1,0 +1,740 @@
+//! Applying an image's layers to a directory, as the OCI image spec says
+//! (`image-layout`'s changesets): each layer's tar in order, bottom first;
+//! `.wh.NAME` deletes NAME of the layers below, `.wh..wh..opq` hides everything the
+//! layers below put in its directory; hard links, symlinks, modes, owners, times,
+//! extended attributes and device nodes kept (owners and devices when vmhost runs as
+//! root; otherwise they are left out, with a warning).
+//!
+//! The directory is hostile ground: a layer may hold `../` paths (the tar reader refuses
+//! them), symlinks pointing anywhere, or entries under a symlinked directory. Every path
+//! is opened with `openat2(RESOLVE_IN_ROOT)`, so a symlink is resolved as the guest will
+//! resolve it, inside the root, and nothing is ever written outside it; the last
+//! component is never followed. The uncompressed stream of each layer is checked
+//! against its diff id, and the total is bounded ([`Limits`]).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::libc;
+
+use super::digest::{Digest, Hasher};
+use super::oci::Compression;
+use super::tar::{self, Entry, Kind};
+use crate::error::{Error, Result};
+
+/// Bounds on what layers may expand to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of file data in all layers together.
+    pub max_bytes: u64,
+    /// Entries in all layers together.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    /// 64 GiB and 10 million entries, or `VMHOST_MAX_IMAGE_BYTES`.
+    fn default() -> Limits {
+        let max_bytes =
+            std::env::var("VMHOST_MAX_IMAGE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 30);
+        Limits { max_bytes, max_entries: 10_000_000 }
+    }
+}
+
+/// What unpacking did, for the log and the tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Entries written.
+    pub entries: u64,
+    /// Bytes of file data written.
+    pub bytes: u64,
+    /// Paths deleted by whiteouts.
+    pub whiteouts: u64,
+    /// Device nodes left out (not root).
+    pub devices_skipped: u64,
+    /// Entries whose owner could not be kept (not root).
+    pub owners_skipped: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// A directory being filled with layers.
+pub struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+    as_root: bool,
+    limits: Limits,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Root").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a NUL byte in a path"))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Splits a normalised path into its parent and its last component.
+fn split(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    }
+}
+
+impl Root {
+    /// Layers go into `dir`, which must exist (and be empty, for an image).
+    pub fn open(dir: &Path, limits: Limits) -> Result<Root> {
+        let f = File::open(dir).map_err(|e| Error::io("open the image root", dir, e))?;
+        Ok(Root {
+            fd: OwnedFd::from(f),
+            path: dir.to_path_buf(),
+            as_root: nix::unistd::geteuid().is_root(),
+            limits,
+            stats: Stats::default(),
+        })
+    }
+
+    /// What was done so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Opens `rel` below the root, symlinks resolved inside it.
+    fn open_in(&self, rel: &str, flags: i32) -> io::Result<OwnedFd> {
+        let path = cstr(if rel.is_empty() { "." } else { rel })?;
+        let how = OpenHow {
+            flags: (flags | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: openat2 reads `how` (its size given) and the NUL-terminated path;
+        // it returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// The directory `rel`, made (0755, root's) with its parents where missing. A
+    /// dangling symlink on the way gets its target made, inside the root, as docker
+    /// does.
+    fn dir(&self, rel: &str, made: &mut HashSet<String>) -> io::Result<OwnedFd> {
+        self.dir_depth(rel, made, 0)
+    }
+
+    fn dir_depth(&self, rel: &str, made: &mut HashSet<String>, depth: u32) -> io::Result<OwnedFd> {
+        if depth > 40 {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        match self.open_in(rel, libc::O_DIRECTORY | libc::O_RDONLY) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let (parent, name) = split(rel);
+        let pfd = self.dir_depth(parent, made, depth + 1)?;
+        let c = cstr(name)?;
+        // SAFETY: mkdirat on a directory descriptor we hold and a NUL-terminated name.
+        let r = unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), 0o755) };
+        if r < 0 {
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                return Err(io::Error::last_os_error());
+            }
+            // There already: a symlink to nowhere (yet). Make its target in the root.
+            let mut buf = [0u8; 4096];
+            // SAFETY: readlinkat writes at most buf.len() bytes.
+            let n =
+                unsafe { libc::readlinkat(pfd.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                let target = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+                let joined = if target.starts_with('/') { target } else { format!("{parent}/{target}") };
+                let inside = in_root(&joined);
+                self.dir_depth(&inside, made, depth + 1)?;
+            }
+        } else {
+            made.insert(rel.to_string());
+        }
+        self.open_in(rel, libc::O_DIRECTORY | libc::O_RDONLY)
+    }
+
+    /// Applies one layer: `data` is its stream as stored, compressed as `compression`
+    /// says; its uncompressed bytes must have `diff_id` when one is given.
+    pub fn apply_layer(
+        &mut self,
+        data: impl Read,
+        compression: Compression,
+        diff_id: Option<&Digest>,
+    ) -> Result<()> {
+        let what = diff_id.map_or_else(|| "layer".to_string(), |d| format!("layer {d}"));
+        let reader: Box<dyn Read> = match compression {
+            Compression::None => Box::new(data),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(data)),
+            Compression::Zstd => Box::new(
+                ruzstd::StreamingDecoder::new(data)
+                    .map_err(|e| bad(&what, format!("not a zstd stream: {e}")))?,
+            ),
+        };
+        let mut hashing = Hashing { r: reader, h: diff_id.map(|d| d.hasher()) };
+        let mut this_layer: HashSet<String> = HashSet::new();
+        let result = tar::read(&mut hashing, |entry, body| {
+            self.apply_entry(entry, body, &mut this_layer).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", if entry.path.is_empty() { "." } else { &entry.path }),
+                )
+            })
+        });
+        result.map_err(|e| bad(&what, e.to_string()))?;
+        // The rest of the stream (past the end marker) counts for the digest too.
+        io::copy(&mut hashing, &mut io::sink()).map_err(|e| bad(&what, e.to_string()))?;
+        if let (Some(want), Some(h)) = (diff_id, hashing.h) {
+            let got = h.finish();
+            if &got != want {
+                return Err(bad(&what, format!("its uncompressed content has digest {got}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_entry(
+        &mut self,
+        e: &Entry,
+        body: &mut dyn Read,
+        this_layer: &mut HashSet<String>,
+    ) -> io::Result<()> {
+        self.stats.entries += 1;
+        if self.stats.entries > self.limits.max_entries {
+            return Err(io::Error::other(format!("more than {} entries", self.limits.max_entries)));
+        }
+        let (parent, name) = split(&e.path);
+        if name == ".wh..wh..opq" {
+            let dir = self.dir(parent, this_layer)?;
+            self.clear_lower(&dir, parent, this_layer)?;
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "a whiteout of nothing"));
+            }
+            let victim = if parent.is_empty() { hidden.to_string() } else { format!("{parent}/{hidden}") };
+            if !this_layer.contains(&victim) {
+                if let Ok(dir) = self.open_in(parent, libc::O_DIRECTORY | libc::O_RDONLY) {
+                    if remove_at(&dir, hidden)? {
+                        self.stats.whiteouts += 1;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let pfd = self.dir(parent, this_layer)?;
+        let c = cstr(name)?;
+        let p = pfd.as_raw_fd();
+        // What is there: a directory stays for a directory; anything else goes.
+        // SAFETY: all-zero is a valid stat, which fstatat then fills.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat writes one stat; the name is NUL-terminated.
+        let exists = unsafe { libc::fstatat(p, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0;
+        let is_dir = exists && st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if exists && !(is_dir && e.kind == Kind::Dir) {
+            remove_at(&pfd, name)?;
+        }
+        this_layer.insert(e.path.clone());
+        match e.kind {
+            Kind::Dir => {
+                if !is_dir {
+                    // SAFETY: as in `dir`.
+                    check(unsafe { libc::mkdirat(p, c.as_ptr(), 0o700) })?;
+                }
+            }
+            Kind::File => {
+                // SAFETY: openat with O_EXCL|O_NOFOLLOW creates a new file (the old entry
+                // was removed above); returns a new descriptor or -1.
+                let fd = unsafe {
+                    libc::openat(
+                        p,
+                        c.as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        0o600,
+                    )
+                };
+                check(fd)?;
+                // SAFETY: a fresh descriptor we own.
+                let mut f = unsafe { File::from_raw_fd(fd) };
+                let budget = self.limits.max_bytes.saturating_sub(self.stats.bytes);
+                let n = io::copy(&mut body.take(budget.saturating_add(1)), &mut f)?;
+                if n > budget {
+                    return Err(io::Error::other(format!(
+                        "the image expands to more than {} bytes (VMHOST_MAX_IMAGE_BYTES)",
+                        self.limits.max_bytes
+                    )));
+                }
+                self.stats.bytes += n;
+                for (k, v) in &e.xattrs {
+                    set_xattr_fd(&f, k, v);
+                }
+                f.flush()?;
+            }
+            Kind::Symlink => {
+                let target = cstr(&e.link)?;
+                // SAFETY: both strings are NUL-terminated; the link is made, never followed.
+                check(unsafe { libc::symlinkat(target.as_ptr(), p, c.as_ptr()) })?;
+            }
+            Kind::Hardlink => {
+                let target = super::tar::normalise_link(&e.link).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "a hard link out of the image")
+                })?;
+                let (tparent, tname) = split(&target);
+                let tdir = self.open_in(tparent, libc::O_DIRECTORY | libc::O_RDONLY)?;
+                let tc = cstr(tname)?;
+                // SAFETY: linkat between two directory descriptors we hold, without
+                // following a symlink target (flags 0).
+                check(unsafe { libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), p, c.as_ptr(), 0) })?;
+                return Ok(());
+            }
+            Kind::Fifo | Kind::Char | Kind::Block => {
+                let (fmt, allowed) = match e.kind {
+                    Kind::Fifo => (libc::S_IFIFO, true),
+                    Kind::Char => (libc::S_IFCHR, self.as_root),
+                    _ => (libc::S_IFBLK, self.as_root),
+                };
+                if !allowed {
+                    self.stats.devices_skipped += 1;
+                    if self.stats.devices_skipped == 1 {
+                        log::warn!(
+                            "device nodes of the image are left out: vmhost is not root (first: {})",
+                            e.path
+                        );
+                    }
+                    return Ok(());
+                }
+                let dev = libc::makedev(e.dev.0, e.dev.1);
+                // SAFETY: mknodat on a directory descriptor we hold.
+                check(unsafe { libc::mknodat(p, c.as_ptr(), fmt | 0o600, dev) })?;
+            }
+        }
+        // Owner, then mode (a chown clears set-id bits), then xattrs and times.
+        if self.as_root {
+            // SAFETY: fchownat on a name in a directory we hold, not following a symlink.
+            check(unsafe { libc::fchownat(p, c.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW) })?;
+        } else if e.uid != nix::unistd::geteuid().as_raw() || e.gid != nix::unistd::getegid().as_raw() {
+            self.stats.owners_skipped += 1;
+        }
+        if e.kind != Kind::Symlink {
+            // SAFETY: fchmodat on a name in a directory we hold (not a symlink).
+            check(unsafe { libc::fchmodat(p, c.as_ptr(), e.mode & 0o7777, 0) })?;
+        }
+        if e.kind != Kind::File {
+            for (k, v) in &e.xattrs {
+                set_xattr_at(&pfd, name, k, v);
+            }
+        }
+        let t = libc::timespec { tv_sec: e.mtime.min(i64::MAX as u64) as i64, tv_nsec: 0 };
+        let times = [t, t];
+        // SAFETY: utimensat reads two timespecs; does not follow a symlink.
+        check(unsafe { libc::utimensat(p, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+        Ok(())
+    }
+
+    /// Removes what the layers below put in `dir` (`rel`): the children this layer did
+    /// not write.
+    fn clear_lower(&mut self, dir: &OwnedFd, rel: &str, this_layer: &HashSet<String>) -> io::Result<()> {
+        for name in list(dir)? {
+            let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            if !this_layer.contains(&path) && remove_at(dir, &name)? {
+                self.stats.whiteouts += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The root directory of a stored image, unpacked once into `cache/roots/` and reused
+/// (keyed by the platform manifest's digest). Built under a temporary name and renamed,
+/// with a lock, so that a killed build leaves nothing a later run trusts and two
+/// processes build it once.
+pub fn unpacked(
+    store: &super::store::Store,
+    img: &super::pull::StoredImage,
+    cache: &Path,
+    progress: &crate::progress::Progress,
+) -> Result<PathBuf> {
+    let roots = cache.join("roots");
+    std::fs::create_dir_all(&roots).map_err(|e| Error::io("create directory", &roots, e))?;
+    let name = format!("{}-{}", img.manifest_digest.algorithm().as_str(), img.manifest_digest.hex());
+    let dest = roots.join(&name);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let lock_path = roots.join(format!("{name}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io("open lock", &lock_path, e))?;
+    // SAFETY: flock on a descriptor we own.
+    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::io("lock", &lock_path, e));
+        }
+    }
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let tmp = roots.join(format!("{name}.tmp.{}", super::unique_suffix()));
+    std::fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
+    let built = (|| {
+        let mut root = Root::open(&tmp, Limits::default())?;
+        let diff_ids = img.config.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or(&[]);
+        for (i, layer) in img.manifest.layers.iter().enumerate() {
+            progress.step(&format!(
+                "unpacking layer {}/{} ({})",
+                i + 1,
+                img.manifest.layers.len(),
+                &layer.digest.hex()[..12]
+            ));
+            let compression = Compression::of_layer(&layer.media_type)
+                .map_err(|m| Error::InvalidArgument { op: "unpack image".into(), message: m })?;
+            let f = store.open_blob(&layer.digest)?;
+            root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
+        }
+        log::info!("unpacked {}: {:?}", img.reference, root.stats());
+        Ok::<(), Error>(())
+    })();
+    if let Err(e) = built {
+        remove_tree(&tmp);
+        return Err(e);
+    }
+    // The root directory itself is the image's `/`: readable by all, as in a container.
+    let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::io("publish image root", &dest, e))?;
+    Ok(dest)
+}
+
+/// Removes a half-built root (its modes may deny the owner: fix them on the way).
+fn remove_tree(path: &Path) {
+    if std::fs::remove_dir_all(path).is_err() {
+        let _ = std::process::Command::new("chmod").arg("-R").arg("u+rwx").arg(path).status();
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// A path as the root sees it: `..` stops at the root, as in a chroot.
+fn in_root(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
+/// The names in a directory.
+fn list(dir: &OwnedFd) -> io::Result<Vec<String>> {
+    // The directory itself, through the descriptor we hold.
+    let rd = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    let mut names = Vec::new();
+    for e in rd {
+        if let Some(n) = e?.file_name().to_str() {
+            names.push(n.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `name` in `dir`, a directory with everything in it; whether it was there.
+fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<bool> {
+    let c = cstr(name)?;
+    // SAFETY: unlinkat on a name in a directory we hold.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENOENT) => Ok(false),
+        Some(libc::EISDIR) | Some(libc::EPERM) => {
+            // SAFETY: openat of a directory, never following a symlink.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            check(fd)?;
+            // SAFETY: a fresh descriptor we own.
+            let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+            for child in list(&sub)? {
+                remove_at(&sub, &child)?;
+            }
+            drop(sub);
+            // SAFETY: as above, for the now empty directory.
+            check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
+            Ok(true)
+        }
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+fn set_xattr_fd(f: &File, k: &str, v: &[u8]) {
+    let Ok(name) = cstr(k) else { return };
+    // SAFETY: fsetxattr reads the name and `v.len()` bytes.
+    let r = unsafe { libc::fsetxattr(f.as_raw_fd(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r != 0 {
+        log::debug!("xattr {k}: {}", io::Error::last_os_error());
+    }
+}
+
+fn set_xattr_at(dir: &OwnedFd, name: &str, k: &str, v: &[u8]) {
+    let (Ok(path), Ok(key)) = (cstr(&format!("/proc/self/fd/{}/{name}", dir.as_raw_fd())), cstr(k)) else {
+        return;
+    };
+    // SAFETY: lsetxattr reads both names and `v.len()` bytes; it does not follow the
+    // last component (the entry itself), and the rest is our own descriptor.
+    let r = unsafe { libc::lsetxattr(path.as_ptr(), key.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r != 0 {
+        log::debug!("xattr {k} on {name}: {}", io::Error::last_os_error());
+    }
+}
+
+fn bad(what: &str, message: String) -> Error {
+    Error::InvalidArgument { op: format!("apply {what}"), message }
+}
+
+/// A reader that hashes what passes.
+struct Hashing<R> {
+    r: R,
+    h: Option<Hasher>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read(buf)?;
+        if let Some(h) = &mut self.h {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+    use crate::test_dir::TempDir;
+
+    /// A ustar archive written by hand: (path, kind, mode, link or data, uid).
+    #[derive(Default)]
+    struct TarBuilder(Vec<u8>);
+
+    impl TarBuilder {
+        fn header(&mut self, path: &str, flag: u8, mode: u32, size: usize, link: &str, uid: u32) {
+            let h = tar::ustar_header(path, flag, mode, size as u64, link, uid, 1_700_000_000);
+            self.0.extend_from_slice(&h);
+        }
+        fn data(&mut self, d: &[u8]) {
+            self.0.extend_from_slice(d);
+            self.0.resize(self.0.len().div_ceil(512) * 512, 0);
+        }
+        fn file(mut self, path: &str, mode: u32, d: &[u8]) -> Self {
+            self.header(path, b'0', mode, d.len(), "", 0);
+            self.data(d);
+            self
+        }
+        fn owned(mut self, path: &str, uid: u32) -> Self {
+            self.header(path, b'0', 0o640, 1, "", uid);
+            self.data(b"o");
+            self
+        }
+        fn xattr_file(mut self, path: &str, key: &str, value: &str) -> Self {
+            let rec = format!("SCHILY.xattr.{key}={value}\n");
+            let mut len = rec.len() + 3;
+            if format!("{len} {rec}").len() != len {
+                len += 1;
+            }
+            let pax = format!("{len} {rec}");
+            self.header("PaxHeaders/x", b'x', 0o644, pax.len(), "", 0);
+            self.data(pax.as_bytes());
+            self.file(path, 0o644, b"x")
+        }
+        fn dir(mut self, path: &str, mode: u32) -> Self {
+            self.header(path, b'5', mode, 0, "", 0);
+            self
+        }
+        fn symlink(mut self, path: &str, target: &str) -> Self {
+            self.header(path, b'2', 0o777, 0, target, 0);
+            self
+        }
+        fn hardlink(mut self, path: &str, target: &str) -> Self {
+            self.header(path, b'1', 0o644, 0, target, 0);
+            self
+        }
+        fn done(mut self) -> Vec<u8> {
+            self.0.extend_from_slice(&[0u8; 1024]);
+            self.0
+        }
+    }
+
+    fn apply(root: &mut Root, tar: &[u8]) -> Result<()> {
+        root.apply_layer(tar, Compression::None, Some(&Digest::sha256_of(tar)))
+    }
+
+    #[test]
+    fn layers_apply_with_whiteouts_opaque_directories_and_links() {
+        let dir = TempDir::new("unpack");
+        let mut root = Root::open(dir.path(), Limits::default()).unwrap();
+        let lower = TarBuilder::default()
+            .dir("etc", 0o755)
+            .file("etc/keep", 0o644, b"keep")
+            .file("etc/gone", 0o644, b"gone")
+            .dir("opq", 0o755)
+            .file("opq/lower", 0o644, b"lower")
+            .dir("opq/sub", 0o700)
+            .file("opq/sub/deep", 0o644, b"deep")
+            .file("bin/tool", 0o4755, b"#!/bin/sh\n")
+            .hardlink("bin/tool2", "bin/tool")
+            .symlink("lib", "usr/lib")
+            .dir("usr/lib", 0o755)
+            .owned("etc/owned", 1234)
+            .xattr_file("etc/attr", "user.vmhost", "v1")
+            .done();
+        apply(&mut root, &lower).unwrap();
+        let upper = TarBuilder::default()
+            .file("etc/.wh.gone", 0o644, b"")
+            .dir("opq", 0o750)
+            .file("opq/.wh..wh..opq", 0o644, b"")
+            .file("opq/upper", 0o644, b"upper")
+            .file("lib/libx.so", 0o644, b"elf")
+            .file("etc/keep", 0o600, b"changed")
+            .done();
+        apply(&mut root, &upper).unwrap();
+        let p = |s: &str| dir.join(s);
+        assert_eq!(std::fs::read(p("etc/keep")).unwrap(), b"changed");
+        assert!(!p("etc/gone").exists() && !p("etc/.wh.gone").exists());
+        assert!(
+            !p("opq/lower").exists() && !p("opq/sub").exists(),
+            "the opaque directory hides the lower layer"
+        );
+        assert_eq!(std::fs::read(p("opq/upper")).unwrap(), b"upper");
+        assert!(!p("opq/.wh..wh..opq").exists());
+        let meta = |s: &str| std::fs::symlink_metadata(p(s)).unwrap();
+        assert_eq!(meta("opq").mode() & 0o7777, 0o750);
+        assert_eq!(meta("bin/tool").ino(), meta("bin/tool2").ino(), "a hard link");
+        assert_eq!(meta("bin/tool").permissions().mode() & 0o7777, 0o4755, "set-id bits kept");
+        assert_eq!(std::fs::read_link(p("lib")).unwrap(), Path::new("usr/lib"));
+        assert_eq!(
+            std::fs::read(p("usr/lib/libx.so")).unwrap(),
+            b"elf",
+            "written through the image's symlink"
+        );
+        assert_eq!(meta("etc/keep").mtime(), 1_700_000_000);
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!((meta("etc/owned").uid(), meta("etc/owned").gid()), (1234, 1234));
+        }
+        let mut v = [0u8; 16];
+        let c = CString::new(p("etc/attr").to_str().unwrap()).unwrap();
+        // SAFETY: getxattr writes at most v.len() bytes.
+        let n =
+            unsafe { libc::getxattr(c.as_ptr(), c"user.vmhost".as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if n >= 0 {
+            assert_eq!(&v[..n as usize], b"v1");
+        }
+        assert_eq!(root.stats().whiteouts, 3, "etc/gone, opq/lower, opq/sub");
+    }
+
+    #[test]
+    fn hostile_layers_never_write_outside_the_root() {
+        let outside = TempDir::new("unpack-outside");
+        let dir = TempDir::new("unpack-hostile");
+        let mut root = Root::open(dir.path(), Limits::default()).unwrap();
+        let out = outside.path().to_str().unwrap().to_string();
+        let evil = TarBuilder::default()
+            .symlink("abs", &out)
+            .symlink("up", "../../../../../../..")
+            .file("abs/pwned", 0o644, b"x")
+            .file(&format!("up{out}/pwned2"), 0o644, b"x")
+            .done();
+        apply(&mut root, &evil).unwrap();
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing outside");
+        assert!(
+            dir.join(&format!("{}/pwned", &out[1..])).is_file(),
+            "the absolute link resolved inside the root"
+        );
+        assert!(dir.join(&format!("{}/pwned2", &out[1..])).is_file(), "and the climbing one too");
+        // A symlink replaced by a file: the file is made, the link's target untouched.
+        let replace = TarBuilder::default().file("abs", 0o644, b"now a file").done();
+        apply(&mut root, &replace).unwrap();
+        assert!(std::fs::symlink_metadata(dir.join("abs")).unwrap().is_file());
+        // `..` in a member path or a hard link target: refused, with the path.
+        let dots = TarBuilder::default().file("a/../../x", 0o644, b"x").done();
+        let e = apply(&mut root, &dots).unwrap_err().to_string();
+        assert!(e.contains("escapes"), "{e}");
+        let link_out = TarBuilder::default().hardlink("h", "../../etc/passwd").done();
+        assert!(apply(&mut root, &link_out).is_err());
+        // A hard link through an image symlink to the host's files stays inside too.
+        let via = TarBuilder::default().symlink("etcl", "/etc").hardlink("h2", "etcl/passwd").done();
+        assert!(apply(&mut root, &via).is_err(), "the root has no etc/passwd; the host's is not linked");
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn bounds_and_digests_are_enforced() {
+        let dir = TempDir::new("unpack-bounds");
+        let big = TarBuilder::default().file("a", 0o644, &[1u8; 3000]).file("b", 0o644, &[2u8; 3000]).done();
+        let mut root = Root::open(dir.path(), Limits { max_bytes: 4000, max_entries: 100 }).unwrap();
+        let e = apply(&mut root, &big).unwrap_err().to_string();
+        assert!(e.contains("more than 4000 bytes"), "{e}");
+        let mut root = Root::open(dir.path(), Limits { max_bytes: 1 << 20, max_entries: 1 }).unwrap();
+        assert!(apply(&mut root, &big).unwrap_err().to_string().contains("entries"));
+        let mut root = Root::open(dir.path(), Limits::default()).unwrap();
+        let other = Digest::sha256_of(b"not it");
+        let e = root.apply_layer(&big[..], Compression::None, Some(&other)).unwrap_err().to_string();
+        assert!(e.contains("uncompressed content has digest"), "{e}");
+        // Compressed: gzip and zstd streams of the same tar, and garbage.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&big).unwrap();
+        let gz = gz.finish().unwrap();
+        root.apply_layer(&gz[..], Compression::Gzip, Some(&Digest::sha256_of(&big))).unwrap();
+        assert!(root.apply_layer(&b"garbage!"[..], Compression::Gzip, None).is_err());
+        assert!(root.apply_layer(&b"garbage!"[..], Compression::Zstd, None).is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! Running container images in real guests: an image made with umoci from the busybox
+//! root (its ~270 applets hard links) plus a layer that deletes and adds files, pushed
+//! with skopeo to the real registry, run by `vmhost run --image REF` as `docker run`
+//! runs it: entrypoint and command, env, working directory and user from the image,
+//! arguments replacing the command, `--entrypoint`, and the second run served from the
+//! store with the registry stopped.
+
+mod common;
+
+use std::process::Command;
+
+use common::registry::{tools_ready, Layout, TestRegistry};
+use common::{private_cache, vm_ready, TempDir};
+
+fn run(xdg: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(common::vmhost_bin())
+        .arg("run")
+        .args(args)
+        .env("XDG_CACHE_HOME", xdg)
+        .env("VMHOST_PULL", "missing")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_image_from_the_registry_runs_as_docker_runs_it() {
+    let test = "an_image_from_the_registry_runs_as_docker_runs_it";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    let home = TempDir::new("imgrun");
+    let xdg = private_cache(home.path());
+    let busybox = xdg.join("vmhost/rootfs/busybox-2");
+    assert!(busybox.join("bin/busybox").is_file(), "the busybox root is provisioned by the VM tests' cache");
+    let mut reg = TestRegistry::start("imgrun-reg");
+    let l = Layout::new(&home.join("layout"), "1");
+    l.layer(|root| {
+        let st =
+            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
+        assert!(st.success());
+        std::fs::write(root.join("etc/deleted"), b"lower layer\n").unwrap();
+        std::fs::create_dir_all(root.join("work")).unwrap();
+    });
+    l.layer(|root| {
+        std::fs::remove_file(root.join("etc/deleted")).unwrap();
+        std::fs::write(root.join("etc/added"), b"upper layer\n").unwrap();
+    });
+    l.config(&[
+        "--config.entrypoint",
+        "/bin/sh",
+        "--config.entrypoint",
+        "-c",
+        "--config.cmd",
+        "echo from-image $GREETING; pwd; id -u; test ! -e /etc/deleted && cat /etc/added",
+        "--config.env",
+        "GREETING=hello",
+        "--config.env",
+        "PATH=/bin:/sbin",
+        "--config.workingdir",
+        "/work",
+        "--config.user",
+        "1234:1234",
+    ]);
+    l.push(&reg, "test/bb:1", &[]);
+    let image = format!("{}/test/bb:1", reg.host());
+
+    // The image's own command, env, working directory and user.
+    let (code, out, err) = run(&xdg, &["--image", &image]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "from-image hello\n/work\n1234\nupper layer\n", "{err}");
+
+    // Arguments replace the command (after the entrypoint); -e and -w apply on top.
+    let (code, out, err) = run(&xdg, &["--image", &image, "-e", "GREETING=bye", "--", "echo $GREETING; pwd"]);
+    assert_eq!((code, out.as_str()), (Some(0), "bye\n/work\n"), "{err}");
+
+    // Served from the store: the registry is gone.
+    reg.stop();
+    let (code, out, err) =
+        run(&xdg, &["--image", &image, "-w", "/etc", "--entrypoint", "cat", "--", "added"]);
+    assert_eq!((code, out.as_str()), (Some(0), "upper layer\n"), "{err}");
+
+    // Something never pulled, with the registry gone: a clear error, exit 125.
+    let (code, _, err) = run(&xdg, &["--image", &format!("{}/test/none:1", reg.host())]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains(&reg.host()), "{err}");
+}

@@ -203,3 +203,53 @@ fn a_blob_whose_digest_does_not_match_is_refused_and_not_stored() {
     assert!(!fresh.has(&layer), "a blob that does not match never enters the store");
     assert!(fresh.get_ref(&r.to_string()).unwrap().is_none(), "nor is the reference recorded");
 }
+
+#[test]
+fn the_image_commands_pull_list_inspect_remove_and_prune() {
+    if !tools_ready("the_image_commands_pull_list_inspect_remove_and_prune") {
+        return;
+    }
+    let dir = TempDir::new("imgcmd");
+    let reg = TestRegistry::start("imgcmd-reg");
+    small_image(&dir, "c").push(&reg, "test/cmd:1", &[]);
+    let r = format!("{}/test/cmd:1", reg.host());
+    let vmhost = |args: &[&str]| {
+        let out = std::process::Command::new(common::vmhost_bin())
+            .arg("image")
+            .args(args)
+            .env("XDG_CACHE_HOME", dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = vmhost(&["pull", &r]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with(&format!("{r}@sha256:")), "{out}");
+    let (_, out, _) = vmhost(&["ls"]);
+    assert!(out.lines().any(|l| l.starts_with(&r)), "{out}");
+    let (code, out, err) = vmhost(&["inspect", &r]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(v["config"]["Cmd"][1], "/etc/hello");
+    let blobs = dir.join("vmhost/images/blobs/sha256");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 4, "manifest, config, two layers");
+    // Nothing to prune while the reference stands.
+    let (_, out, _) = vmhost(&["prune"]);
+    assert!(out.starts_with("removed 0 blobs"), "{out}");
+    let (code, out, _) = vmhost(&["rm", &r]);
+    assert_eq!((code, out.trim()), (Some(0), format!("untagged {r}").as_str()));
+    let (code, _, err) = vmhost(&["rm", &r]);
+    assert_eq!(code, Some(1), "{err}");
+    let (_, out, _) = vmhost(&["prune"]);
+    assert!(out.starts_with("removed 4 blobs"), "{out}");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0);
+    let (code, _, err) = vmhost(&["inspect", &r]);
+    assert!(code == Some(1) && err.contains("vmhost image pull"), "{err}");
+    let (code, _, err) = vmhost(&["pull", "Not/A:Ref:"]);
+    assert_eq!(code, Some(2), "{err}");
+}

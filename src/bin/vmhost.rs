@@ -44,6 +44,19 @@ USAGE:
     vmhost kernel list
         Show the cached kernels and which one `vmhost run` uses.
 
+    vmhost image pull [--platform OS/ARCH[/VARIANT]] REF
+        Pull a container image into the image store (the cache's images/): what the tag
+        names now, layers verified, three at a time, with progress on a terminal.
+    vmhost image ls
+        List the stored references: name, digest, size of the platform's layers.
+    vmhost image inspect REF
+        Print the stored image's manifest digest, platform, layers and configuration
+        as JSON.
+    vmhost image rm REF...
+        Forget references (their blobs go at the next prune).
+    vmhost image prune
+        Remove the blobs and unpacked roots no stored reference reaches.
+
     vmhost helper --socket PATH [--max-frame BYTES]
         Serve the helper protocol for one VM on the Unix socket PATH. Exits when its
         last client disconnects, or on SIGTERM/SIGINT, removing the socket. Also
@@ -143,6 +156,7 @@ fn main() -> ExitCode {
         Some("run") => cmd_run(&args[1..]),
         Some("host") => cmd_host(&args[1..]),
         Some("kernel") => cmd_kernel(&args[1..]),
+        Some("image") => cmd_image(&args[1..]),
         Some(other) => Err(format!("unknown command {other:?}; see 'vmhost --help'")),
     };
     match result {
@@ -700,6 +714,109 @@ fn cmd_kernel(args: &[String]) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         _ => Err("usage: vmhost kernel (fetch [--package PKG] | build [--source DIR] | list)".into()),
+    }
+}
+
+fn cmd_image(args: &[String]) -> Result<ExitCode, String> {
+    use vmhost::image::{oci::Platform, prune, pull, reference::Reference, store::Store};
+    let cache = vmhost::image::cache_dir();
+    let store = Store::open(cache.join("images")).map_err(|e| e.to_string())?;
+    let parse = |s: &str| s.parse::<Reference>().map_err(|e| e.to_string());
+    let fail = |e: vmhost::Error| {
+        eprintln!("vmhost: {e}");
+        Ok(ExitCode::from(1))
+    };
+    match args.first().map(String::as_str) {
+        Some("pull") => {
+            let mut opts =
+                pull::PullOptions { progress: vmhost::progress::Progress::auto(), ..Default::default() };
+            let mut name = None;
+            let mut i = 1;
+            while i < args.len() {
+                if let Some(p) = flag_value(args, &mut i, "--platform")? {
+                    opts.platform = Platform::parse(&p)?;
+                } else if name.is_none() && !args[i].starts_with('-') {
+                    name = Some(parse(&args[i])?);
+                } else {
+                    return Err(format!("image pull: unexpected argument {:?}", args[i]));
+                }
+                i += 1;
+            }
+            let r = name.ok_or("usage: vmhost image pull [--platform OS/ARCH[/VARIANT]] REF")?;
+            match pull::pull(&store, &r, &opts) {
+                Ok(img) => {
+                    println!("{r}@{}", img.resolved);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Some("ls") => {
+            let refs = store.refs().map_err(|e| e.to_string())?;
+            println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+            for (name, digest) in refs {
+                let size = name
+                    .parse::<Reference>()
+                    .ok()
+                    .and_then(|r| pull::local(&store, &r, &Platform::host()).ok().flatten())
+                    .map(|img| img.manifest.layers.iter().map(|l| l.size).sum::<u64>());
+                let size = size.map_or_else(|| "-".into(), vmhost::progress::human);
+                println!("{name:<60} {:<20} {size:>10}", &digest.to_string()[..19]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("inspect") if args.len() == 2 => {
+            let r = parse(&args[1])?;
+            match pull::local(&store, &r, &Platform::host()) {
+                Ok(Some(img)) => {
+                    let v = serde_json::json!({
+                        "reference": r.to_string(),
+                        "digest": img.resolved.to_string(),
+                        "manifest": img.manifest_digest.to_string(),
+                        "platform": format!("{}/{}", img.config.os, img.config.architecture),
+                        "layers": img.manifest.layers,
+                        "config": img.config.config,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(None) => {
+                    eprintln!("vmhost: {r} is not in the image store; pull it with vmhost image pull {r}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Some("rm") if args.len() >= 2 => {
+            let mut code = ExitCode::SUCCESS;
+            for a in &args[1..] {
+                let r = parse(a)?;
+                match store.remove_ref(&r.to_string()) {
+                    Ok(true) => println!("untagged {r}"),
+                    Ok(false) => {
+                        eprintln!("vmhost: {r} is not in the image store");
+                        code = ExitCode::from(1);
+                    }
+                    Err(e) => return fail(e),
+                }
+            }
+            Ok(code)
+        }
+        Some("prune") if args.len() == 1 => match prune::prune(&store, &cache) {
+            Ok(p) => {
+                println!(
+                    "removed {} blobs ({}) and {} unpacked roots",
+                    p.blobs,
+                    vmhost::progress::human(p.bytes),
+                    p.roots
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => fail(e),
+        },
+        _ => {
+            Err("usage: vmhost image (pull [--platform P] REF | ls | inspect REF | rm REF... | prune)".into())
+        }
     }
 }
 

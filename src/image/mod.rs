@@ -11,6 +11,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;
 pub mod oci;
+pub mod prune;
 pub mod pull;
 pub mod reference;
 pub mod registry;

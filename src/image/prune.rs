@@ -1,0 +1,78 @@
+//! What the image store keeps alive: the blobs a recorded reference reaches (its manifest
+//! or index, the index's manifests that were pulled, their configurations and layers),
+//! and the unpacked roots of those manifests. [`prune`] removes the rest, as `docker
+//! image prune` does.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::digest::Digest;
+use super::oci::{Document, MAX_MANIFEST};
+use super::store::Store;
+use crate::error::Result;
+
+/// What [`prune`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pruned {
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Unpacked roots removed.
+    pub roots: usize,
+}
+
+/// The blobs the store's references reach.
+pub fn reachable(store: &Store) -> Result<HashSet<Digest>> {
+    let mut keep = HashSet::new();
+    let mut todo: Vec<Digest> = store.refs()?.into_iter().map(|(_, d)| d).collect();
+    while let Some(d) = todo.pop() {
+        if !keep.insert(d.clone()) || !store.has(&d) {
+            continue;
+        }
+        let Ok(data) = store.read(&d, MAX_MANIFEST) else { continue };
+        match Document::parse(&data, None) {
+            Ok(Document::Index(i)) => todo.extend(i.manifests.into_iter().map(|m| m.digest)),
+            Ok(Document::Manifest(m)) => {
+                keep.insert(m.config.digest);
+                keep.extend(m.layers.into_iter().map(|l| l.digest));
+            }
+            // A layer or a config reached as a manifest: not one; nothing under it.
+            Err(_) => {}
+        }
+    }
+    Ok(keep)
+}
+
+/// Removes the blobs no reference reaches, and the unpacked roots (under `cache/roots`)
+/// of manifests no longer kept.
+pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
+    let keep = reachable(store)?;
+    let mut out = Pruned::default();
+    for d in store.blobs()? {
+        if !keep.contains(&d) {
+            out.bytes += store.size(&d).unwrap_or(0);
+            store.remove_blob(&d)?;
+            out.blobs += 1;
+        }
+    }
+    let roots = cache.join("roots");
+    if let Ok(entries) = std::fs::read_dir(&roots) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((alg, hex)) = name.split_once('-') else { continue };
+            if hex.contains('.') {
+                continue; // a lock file, or a build in progress
+            }
+            let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+            if !keep.contains(&d) && e.path().is_dir() {
+                if std::fs::remove_dir_all(e.path()).is_err() {
+                    let _ = std::process::Command::new("chmod").arg("-R").arg("u+rwx").arg(e.path()).status();
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+                out.roots += 1;
+            }
+        }
+    }
+    Ok(out)
+}

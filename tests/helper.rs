@@ -89,11 +89,22 @@ fn spawned_helper_answers_every_message_until_an_instance_exists() {
     let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&req)));
     assert_eq!((e.code, e.op.as_str(), e.path.as_str()), (ErrorCode::Io, "InstanceNew", "/srv/rootfs"));
     assert!(e.message.contains("no such directory"), "{}", e.message);
-    // ... registry references are refused clearly ...
-    let reg = InstanceNew { source_type: SourceType::Registry, image_ref: "alpine:3".into(), ..req.clone() };
+    // ... a bad registry reference says what is wrong with it, and one whose registry
+    // does not answer names the registry (the store, in a scratch cache dir, is empty) ...
+    let cache = common::TempDir::new("helper-ref");
+    let cache_dir = cache.path().display().to_string();
+    let reg = InstanceNew {
+        source_type: SourceType::Registry,
+        image_ref: "Alpine:3".into(),
+        cache_dir: cache_dir.clone(),
+        ..req.clone()
+    };
     let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&reg)));
-    assert_eq!(e.code, ErrorCode::InvalidArgument);
-    assert!(e.message.contains("not supported yet") && e.message.contains("alpine:3"), "{}", e.message);
+    assert_eq!((e.code, e.path.as_str()), (ErrorCode::InvalidArgument, "Alpine:3"));
+    assert!(e.message.contains("lowercase"), "{}", e.message);
+    let reg = InstanceNew { image_ref: "127.0.0.1:1/none:1".into(), ..reg };
+    let e = remote(c.call(msg::INSTANCE_NEW, &Wire::to_payload(&reg)));
+    assert!(e.message.contains("registry 127.0.0.1:1"), "{}", e.message);
     // ... a malformed one with code 2.
     let mut bad = Wire::to_payload(&req);
     bad.truncate(bad.len() - 2);

@@ -3,7 +3,8 @@
 //! with skopeo to the real registry, run by `vmhost run --image REF` as `docker run`
 //! runs it: entrypoint and command, env, working directory and user from the image,
 //! arguments replacing the command, `--entrypoint`, and the second run served from the
-//! store with the registry stopped.
+//! store with the registry stopped; then the same image from an OCI layout, an OCI
+//! archive and a `docker save` archive.
 
 mod common;
 
@@ -83,6 +84,27 @@ fn an_image_from_the_registry_runs_as_docker_runs_it() {
     let (code, out, err) =
         run(&xdg, &["--image", &image, "-w", "/etc", "--entrypoint", "cat", "--", "added"]);
     assert_eq!((code, out.as_str()), (Some(0), "upper layer\n"), "{err}");
+
+    // The same image from local files, recognised by their content: the OCI layout
+    // umoci wrote, an OCI archive and a `docker save` archive that skopeo made of it.
+    let layout = l.path.display().to_string();
+    let oci_archive = home.join("image.oci.tar");
+    let docker_archive = home.join("image.docker.tar");
+    for (dest, path) in [
+        (format!("oci-archive:{}", oci_archive.display()), &oci_archive),
+        (format!("docker-archive:{}:test/bb:1", docker_archive.display()), &docker_archive),
+    ] {
+        let st = Command::new("skopeo")
+            .args(["copy", "--quiet", &format!("oci:{layout}:1"), &dest])
+            .status()
+            .unwrap();
+        assert!(st.success() && path.is_file(), "{dest}");
+    }
+    for source in [layout.clone(), oci_archive.display().to_string(), docker_archive.display().to_string()] {
+        let (code, out, err) =
+            run(&xdg, &["--image", &source, "--", "echo $GREETING from $(pwd); cat /etc/added"]);
+        assert_eq!((code, out.as_str()), (Some(0), "hello from /work\nupper layer\n"), "{source}: {err}");
+    }
 
     // Something never pulled, with the registry gone: a clear error, exit 125.
     let (code, _, err) = run(&xdg, &["--image", &format!("{}/test/none:1", reg.host())]);

@@ -477,8 +477,16 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // A container image runs its entrypoint with CMD as its arguments (or its own
     // command), as `docker run IMAGE CMD` does; --entrypoint PROG runs PROG instead.
     let image = vm.image();
-    let from_image = matches!(image, vmhost::Image::Ref(_)) && entrypoint.is_none();
-    if let (Some(e), vmhost::Image::Ref(_)) = (&entrypoint, &image) {
+    let container = match &image {
+        vmhost::Image::Ref(_) => true,
+        vmhost::Image::Dir(p) | vmhost::Image::Tar(p) => {
+            use vmhost::image::archive::{recognise, Local};
+            matches!(recognise(p), Ok(Local::OciLayout | Local::OciArchive | Local::DockerArchive))
+        }
+        vmhost::Image::Default => false,
+    };
+    let from_image = container && entrypoint.is_none();
+    if let (Some(e), true) = (&entrypoint, container) {
         cmd.insert(0, e.clone());
     }
     if cmd.is_empty() && !from_image {
@@ -513,7 +521,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // size is known only then), caller-given environment values (the command line that
     // carries it is readable to every user of the guest in /proc/cmdline) or the network
     // (connected after the boot).
-    let booted = if winch.is_none() && env.is_empty() && !net && !matches!(image, vmhost::Image::Ref(_)) {
+    let booted = if winch.is_none() && env.is_empty() && !net && !container {
         let mut first = vmhost::FirstCommand::new(&program).args(rest.iter()).stdin_piped(feed_stdin);
         if let Some(d) = &dir {
             first = first.current_dir(d);

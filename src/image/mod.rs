@@ -3,6 +3,7 @@
 //! initramfs that carries both with the agent ([`initramfs`], written as cpio by
 //! [`cpio`]; tar archives read by [`tar`]).
 
+pub mod archive;
 pub mod auth;
 pub mod cpio;
 pub mod digest;

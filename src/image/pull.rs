@@ -65,8 +65,8 @@ impl Default for PullOptions {
 /// An image whose manifest, configuration and layers are all in the store.
 #[derive(Debug, Clone)]
 pub struct StoredImage {
-    /// The reference, normalised, as it was asked for.
-    pub reference: Reference,
+    /// What it was asked for as: the reference, normalised, or a local archive's path.
+    pub name: String,
     /// What the reference resolved to (an index's digest for a multi-platform image).
     pub resolved: Digest,
     /// The platform's manifest's digest.
@@ -126,7 +126,7 @@ pub fn local(store: &Store, r: &Reference, platform: &Platform) -> Result<Option
         return Ok(None);
     }
     let config = ImageConfig::parse(&store.read(&manifest.config.digest, MAX_CONFIG)?).map_err(bad)?;
-    Ok(Some(StoredImage { reference: r.clone(), resolved: top, manifest_digest, manifest, config }))
+    Ok(Some(StoredImage { name: r.to_string(), resolved: top, manifest_digest, manifest, config }))
 }
 
 /// Pulls `r` from its registry into `store`: what the tag names now, for the platform.
@@ -211,7 +211,7 @@ pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredIm
         store.set_ref(&r.to_string(), &top.digest)?;
     }
     opts.progress.step(&format!("{r}: {}", top.digest));
-    Ok(StoredImage { reference: r.clone(), resolved: top.digest, manifest_digest, manifest, config })
+    Ok(StoredImage { name: r.to_string(), resolved: top.digest, manifest_digest, manifest, config })
 }
 
 /// Puts the blob `desc` into the store unless it is there.

@@ -171,6 +171,44 @@ impl Store {
         }
     }
 
+    /// Stores what `data` yields, whose digest is not known before (a `docker save`
+    /// layer): written under a temporary name while hashed, then renamed to its SHA-256
+    /// digest. At most `max` bytes. Returns the digest and the size.
+    pub fn put_stream(&self, data: &mut dyn Read, max: u64) -> Result<(Digest, u64)> {
+        let tmp = self.root.join("ingest").join(format!("stream-{}", super::unique_suffix()));
+        let mut f = File::create(&tmp).map_err(|e| Error::io("create blob", &tmp, e))?;
+        let mut h = Hasher::new(super::digest::Algorithm::Sha256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        let written = (|| -> std::io::Result<()> {
+            loop {
+                let k = data.read(&mut buf)?;
+                if k == 0 {
+                    return Ok(());
+                }
+                n += k as u64;
+                if n > max {
+                    return Err(std::io::Error::other(format!("more than {max} bytes")));
+                }
+                h.update(&buf[..k]);
+                f.write_all(&buf[..k])?;
+            }
+        })()
+        .and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write blob", &tmp, e));
+        }
+        let digest = h.finish();
+        if self.has(&digest) {
+            let _ = std::fs::remove_file(&tmp);
+        } else {
+            let target = self.blob_path(&digest);
+            std::fs::rename(&tmp, &target).map_err(|e| Error::io("publish blob", &target, e))?;
+        }
+        Ok((digest, n))
+    }
+
     /// Every blob in the store.
     pub fn blobs(&self) -> Result<Vec<Digest>> {
         let mut out = Vec::new();

@@ -432,7 +432,7 @@ pub fn unpacked(
             let f = store.open_blob(&layer.digest)?;
             root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
         }
-        log::info!("unpacked {}: {:?}", img.reference, root.stats());
+        log::info!("unpacked {}: {:?}", img.name, root.stats());
         Ok::<(), Error>(())
     })();
     if let Err(e) = built {

@@ -305,6 +305,27 @@ pub fn registry_image(
     Ok((root, img.config.config.clone().unwrap_or_default()))
 }
 
+/// The root directory and run configuration of the container image at `path` (an OCI
+/// layout, an OCI archive, a `docker save` archive), imported into the image store and
+/// unpacked once; `None` when `path` is a plain root filesystem.
+pub fn local_image(
+    path: &Path,
+    cache: &Path,
+    progress: &Progress,
+) -> Result<Option<(PathBuf, crate::image::oci::RunConfig)>> {
+    use crate::image::archive::{self, Local};
+    use crate::image::{oci::Platform, store::Store, unpack};
+    let kind = archive::recognise(path)?;
+    if matches!(kind, Local::RootDir | Local::RootTar) {
+        return Ok(None);
+    }
+    progress.step(&format!("importing the image {}", path.display()));
+    let store = Store::open(cache.join("images"))?;
+    let img = archive::import(&store, path, kind, &Platform::host())?;
+    let root = unpack::unpacked(&store, &img, cache, progress)?;
+    Ok(Some((root, img.config.config.clone().unwrap_or_default())))
+}
+
 /// Everything needed to boot one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -334,6 +355,17 @@ impl InstanceSpec {
         let mut image = None;
         let source = match req.source_type {
             _ if req.source_path.is_empty() && req.image_ref.is_empty() => Source::Default,
+            // An OCI layout or an image archive in a path source is a container image.
+            SourceType::Tar | SourceType::Dir if path.exists() => {
+                match local_image(&path, &cache_dir, progress)? {
+                    Some((root, config)) => {
+                        image = Some(config);
+                        Source::Dir(root)
+                    }
+                    None if req.source_type == SourceType::Tar => Source::Tar(path),
+                    None => Source::Dir(path),
+                }
+            }
             SourceType::Tar => Source::Tar(path),
             SourceType::Dir => Source::Dir(path),
             SourceType::Registry => {

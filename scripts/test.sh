@@ -28,9 +28,11 @@ if [ "${#kneed[@]}" -gt 0 ]; then
   apt-get install -y --no-install-recommends "${kneed[@]}"
 fi
 # The container-image tests' real parts: the CNCF registry (Debian's docker-registry),
-# skopeo and umoci to make and push test images.
+# skopeo and umoci to make and push test images, htpasswd (apache2-utils) for the
+# registry's bcrypt password file.
 ineed=()
 command -v docker-registry >/dev/null 2>&1 || ineed+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || ineed+=(apache2-utils)
 command -v skopeo >/dev/null 2>&1 || ineed+=(skopeo)
 command -v umoci >/dev/null 2>&1 || ineed+=(umoci)
 if [ "${#ineed[@]}" -gt 0 ]; then

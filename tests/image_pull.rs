@@ -253,3 +253,135 @@ fn the_image_commands_pull_list_inspect_remove_and_prune() {
     let (code, _, err) = vmhost(&["pull", "Not/A:Ref:"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+#[test]
+fn a_registry_that_wants_a_login_gets_the_users_credentials() {
+    if !tools_ready("a_registry_that_wants_a_login_gets_the_users_credentials") {
+        return;
+    }
+    let dir = TempDir::new("pull-auth");
+    let reg = TestRegistry::start_with_login("pull-auth-reg", "tester", "s3cret:pw");
+    small_image(&dir, "a").push(&reg, "test/private:1", &[]);
+    let r = format!("{}/test/private:1", reg.host());
+    let config = |name: &str, password: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let auth = vmhost::image::auth::base64_encode(format!("tester:{password}").as_bytes());
+        let body = serde_json::json!({"auths": {reg.host(): {"auth": auth}}});
+        std::fs::write(d.join("config.json"), body.to_string()).unwrap();
+        d
+    };
+    let pull = |envs: &[(&str, &std::path::Path)]| {
+        let mut c = std::process::Command::new(common::vmhost_bin());
+        c.args(["image", "pull", &r]).env("XDG_CACHE_HOME", dir.path()).env("HOME", dir.path());
+        c.env_remove("REGISTRY_AUTH_FILE").env_remove("DOCKER_CONFIG");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = pull(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("wants a user and password") && err.contains("docker login"), "{err}");
+    let wrong = config("wrong", "nope");
+    let (code, err) = pull(&[("REGISTRY_AUTH_FILE", &wrong.join("config.json"))]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    let right = config("right", "s3cret:pw");
+    let (code, err) = pull(&[("DOCKER_CONFIG", &right)]);
+    assert_eq!(code, Some(0), "{err}");
+    // REGISTRY_AUTH_FILE is read first, as podman does.
+    let (code, err) = pull(&[("REGISTRY_AUTH_FILE", &right.join("config.json")), ("DOCKER_CONFIG", &wrong)]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A layer large enough to be cut mid-way: 300 kB of incompressible bytes.
+fn big_image(dir: &TempDir, tag: &str) -> Layout {
+    let l = Layout::new(&dir.join(&format!("layout-{tag}")), tag);
+    l.layer(|root| {
+        std::fs::write(root.join("noise"), common::noise(300_000, 7)).unwrap();
+    });
+    l
+}
+
+#[test]
+fn bearer_tokens_redirects_resumes_and_bounds_through_a_fault_front() {
+    use common::registry::{Faults, Front};
+    use vmhost::image::auth::Credentials;
+    if !tools_ready("bearer_tokens_redirects_resumes_and_bounds_through_a_fault_front") {
+        return;
+    }
+    let dir = TempDir::new("pull-front");
+    let reg = TestRegistry::start("pull-front-reg");
+    big_image(&dir, "f").push(&reg, "test/front:1", &[]);
+    let via = |front: &Front| -> Reference { format!("{}/test/front:1", front.host()).parse().unwrap() };
+    let fresh = |name: &str| Store::open(dir.join(name)).unwrap();
+    let opts = PullOptions::default();
+
+    // An anonymous Bearer token, asked for the repository's pull scope, used after.
+    let front = Front::start(reg.port, Faults { bearer: Some(None), ..Default::default() });
+    pull::get(&fresh("s1"), &via(&front), PullPolicy::Always, &opts).unwrap();
+    let seen = front.seen.lock().unwrap().clone();
+    assert!(
+        seen.requests.iter().any(|r| r.starts_with("GET /token?scope=repository%3Atest%2Ffront%3Apull")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.requests.iter().any(|r| r.contains("/blobs/") && r.ends_with("Bearer good-token")),
+        "{seen:?}"
+    );
+
+    // A token for credentials: refused without them, given with them.
+    let front =
+        Front::start(reg.port, Faults { bearer: Some(Some(("u".into(), "p".into()))), ..Default::default() });
+    let e = pull::get(&fresh("s2"), &via(&front), PullPolicy::Always, &opts).unwrap_err();
+    assert!(e.to_string().contains("token server refused"), "{e}");
+    let with = PullOptions {
+        credentials: Some(Credentials { username: "u".into(), password: "p".into() }),
+        ..PullOptions::default()
+    };
+    pull::get(&fresh("s3"), &via(&front), PullPolicy::Always, &with).unwrap();
+
+    // Blobs redirected to another origin: followed, without the Authorization header.
+    let front =
+        Front::start(reg.port, Faults { bearer: Some(None), redirect_blobs: true, ..Default::default() });
+    let img = pull::get(&fresh("s4"), &via(&front), PullPolicy::Always, &opts).unwrap();
+    let seen = front.seen.lock().unwrap().clone();
+    assert!(seen.requests.iter().any(|r| r.starts_with("GET /redirected/")), "{seen:?}");
+    assert_eq!(seen.leaked_auth, 0, "{seen:?}");
+
+    // A connection cut mid-blob: the download resumes where it stopped (Range) and the
+    // blob verifies.
+    let front = Front::start(reg.port, Faults { cut_blobs_after: Some(100_000), ..Default::default() });
+    let store = fresh("s5");
+    let again = pull::get(&store, &via(&front), PullPolicy::Always, &opts).unwrap();
+    assert_eq!(again.manifest_digest, img.manifest_digest);
+    let seen = front.seen.lock().unwrap().clone();
+    assert!(seen.ranges.iter().any(|r| r == "bytes=100000-"), "{seen:?}");
+    for l in &again.manifest.layers {
+        assert_eq!(Digest::sha256_of(&std::fs::read(store.blob_path(&l.digest)).unwrap()), l.digest);
+    }
+
+    // A registry that goes away mid-blob: the pull fails saying so, nothing half-written
+    // is trusted, and the next pull resumes from where the first stopped.
+    let front = Front::start(
+        reg.port,
+        Faults { cut_blobs_after: Some(100_000), down_after_cut: true, ..Default::default() },
+    );
+    let store = fresh("s7");
+    let e = pull::get(&store, &via(&front), PullPolicy::Always, &opts).unwrap_err();
+    assert!(e.to_string().contains("503"), "{e}");
+    assert!(store.refs().unwrap().is_empty());
+    let front = Front::start(reg.port, Faults::default());
+    pull::get(&store, &via(&front), PullPolicy::Always, &opts).unwrap();
+    let seen = front.seen.lock().unwrap().clone();
+    assert!(seen.ranges.iter().any(|r| r == "bytes=100000-"), "the second pull resumed: {seen:?}");
+
+    // A manifest over 4 MiB: refused before it is parsed, nothing recorded.
+    let front = Front::start(reg.port, Faults { huge_manifest: Some(5 << 20), ..Default::default() });
+    let store = fresh("s6");
+    let e = pull::get(&store, &via(&front), PullPolicy::Always, &opts).unwrap_err();
+    assert!(e.to_string().contains("more than 4194304"), "{e}");
+    assert!(store.blobs().unwrap().is_empty() && store.refs().unwrap().is_empty());
+}

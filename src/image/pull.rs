@@ -50,6 +50,9 @@ pub struct PullOptions {
     pub insecure: Vec<String>,
     /// Where progress goes.
     pub progress: Progress,
+    /// Credentials to use instead of those the usual files give
+    /// ([`super::auth::lookup`]).
+    pub credentials: Option<super::auth::Credentials>,
 }
 
 impl Default for PullOptions {
@@ -58,6 +61,7 @@ impl Default for PullOptions {
             platform: Platform::host(),
             insecure: super::registry::insecure_registries(),
             progress: Progress::quiet(),
+            credentials: None,
         }
     }
 }
@@ -131,7 +135,10 @@ pub fn local(store: &Store, r: &Reference, platform: &Platform) -> Result<Option
 
 /// Pulls `r` from its registry into `store`: what the tag names now, for the platform.
 pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredImage> {
-    let registry = Registry::for_reference(r, &opts.insecure)?;
+    let mut registry = Registry::for_reference(r, &opts.insecure)?;
+    if let Some(c) = &opts.credentials {
+        registry = registry.with_credentials(Some(c.clone()));
+    }
     let repo = r.repository();
     opts.progress.step(&format!("pulling {r}"));
     let top = registry.manifest(repo, &r.manifest_reference())?;

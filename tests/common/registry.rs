@@ -11,13 +11,13 @@ use super::{under_ci, wait_until, TempDir};
 
 /// Whether the image tools are here; under CI a missing one fails the test.
 pub fn tools_ready(test: &str) -> bool {
-    for tool in ["docker-registry", "skopeo", "umoci"] {
+    for tool in ["docker-registry", "skopeo", "umoci", "htpasswd"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
             let msg = format!(
                 "{tool} not found; install it with apt-get install -y --no-install-recommends \
-                 docker-registry skopeo umoci (scripts/test.sh does)"
+                 docker-registry skopeo umoci apache2-utils (scripts/test.sh does)"
             );
             if under_ci() {
                 panic!("{test}: {msg}");
@@ -34,30 +34,49 @@ pub struct TestRegistry {
     child: Option<Child>,
     pub port: u16,
     pub dir: TempDir,
+    /// The user and password it wants (htpasswd Basic auth), if any.
+    pub login: Option<(String, String)>,
 }
 
 impl TestRegistry {
     /// Starts one (anonymous).
     pub fn start(tag: &str) -> TestRegistry {
+        TestRegistry::start_as(tag, None)
+    }
+
+    /// Starts one that wants `user` and `password` (Basic auth from an htpasswd file).
+    pub fn start_with_login(tag: &str, user: &str, password: &str) -> TestRegistry {
+        TestRegistry::start_as(tag, Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_as(tag: &str, login: Option<(String, String)>) -> TestRegistry {
         let dir = TempDir::new(tag);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut reg = TestRegistry { child: None, port, dir };
+        if let Some((u, p)) = &login {
+            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().expect("htpasswd");
+            assert!(out.status.success());
+            std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
+        }
+        let mut reg = TestRegistry { child: None, port, dir, login };
         reg.spawn();
         reg
     }
 
     fn spawn(&mut self) {
         let config = self.dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
-                self.dir.join("data").display(),
-                self.port
-            ),
-        )
-        .unwrap();
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
+             rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
+            self.dir.join("data").display(),
+            self.port
+        );
+        if self.login.is_some() {
+            yml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: vmhost-test\n    path: {}\n",
+                self.dir.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(&config, yml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -72,8 +91,8 @@ impl TestRegistry {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: x\r\n\r\n");
                 let mut b = [0u8; 12];
-                s.read_exact(&mut b).is_ok() && b.starts_with(b"HTTP/1.0 200")
-                    || b.starts_with(b"HTTP/1.1 200")
+                // 200, or 401 from a registry that wants a login: either way it serves.
+                s.read_exact(&mut b).is_ok() && (b[9..12] == *b"200" || b[9..12] == *b"401")
             })
         });
         assert!(up, "the registry did not come up; see {}", self.dir.join("registry.log").display());
@@ -155,10 +174,203 @@ impl Layout {
 
     /// Pushes it to `registry` as `name` (`repo:tag`), with extra skopeo flags.
     pub fn push(&self, registry: &TestRegistry, name: &str, extra: &[&str]) {
+        let creds = registry.login.as_ref().map(|(u, p)| format!("--dest-creds={u}:{p}"));
         run(Command::new("skopeo")
             .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .args(creds)
             .args(extra)
             .arg(format!("oci:{}", self.image()))
             .arg(format!("docker://{}/{name}", registry.host())));
     }
+}
+
+/// What a [`Front`] does to the requests it passes to its registry.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// Wants a Bearer token, issued at `/token` (for these Basic credentials, if any).
+    pub bearer: Option<Option<(String, String)>>,
+    /// Sends blob requests to `localhost:PORT/redirected/...` (another origin).
+    pub redirect_blobs: bool,
+    /// Cuts the first answer of each blob after this many bytes.
+    pub cut_blobs_after: Option<usize>,
+    /// Answers manifest requests with this many bytes of JSON.
+    pub huge_manifest: Option<usize>,
+    /// After cutting a blob, answers every further request for it with 503 (a registry
+    /// that went away mid-pull).
+    pub down_after_cut: bool,
+}
+
+/// What a [`Front`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Requests, as `METHOD PATH [auth]` lines.
+    pub requests: Vec<String>,
+    /// Redirected blob requests that carried an Authorization header (must be none).
+    pub leaked_auth: usize,
+    /// Range headers received.
+    pub ranges: Vec<String>,
+}
+
+/// A fake registry front for the corners a real registry does not produce (a Bearer
+/// token server, redirects to another origin, a connection cut mid-blob, a manifest
+/// over the bound), passing everything else to a real registry. HTTP/1.1, one request
+/// per connection.
+pub struct Front {
+    pub port: u16,
+    pub seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+}
+
+impl Front {
+    pub fn start(backend: u16, faults: Faults) -> Front {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let (seen2, faults) = (seen.clone(), std::sync::Arc::new(faults));
+        let cut_done = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (seen, faults, cut_done) = (seen2.clone(), faults.clone(), cut_done.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, port, backend, &faults, &seen, &cut_done);
+                });
+            }
+        });
+        Front { port, seen }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn serve(
+    mut conn: std::net::TcpStream,
+    port: u16,
+    backend: u16,
+    faults: &Faults,
+    seen: &std::sync::Mutex<Seen>,
+    cut_done: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end().to_string();
+        if h.is_empty() {
+            break;
+        }
+        headers.push(h);
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())))
+            .map(|h| h[name.len() + 1..].trim().to_string())
+    };
+    let auth = header("Authorization");
+    {
+        let mut s = seen.lock().unwrap();
+        s.requests.push(format!("{method} {path} {}", auth.as_deref().unwrap_or("-")));
+        if let Some(r) = header("Range") {
+            s.ranges.push(r);
+        }
+    }
+    let reply =
+        |conn: &mut std::net::TcpStream, status: &str, extra: &str, body: &[u8]| -> std::io::Result<()> {
+            write!(
+                conn,
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            conn.write_all(body)
+        };
+    if let Some(creds) = &faults.bearer {
+        if path.starts_with("/token") {
+            if let Some((u, p)) = creds {
+                let want =
+                    format!("Basic {}", vmhost::image::auth::base64_encode(format!("{u}:{p}").as_bytes()));
+                if auth.as_deref() != Some(want.as_str()) {
+                    return reply(&mut conn, "401 Unauthorized", "", b"{}");
+                }
+            }
+            let scope_ok = path.contains("scope=repository%3A");
+            let token = if scope_ok { "good-token" } else { "wrong-scope" };
+            return reply(
+                &mut conn,
+                "200 OK",
+                "Content-Type: application/json\r\n",
+                format!("{{\"token\":\"{token}\"}}").as_bytes(),
+            );
+        }
+        if path.starts_with("/v2/") && auth.as_deref() != Some("Bearer good-token") {
+            // The scope of the repository asked for, as a registry names it.
+            let repo =
+                path[4..].split("/manifests/").next().unwrap_or("").split("/blobs/").next().unwrap_or("");
+            let challenge = format!(
+                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"front\",scope=\"repository:{repo}:pull\"\r\n"
+            );
+            return reply(
+                &mut conn,
+                "401 Unauthorized",
+                &challenge,
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}"#,
+            );
+        }
+    }
+    let is_blob = path.contains("/blobs/sha256:");
+    let is_manifest = path.contains("/manifests/");
+    if let (Some(n), true) = (faults.huge_manifest, is_manifest) {
+        let mut body = b"{\"schemaVersion\":2,\"pad\":\"".to_vec();
+        body.resize(n, b'x');
+        return reply(
+            &mut conn,
+            "200 OK",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+            &body,
+        );
+    }
+    if faults.down_after_cut && is_blob && cut_done.lock().unwrap().contains(&path) {
+        return reply(&mut conn, "503 Service Unavailable", "", b"");
+    }
+    let mut backend_path = path.clone();
+    if faults.redirect_blobs && is_blob && !path.starts_with("/redirected") {
+        return reply(
+            &mut conn,
+            "307 Temporary Redirect",
+            &format!("Location: http://localhost:{port}/redirected{path}\r\n"),
+            b"",
+        );
+    }
+    if let Some(p) = path.strip_prefix("/redirected") {
+        if auth.is_some() {
+            seen.lock().unwrap().leaked_auth += 1;
+        }
+        backend_path = p.to_string();
+    }
+    // Pass it on, then relay the answer (cut short once per blob when asked).
+    let mut b = std::net::TcpStream::connect(("127.0.0.1", backend))?;
+    write!(b, "{method} {backend_path} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\nConnection: close\r\n")?;
+    for name in ["Accept", "Range"] {
+        if let Some(v) = header(name) {
+            write!(b, "{name}: {v}\r\n")?;
+        }
+    }
+    write!(b, "\r\n")?;
+    let mut answer = Vec::new();
+    b.read_to_end(&mut answer)?;
+    if let (Some(n), true) = (faults.cut_blobs_after, is_blob) {
+        if cut_done.lock().unwrap().insert(path.clone()) {
+            let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |i| i + 4);
+            conn.write_all(&answer[..(head_end + n).min(answer.len())])?;
+            return Ok(());
+        }
+    }
+    conn.write_all(&answer)
 }

@@ -44,4 +44,4 @@ fi
 # reference merges into that weak one, the static link leaves it null and the agent
 # crashes at its first command. Forced in, it holds with or without LTO.
 RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static -C strip=symbols -C link-arg=-Wl,-u,posix_spawn_file_actions_addchdir_np' \
-  cargo build --release --target "$target" --bin vmhost-agent "$@"
+  cargo build --release --target "$target" --bin vmhost-agent --no-default-features "$@"

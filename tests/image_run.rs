@@ -75,6 +75,29 @@ fn an_image_from_the_registry_runs_as_docker_runs_it() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "from-image hello\n/work\n1234\nupper layer\n", "{err}");
 
+    // The image is not in the guest's memory: it is an erofs disk built once in the
+    // cache, under a writable overlay (what the guest writes lives in tmpfs).
+    let roots: Vec<String> = std::fs::read_dir(xdg.join("vmhost/roots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(roots.iter().any(|n| n.ends_with(".erofs")), "{roots:?}");
+    assert!(!roots.iter().any(|n| n.contains(".unpack.")), "the scratch tree is gone: {roots:?}");
+    // (As root, which --user gives over the image's user: 1234 may not write /etc.)
+    let (code, out, err) = run(
+        &xdg,
+        &[
+            "--image",
+            &image,
+            "--user",
+            "root",
+            "--",
+            "grep ' / ' /proc/mounts; echo x > /etc/new && cat /etc/new; id -u",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("overlay / overlay") && out.ends_with("x\n0\n"), "{out}");
+
     // Arguments replace the command (after the entrypoint); -e and -w apply on top.
     let (code, out, err) = run(&xdg, &["--image", &image, "-e", "GREETING=bye", "--", "echo $GREETING; pwd"]);
     assert_eq!((code, out.as_str()), (Some(0), "bye\n/work\n"), "{err}");

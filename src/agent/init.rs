@@ -30,6 +30,13 @@ pub fn run() -> ! {
     trace(format_args!("init: {links} hard links made, filesystems mounted"));
     let modules = module_list();
     load_modules(&modules);
+    if let Some(fstype) = root_disk() {
+        if let Err(e) = switch_to_disk_root(&fstype) {
+            say(format_args!("cannot make the image's disk the root: {e}; powering off"));
+            power_off();
+        }
+        trace(format_args!("init: the root is the image's disk ({fstype}) under an overlay"));
+    }
     let _ = nix::unistd::sethostname("vmhost");
     super::user::take_root_groups();
     // eth0 is configured only when the host first connects the network
@@ -176,6 +183,58 @@ fn mount_filesystems() {
     let _ = std::os::unix::fs::symlink("/proc/self/fd/0", "/dev/stdin");
     let _ = std::os::unix::fs::symlink("/proc/self/fd/1", "/dev/stdout");
     let _ = std::os::unix::fs::symlink("/proc/self/fd/2", "/dev/stderr");
+}
+
+/// The root disk's filesystem, when the host gave the guest one
+/// ([`crate::contract::ROOT_DISK_PARAM`]).
+fn root_disk() -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(crate::contract::ROOT_DISK_PARAM))
+        .filter(|t| *t == "erofs")
+        .map(str::to_string)
+}
+
+/// Makes the image's disk the root: the read-only disk as the lower layer of an overlay
+/// whose upper layer is on tmpfs (what the guest writes lives in its memory, the image
+/// is never copied there), the mounts made so far moved into it, then the overlay moved
+/// onto `/` and entered, as switch_root does.
+fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
+    use crate::contract::ROOT_DISK_DEVICE;
+    let err = |what: &str, e: nix::errno::Errno| std::io::Error::other(format!("{what}: {e}"));
+    for d in ["/vmhost/lower", "/vmhost/rw"] {
+        std::fs::create_dir_all(d)?;
+    }
+    mount(Some(ROOT_DISK_DEVICE), "/vmhost/lower", Some(fstype), MsFlags::MS_RDONLY, None::<&str>)
+        .map_err(|e| err(&format!("mount {ROOT_DISK_DEVICE}"), e))?;
+    mount(Some("tmpfs"), "/vmhost/rw", Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
+        .map_err(|e| err("mount the writable layer", e))?;
+    for d in ["/vmhost/rw/upper", "/vmhost/rw/work", "/vmhost/rw/root"] {
+        std::fs::create_dir_all(d)?;
+    }
+    mount(
+        Some("overlay"),
+        "/vmhost/rw/root",
+        Some("overlay"),
+        MsFlags::empty(),
+        Some("lowerdir=/vmhost/lower,upperdir=/vmhost/rw/upper,workdir=/vmhost/rw/work"),
+    )
+    .map_err(|e| err("mount the overlay", e))?;
+    // The kernel's filesystems go along (the image has the mount points, or gets them
+    // in the overlay).
+    for m in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
+        let target = format!("/vmhost/rw/root{m}");
+        std::fs::create_dir_all(&target)?;
+        mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(|e| err(&format!("move {m}"), e))?;
+    }
+    std::env::set_current_dir("/vmhost/rw/root")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| err("move the root", e))?;
+    nix::unistd::chroot(".").map_err(|e| err("chroot", e))?;
+    std::env::set_current_dir("/")?;
+    Ok(())
 }
 
 /// Loads the modules of [`MODULES_LIST`] in order, with their parameters.

@@ -18,6 +18,14 @@ pub const MOUNT_ROOT: &str = "/mnt";
 /// `vmhost.mounts=TAG:rw,TAG:ro`.
 pub const MOUNTS_PARAM: &str = "vmhost.mounts=";
 
+/// The kernel command-line parameter that gives the guest its root on a disk (a
+/// container image's read-only erofs, the first virtio-blk device) instead of the
+/// initramfs: `vmhost.rootdisk=erofs`. The agent mounts it under a writable overlay on
+/// tmpfs and makes that the root before anything else runs.
+pub const ROOT_DISK_PARAM: &str = "vmhost.rootdisk=";
+/// The device of the root disk.
+pub const ROOT_DISK_DEVICE: &str = "/dev/vda";
+
 /// The module list: one `file.ko [params]` per line, in load order.
 pub const MODULES_LIST: &str = "/vmhost/modules.load";
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cpio;
 pub mod digest;
 pub mod elf;
+pub mod erofs;
 pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;
@@ -15,6 +16,7 @@ pub mod oci;
 pub mod prune;
 pub mod pull;
 pub mod reference;
+#[cfg(feature = "registry")]
 pub mod registry;
 pub mod rootfs;
 pub mod store;

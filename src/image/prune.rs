@@ -60,18 +60,25 @@ pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
     if let Ok(entries) = std::fs::read_dir(&roots) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some((alg, hex)) = name.split_once('-') else { continue };
-            if hex.contains('.') {
-                continue; // a lock file, or a build in progress
-            }
+            // ALG-HEX (an unpacked root) or ALG-HEX.erofs (its disk); locks and builds
+            // in progress have other suffixes.
+            let (stem, disk) = match name.strip_suffix(".erofs") {
+                Some(s) => (s, true),
+                None => (name.as_str(), false),
+            };
+            let Some((alg, hex)) = stem.split_once('-') else { continue };
             let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
-            if !keep.contains(&d) && e.path().is_dir() {
-                if std::fs::remove_dir_all(e.path()).is_err() {
-                    let _ = std::process::Command::new("chmod").arg("-R").arg("u+rwx").arg(e.path()).status();
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-                out.roots += 1;
+            if keep.contains(&d) {
+                continue;
             }
+            if disk {
+                let _ = std::fs::remove_file(e.path());
+            } else if e.path().is_dir() {
+                super::unpack::remove_tree(&e.path());
+            } else {
+                continue;
+            }
+            out.roots += 1;
         }
     }
     Ok(out)

@@ -4,17 +4,17 @@
 //! reference is recorded. And finding a pulled image again without the network
 //! ([`local`]), as `run` does by default ([`PullPolicy`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use super::digest::Digest;
 use super::oci::{Document, ImageConfig, Manifest, Platform, MAX_CONFIG, MAX_MANIFEST};
 use super::reference::Reference;
+#[cfg(feature = "registry")]
 use super::registry::Registry;
-use super::store::{Ingest, Store};
+use super::store::Store;
 use crate::error::{Error, Result};
-use crate::progress::{Bars, Progress};
+use crate::progress::Progress;
 
 /// Layers downloaded at once.
+#[cfg(feature = "registry")]
 const PARALLEL_LAYERS: usize = 3;
 
 /// When `run` pulls (docker's `--pull`).
@@ -59,7 +59,7 @@ impl Default for PullOptions {
     fn default() -> PullOptions {
         PullOptions {
             platform: Platform::host(),
-            insecure: super::registry::insecure_registries(),
+            insecure: insecure_registries(),
             progress: Progress::quiet(),
             credentials: None,
         }
@@ -133,7 +133,28 @@ pub fn local(store: &Store, r: &Reference, platform: &Platform) -> Result<Option
     Ok(Some(StoredImage { name: r.to_string(), resolved: top, manifest_digest, manifest, config }))
 }
 
+/// The registries named in `VMHOST_INSECURE_REGISTRIES` (comma-separated), spoken to
+/// over plain HTTP besides loopback ones.
+pub fn insecure_registries() -> Vec<String> {
+    std::env::var("VMHOST_INSECURE_REGISTRIES")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Without the `registry` feature (the guest agent's build): no pulling.
+#[cfg(not(feature = "registry"))]
+pub fn pull(_store: &Store, r: &Reference, _opts: &PullOptions) -> Result<StoredImage> {
+    Err(Error::InvalidArgument {
+        op: format!("pull {r}"),
+        message: "this build of vmhost has no registry support (the `registry` feature)".into(),
+    })
+}
+
 /// Pulls `r` from its registry into `store`: what the tag names now, for the platform.
+#[cfg(feature = "registry")]
 pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredImage> {
     let mut registry = Registry::for_reference(r, &opts.insecure)?;
     if let Some(c) = &opts.credentials {
@@ -183,13 +204,13 @@ pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredIm
     }
     // The configuration, then the layers, several at a time.
     fetch(store, &registry, repo, &manifest.config, None)?;
-    let bars = Bars::new(&opts.progress);
-    let next = AtomicUsize::new(0);
+    let bars = crate::progress::Bars::new(&opts.progress);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = parking_lot::Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..PARALLEL_LAYERS.min(manifest.layers.len()) {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Some(layer) = manifest.layers.get(i) else { break };
                 if failed.lock().is_some() {
                     break;
@@ -222,23 +243,24 @@ pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredIm
 }
 
 /// Puts the blob `desc` into the store unless it is there.
+#[cfg(feature = "registry")]
 fn fetch(
     store: &Store,
     registry: &Registry,
     repo: &str,
     desc: &super::oci::Descriptor,
-    bars: Option<&Bars>,
+    bars: Option<&crate::progress::Bars>,
 ) -> Result<()> {
     let short = &desc.digest.hex()[..12];
     let bar = bars.map(|b| b.add(short, Some(desc.size)));
     match store.ingest(&desc.digest, Some(desc.size))? {
-        Ingest::Present => {
+        super::store::Ingest::Present => {
             if let (Some(b), Some(i)) = (bars, bar) {
                 b.finish(i, "Already exists");
             }
             Ok(())
         }
-        Ingest::Write(w) => {
+        super::store::Ingest::Write(w) => {
             let progress = |done: u64| {
                 if let (Some(b), Some(i)) = (bars, bar) {
                     b.set(i, done);

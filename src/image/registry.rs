@@ -67,16 +67,6 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// The registries named in `VMHOST_INSECURE_REGISTRIES`.
-pub fn insecure_registries() -> Vec<String> {
-    std::env::var("VMHOST_INSECURE_REGISTRIES")
-        .unwrap_or_default()
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
 /// What went wrong with one attempt.
 enum Failure {
     /// Worth another attempt (the connection, 429, 5xx).

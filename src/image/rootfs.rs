@@ -21,6 +21,9 @@ pub enum Source {
     Tar(PathBuf),
     /// The default busybox root, provisioned into the cache.
     Default,
+    /// A read-only root filesystem image (a container image's erofs) that the guest
+    /// mounts from a disk: the initramfs then holds the agent alone.
+    Disk(PathBuf),
 }
 
 impl Source {
@@ -37,6 +40,10 @@ impl Source {
         match self {
             Source::Default => {
                 d.field(b"default");
+            }
+            // Not in the initramfs: all such images share one.
+            Source::Disk(_) => {
+                d.field(b"disk");
             }
             Source::Tar(p) => {
                 let m = std::fs::metadata(p).map_err(|e| Error::io("open image", p, e))?;
@@ -73,6 +80,7 @@ impl Source {
             Source::Default => Source::Dir(busybox_root(cache, progress)?).write_to(out, cache, progress),
             Source::Dir(root) => write_dir(root, out),
             Source::Tar(path) => write_tar(path, out),
+            Source::Disk(_) => Ok(()),
         }
     }
 }

@@ -398,43 +398,13 @@ pub fn unpacked(
     if dest.is_dir() {
         return Ok(dest);
     }
-    let lock_path = roots.join(format!("{name}.lock"));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io("open lock", &lock_path, e))?;
-    // SAFETY: flock on a descriptor we own.
-    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(Error::io("lock", &lock_path, e));
-        }
-    }
+    let _lock = lock(&roots.join(format!("{name}.lock")))?;
     if dest.is_dir() {
         return Ok(dest);
     }
     let tmp = roots.join(format!("{name}.tmp.{}", super::unique_suffix()));
     std::fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
-    let built = (|| {
-        let mut root = Root::open(&tmp, Limits::default())?;
-        let diff_ids = img.config.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or(&[]);
-        for (i, layer) in img.manifest.layers.iter().enumerate() {
-            progress.step(&format!(
-                "unpacking layer {}/{} ({})",
-                i + 1,
-                img.manifest.layers.len(),
-                &layer.digest.hex()[..12]
-            ));
-            let compression = Compression::of_layer(&layer.media_type)
-                .map_err(|m| Error::InvalidArgument { op: "unpack image".into(), message: m })?;
-            let f = store.open_blob(&layer.digest)?;
-            root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
-        }
-        log::info!("unpacked {}: {:?}", img.name, root.stats());
-        Ok::<(), Error>(())
-    })();
+    let built = unpack_into(store, img, &tmp, progress);
     if let Err(e) = built {
         remove_tree(&tmp);
         return Err(e);
@@ -445,8 +415,47 @@ pub fn unpacked(
     Ok(dest)
 }
 
+/// Applies every layer of `img` to the empty directory `dir`.
+pub fn unpack_into(
+    store: &super::store::Store,
+    img: &super::pull::StoredImage,
+    dir: &Path,
+    progress: &crate::progress::Progress,
+) -> Result<()> {
+    let mut root = Root::open(dir, Limits::default())?;
+    let diff_ids = img.config.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or(&[]);
+    let n = img.manifest.layers.len();
+    for (i, layer) in img.manifest.layers.iter().enumerate() {
+        progress.step(&format!("unpacking layer {}/{n} ({})", i + 1, &layer.digest.hex()[..12]));
+        let compression = Compression::of_layer(&layer.media_type)
+            .map_err(|m| Error::InvalidArgument { op: "unpack image".into(), message: m })?;
+        let f = store.open_blob(&layer.digest)?;
+        root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
+    }
+    log::info!("unpacked {}: {:?}", img.name, root.stats());
+    Ok(())
+}
+
+/// An exclusive flock(2) on `path` (made if missing), held until dropped.
+pub fn lock(path: &Path) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open lock", path, e))?;
+    // SAFETY: flock on a descriptor we own.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::io("lock", path, e));
+        }
+    }
+    Ok(f)
+}
+
 /// Removes a half-built root (its modes may deny the owner: fix them on the way).
-fn remove_tree(path: &Path) {
+pub fn remove_tree(path: &Path) {
     if std::fs::remove_dir_all(path).is_err() {
         let _ = std::process::Command::new("chmod").arg("-R").arg("u+rwx").arg(path).status();
         let _ = std::fs::remove_dir_all(path);

@@ -44,6 +44,7 @@ pub fn resolve_backend(asked: crate::wire::Backend) -> Result<crate::wire::Backe
 pub fn kvm_unsupported(
     kernel: &crate::image::kernel::Kernel,
     mounts: &[crate::wire::MountConfig],
+    disk: bool,
 ) -> Option<String> {
     if !kernel.is_minimal() {
         return Some(format!(
@@ -55,6 +56,13 @@ pub fn kvm_unsupported(
     }
     if !mounts.is_empty() {
         return Some("host mounts (virtio-9p) are not on the kvm backend yet; use --backend qemu".into());
+    }
+    if disk {
+        return Some(
+            "container images boot from a virtio-blk disk, which the kvm machine does not have yet; use \
+             --backend qemu"
+                .into(),
+        );
     }
     None
 }
@@ -289,8 +297,8 @@ pub fn registry_image(
     reference: &str,
     cache: &Path,
     progress: &Progress,
-) -> Result<(PathBuf, crate::image::oci::RunConfig)> {
-    use crate::image::{pull, reference::Reference, store::Store, unpack};
+) -> Result<(Source, crate::image::oci::RunConfig)> {
+    use crate::image::{pull, reference::Reference, store::Store};
     let bad = |m: String| Error::InvalidArgument { op: "image".into(), message: m };
     let r: Reference =
         reference.parse().map_err(|e: crate::image::reference::ReferenceError| bad(e.to_string()))?;
@@ -301,8 +309,36 @@ pub fn registry_image(
     let store = Store::open(cache.join("images"))?;
     let opts = pull::PullOptions { progress: progress.clone(), ..pull::PullOptions::default() };
     let img = pull::get(&store, &r, policy, &opts)?;
-    let root = unpack::unpacked(&store, &img, cache, progress)?;
-    Ok((root, img.config.config.clone().unwrap_or_default()))
+    Ok((image_root(&store, &img, cache, progress)?, img.config.config.clone().unwrap_or_default()))
+}
+
+/// How a stored container image boots: from an erofs disk built once (the image is
+/// never copied into the guest's memory), or, where `mkfs.erofs` is missing or the
+/// kernel is a stock one that cannot mount erofs, from its root unpacked into the
+/// initramfs (as large as guest memory allows), with a warning saying what to install.
+fn image_root(
+    store: &crate::image::store::Store,
+    img: &crate::image::pull::StoredImage,
+    cache: &Path,
+    progress: &Progress,
+) -> Result<Source> {
+    use crate::image::{erofs, unpack};
+    let minimal = crate::image::kernel::resolve(cache, progress).is_ok_and(|k| k.is_minimal());
+    if erofs::available() && minimal {
+        return erofs::image_disk(store, img, cache, progress).map(Source::Disk);
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        log::warn!(
+            "container images are copied into the guest's memory: {}",
+            if minimal {
+                "install erofs-utils (apt-get install erofs-utils) to boot them from a disk"
+            } else {
+                "the stock kernel cannot mount their erofs disk; build vmhost's own (vmhost kernel build)"
+            }
+        )
+    });
+    unpack::unpacked(store, img, cache, progress).map(Source::Dir)
 }
 
 /// The root directory and run configuration of the container image at `path` (an OCI
@@ -312,9 +348,9 @@ pub fn local_image(
     path: &Path,
     cache: &Path,
     progress: &Progress,
-) -> Result<Option<(PathBuf, crate::image::oci::RunConfig)>> {
+) -> Result<Option<(Source, crate::image::oci::RunConfig)>> {
     use crate::image::archive::{self, Local};
-    use crate::image::{oci::Platform, store::Store, unpack};
+    use crate::image::{oci::Platform, store::Store};
     let kind = archive::recognise(path)?;
     if matches!(kind, Local::RootDir | Local::RootTar) {
         return Ok(None);
@@ -322,8 +358,7 @@ pub fn local_image(
     progress.step(&format!("importing the image {}", path.display()));
     let store = Store::open(cache.join("images"))?;
     let img = archive::import(&store, path, kind, &Platform::host())?;
-    let root = unpack::unpacked(&store, &img, cache, progress)?;
-    Ok(Some((root, img.config.config.clone().unwrap_or_default())))
+    Ok(Some((image_root(&store, &img, cache, progress)?, img.config.config.clone().unwrap_or_default())))
 }
 
 /// Everything needed to boot one instance.
@@ -360,7 +395,7 @@ impl InstanceSpec {
                 match local_image(&path, &cache_dir, progress)? {
                     Some((root, config)) => {
                         image = Some(config);
-                        Source::Dir(root)
+                        root
                     }
                     None if req.source_type == SourceType::Tar => Source::Tar(path),
                     None => Source::Dir(path),
@@ -371,7 +406,7 @@ impl InstanceSpec {
             SourceType::Registry => {
                 let (root, config) = registry_image(&req.image_ref, &cache_dir, progress)?;
                 image = Some(config);
-                Source::Dir(root)
+                root
             }
         };
         Ok(InstanceSpec { source, cache_dir, options: req.options.clone(), first_command: None, image })
@@ -406,7 +441,8 @@ impl InstanceSpec {
         let t = std::time::Instant::now();
         let kernel = crate::image::kernel::resolve(&self.cache_dir, progress)?;
         if backend == Backend::Kvm {
-            if let Some(why) = kvm_unsupported(&kernel, &mounts) {
+            let disk = matches!(self.source, Source::Disk(_));
+            if let Some(why) = kvm_unsupported(&kernel, &mounts, disk) {
                 if asked == Backend::Kvm {
                     return Err(Error::BackendUnavailable { backend: "kvm".into(), why });
                 }
@@ -421,6 +457,16 @@ impl InstanceSpec {
                 message: format!(
                     "host mounts need 9p over virtio, which the kernel {} lacks; build vmhost's own kernel \
                      (`vmhost kernel build`) or set VMHOST_KERNEL to one with CONFIG_9P_FS",
+                    kernel.origin
+                ),
+            });
+        }
+        if matches!(self.source, Source::Disk(_)) && !kernel.is_minimal() {
+            return Err(Error::InvalidArgument {
+                op: "InstanceNew".into(),
+                message: format!(
+                    "container images boot from an erofs disk, which the kernel {} cannot mount; build \
+                     vmhost's own kernel (`vmhost kernel build`)",
                     kernel.origin
                 ),
             });
@@ -466,6 +512,9 @@ impl InstanceSpec {
         cfg.mounts = mounts;
         cfg.host_loopback = self.options.host_loopback;
         cfg.first_command = self.first_command.clone();
+        if let Source::Disk(d) = &self.source {
+            cfg.root_disk = Some(d.clone());
+        }
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg).map(Machine::Qemu)
     }

@@ -99,6 +99,8 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
         format!("{}{}", crate::contract::MOUNTS_PARAM, list.join(","))
     });
     append.extend(mounts_arg.as_deref());
+    let root_disk_arg = cfg.root_disk.as_ref().map(|_| format!("{}erofs", crate::contract::ROOT_DISK_PARAM));
+    append.extend(root_disk_arg.as_deref());
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
@@ -107,7 +109,8 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
     // device. The command line then goes to QEMU in a file (see `cmdline_args`), whose
     // values hold at most QEMU_CONFIG_VALUE bytes and no double quote.
-    let room = 2048usize.saturating_sub(40 * (VIRTIO_DEVICES + cfg.mounts.len())).min(QEMU_CONFIG_VALUE + 1);
+    let devices = VIRTIO_DEVICES + cfg.mounts.len() + usize::from(cfg.root_disk.is_some());
+    let room = 2048usize.saturating_sub(40 * devices).min(QEMU_CONFIG_VALUE + 1);
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
     let quoted = given.clone().any(|a| a.contains('"'));
@@ -263,6 +266,18 @@ pub(super) fn command_line(cfg: &BootConfig, cmdline: [String; 2], fds: &QemuFds
         format!("{balloon_dev},free-page-reporting=on"),
     ];
     args.extend(cmdline);
+    // A container image's root: read-only to QEMU too (the guest writes to an overlay on
+    // tmpfs). First of the disks, so the guest sees it as /dev/vda.
+    if let Some(disk) = &cfg.root_disk {
+        let blk = if cfg.machine == MachineType::Pc { "virtio-blk-pci" } else { "virtio-blk-device" };
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},if=none,id=root,format=raw,readonly=on,cache=writethrough",
+            disk.display().to_string().replace(',', ",,")
+        ));
+        args.push("-device".into());
+        args.push(format!("{blk},drive=root"));
+    }
     let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
     for (i, m) in cfg.mounts.iter().enumerate() {
         // In QEMU option values a comma is written twice.
@@ -367,6 +382,7 @@ mod tests {
                 ..Default::default()
             }),
             qemu_user: QemuUser::Same,
+            root_disk: None,
         }
     }
 

@@ -103,6 +103,9 @@ pub struct BootConfig {
     /// Who QEMU runs as (by default [`QemuUser::from_env`]: a user of its own when
     /// vmhost is root; see [`super::user`]).
     pub qemu_user: QemuUser,
+    /// A read-only root filesystem image (erofs) attached as the first virtio-blk disk,
+    /// which the agent makes the root (see [`crate::contract::ROOT_DISK_PARAM`]).
+    pub root_disk: Option<PathBuf>,
 }
 
 impl BootConfig {
@@ -125,6 +128,7 @@ impl BootConfig {
             host_loopback: false,
             first_command: None,
             qemu_user: QemuUser::from_env()?,
+            root_disk: None,
         })
     }
 }

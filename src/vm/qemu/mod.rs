@@ -129,13 +129,16 @@ impl QemuVm {
                 c.check_share(m)?;
             }
             let kernel = cfg.kernel_image.clone().unwrap_or_else(|| cfg.kernel.vmlinux.clone());
-            for (what, path) in [("kernel", kernel), ("initramfs", cfg.initramfs.clone())] {
+            let mut files = vec![("kernel", kernel), ("initramfs", cfg.initramfs.clone())];
+            files.extend(cfg.root_disk.clone().map(|d| ("root disk", d)));
+            for (what, path) in files {
                 c.check_readable(what, &path)?;
                 let f = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
                 let fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
                 match what {
                     "kernel" => cfg.kernel_image = Some(fd),
-                    _ => cfg.initramfs = fd,
+                    "initramfs" => cfg.initramfs = fd,
+                    _ => cfg.root_disk = Some(fd),
                 }
                 inherited.push(f.into());
             }

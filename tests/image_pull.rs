@@ -385,3 +385,117 @@ fn bearer_tokens_redirects_resumes_and_bounds_through_a_fault_front() {
     assert!(e.to_string().contains("more than 4194304"), "{e}");
     assert!(store.blobs().unwrap().is_empty() && store.refs().unwrap().is_empty());
 }
+
+#[test]
+fn two_processes_pulling_one_image_at_once_share_the_store() {
+    if !tools_ready("two_processes_pulling_one_image_at_once_share_the_store") {
+        return;
+    }
+    let dir = TempDir::new("pull-two");
+    let reg = TestRegistry::start("pull-two-reg");
+    big_image(&dir, "two").push(&reg, "test/two:1", &[]);
+    let r = format!("{}/test/two:1", reg.host());
+    let start = || {
+        std::process::Command::new(common::vmhost_bin())
+            .args(["image", "pull", &r])
+            .env("XDG_CACHE_HOME", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    for c in [a, b] {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let store = Store::open(dir.join("vmhost/images")).unwrap();
+    let img = pull::local(&store, &reference(&reg, "test/two:1"), &Platform::host()).unwrap().unwrap();
+    for l in &img.manifest.layers {
+        assert_eq!(Digest::sha256_of(&std::fs::read(store.blob_path(&l.digest)).unwrap()), l.digest);
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.join("vmhost/images/ingest")).unwrap().collect();
+    assert!(left.is_empty(), "nothing half-written left: {left:?}");
+}
+
+/// An OCI layout made by hand around one uncompressed layer: its config names the
+/// layer's diff id, as a well-formed image's does.
+fn hand_layout(dir: &std::path::Path, layer: &[u8]) {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let put = |data: &[u8]| {
+        let d = Digest::sha256_of(data);
+        std::fs::write(dir.join("blobs/sha256").join(d.hex()), data).unwrap();
+        (d.to_string(), data.len())
+    };
+    let (layer_digest, layer_size) = put(layer);
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}, "config": {}});
+    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": media::OCI_LAYER, "digest": layer_digest, "size": layer_size}]});
+    let (m_digest, m_size) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": media::OCI_MANIFEST,
+        "digest": m_digest, "size": m_size, "annotations": {"org.opencontainers.image.ref.name": "1"}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn hostile_layers_from_a_registry_never_reach_the_host() {
+    use vmhost::image::unpack;
+    if !tools_ready("hostile_layers_from_a_registry_never_reach_the_host") {
+        return;
+    }
+    let dir = TempDir::new("pull-evil");
+    let outside = TempDir::new("pull-evil-outside");
+    let reg = TestRegistry::start("pull-evil-reg");
+    // Layers written by GNU tar: a symlink out of the root and a file through it; a
+    // member named ../../escape.
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("x"), b"x\n").unwrap();
+    std::os::unix::fs::symlink(outside.path(), src.join("abs")).unwrap();
+    let tar = |args: &[&str]| {
+        let st = std::process::Command::new("tar").current_dir(&src).args(args).status().unwrap();
+        assert!(st.success());
+    };
+    tar(&["-cf", "through.tar", "abs"]);
+    tar(&["-rf", "through.tar", "--transform", "s,^x$,abs/pwned,", "x"]);
+    tar(&["-cPf", "escape.tar", "--transform", "s,^x$,../../escape,", "x"]);
+    let store = Store::open(dir.join("store")).unwrap();
+    let cache = dir.join("cache");
+    let progress = vmhost::progress::Progress::quiet();
+    for (name, file) in [("through", "through.tar"), ("escape", "escape.tar")] {
+        let layout = dir.join(&format!("layout-{name}"));
+        hand_layout(&layout, &std::fs::read(src.join(file)).unwrap());
+        let st = std::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:1", layout.display()))
+            .arg(format!("docker://{}/test/{name}:1", reg.host()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let through =
+        pull::get(&store, &reference(&reg, "test/through:1"), PullPolicy::Always, &PullOptions::default())
+            .unwrap();
+    let root = unpack::unpacked(&store, &through, &cache, &progress).unwrap();
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing written outside");
+    let inside = root.join(outside.path().strip_prefix("/").unwrap()).join("pwned");
+    assert_eq!(std::fs::read(&inside).unwrap(), b"x\n", "the link resolved inside the root");
+
+    let escape =
+        pull::get(&store, &reference(&reg, "test/escape:1"), PullPolicy::Always, &PullOptions::default())
+            .unwrap();
+    let e = unpack::unpacked(&store, &escape, &cache, &progress).unwrap_err();
+    assert!(e.to_string().contains("escapes"), "{e}");
+    let roots: Vec<String> = std::fs::read_dir(cache.join("roots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert_eq!(roots.len(), 1, "only the good root, no half-built one: {roots:?}");
+    assert!(store.has(&escape.manifest.layers[0].digest), "the store is intact");
+    assert!(!dir.path().parent().unwrap().join("escape").exists());
+}

@@ -82,7 +82,9 @@ VM OPTIONS:
                       reference (alpine, localhost:5000/app:1, repo@sha256:...): pulled into
                       the image store when missing (VMHOST_PULL=always|missing|never), run
                       with its entrypoint, command, env, working directory and user
-                      (default: busybox)
+                      (default: busybox); `run --pull always` asks the registry first,
+                      `--pull never` only uses the store, `--entrypoint PROG` replaces
+                      the image's entrypoint
     --memory MB       guest memory, 96 MiB to the host's (default 256)
     --cpus N          vCPUs, 1 to 255 (default 2 with QEMU on a host with 2 CPUs or more,
                       else 1)
@@ -427,7 +429,8 @@ fn stdin_is_dev_null() -> bool {
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let usage =
         "usage: vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] \
-         [--entrypoint PROG] -- CMD [ARGS...] (CMD optional with a container --image)";
+         [--entrypoint PROG] [--pull always|missing|never] -- CMD [ARGS...] (CMD optional with a container \
+         --image)";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
     let mut dir = None;
@@ -455,6 +458,11 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             dir = Some(v);
         } else if let Some(v) = flag_value(args, &mut i, "--entrypoint")? {
             entrypoint = Some(v);
+        } else if let Some(v) = flag_value(args, &mut i, "--pull")? {
+            v.parse::<vmhost::image::pull::PullPolicy>()?;
+            // Read where the image is resolved (in this process, or the helper it
+            // starts, which inherits it); set before any thread starts.
+            std::env::set_var("VMHOST_PULL", &v);
         } else if args[i] == "-t" || args[i] == "--tty" {
             tty = true;
         } else if args[i] == "--net" {

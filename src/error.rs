@@ -116,9 +116,9 @@ pub enum Error {
         /// The operation.
         op: String,
         /// Its lifecycle state.
-        state: crate::vm::state::VmState,
+        state: crate::status::VmState,
         /// How it ended.
-        end: Option<crate::vm::end::VmEnd>,
+        end: Option<crate::status::VmEnd>,
     },
     /// A VM lifecycle operation failed.
     Vm {
@@ -136,8 +136,9 @@ pub enum Error {
     },
     /// A QMP exchange with QEMU failed.
     Qmp(crate::qmp::Error),
-    /// The kvm backend's VMM failed (a KVM ioctl, guest memory, a vCPU).
-    Kvm(crate::vm::kvm::error::Error),
+    /// The kvm backend's VMM failed (a KVM ioctl, guest memory, a vCPU): its error
+    /// (`vm::kvm::error::Error`, which `source()` and `downcast_ref` reach).
+    Kvm(Box<dyn std::error::Error + Send + Sync>),
     /// The backend asked for cannot run here.
     BackendUnavailable {
         /// The backend ("kvm").
@@ -297,7 +298,7 @@ impl std::error::Error for Error {
             Error::Frame { source, .. } => Some(source),
             Error::Decode { source, .. } => Some(source),
             Error::Qmp(e) => Some(e),
-            Error::Kvm(e) => Some(e),
+            Error::Kvm(e) => Some(e.as_ref()),
             _ => None,
         }
     }
@@ -306,12 +307,6 @@ impl std::error::Error for Error {
 impl From<crate::qmp::Error> for Error {
     fn from(e: crate::qmp::Error) -> Error {
         Error::Qmp(e)
-    }
-}
-
-impl From<crate::vm::kvm::error::Error> for Error {
-    fn from(e: crate::vm::kvm::error::Error) -> Error {
-        Error::Kvm(e)
     }
 }
 

@@ -27,6 +27,7 @@ pub mod progress;
 pub mod qmp;
 pub(crate) mod rate_limit;
 pub mod server;
+pub mod status;
 pub mod vm;
 pub mod wire;
 

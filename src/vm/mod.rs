@@ -4,18 +4,15 @@
 
 pub(crate) mod agent_link;
 pub(crate) mod console;
-pub mod end;
 pub mod kvm;
 pub(crate) mod lifecycle;
 pub mod qemu;
 pub mod run_dir;
-pub mod state;
 pub mod stop;
 
 use std::time::Duration;
 
-pub use end::VmEnd;
-pub use state::VmState;
+pub use crate::status::{end, state, VmEnd, VmState};
 
 use std::path::{Path, PathBuf};
 

@@ -63,3 +63,10 @@ impl std::error::Error for Error {
         }
     }
 }
+
+/// The crate's error for a kvm backend failure.
+impl From<Error> for crate::error::Error {
+    fn from(e: Error) -> crate::error::Error {
+        crate::error::Error::Kvm(Box::new(e))
+    }
+}

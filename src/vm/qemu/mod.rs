@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::agent_link::AgentLink;
 use super::console::ConsoleLog;
-use super::end::ConsoleEnd;
+use super::console::ConsoleEnd;
 use super::lifecycle::Lifecycle;
 use super::run_dir::RunDir;
 use super::stop::{self, StopSteps, VmProcess};

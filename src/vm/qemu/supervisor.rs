@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::super::end::ConsoleEnd;
+use super::super::console::ConsoleEnd;
 use super::super::stop::{self, VmProcess};
 use super::super::{VmEnd, VmState};
 use super::{user, Shared};

@@ -1,6 +1,6 @@
 //! How a VM ended: what the host asked for, what the guest did (power-off, halt, reboot,
 //! a kernel panic, a triple fault), or what happened to the VMM process. Every backend
-//! records one ([`crate::vm::Machine::end`]); calls made after the end answer
+//! records one (`vm::Machine::end`); calls made after the end answer
 //! NotRunning with it, and `vmhost run` exits with its [`VmEnd::exit_code`].
 
 use std::fmt;
@@ -105,65 +105,12 @@ impl fmt::Display for VmEnd {
     }
 }
 
-/// What the guest kernel says on its console as it ends the machine, in the order it
-/// says it: these lines are printed at the highest level (KERN_EMERG), so `quiet` and
-/// `loglevel=1` keep them. Only the kernel and guest root can write the console, and a
-/// guest that fakes one only ends its own VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsoleEnd {
-    /// `reboot: System halted` (halt, and power-off without power-off hardware).
-    Halted,
-    /// `reboot: Power down`.
-    PowerDown,
-    /// `reboot: Restarting system`.
-    Restarting,
-    /// `Kernel panic - not syncing`.
-    Panic,
-}
-
-impl ConsoleEnd {
-    /// The marker a console line carries, if any.
-    pub fn in_line(line: &[u8]) -> Option<ConsoleEnd> {
-        const MARKERS: [(&[u8], ConsoleEnd); 4] = [
-            (b"reboot: System halted", ConsoleEnd::Halted),
-            (b"reboot: Power down", ConsoleEnd::PowerDown),
-            (b"reboot: Restarting system", ConsoleEnd::Restarting),
-            (b"Kernel panic - not syncing", ConsoleEnd::Panic),
-        ];
-        MARKERS.iter().find(|(m, _)| line.windows(m.len()).any(|w| w == *m)).map(|(_, e)| *e)
-    }
-
-    /// Whether the machine stays up after it: a halted guest never ends its VM by
-    /// itself, so the host has to.
-    pub fn host_must_end(self) -> bool {
-        matches!(self, ConsoleEnd::Halted | ConsoleEnd::PowerDown)
-    }
-
-    /// The end it means.
-    pub fn end(self) -> VmEnd {
-        match self {
-            ConsoleEnd::Halted | ConsoleEnd::PowerDown => VmEnd::GuestShutdown,
-            ConsoleEnd::Restarting => VmEnd::GuestReboot,
-            ConsoleEnd::Panic => VmEnd::GuestPanic,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn console_markers() {
-        assert_eq!(ConsoleEnd::in_line(b"[   12.3] reboot: System halted\r"), Some(ConsoleEnd::Halted));
-        assert_eq!(ConsoleEnd::in_line(b"reboot: Power down"), Some(ConsoleEnd::PowerDown));
-        assert_eq!(ConsoleEnd::in_line(b"reboot: Restarting system"), Some(ConsoleEnd::Restarting));
-        assert_eq!(
-            ConsoleEnd::in_line(b"Kernel panic - not syncing: Attempted to kill init!"),
-            Some(ConsoleEnd::Panic)
-        );
-        assert_eq!(ConsoleEnd::in_line(b"reboot: System"), None);
-        assert!(ConsoleEnd::Halted.host_must_end() && !ConsoleEnd::Panic.host_must_end());
+    fn ends_have_codes_and_wire_forms() {
         assert!(VmEnd::GuestPanic.is_error() && !VmEnd::GuestShutdown.is_error());
         let codes: Vec<u8> = [VmEnd::GuestShutdown, VmEnd::GuestPanic, VmEnd::Crashed("x".into())]
             .iter()

@@ -10,8 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use vmhost::contract::proto::ExecRequest;
 use vmhost::image::{initramfs, kernel, rootfs::Source};
+use vmhost::internals::contract::proto::ExecRequest;
 use vmhost::progress::Progress;
 use vmhost::vm::qemu::{BootConfig, MachineType, QemuVm};
 

@@ -31,18 +31,11 @@ pub mod status;
 pub mod vm;
 pub mod wire;
 
-// vmhost's own binaries' parts, public for them (and for the tests that drive them),
-// hidden from the documentation: not an API. The guest agent (`vmhost-agent`'s code)
-// and the host-guest contract it shares with `vm`; the CLI's Unix plumbing and signal
-// watcher.
 #[doc(hidden)]
-pub mod agent;
-#[doc(hidden)]
-pub mod contract;
-#[doc(hidden)]
-pub mod signals;
-#[doc(hidden)]
-pub mod unix;
+pub mod internals;
+// Their short paths inside the crate (`crate::contract`, `crate::agent` in tests and docs).
+#[allow(unused_imports)]
+pub(crate) use internals::{agent, contract, signals, unix};
 
 #[cfg(test)]
 mod test_dir;

@@ -51,7 +51,8 @@ fn qemu_runs_sandboxed_and_a_denied_system_call_ends_it() {
         assert_eq!((run_dir.uid(), run_dir.mode() & 0o777), (0, 0o700), "{}", log.display());
         assert_eq!(std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(), std::path::Path::new("/"));
         // And the guest works as before.
-        let req = vmhost::contract::proto::ExecRequest { program: "true".into(), ..Default::default() };
+        let req =
+            vmhost::internals::contract::proto::ExecRequest { program: "true".into(), ..Default::default() };
         let p = other.agent().unwrap().exec(&req).unwrap();
         assert_eq!(p.drain(|_, _| Ok(())).unwrap(), 0);
         other.stop(Duration::from_secs(10)).unwrap();

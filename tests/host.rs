@@ -200,8 +200,8 @@ int main(void) {{
     for (;;) pause();
 }}
 "#,
-            vmhost::agent::power::POWER_BUTTON_THREAD,
-            vmhost::agent::power::POWER_BUTTON_THREAD.len()
+            vmhost::internals::agent::power::POWER_BUTTON_THREAD,
+            vmhost::internals::agent::power::POWER_BUTTON_THREAD.len()
         ),
     )
     .unwrap();
@@ -241,7 +241,7 @@ fn a_flood_of_idle_connections_is_capped_and_never_starves_the_control_socket() 
     use std::os::unix::net::UnixStream;
     // Our own descriptors: 1,100 connections and more, as many as the hard limit lets
     // us beyond what the host process caps at (which follows its own limit).
-    let ours = vmhost::unix::raise_fd_limit();
+    let ours = vmhost::internals::unix::raise_fd_limit();
     let flood = 1100.min(ours.saturating_sub(200) as usize);
     if flood < 1100 {
         eprintln!("note: {flood} helper connections, not 1,100: the descriptor limit here is {ours}");

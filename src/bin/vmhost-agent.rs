@@ -6,7 +6,7 @@
 //! pays for at every boot and does not need. Under emulation its first-time kernel paths
 //! (a poll of the standard descriptors, SIGSEGV and SIGBUS handlers, an alternate signal
 //! stack mapped for the main thread and for every thread started after) cost
-//! milliseconds of every boot. [`vmhost::agent::main`] does the part the agent needs.
+//! milliseconds of every boot. [`vmhost::internals::agent::main`] does the part the agent needs.
 #![no_main]
 
 /// The C entry point (musl's `__libc_start_main` calls it).
@@ -21,5 +21,5 @@ pub unsafe extern "C" fn main(
 ) -> std::ffi::c_int {
     // SAFETY: the C runtime passes argc valid NUL-terminated strings in argv.
     let warm_up = argc == 2 && unsafe { std::ffi::CStr::from_ptr(*argv.add(1)) } == c"--warm-up";
-    vmhost::agent::main(warm_up)
+    vmhost::internals::agent::main(warm_up)
 }

@@ -183,7 +183,7 @@ fn flag_value(args: &[String], i: &mut usize, flag: &str) -> Result<Option<Strin
 fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     let mut socket = None;
     // Descriptors for many clients first: the connection cap follows the limit.
-    vmhost::unix::raise_fd_limit();
+    vmhost::internals::unix::raise_fd_limit();
     let mut opts = ServerOptions::default();
     let mut i = 0;
     while i < args.len() {
@@ -199,7 +199,8 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
         i += 1;
     }
     let socket = socket.ok_or("helper: --socket PATH is required")?;
-    let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
+    let signals =
+        vmhost::internals::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let helper = Helper::new();
     // The library's first command, when it boots through this helper.
     if let Some(first) = vmhost::FirstCommand::from_env()? {
@@ -289,7 +290,7 @@ fn cmd_qmp(args: &[String]) -> Result<ExitCode, String> {
         }
         i += 1;
     }
-    let stream = vmhost::unix::dial(std::path::Path::new(socket), timeout)
+    let stream = vmhost::internals::unix::dial(std::path::Path::new(socket), timeout)
         .map_err(|e| format!("{e}; is QEMU running with -qmp unix:{socket},server=on?"))?;
     let fail = |e: qmp::Error| -> Result<ExitCode, String> {
         match e {
@@ -515,7 +516,10 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
             return Err("run -t: stdin and stdout must be a terminal (drop -t to pipe them)".into());
         }
-        Some(vmhost::signals::watch(&[nix::sys::signal::Signal::SIGWINCH]).map_err(|e| e.to_string())?)
+        Some(
+            vmhost::internals::signals::watch(&[nix::sys::signal::Signal::SIGWINCH])
+                .map_err(|e| e.to_string())?,
+        )
     } else {
         None
     };
@@ -870,10 +874,11 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     let name = name.ok_or("host: --name NAME is required")?;
     let dir = dir.ok_or("host: --dir DIR is required")?;
     // Descriptors for many clients (the helper's connection cap follows the limit).
-    vmhost::unix::raise_fd_limit();
+    vmhost::internals::unix::raise_fd_limit();
     // A DIR that a live host serves is refused before a whole VM boots for nothing.
     ControlServer::check_free(&dir.join("vmhost.sock")).map_err(|e| e.to_string())?;
-    let signals = vmhost::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
+    let signals =
+        vmhost::internals::signals::watch(&[Signal::SIGTERM, Signal::SIGINT]).map_err(|e| e.to_string())?;
     let source = match &vm.image {
         Some(p) => vmhost::image::rootfs::Source::from_path(p).map_err(|e| e.to_string())?,
         None => vmhost::image::rootfs::Source::Default,

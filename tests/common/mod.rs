@@ -96,8 +96,12 @@ impl Qemu {
     /// a moment before its listen(2): a connect in between is refused, so refused
     /// connects are retried, as vmhost's own dial does.
     pub fn stream(&self) -> std::os::unix::net::UnixStream {
-        vmhost::unix::connect_retry(&self.socket, Duration::from_secs(20), Duration::from_millis(5))
-            .expect("connect to QMP socket")
+        vmhost::internals::unix::connect_retry(
+            &self.socket,
+            Duration::from_secs(20),
+            Duration::from_millis(5),
+        )
+        .expect("connect to QMP socket")
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {

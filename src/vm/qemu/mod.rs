@@ -28,8 +28,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::agent_link::AgentLink;
-use super::console::ConsoleLog;
 use super::console::ConsoleEnd;
+use super::console::ConsoleLog;
 use super::lifecycle::Lifecycle;
 use super::run_dir::RunDir;
 use super::stop::{self, StopSteps, VmProcess};

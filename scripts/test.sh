@@ -35,6 +35,7 @@ ineed=()
 command -v docker-registry >/dev/null 2>&1 || ineed+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || ineed+=(apache2-utils)
 command -v mkfs.erofs >/dev/null 2>&1 || ineed+=(erofs-utils)
+command -v fakeroot >/dev/null 2>&1 || ineed+=(fakeroot)
 command -v skopeo >/dev/null 2>&1 || ineed+=(skopeo)
 command -v umoci >/dev/null 2>&1 || ineed+=(umoci)
 if [ "${#ineed[@]}" -gt 0 ]; then

@@ -134,3 +134,60 @@ fn an_image_from_the_registry_runs_as_docker_runs_it() {
     assert_eq!(code, Some(125), "{err}");
     assert!(err.contains(&reg.host()), "{err}");
 }
+
+#[test]
+fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
+    let test = "an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: making the image needs root (chown, mknod); the run is as nobody");
+        return;
+    }
+    let home = TempDir::new("imgnobody");
+    let xdg = private_cache(home.path());
+    let busybox = xdg.join("vmhost/rootfs/busybox-2");
+    let l = Layout::new(&home.join("layout"), "1");
+    l.layer(|root| {
+        let st =
+            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
+        assert!(st.success());
+        std::fs::write(root.join("etc/owned"), b"mine\n").unwrap();
+        std::os::unix::fs::chown(root.join("etc/owned"), Some(1234), Some(5678)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("etc/owned"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let st = Command::new("mknod").arg(root.join("etc/null2")).args(["c", "1", "3"]).status().unwrap();
+        assert!(st.success());
+        std::fs::create_dir(root.join("locked")).unwrap();
+        std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    });
+    // A later layer writes into the 0555 directory.
+    l.layer(|root| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("locked/f"), b"inside\n").unwrap();
+        std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    });
+    // Everything nobody needs: the layout, the cache (kernels, where the store goes).
+    let st = Command::new("chmod").args(["-R", "a+rwX"]).arg(home.path()).status().unwrap();
+    assert!(st.success());
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--"])
+        .arg(common::vmhost_bin())
+        .args(["run", "--image"])
+        .arg(&l.path)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "stat -c '%u:%g %a' /etc/owned; stat -c '%F %t,%T' /etc/null2; stat -c %a /locked; cat /locked/f",
+        ])
+        .env("XDG_CACHE_HOME", &xdg)
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout, "1234:5678 640\ncharacter special file 1,3\n555\ninside\n", "{stderr}");
+}

@@ -15,7 +15,11 @@ pub const MKFS: &str = "mkfs.erofs";
 
 /// Whether `mkfs.erofs` is on the `PATH`.
 pub fn available() -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(MKFS).is_file()))
+    on_path(MKFS)
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 /// The erofs image of `img`'s root, built when missing (under a lock and a temporary
@@ -34,20 +38,46 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
     }
     let scratch = roots.join(format!("{name}.unpack.{}", super::unique_suffix()));
     std::fs::create_dir(&scratch).map_err(|e| Error::io("create directory", &scratch, e))?;
+    let mut state_file: Option<PathBuf> = None;
     let built = (|| {
-        super::unpack::unpack_into(store, img, &scratch, progress)?;
+        let faked = super::unpack::unpack_into(store, img, &scratch, progress)?;
         // The image's `/`: readable by all, as in a container.
         std::fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(|e| Error::io("chmod", &scratch, e))?;
         progress.step(&format!("building the image's disk ({MKFS})"));
         let tmp = roots.join(format!("{name}.erofs.tmp.{}", super::unique_suffix()));
-        let out = std::process::Command::new(MKFS)
+        // Not root: owners, device nodes and modes come from the image through
+        // fakeroot, which mkfs.erofs runs under (see unpack::Root::fakeroot_state).
+        let mut cmd = match &faked {
+            Some(state) if on_path("fakeroot") => {
+                let file = roots.join(format!("{name}.fakeroot.{}", super::unique_suffix()));
+                std::fs::write(&file, state).map_err(|e| Error::io("write", &file, e))?;
+                let mut c = std::process::Command::new("fakeroot");
+                c.arg("-i").arg(&file).arg("--").arg(MKFS);
+                state_file = Some(file);
+                c
+            }
+            Some(_) => {
+                log::warn!(
+                    "{}: the image's owners and device nodes are lost: vmhost is not root and fakeroot is \
+                     missing (apt-get install fakeroot)",
+                    img.name
+                );
+                std::process::Command::new(MKFS)
+            }
+            None => std::process::Command::new(MKFS),
+        };
+        let out = cmd
             .arg("--quiet")
             .arg("--preserve-mtime")
             .arg(&tmp)
             .arg(&scratch)
             .output()
-            .map_err(|e| Error::io("run mkfs.erofs (apt-get install erofs-utils)", MKFS, e))?;
+            .map_err(|e| Error::io("run mkfs.erofs (apt-get install erofs-utils)", MKFS, e));
+        if let Some(f) = state_file.take() {
+            let _ = std::fs::remove_file(f);
+        }
+        let out = out?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::InvalidArgument {

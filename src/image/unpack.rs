@@ -53,9 +53,7 @@ pub struct Stats {
     pub bytes: u64,
     /// Paths deleted by whiteouts.
     pub whiteouts: u64,
-    /// Device nodes left out (not root).
-    pub devices_skipped: u64,
-    /// Entries whose owner could not be kept (not root).
+    /// Entries whose owner is another user's (not root: kept by fakeroot's state).
     pub owners_skipped: u64,
 }
 
@@ -76,6 +74,19 @@ pub struct Root {
     as_root: bool,
     limits: Limits,
     stats: Stats,
+    /// Not root: what each inode should be (mode with its type, owner, device) where
+    /// the files on disk cannot say it, by (device, inode), for `fakeroot -i`.
+    faked: std::collections::HashMap<(u64, u64), Faked>,
+}
+
+/// An inode's metadata as the image has it, for fakeroot's state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Faked {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    nlink: u64,
 }
 
 impl std::fmt::Debug for Root {
@@ -114,12 +125,59 @@ impl Root {
             as_root: nix::unistd::geteuid().is_root(),
             limits,
             stats: Stats::default(),
+            faked: std::collections::HashMap::new(),
         })
     }
 
     /// What was done so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// When vmhost is not root: fakeroot's state (`fakeroot -i`) that gives the files
+    /// their owners, modes and device numbers from the image, for a tool that reads the
+    /// tree under fakeroot (mkfs.erofs). `None` when nothing needs faking.
+    pub fn fakeroot_state(&self) -> Option<String> {
+        if self.faked.is_empty() {
+            return None;
+        }
+        let mut lines: Vec<String> = self
+            .faked
+            .iter()
+            .map(|((dev, ino), f)| {
+                format!(
+                    "dev={dev:x},ino={ino},mode={:o},uid={},gid={},nlink={},rdev={}",
+                    f.mode, f.uid, f.gid, f.nlink, f.rdev
+                )
+            })
+            .collect();
+        lines.sort();
+        Some(lines.join("\n") + "\n")
+    }
+
+    /// Not root: records what `name` in `dir` should be where the file on disk differs.
+    fn fake(
+        &mut self,
+        dir: &OwnedFd,
+        name: &CString,
+        want_mode: u32,
+        e: &Entry,
+        rdev: u64,
+    ) -> io::Result<()> {
+        // SAFETY: all-zero is a valid stat, which fstatat then fills.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat writes one stat; the name is NUL-terminated.
+        check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+        let key = (st.st_dev, st.st_ino);
+        let want = Faked { mode: want_mode, uid: e.uid, gid: e.gid, rdev, nlink: st.st_nlink };
+        let have =
+            Faked { mode: st.st_mode, uid: st.st_uid, gid: st.st_gid, rdev: st.st_rdev, nlink: st.st_nlink };
+        if want == have {
+            self.faked.remove(&key);
+        } else {
+            self.faked.insert(key, want);
+        }
+        Ok(())
     }
 
     /// Opens `rel` below the root, symlinks resolved inside it.
@@ -279,6 +337,22 @@ impl Root {
                     check(unsafe { libc::mkdirat(p, c.as_ptr(), 0o700) })?;
                 }
             }
+            // Not root: a device node is a placeholder file whose type and numbers
+            // fakeroot gives it (see `fakeroot_state`).
+            Kind::Char | Kind::Block if !self.as_root => {
+                // SAFETY: as for a regular file below.
+                let fd = unsafe {
+                    libc::openat(
+                        p,
+                        c.as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        0o600,
+                    )
+                };
+                check(fd)?;
+                // SAFETY: a fresh descriptor we own, closed at once.
+                drop(unsafe { File::from_raw_fd(fd) });
+            }
             Kind::File => {
                 // SAFETY: openat with O_EXCL|O_NOFOLLOW creates a new file (the old entry
                 // was removed above); returns a new descriptor or -1.
@@ -325,36 +399,50 @@ impl Root {
                 return Ok(());
             }
             Kind::Fifo | Kind::Char | Kind::Block => {
-                let (fmt, allowed) = match e.kind {
-                    Kind::Fifo => (libc::S_IFIFO, true),
-                    Kind::Char => (libc::S_IFCHR, self.as_root),
-                    _ => (libc::S_IFBLK, self.as_root),
+                let fmt = match e.kind {
+                    Kind::Fifo => libc::S_IFIFO,
+                    Kind::Char => libc::S_IFCHR,
+                    _ => libc::S_IFBLK,
                 };
-                if !allowed {
-                    self.stats.devices_skipped += 1;
-                    if self.stats.devices_skipped == 1 {
-                        log::warn!(
-                            "device nodes of the image are left out: vmhost is not root (first: {})",
-                            e.path
-                        );
-                    }
-                    return Ok(());
-                }
                 let dev = libc::makedev(e.dev.0, e.dev.1);
                 // SAFETY: mknodat on a directory descriptor we hold.
                 check(unsafe { libc::mknodat(p, c.as_ptr(), fmt | 0o600, dev) })?;
             }
         }
-        // Owner, then mode (a chown clears set-id bits), then xattrs and times.
+        // Owner, then mode (a chown clears set-id bits), then xattrs and times. Not
+        // root: the owner, the type of a device and a mode that would lock us out of
+        // our own tree (a 0555 directory written into later, a 0000 file mkfs reads)
+        // go to the fakeroot state instead, and the files stay ours to write and read.
+        let mode = e.mode & 0o7777;
         if self.as_root {
             // SAFETY: fchownat on a name in a directory we hold, not following a symlink.
             check(unsafe { libc::fchownat(p, c.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW) })?;
-        } else if e.uid != nix::unistd::geteuid().as_raw() || e.gid != nix::unistd::getegid().as_raw() {
-            self.stats.owners_skipped += 1;
         }
+        let on_disk = match e.kind {
+            _ if self.as_root => mode,
+            Kind::Dir => mode | 0o700,
+            _ => mode | 0o600,
+        };
         if e.kind != Kind::Symlink {
             // SAFETY: fchmodat on a name in a directory we hold (not a symlink).
-            check(unsafe { libc::fchmodat(p, c.as_ptr(), e.mode & 0o7777, 0) })?;
+            check(unsafe { libc::fchmodat(p, c.as_ptr(), on_disk, 0) })?;
+        }
+        if !self.as_root {
+            let (fmt, rdev) = match e.kind {
+                Kind::Dir => (libc::S_IFDIR, 0),
+                Kind::File => (libc::S_IFREG, 0),
+                Kind::Symlink => (libc::S_IFLNK, 0),
+                Kind::Fifo => (libc::S_IFIFO, 0),
+                Kind::Char => (libc::S_IFCHR, libc::makedev(e.dev.0, e.dev.1)),
+                Kind::Block => (libc::S_IFBLK, libc::makedev(e.dev.0, e.dev.1)),
+                // (Hard links returned above: the inode they share is recorded.)
+                Kind::Hardlink => (libc::S_IFREG, 0),
+            };
+            let want_mode = fmt | if e.kind == Kind::Symlink { 0o777 } else { mode };
+            self.fake(&pfd, &c, want_mode, e, rdev)?;
+            if e.uid != nix::unistd::geteuid().as_raw() || e.gid != nix::unistd::getegid().as_raw() {
+                self.stats.owners_skipped += 1;
+            }
         }
         if e.kind != Kind::File {
             for (k, v) in &e.xattrs {
@@ -405,6 +493,12 @@ pub fn unpacked(
     let tmp = roots.join(format!("{name}.tmp.{}", super::unique_suffix()));
     std::fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
     let built = unpack_into(store, img, &tmp, progress);
+    if let Ok(Some(_)) = &built {
+        log::warn!(
+            "{}: the image's owners and device nodes are lost in a root copied as another user than root",
+            img.name
+        );
+    }
     if let Err(e) = built {
         remove_tree(&tmp);
         return Err(e);
@@ -415,13 +509,15 @@ pub fn unpacked(
     Ok(dest)
 }
 
-/// Applies every layer of `img` to the empty directory `dir`.
+/// Applies every layer of `img` to the empty directory `dir`. Returns, when vmhost is
+/// not root, fakeroot's state for what the files on disk cannot say (owners, device
+/// nodes, modes that would lock us out): see [`Root::fakeroot_state`].
 pub fn unpack_into(
     store: &super::store::Store,
     img: &super::pull::StoredImage,
     dir: &Path,
     progress: &crate::progress::Progress,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let mut root = Root::open(dir, Limits::default())?;
     let diff_ids = img.config.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or(&[]);
     let n = img.manifest.layers.len();
@@ -433,7 +529,7 @@ pub fn unpack_into(
         root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
     }
     log::info!("unpacked {}: {:?}", img.name, root.stats());
-    Ok(())
+    Ok(root.fakeroot_state())
 }
 
 /// An exclusive flock(2) on `path` (made if missing), held until dropped.

@@ -339,34 +339,9 @@ impl Root {
             }
             // Not root: a device node is a placeholder file whose type and numbers
             // fakeroot gives it (see `fakeroot_state`).
-            Kind::Char | Kind::Block if !self.as_root => {
-                // SAFETY: as for a regular file below.
-                let fd = unsafe {
-                    libc::openat(
-                        p,
-                        c.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                        0o600,
-                    )
-                };
-                check(fd)?;
-                // SAFETY: a fresh descriptor we own, closed at once.
-                drop(unsafe { File::from_raw_fd(fd) });
-            }
+            Kind::Char | Kind::Block if !self.as_root => drop(create_file(&pfd, &c)?),
             Kind::File => {
-                // SAFETY: openat with O_EXCL|O_NOFOLLOW creates a new file (the old entry
-                // was removed above); returns a new descriptor or -1.
-                let fd = unsafe {
-                    libc::openat(
-                        p,
-                        c.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                        0o600,
-                    )
-                };
-                check(fd)?;
-                // SAFETY: a fresh descriptor we own.
-                let mut f = unsafe { File::from_raw_fd(fd) };
+                let mut f = create_file(&pfd, &c)?;
                 let budget = self.limits.max_bytes.saturating_sub(self.stats.bytes);
                 let n = io::copy(&mut body.take(budget.saturating_add(1)), &mut f)?;
                 if n > budget {
@@ -571,6 +546,23 @@ fn in_root(path: &str) -> String {
         }
     }
     parts.join("/")
+}
+
+/// Creates the new file `name` in `dir` (0600; the old entry was removed first, and
+/// `O_EXCL|O_NOFOLLOW` make sure nothing else is opened).
+fn create_file(dir: &OwnedFd, name: &CString) -> io::Result<File> {
+    // SAFETY: openat with a NUL-terminated name; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    check(fd)?;
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// The names in a directory.

@@ -28,6 +28,20 @@ fn run(xdg: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A private cache for `home`, and an image layout whose first layer is its busybox root.
+fn busybox_image(home: &TempDir) -> (std::path::PathBuf, Layout) {
+    let xdg = private_cache(home.path());
+    let busybox = xdg.join("vmhost/rootfs/busybox-2");
+    assert!(busybox.join("bin/busybox").is_file(), "the busybox root is provisioned by the VM tests' cache");
+    let l = Layout::new(&home.join("layout"), "1");
+    l.layer(|root| {
+        let st =
+            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
+        assert!(st.success());
+    });
+    (xdg, l)
+}
+
 #[test]
 fn an_image_from_the_registry_runs_as_docker_runs_it() {
     let test = "an_image_from_the_registry_runs_as_docker_runs_it";
@@ -35,15 +49,9 @@ fn an_image_from_the_registry_runs_as_docker_runs_it() {
         return;
     }
     let home = TempDir::new("imgrun");
-    let xdg = private_cache(home.path());
-    let busybox = xdg.join("vmhost/rootfs/busybox-2");
-    assert!(busybox.join("bin/busybox").is_file(), "the busybox root is provisioned by the VM tests' cache");
     let mut reg = TestRegistry::start("imgrun-reg");
-    let l = Layout::new(&home.join("layout"), "1");
+    let (xdg, l) = busybox_image(&home);
     l.layer(|root| {
-        let st =
-            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
-        assert!(st.success());
         std::fs::write(root.join("etc/deleted"), b"lower layer\n").unwrap();
         std::fs::create_dir_all(root.join("work")).unwrap();
     });
@@ -146,13 +154,8 @@ fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
         return;
     }
     let home = TempDir::new("imgnobody");
-    let xdg = private_cache(home.path());
-    let busybox = xdg.join("vmhost/rootfs/busybox-2");
-    let l = Layout::new(&home.join("layout"), "1");
+    let (xdg, l) = busybox_image(&home);
     l.layer(|root| {
-        let st =
-            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
-        assert!(st.success());
         std::fs::write(root.join("etc/owned"), b"mine\n").unwrap();
         std::os::unix::fs::chown(root.join("etc/owned"), Some(1234), Some(5678)).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -190,4 +193,29 @@ fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "1234:5678 640\ncharacter special file 1,3\n555\ninside\n", "{stderr}");
+}
+
+#[test]
+fn a_writable_disk_takes_what_the_guests_memory_cannot() {
+    let test = "a_writable_disk_takes_what_the_guests_memory_cannot";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    let home = TempDir::new("imgdisk");
+    let (xdg, l) = busybox_image(&home);
+    let layout = l.path.display().to_string();
+    // 200 MB into the image's root: more than the overlay's tmpfs holds in a 256 MiB
+    // guest (half its memory), well within a 512 MiB disk.
+    let write = "dd if=/dev/zero of=/big bs=1M count=200 2>&1 && ls -l /big | awk '{print $5}'";
+    let (code, out, _) = run(&xdg, &["--image", &layout, "--memory", "256", "--", "sh", "-c", write]);
+    assert_ne!(code, Some(0), "the memory alone cannot: {out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    let (code, out, err) =
+        run(&xdg, &["--image", &layout, "--memory", "256", "--disk", "512M", "--", "sh", "-c", write]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.ends_with("209715200\n"), "{out}");
+    // A plain root has no overlay to give a disk to: said before anything boots.
+    let (code, _, err) = run(&xdg, &["--disk", "64M", "--", "true"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("container images"), "{err}");
 }

@@ -188,17 +188,24 @@ fn mount_filesystems() {
 /// The root disk's filesystem, when the host gave the guest one
 /// ([`crate::contract::ROOT_DISK_PARAM`]).
 fn root_disk() -> Option<String> {
+    kernel_param(crate::contract::ROOT_DISK_PARAM).filter(|t| t == "erofs")
+}
+
+/// The writable disk's filesystem, when the host gave the overlay one
+/// ([`crate::contract::RW_DISK_PARAM`]).
+fn rw_disk() -> Option<String> {
+    kernel_param(crate::contract::RW_DISK_PARAM).filter(|t| t == "ext4")
+}
+
+/// The value of `prefix` (`name=`) on the kernel command line.
+fn kernel_param(prefix: &str) -> Option<String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(crate::contract::ROOT_DISK_PARAM))
-        .filter(|t| *t == "erofs")
-        .map(str::to_string)
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(prefix)).map(str::to_string)
 }
 
 /// Makes the image's disk the root: the read-only disk as the lower layer of an overlay
 /// whose upper layer is on tmpfs (what the guest writes lives in its memory, the image
-/// is never copied there), the mounts made so far moved into it, then the overlay moved
+/// is never copied there) or on the writable disk the host gave it, the mounts made so far moved into it, then the overlay moved
 /// onto `/` and entered, as switch_root does.
 fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
     use crate::contract::ROOT_DISK_DEVICE;
@@ -208,8 +215,18 @@ fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
     }
     mount(Some(ROOT_DISK_DEVICE), "/vmhost/lower", Some(fstype), MsFlags::MS_RDONLY, None::<&str>)
         .map_err(|e| err(&format!("mount {ROOT_DISK_DEVICE}"), e))?;
-    mount(Some("tmpfs"), "/vmhost/rw", Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .map_err(|e| err("mount the writable layer", e))?;
+    match rw_disk() {
+        Some(fs) => mount(
+            Some(crate::contract::RW_DISK_DEVICE),
+            "/vmhost/rw",
+            Some(fs.as_str()),
+            MsFlags::MS_NOATIME,
+            None::<&str>,
+        )
+        .map_err(|e| err(&format!("mount the writable disk {}", crate::contract::RW_DISK_DEVICE), e))?,
+        None => mount(Some("tmpfs"), "/vmhost/rw", Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
+            .map_err(|e| err("mount the writable layer", e))?,
+    }
     for d in ["/vmhost/rw/upper", "/vmhost/rw/work", "/vmhost/rw/root"] {
         std::fs::create_dir_all(d)?;
     }

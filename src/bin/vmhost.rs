@@ -84,7 +84,8 @@ VM OPTIONS:
                       with its entrypoint, command, env, working directory and user
                       (default: busybox); `run --pull always` asks the registry first,
                       `--pull never` only uses the store, `--entrypoint PROG` replaces
-                      the image's entrypoint
+                      the image's entrypoint; `--disk 10G` gives the image's writable
+                      layer a disk of that size instead of the guest's memory
     --memory MB       guest memory, 96 MiB to the host's (default 256)
     --cpus N          vCPUs, 1 to 255 (default 2 with QEMU on a host with 2 CPUs or more,
                       else 1)
@@ -430,7 +431,7 @@ fn stdin_is_dev_null() -> bool {
 fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     let usage =
         "usage: vmhost run [VM OPTIONS] [--net | --net-host-loopback] [-t] [-i|-n] [-e KEY=VAL]... [-w DIR] \
-         [--entrypoint PROG] [--pull always|missing|never] -- CMD [ARGS...] (CMD optional with a container \
+         [--entrypoint PROG] [--pull always|missing|never] [--disk SIZE] -- CMD [ARGS...] (CMD optional with a container \
          --image)";
     let mut vm = VmFlags::default();
     let mut env = Vec::new();
@@ -459,6 +460,21 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
             dir = Some(v);
         } else if let Some(v) = flag_value(args, &mut i, "--entrypoint")? {
             entrypoint = Some(v);
+        } else if let Some(v) = flag_value(args, &mut i, "--disk")? {
+            // SIZE in MiB, or with a suffix M, G or T (powers of 1024).
+            let (num, mult) = match v.chars().last() {
+                Some('M' | 'm') => (&v[..v.len() - 1], 1u64),
+                Some('G' | 'g') => (&v[..v.len() - 1], 1 << 10),
+                Some('T' | 't') => (&v[..v.len() - 1], 1 << 20),
+                _ => (v.as_str(), 1),
+            };
+            let mb = num
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(mult))
+                .ok_or_else(|| format!("--disk {v:?}: give a size such as 512M or 10G"))?;
+            // Read where the instance boots (here, or in the helper it starts).
+            std::env::set_var("VMHOST_DISK_MB", mb.to_string());
         } else if let Some(v) = flag_value(args, &mut i, "--pull")? {
             v.parse::<vmhost::image::pull::PullPolicy>()?;
             // Read where the image is resolved (in this process, or the helper it

@@ -25,6 +25,12 @@ pub const MOUNTS_PARAM: &str = "vmhost.mounts=";
 pub const ROOT_DISK_PARAM: &str = "vmhost.rootdisk=";
 /// The device of the root disk.
 pub const ROOT_DISK_DEVICE: &str = "/dev/vda";
+/// The kernel command-line parameter that gives the overlay over the root disk a
+/// writable disk of its own (`vmhost.rwdisk=ext4`, the second virtio-blk device) instead
+/// of tmpfs: for jobs that write more than the guest's memory holds.
+pub const RW_DISK_PARAM: &str = "vmhost.rwdisk=";
+/// The device of the writable disk.
+pub const RW_DISK_DEVICE: &str = "/dev/vdb";
 
 /// The module list: one `file.ko [params]` per line, in load order.
 pub const MODULES_LIST: &str = "/vmhost/modules.load";

@@ -358,6 +358,21 @@ pub fn local_image(
     Ok(Some((image_root(&store, &img, cache, progress)?, img.config.config.clone().unwrap_or_default())))
 }
 
+/// The size of a container image's writable disk, `VMHOST_DISK_MB` (`run --disk`):
+/// `None` keeps the overlay's writes in the guest's memory.
+pub fn rw_disk_mb() -> Result<Option<u64>> {
+    match std::env::var("VMHOST_DISK_MB") {
+        Ok(v) if !v.is_empty() => match v.parse::<u64>() {
+            Ok(mb) if (16..=16 << 20).contains(&mb) => Ok(Some(mb)),
+            _ => Err(Error::InvalidArgument {
+                op: "disk".into(),
+                message: format!("VMHOST_DISK_MB={v:?}: give MiB from 16 to 16777216 (16 TiB)"),
+            }),
+        },
+        _ => Ok(None),
+    }
+}
+
 /// Everything needed to boot one instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -511,6 +526,14 @@ impl InstanceSpec {
         cfg.first_command = self.first_command.clone();
         if let Source::Disk(d) = &self.source {
             cfg.root_disk = Some(d.clone());
+            cfg.rw_disk_mb = rw_disk_mb()?;
+        } else if rw_disk_mb()?.is_some() {
+            return Err(Error::InvalidArgument {
+                op: "InstanceNew".into(),
+                message: "a writable disk (VMHOST_DISK_MB, run --disk) is for container images booted from \
+                          their erofs disk; this root is in the initramfs"
+                    .into(),
+            });
         }
         progress.step(&format!("booting ({}, {} MiB, {} vCPU)", cfg.accel.as_str(), cfg.memory_mb, cfg.cpus));
         qemu::QemuVm::boot(cfg).map(Machine::Qemu)

@@ -101,6 +101,9 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     append.extend(mounts_arg.as_deref());
     let root_disk_arg = cfg.root_disk.as_ref().map(|_| format!("{}erofs", crate::contract::ROOT_DISK_PARAM));
     append.extend(root_disk_arg.as_deref());
+    let rw_disk_arg = (cfg.root_disk.is_some() && cfg.rw_disk_mb.is_some())
+        .then(|| format!("{}ext4", crate::contract::RW_DISK_PARAM));
+    append.extend(rw_disk_arg.as_deref());
     if !cfg.dmesg {
         append.extend(["quiet", "loglevel=1"]);
     }
@@ -109,7 +112,8 @@ pub(super) fn kernel_cmdline(cfg: &BootConfig) -> (String, bool) {
     // rest, and QEMU's microvm adds a `virtio_mmio.device=512@0xfeb00e00:12` for each
     // device. The command line then goes to QEMU in a file (see `cmdline_args`), whose
     // values hold at most QEMU_CONFIG_VALUE bytes and no double quote.
-    let devices = VIRTIO_DEVICES + cfg.mounts.len() + usize::from(cfg.root_disk.is_some());
+    let disks = usize::from(cfg.root_disk.is_some()) * (1 + usize::from(cfg.rw_disk_mb.is_some()));
+    let devices = VIRTIO_DEVICES + cfg.mounts.len() + disks;
     let room = 2048usize.saturating_sub(40 * devices).min(QEMU_CONFIG_VALUE + 1);
     let given = append.iter().copied().chain(cfg.extra_args.iter().map(String::as_str));
     let used: usize = given.clone().map(|a| a.len() + 1).sum();
@@ -184,7 +188,12 @@ pub(super) fn cmdline_args(
 }
 
 /// QEMU's arguments, with `cmdline` giving the kernel its command line.
-pub(super) fn command_line(cfg: &BootConfig, cmdline: [String; 2], fds: &QemuFds) -> Vec<String> {
+pub(super) fn command_line(
+    cfg: &BootConfig,
+    cmdline: [String; 2],
+    fds: &QemuFds,
+    rw_disk: Option<&Path>,
+) -> Vec<String> {
     let minimal = cfg.kernel.is_minimal();
     let (machine, serial_dev, net_dev, balloon_dev) = match cfg.machine {
         MachineType::Microvm if minimal => {
@@ -277,6 +286,16 @@ pub(super) fn command_line(cfg: &BootConfig, cmdline: [String; 2], fds: &QemuFds
         ));
         args.push("-device".into());
         args.push(format!("{blk},drive=root"));
+        // Its overlay's writable disk, second: /dev/vdb.
+        if let Some(rw) = rw_disk {
+            args.push("-drive".into());
+            args.push(format!(
+                "file={},if=none,id=rw,format=raw,cache=unsafe,discard=unmap",
+                rw.display().to_string().replace(',', ",,")
+            ));
+            args.push("-device".into());
+            args.push(format!("{blk},drive=rw"));
+        }
     }
     let ninep = if cfg.machine == MachineType::Pc { "virtio-9p-pci" } else { "virtio-9p-device" };
     for (i, m) in cfg.mounts.iter().enumerate() {
@@ -383,6 +402,7 @@ mod tests {
             }),
             qemu_user: QemuUser::Same,
             root_disk: None,
+            rw_disk_mb: None,
         }
     }
 

@@ -106,6 +106,9 @@ pub struct BootConfig {
     /// A read-only root filesystem image (erofs) attached as the first virtio-blk disk,
     /// which the agent makes the root (see [`crate::contract::ROOT_DISK_PARAM`]).
     pub root_disk: Option<PathBuf>,
+    /// With a root disk: a writable disk of this many MiB for its overlay (made empty,
+    /// ext4, in the VM's run directory, gone with the VM), instead of tmpfs.
+    pub rw_disk_mb: Option<u64>,
 }
 
 impl BootConfig {
@@ -129,6 +132,7 @@ impl BootConfig {
             first_command: None,
             qemu_user: QemuUser::from_env()?,
             root_disk: None,
+            rw_disk_mb: None,
         })
     }
 }

@@ -145,6 +145,15 @@ impl QemuVm {
         }
         let dir = RunDir::new()?;
         let fds = QemuFds::new(&dir.0)?;
+        // The overlay's writable disk: made empty here, gone with the run directory.
+        let rw_disk = match (cfg.rw_disk_mb, &cfg.root_disk) {
+            (Some(mb), Some(_)) => {
+                let (path, file) = make_rw_disk(&dir.0, mb, creds.is_some())?;
+                inherited.extend(file);
+                Some(path)
+            }
+            _ => None,
+        };
         let console = ConsoleLog::new(Some(&dir.0.join("console.log")), cfg.dmesg);
         let id = format!("vm-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
@@ -172,7 +181,7 @@ impl QemuVm {
         let (append, private) = kernel_cmdline(&cfg);
         let (cmdline, cmdline_file) = cmdline_args(append, private, &shared.dir.0, creds.is_some())?;
         inherited.extend(cmdline_file);
-        let args = command_line(&cfg, cmdline, &fds);
+        let args = command_line(&cfg, cmdline, &fds, rw_disk.as_deref());
         log::debug!("qemu {}", args.join(" "));
         let stderr = File::create(shared.dir.0.join("qemu.log"))
             .map_err(|e| Error::io("create", shared.dir.0.join("qemu.log"), e))?;
@@ -420,4 +429,41 @@ fn guest_announced_end(sh: &Arc<Shared>, said: ConsoleEnd) {
     if let Err(e) = spawned {
         log::error!("{}: cannot end the halted guest's VM: {e}", sh.id);
     }
+}
+
+/// Makes the overlay's writable disk: a sparse file of `mb` MiB in the run directory,
+/// formatted ext4 (root's, 0755 at the top, as the overlay wants its upper directory).
+/// For a QEMU of another user it goes as `/proc/self/fd/N` (the file is 0666 in a
+/// directory only vmhost enters), with the descriptor QEMU keeps.
+fn make_rw_disk(dir: &Path, mb: u64, other_user: bool) -> Result<(PathBuf, Option<OwnedFd>)> {
+    let path = dir.join("rw.ext4");
+    let f = File::create(&path).map_err(|e| Error::io("create the writable disk", &path, e))?;
+    f.set_len(mb << 20).map_err(|e| Error::io("size the writable disk", &path, e))?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"])
+        .arg(&path)
+        .output()
+        .map_err(|e| Error::io("run mkfs.ext4 (apt-get install e2fsprogs)", "mkfs.ext4", e))?;
+    if !out.status.success() {
+        return Err(Error::Vm {
+            op: "boot".into(),
+            message: format!(
+                "mkfs.ext4 of the writable disk failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    if !other_user {
+        return Ok((path, None));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| Error::io("chmod", &path, e))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    Ok((PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())), Some(f.into())))
 }

@@ -12,34 +12,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-#[path = "../src/test_dir.rs"]
-#[allow(dead_code)]
-mod test_dir;
-use test_dir::TempDir;
-
-#[allow(dead_code)]
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
-
-#[allow(dead_code)]
-fn under_ci() -> bool {
-    false
-}
-
-#[path = "../tests/common/registry.rs"]
-#[allow(dead_code)]
-mod registry;
-use registry::{Layout, TestRegistry};
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::registry::{Layout, TestRegistry};
+use common::TempDir;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -57,8 +35,7 @@ fn main() {
     }
     let runs = |d: usize| std::env::var("VMHOST_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let cache = vmhost::image::cache_dir();
-    let busybox = cache.join("rootfs/busybox-2");
-    assert!(busybox.join("bin/busybox").is_file(), "run a VM once first (the busybox root)");
+    let busybox = vmhost::image::rootfs::busybox_root(&cache, &vmhost::progress::Progress::quiet()).unwrap();
     let work = TempDir::new("bench-image");
     let copy = |from: &str, to: &Path| {
         let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();

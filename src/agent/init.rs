@@ -197,9 +197,10 @@ fn rw_disk() -> Option<String> {
     kernel_param(crate::contract::RW_DISK_PARAM).filter(|t| t == "ext4")
 }
 
-/// The value of `prefix` (`name=`) on the kernel command line.
+/// The value of `prefix` (`name=`) on the kernel command line (read once).
 fn kernel_param(prefix: &str) -> Option<String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    static CMDLINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let cmdline = CMDLINE.get_or_init(|| std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     cmdline.split_whitespace().find_map(|w| w.strip_prefix(prefix)).map(str::to_string)
 }
 
@@ -302,11 +303,7 @@ fn errno_of(e: &std::io::Error) -> nix::errno::Errno {
 /// (`vmhost.mounts=TAG:rw,TAG:ro`) at `/mnt/TAG`, over virtio-9p. A read-only one is
 /// mounted read-only here and is read-only in QEMU too.
 fn mount_shared() {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(list) = cmdline.split_whitespace().find_map(|w| w.strip_prefix(crate::contract::MOUNTS_PARAM))
-    else {
-        return;
-    };
+    let Some(list) = kernel_param(crate::contract::MOUNTS_PARAM) else { return };
     for item in list.split(',').filter(|i| !i.is_empty()) {
         let (tag, mode) = item.rsplit_once(':').unwrap_or((item, "rw"));
         if tag.is_empty() || tag.contains('/') || tag == "." || tag == ".." {

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
+
 use std::path::Path;
 
 use super::digest::Digest;
@@ -61,15 +62,16 @@ pub fn recognise(path: &Path) -> Result<Local> {
         return Ok(Local::RootTar);
     }
     f.rewind().map_err(|e| Error::io("read image", path, e))?;
+    // Headers only, seeking over the data: this runs at every boot of a root tarball.
     let (mut oci_layout, mut index, mut manifest) = (false, false, false);
-    tar::read(std::io::BufReader::new(f), |e, _| {
-        match e.path.as_str() {
+    tar::member_paths(&mut std::io::BufReader::with_capacity(64 << 10, f), |p| {
+        match p {
             "oci-layout" => oci_layout = true,
             "index.json" => index = true,
             "manifest.json" => manifest = true,
             _ => {}
         }
-        Ok(())
+        true
     })
     .map_err(|e| bad(path, e.to_string()))?;
     Ok(match (oci_layout && index, manifest) {

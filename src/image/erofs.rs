@@ -15,24 +15,19 @@ pub const MKFS: &str = "mkfs.erofs";
 
 /// Whether `mkfs.erofs` is on the `PATH`.
 pub fn available() -> bool {
-    on_path(MKFS)
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    super::kernel_build::which(MKFS)
 }
 
 /// The erofs image of `img`'s root, built when missing (under a lock and a temporary
 /// name, from the layers unpacked into a scratch directory that is removed after).
 pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Progress) -> Result<PathBuf> {
-    let roots = cache.join("roots");
-    std::fs::create_dir_all(&roots).map_err(|e| Error::io("create directory", &roots, e))?;
+    let roots = super::unpack::roots_dir(cache)?;
     let name = format!("{}-{}", img.manifest_digest.algorithm().as_str(), img.manifest_digest.hex());
     let disk = roots.join(format!("{name}.erofs"));
     if disk.is_file() {
         return Ok(disk);
     }
-    let _lock = super::unpack::lock(&roots.join(format!("{name}.erofs.lock")))?;
+    let _lock = super::store::lock_exclusive(&roots.join(format!("{name}.erofs.lock")))?;
     if disk.is_file() {
         return Ok(disk);
     }
@@ -49,11 +44,13 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
         // Not root: owners, device nodes and modes come from the image through
         // fakeroot, which mkfs.erofs runs under (see unpack::Root::fakeroot_state).
         let mut cmd = match &faked {
-            Some(state) if on_path("fakeroot") => {
+            Some(state) if super::kernel_build::which("fakeroot") => {
                 let file = roots.join(format!("{name}.fakeroot.{}", super::unique_suffix()));
                 std::fs::write(&file, state).map_err(|e| Error::io("write", &file, e))?;
                 let mut c = std::process::Command::new("fakeroot");
-                c.arg("-i").arg(&file).arg("--").arg(MKFS);
+                // -u: what the state has no entry for keeps its real owner (vmhost's own
+                // files stay vmhost's, not root's).
+                c.arg("-u").arg("-i").arg(&file).arg("--").arg(MKFS);
                 state_file = Some(file);
                 c
             }
@@ -85,7 +82,10 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
                 message: format!("{MKFS} failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
             });
         }
-        std::fs::rename(&tmp, &disk).map_err(|e| Error::io("publish", &disk, e))
+        std::fs::rename(&tmp, &disk).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io("publish", &disk, e)
+        })
     })();
     super::unpack::remove_tree(&scratch);
     built.map(|()| disk)

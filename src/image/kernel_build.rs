@@ -68,7 +68,8 @@ fn bad(message: impl Into<String>) -> Error {
     Error::InvalidArgument { op: "kernel build".into(), message: message.into() }
 }
 
-fn which(tool: &str) -> bool {
+/// Whether `tool` is on the `PATH`.
+pub(crate) fn which(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 

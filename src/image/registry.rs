@@ -333,9 +333,9 @@ impl Registry {
     fn fetch_token(&self, op: &str, url: &str) -> std::result::Result<String, Failure> {
         let mut req = self.agent.get(url);
         if let Some(c) = &self.credentials {
-            // Credentials go over TLS only, or to a loopback or insecure-listed realm.
-            let plain_ok = self.base.starts_with("http://");
-            if url.starts_with("https://") || plain_ok {
+            // Credentials go over TLS, or in the clear only to the registry's own origin
+            // (a loopback or insecure-listed registry), never to another plain host.
+            if url.starts_with("https://") || same_origin(url, &self.base) {
                 req = req.set("Authorization", &c.basic_header());
             }
         }

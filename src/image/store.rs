@@ -102,14 +102,7 @@ impl Store {
         if self.has(digest) {
             return Ok(Ingest::Present);
         }
-        let lock_path = self.root.join("locks").join(Store::name(digest));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io("open blob lock", &lock_path, e))?;
-        flock(&lock, &lock_path)?;
+        let lock = lock_exclusive(&self.root.join("locks").join(Store::name(digest)))?;
         if self.has(digest) {
             return Ok(Ingest::Present);
         }
@@ -204,7 +197,10 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
         } else {
             let target = self.blob_path(&digest);
-            std::fs::rename(&tmp, &target).map_err(|e| Error::io("publish blob", &target, e))?;
+            if let Err(e) = std::fs::rename(&tmp, &target) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io("publish blob", &target, e));
+            }
         }
         Ok((digest, n))
     }
@@ -262,9 +258,15 @@ impl Store {
         let dir = self.root.join("refs");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(|e| Error::io("list image references", &dir, e))?.flatten() {
+            // A reference's file, not a temporary one a killed write left (write_atomic's).
             let Some(name) = e.file_name().to_str().and_then(unescape) else { continue };
-            if let Some(d) = self.get_ref(&name)? {
-                out.push((name, d));
+            if name.contains(".tmp.") {
+                continue;
+            }
+            match self.get_ref(&name) {
+                Ok(Some(d)) => out.push((name, d)),
+                Ok(None) => {}
+                Err(err) => log::warn!("image reference {name}: {err}; skipped"),
             }
         }
         out.sort();
@@ -320,16 +322,22 @@ fn unescape(file: &str) -> Option<String> {
     Some(s)
 }
 
-fn flock(f: &File, path: &Path) -> Result<()> {
+/// An exclusive flock(2) on `path` (made if missing), held until the file is dropped.
+pub fn lock_exclusive(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open lock", path, e))?;
     loop {
         // SAFETY: flock on a descriptor we own.
-        let r = unsafe { nix::libc::flock(f.as_raw_fd(), nix::libc::LOCK_EX) };
-        if r == 0 {
-            return Ok(());
+        if unsafe { nix::libc::flock(f.as_raw_fd(), nix::libc::LOCK_EX) } == 0 {
+            return Ok(f);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io("lock blob", path, e));
+            return Err(Error::io("lock", path, e));
         }
     }
 }
@@ -490,8 +498,9 @@ mod tests {
         let Ingest::Write(mut first) = store.ingest(&d, Some(data.len() as u64)).unwrap() else { panic!() };
         let (s2, d2) = (store.clone(), d.clone());
         let second = std::thread::spawn(move || matches!(s2.ingest(&d2, None).unwrap(), Ingest::Present));
+        // Time for the second to reach the lock; it then waits there, and finds the blob
+        // published when it gets it (without the lock it would be told to write it).
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!second.is_finished(), "the second writer waits for the lock");
         first.write_all(&data).unwrap();
         first.commit().unwrap();
         assert!(second.join().unwrap(), "and then finds the blob present");

@@ -96,6 +96,17 @@ fn text(field: &[u8]) -> String {
     String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
+/// Checks a header's checksum (its bytes summed with the checksum field as spaces).
+fn check_sum(h: &[u8; 512], offset: u64) -> io::Result<()> {
+    let want = number(&h[148..156], offset, "checksum")?;
+    let sum: u64 =
+        h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u64 }).sum();
+    if want != sum {
+        return Err(bad(offset, "header checksum mismatch (not a tar archive, or corrupt)"));
+    }
+    Ok(())
+}
+
 /// Normalises a member path; `None` for the archive root itself.
 fn clean(path: &str, offset: u64) -> io::Result<Option<String>> {
     if path.len() > MAX_NAME {
@@ -110,6 +121,45 @@ fn clean(path: &str, offset: u64) -> io::Result<Option<String>> {
         }
     }
     Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
+/// The member paths of an uncompressed tar file as its ustar headers give them (long
+/// names of GNU and pax headers are not followed), read header by header with a seek
+/// over each member's data: a few reads per member whatever the archive's size, for
+/// telling what an archive is without reading it. `f` returns false to stop early.
+pub fn member_paths<R: Read + io::Seek>(
+    r: &mut io::BufReader<R>,
+    mut f: impl FnMut(&str) -> bool,
+) -> io::Result<()> {
+    let mut offset = io::Seek::stream_position(r)?;
+    loop {
+        let mut h = [0u8; 512];
+        match r.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if h.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        check_sum(&h, offset)?;
+        let size = number(&h[124..136], offset, "size")?;
+        let mut name = text(&h[0..100]);
+        if &h[257..263] == b"ustar\0" && h[345] != 0 {
+            name = format!("{}/{}", text(&h[345..500]), name);
+        }
+        // Only members with data of their own (files, and the GNU and pax headers).
+        let data = if matches!(h[156], b'0' | 0 | b'7' | b'L' | b'K' | b'x' | b'g') { size } else { 0 };
+        if let Ok(Some(path)) = clean(&name, offset) {
+            if !f(&path) {
+                return Ok(());
+            }
+        }
+        let skip = data.div_ceil(512).saturating_mul(512);
+        offset = offset.saturating_add(512).saturating_add(skip);
+        // Within the buffer when the member is small: no system call.
+        r.seek_relative(i64::try_from(skip).map_err(|_| bad(offset, "member size out of range"))?)?;
+    }
 }
 
 /// A hard link's target as a member path (normalised as member paths are); `None` when
@@ -176,12 +226,7 @@ pub fn read(r: impl Read, mut f: impl FnMut(&Entry, &mut dyn Read) -> io::Result
             continue;
         }
         zero_blocks = 0;
-        let want = number(&h[148..156], offset, "checksum")?;
-        let sum: u64 =
-            h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u64 }).sum();
-        if want != sum {
-            return Err(bad(offset, "header checksum mismatch (not a tar archive, or corrupt)"));
-        }
+        check_sum(&h, offset)?;
         let size = number(&h[124..136], offset, "size")?;
         let typeflag = h[156];
         match typeflag {

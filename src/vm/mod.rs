@@ -320,7 +320,8 @@ fn image_root(
     progress: &Progress,
 ) -> Result<Source> {
     use crate::image::{erofs, unpack};
-    let minimal = crate::image::kernel::resolve(cache, progress).is_ok_and(|k| k.is_minimal());
+    // The kernel the boot will take (resolved again there: a lookup in the cache).
+    let minimal = crate::image::kernel::resolve(cache, progress)?.is_minimal();
     if erofs::available() && minimal {
         return erofs::image_disk(store, img, cache, progress).map(Source::Disk);
     }
@@ -516,6 +517,7 @@ impl InstanceSpec {
                 Err(e) => return Err(e),
             }
         }
+        let rw_disk = rw_disk_mb()?;
         let mut cfg = qemu::BootConfig::new(kernel, initramfs)?;
         cfg.memory_mb = memory_mb;
         cfg.cpus = cpus_on(Backend::Qemu);
@@ -526,8 +528,8 @@ impl InstanceSpec {
         cfg.first_command = self.first_command.clone();
         if let Source::Disk(d) = &self.source {
             cfg.root_disk = Some(d.clone());
-            cfg.rw_disk_mb = rw_disk_mb()?;
-        } else if rw_disk_mb()?.is_some() {
+            cfg.rw_disk_mb = rw_disk;
+        } else if rw_disk.is_some() {
             return Err(Error::InvalidArgument {
                 op: "InstanceNew".into(),
                 message: "a writable disk (VMHOST_DISK_MB, run --disk) is for container images booted from \

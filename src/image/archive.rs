@@ -63,8 +63,10 @@ pub fn recognise(path: &Path) -> Result<Local> {
     }
     f.rewind().map_err(|e| Error::io("read image", path, e))?;
     // Headers only, seeking over the data: this runs at every boot of a root tarball.
+    // One this walk cannot follow (GNU sparse extensions, garbage) is no image archive:
+    // the root tarball reader then says what is wrong with it.
     let (mut oci_layout, mut index, mut manifest) = (false, false, false);
-    tar::member_paths(&mut std::io::BufReader::with_capacity(64 << 10, f), |p| {
+    let walked = tar::member_paths(&mut std::io::BufReader::with_capacity(64 << 10, f), |p| {
         match p {
             "oci-layout" => oci_layout = true,
             "index.json" => index = true,
@@ -72,8 +74,11 @@ pub fn recognise(path: &Path) -> Result<Local> {
             _ => {}
         }
         true
-    })
-    .map_err(|e| bad(path, e.to_string()))?;
+    });
+    if let Err(e) = walked {
+        log::debug!("{}: not an image archive ({e})", path.display());
+        return Ok(Local::RootTar);
+    }
     Ok(match (oci_layout && index, manifest) {
         (true, _) => Local::OciArchive,
         (false, true) => Local::DockerArchive,

@@ -148,8 +148,9 @@ pub fn member_paths<R: Read + io::Seek>(
         if &h[257..263] == b"ustar\0" && h[345] != 0 {
             name = format!("{}/{}", text(&h[345..500]), name);
         }
-        // Only members with data of their own (files, and the GNU and pax headers).
-        let data = if matches!(h[156], b'0' | 0 | b'7' | b'L' | b'K' | b'x' | b'g') { size } else { 0 };
+        // Links, devices, directories and FIFOs have no data; everything else (files,
+        // GNU and pax headers, GNU sparse members' stored parts) has `size` bytes.
+        let data = if matches!(h[156], b'1'..=b'6') { 0 } else { size };
         if let Ok(Some(path)) = clean(&name, offset) {
             if !f(&path) {
                 return Ok(());

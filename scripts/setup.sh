@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what vmhost needs on a Debian machine and builds it:
-#   - qemu-system-x86, erofs-utils and fakeroot (Debian packages, no recommends)
+#   - qemu-system-x86, erofs-utils, fakeroot and attr (Debian packages, no recommends)
 #   - the vmhost binary (release) and the static guest agent
 # The guest kernel is provisioned by vmhost itself on first use (`vmhost kernel fetch`);
 # `vmhost kernel build` builds the faster minimal one.
@@ -15,8 +15,10 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 # Container images boot from a read-only erofs disk that mkfs.erofs builds.
 command -v mkfs.erofs >/dev/null 2>&1 || need+=(erofs-utils)
-# A vmhost that is not root keeps an image's owners and device nodes through fakeroot.
+# A vmhost that is not root keeps an image's owners and device nodes through fakeroot,
+# and its xattrs through setfattr (attr) run under the same fakeroot.
 command -v fakeroot >/dev/null 2>&1 || need+=(fakeroot)
+command -v setfattr >/dev/null 2>&1 || need+=(attr)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing ${need[*]}" >&2
   apt-get update -qq

@@ -30,12 +30,13 @@ fi
 # The container-image tests' real parts: the CNCF registry (Debian's docker-registry),
 # skopeo and umoci to make and push test images, htpasswd (apache2-utils) for the
 # registry's bcrypt password file; erofs-utils, which vmhost itself uses to boot images
-# from a disk.
+# from a disk, with fakeroot and attr's setfattr for a vmhost that is not root.
 ineed=()
 command -v docker-registry >/dev/null 2>&1 || ineed+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || ineed+=(apache2-utils)
 command -v mkfs.erofs >/dev/null 2>&1 || ineed+=(erofs-utils)
 command -v fakeroot >/dev/null 2>&1 || ineed+=(fakeroot)
+command -v setfattr >/dev/null 2>&1 || ineed+=(attr)
 command -v skopeo >/dev/null 2>&1 || ineed+=(skopeo)
 command -v umoci >/dev/null 2>&1 || ineed+=(umoci)
 if [ "${#ineed[@]}" -gt 0 ]; then

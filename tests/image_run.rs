@@ -169,6 +169,18 @@ fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
         assert!(st.success());
         std::fs::create_dir(root.join("locked")).unwrap();
         std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        // xattrs of every namespace (a file capability: CAP_NET_RAW, effective), which
+        // nobody cannot set on the host, and the host's getfattr to read them back.
+        for (key, value, path) in [
+            ("security.capability", "0x0100000200200000000000000000000000000000", "etc/owned"),
+            ("trusted.vmhost", "0x7472", "etc/owned"),
+            ("user.vmhost", "0x7573", "etc/owned"),
+            ("trusted.dir", "0x6464", "locked"),
+        ] {
+            let st = Command::new("setfattr").args(["-n", key, "-v", value]).arg(root.join(path)).status();
+            assert!(st.unwrap().success(), "setfattr {key} (apt-get install attr)");
+        }
+        copy_with_libraries("/usr/bin/getfattr", root);
     });
     // A later layer writes into the 0555 directory.
     l.layer(|root| {
@@ -190,7 +202,7 @@ fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
             "sh",
             "-c",
             "stat -c '%u:%g %a' /etc/owned /etc/nobodys; stat -c '%F %t,%T' /etc/null2; stat -c %a /locked; \
-             cat /locked/f",
+             cat /locked/f; getfattr -d -m - -e hex /etc/owned /locked",
         ])
         .env("XDG_CACHE_HOME", &xdg)
         .env("HOME", home.path())
@@ -199,9 +211,28 @@ fn an_image_keeps_its_owners_and_devices_when_vmhost_is_not_root() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(
-        stdout, "1234:5678 640\n65534:65534 644\ncharacter special file 1,3\n555\ninside\n",
+        stdout,
+        "1234:5678 640\n65534:65534 644\ncharacter special file 1,3\n555\ninside\n\
+         # file: etc/owned\n\
+         security.capability=0x0100000200200000000000000000000000000000\n\
+         trusted.vmhost=0x7472\nuser.vmhost=0x7573\n\n\
+         # file: locked\ntrusted.dir=0x6464\n\n",
         "{stderr}"
     );
+}
+
+/// Copies the host's `program` into `root` at the same path, with the shared libraries
+/// `ldd` names (the guest is the same architecture).
+fn copy_with_libraries(program: &str, root: &std::path::Path) {
+    let out = Command::new("ldd").arg(program).output().unwrap();
+    assert!(out.status.success(), "ldd {program}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let libs = text.split_whitespace().filter(|w| w.starts_with('/'));
+    for path in std::iter::once(program).chain(libs) {
+        let dest = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(path, &dest).unwrap();
+    }
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
     }
     let scratch = roots.join(format!("{name}.unpack.{}", super::unique_suffix()));
     std::fs::create_dir(&scratch).map_err(|e| Error::io("create directory", &scratch, e))?;
-    let mut state_file: Option<PathBuf> = None;
+    let mut temp_files: Vec<PathBuf> = Vec::new();
     let built = (|| {
         let faked = super::unpack::unpack_into(store, img, &scratch, progress)?;
         // The image's `/`: readable by all, as in a container.
@@ -41,39 +41,17 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
             .map_err(|e| Error::io("chmod", &scratch, e))?;
         progress.step(&format!("building the image's disk ({MKFS})"));
         let tmp = roots.join(format!("{name}.erofs.tmp.{}", super::unique_suffix()));
-        // Not root: owners, device nodes and modes come from the image through
-        // fakeroot, which mkfs.erofs runs under (see unpack::Root::fakeroot_state).
-        let mut cmd = match &faked {
-            Some(state) if super::kernel_build::which("fakeroot") => {
-                let file = roots.join(format!("{name}.fakeroot.{}", super::unique_suffix()));
-                std::fs::write(&file, state).map_err(|e| Error::io("write", &file, e))?;
-                let mut c = std::process::Command::new("fakeroot");
-                // -u: what the state has no entry for keeps its real owner (vmhost's own
-                // files stay vmhost's, not root's).
-                c.arg("-u").arg("-i").arg(&file).arg("--").arg(MKFS);
-                state_file = Some(file);
-                c
-            }
-            Some(_) => {
-                log::warn!(
-                    "{}: the image's owners and device nodes are lost: vmhost is not root and fakeroot is \
-                     missing (apt-get install fakeroot)",
-                    img.name
-                );
-                std::process::Command::new(MKFS)
-            }
-            None => std::process::Command::new(MKFS),
-        };
+        let tmp = std::path::absolute(&tmp).map_err(|e| Error::io("resolve", &tmp, e))?;
+        let mut cmd = mkfs_command(&faked, &roots, &name, &img.name, &mut temp_files)?;
+        // The tree is the working directory: the xattr dump names paths below it.
         let out = cmd
             .arg("--quiet")
             .arg("--preserve-mtime")
             .arg(&tmp)
-            .arg(&scratch)
+            .arg(".")
+            .current_dir(&scratch)
             .output()
             .map_err(|e| Error::io("run mkfs.erofs (apt-get install erofs-utils)", MKFS, e));
-        if let Some(f) = state_file.take() {
-            let _ = std::fs::remove_file(f);
-        }
         let out = out?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&tmp);
@@ -87,6 +65,65 @@ pub fn image_disk(store: &Store, img: &StoredImage, cache: &Path, progress: &Pro
             Error::io("publish", &disk, e)
         })
     })();
+    for f in temp_files {
+        let _ = std::fs::remove_file(f);
+    }
     super::unpack::remove_tree(&scratch);
     built.map(|()| disk)
+}
+
+/// `mkfs.erofs`, to be given its arguments. As root the files on disk say everything.
+/// Not root: under `fakeroot -u -i STATE` for owners, modes and device nodes (`-u`:
+/// what the state has no entry for keeps its real owner, so vmhost's own files stay
+/// vmhost's), after `setfattr -h --restore` in the same fakeroot session for the
+/// xattrs, which fakeroot keeps for any name but its state file does not hold.
+fn mkfs_command(
+    faked: &super::unpack::FakedTree,
+    roots: &Path,
+    name: &str,
+    image: &str,
+    temp_files: &mut Vec<PathBuf>,
+) -> Result<std::process::Command> {
+    use super::kernel_build::which;
+    if faked.is_empty() {
+        return Ok(std::process::Command::new(MKFS));
+    }
+    if !which("fakeroot") {
+        log::warn!(
+            "{image}: the image's owners, device nodes and xattrs are lost: vmhost is not root and \
+             fakeroot is missing (apt-get install fakeroot)"
+        );
+        return Ok(std::process::Command::new(MKFS));
+    }
+    let mut write = |what: &str, text: &str| -> Result<PathBuf> {
+        let file = roots.join(format!("{name}.{what}.{}", super::unique_suffix()));
+        // Absolute: the tools run in the tree.
+        let file = std::path::absolute(&file).map_err(|e| Error::io("resolve", &file, e))?;
+        std::fs::write(&file, text).map_err(|e| Error::io("write", &file, e))?;
+        temp_files.push(file.clone());
+        Ok(file)
+    };
+    let mut c = std::process::Command::new("fakeroot");
+    c.arg("-u");
+    if let Some(state) = &faked.state {
+        c.arg("-i").arg(write("fakeroot", state)?);
+    }
+    c.arg("--");
+    match &faked.xattrs {
+        Some(dump) if which("setfattr") => {
+            let dump = write("xattrs", dump)?;
+            c.args(["sh", "-c", "setfattr -h --restore=\"$0\" && exec \"$@\""]).arg(dump).arg(MKFS);
+        }
+        Some(_) => {
+            log::warn!(
+                "{image}: the image's xattrs are lost: vmhost is not root and setfattr is missing \
+                 (apt-get install attr)"
+            );
+            c.arg(MKFS);
+        }
+        None => {
+            c.arg(MKFS);
+        }
+    }
+    Ok(c)
 }

@@ -98,12 +98,40 @@ pub struct Root {
     stats: Stats,
     /// Not root: what each inode should be (mode with its type, owner, device) where
     /// the files on disk cannot say it, by (device, inode), for `fakeroot -i`.
-    faked: std::collections::HashMap<(u64, u64), Faked>,
+    faked: std::collections::HashMap<(u64, u64), FakedInode>,
+    /// Not root: each inode's xattrs, set under fakeroot (which holds any name, where
+    /// the files on disk take only `user.*`), with the paths that reach it.
+    faked_xattrs: std::collections::HashMap<(u64, u64), FakedXattrs>,
+}
+
+/// What the files on disk cannot say when vmhost is not root, for a tool that reads
+/// the tree under fakeroot: see [`Root::fakeroot_state`] and [`Root::xattr_dump`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FakedTree {
+    /// For `fakeroot -i`: owners, modes and device numbers.
+    pub state: Option<String>,
+    /// For `setfattr -h --restore`, run under the same fakeroot: every xattr.
+    pub xattrs: Option<String>,
+}
+
+impl FakedTree {
+    /// Whether the files on disk say everything (vmhost is root, or the image asks
+    /// nothing they cannot hold).
+    pub fn is_empty(&self) -> bool {
+        self.state.is_none() && self.xattrs.is_none()
+    }
+}
+
+/// An inode's xattrs as the image has them, and the paths written to it.
+#[derive(Debug, Clone)]
+struct FakedXattrs {
+    paths: Vec<String>,
+    xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// An inode's metadata as the image has it, for fakeroot's state file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Faked {
+struct FakedInode {
     mode: u32,
     uid: u32,
     gid: u32,
@@ -148,6 +176,7 @@ impl Root {
             limits,
             stats: Stats::default(),
             faked: std::collections::HashMap::new(),
+            faked_xattrs: std::collections::HashMap::new(),
         })
     }
 
@@ -177,7 +206,66 @@ impl Root {
         Some(lines.join("\n") + "\n")
     }
 
-    /// Not root: records what `name` in `dir` should be where the file on disk differs.
+    /// When vmhost is not root: the image's xattrs in the format `setfattr -h
+    /// --restore` reads (getfattr's dump, values in hex, paths relative to the root),
+    /// for a run under the fakeroot that then reads the tree. `None` when there are none.
+    pub fn xattr_dump(&self) -> Option<String> {
+        let mut files: Vec<(&str, &FakedXattrs)> = self
+            .faked_xattrs
+            .iter()
+            .filter_map(|(key, x)| {
+                // The first path that still reaches the inode (a later layer may have
+                // deleted or replaced the others).
+                let path = x.paths.iter().find(|p| self.inode_of(p).ok() == Some(*key))?;
+                Some((path.as_str(), x))
+            })
+            .collect();
+        if files.is_empty() {
+            return None;
+        }
+        files.sort_by_key(|(p, _)| *p);
+        let mut out = String::new();
+        for (path, x) in files {
+            out.push_str("# file: ");
+            out.push_str(&restore_quote(if path.is_empty() { "." } else { path }));
+            out.push('\n');
+            for (k, v) in &x.xattrs {
+                out.push_str(&restore_quote(k));
+                if v.is_empty() {
+                    out.push_str("=\"\"\n");
+                } else {
+                    out.push_str("=0x");
+                    for b in v {
+                        out.push_str(&format!("{b:02x}"));
+                    }
+                    out.push('\n');
+                }
+            }
+            out.push('\n');
+        }
+        Some(out)
+    }
+
+    /// Everything fakeroot must be told: [`Root::fakeroot_state`] and [`Root::xattr_dump`].
+    pub fn faked_tree(&self) -> FakedTree {
+        FakedTree { state: self.fakeroot_state(), xattrs: self.xattr_dump() }
+    }
+
+    /// (device, inode) of `rel` below the root, not following a last symlink.
+    fn inode_of(&self, rel: &str) -> io::Result<(u64, u64)> {
+        let (parent, name) = split(rel);
+        let dir = self.open_in(parent, libc::O_DIRECTORY | libc::O_RDONLY)?;
+        let c = cstr(if name.is_empty() { "." } else { name })?;
+        // SAFETY: all-zero is a valid stat, which fstatat then fills.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat writes one stat; the name is NUL-terminated.
+        check(unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Not root: records what `name` in `dir` should be where the file on disk
+    /// differs, and the entry's xattrs (all of them: under fakeroot a file's faked
+    /// xattrs hide its real ones).
     fn fake(
         &mut self,
         dir: &OwnedFd,
@@ -191,14 +279,26 @@ impl Root {
         // SAFETY: fstatat writes one stat; the name is NUL-terminated.
         check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
         let key = (st.st_dev, st.st_ino);
-        let want = Faked { mode: want_mode, uid: e.uid, gid: e.gid, rdev, nlink: st.st_nlink };
-        let have =
-            Faked { mode: st.st_mode, uid: st.st_uid, gid: st.st_gid, rdev: st.st_rdev, nlink: st.st_nlink };
+        let want = FakedInode { mode: want_mode, uid: e.uid, gid: e.gid, rdev, nlink: st.st_nlink };
+        let have = FakedInode {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            nlink: st.st_nlink,
+        };
         // What fakeroot finds no entry for keeps its real owner (`fakeroot -u`).
         if want == have {
             self.faked.remove(&key);
         } else {
             self.faked.insert(key, want);
+        }
+        // A new inode may reuse a deleted one's number: its entry is replaced here.
+        if e.xattrs.is_empty() {
+            self.faked_xattrs.remove(&key);
+        } else {
+            self.faked_xattrs
+                .insert(key, FakedXattrs { paths: vec![e.path.clone()], xattrs: e.xattrs.clone() });
         }
         Ok(())
     }
@@ -371,8 +471,10 @@ impl Root {
                     )));
                 }
                 self.stats.bytes += n;
-                for (k, v) in &e.xattrs {
-                    set_xattr_fd(&f, k, v);
+                if self.as_root {
+                    for (k, v) in &e.xattrs {
+                        set_xattr_fd(&f, k, v);
+                    }
                 }
                 f.flush()?;
             }
@@ -391,6 +493,13 @@ impl Root {
                 // SAFETY: linkat between two directory descriptors we hold, without
                 // following a symlink target (flags 0).
                 check(unsafe { libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), p, c.as_ptr(), 0) })?;
+                if !self.as_root {
+                    // Another path to an inode whose xattrs are faked.
+                    let key = self.inode_of(&e.path)?;
+                    if let Some(x) = self.faked_xattrs.get_mut(&key) {
+                        x.paths.push(e.path.clone());
+                    }
+                }
                 return Ok(());
             }
             Kind::Fifo | Kind::Char | Kind::Block => {
@@ -439,7 +548,7 @@ impl Root {
                 self.stats.owners_skipped += 1;
             }
         }
-        if e.kind != Kind::File {
+        if self.as_root && e.kind != Kind::File {
             for (k, v) in &e.xattrs {
                 set_xattr_at(&pfd, name, k, v);
             }
@@ -487,9 +596,10 @@ pub fn unpacked(
     let tmp = roots.join(format!("{name}.tmp.{}", super::unique_suffix()));
     std::fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
     let built = unpack_into(store, img, &tmp, progress);
-    if let Ok(Some(_)) = &built {
+    if matches!(&built, Ok(faked) if !faked.is_empty()) {
         log::warn!(
-            "{}: the image's owners and device nodes are lost in a root copied as another user than root",
+            "{}: the image's owners, device nodes and xattrs are lost in a root copied as another user \
+             than root",
             img.name
         );
     }
@@ -507,14 +617,14 @@ pub fn unpacked(
 }
 
 /// Applies every layer of `img` to the empty directory `dir`. Returns, when vmhost is
-/// not root, fakeroot's state for what the files on disk cannot say (owners, device
-/// nodes, modes that would lock us out): see [`Root::fakeroot_state`].
+/// not root, what the files on disk cannot say (owners, device nodes, modes that would
+/// lock us out, xattrs), for fakeroot: see [`Root::faked_tree`].
 pub fn unpack_into(
     store: &super::store::Store,
     img: &super::pull::StoredImage,
     dir: &Path,
     progress: &crate::progress::Progress,
-) -> Result<Option<String>> {
+) -> Result<FakedTree> {
     let mut root = Root::open(dir, Limits::default())?;
     let diff_ids = img.config.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or(&[]);
     let n = img.manifest.layers.len();
@@ -526,7 +636,21 @@ pub fn unpack_into(
         root.apply_layer(io::BufReader::with_capacity(1 << 20, f), compression, diff_ids.get(i))?;
     }
     log::info!("unpacked {}: {:?}", img.name, root.stats());
-    Ok(root.fakeroot_state())
+    Ok(root.faked_tree())
+}
+
+/// `s` as getfattr writes names and paths and setfattr reads them back: control
+/// characters, backslash and `=` as a backslash and three octal digits.
+fn restore_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c < ' ' || c == '\x7f' || c == '\\' || c == '=' {
+            out.push_str(&format!("\\{:03o}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `cache/roots`, made 0700: an image's tree holds its set-id programs and device
@@ -830,6 +954,64 @@ mod tests {
         // Ours and as the image wants it: no entry (fakeroot -u keeps it ours).
         if me == nix::unistd::getegid().as_raw() {
             assert!(line("mine").is_none(), "{state}");
+        }
+    }
+
+    #[test]
+    fn not_root_every_xattr_goes_to_the_dump_that_fakeroot_restores() {
+        let dir = TempDir::new("unpack-xattrs");
+        let mut root = Root::open(dir.path(), Limits::default()).unwrap();
+        root.as_root = false;
+        let odd = "odd\nname\\=x";
+        let t = TarBuilder::default()
+            .xattr_file("ping", "security.capability", "cap")
+            .xattr_file(odd, "trusted.k", "v")
+            .xattr_file("gone", "user.g", "1")
+            .xattr_file("orig", "user.h", "2")
+            .hardlink("link", "orig")
+            .file("plain", 0o644, b"p");
+        apply(&mut root, &t.done()).unwrap();
+        // A later layer deletes one file and the first path of the linked one.
+        apply(
+            &mut root,
+            &TarBuilder::default().file(".wh.gone", 0o644, b"").file(".wh.orig", 0o644, b"").done(),
+        )
+        .unwrap();
+        let dump = root.xattr_dump().unwrap();
+        assert_eq!(
+            dump,
+            "# file: link\nuser.h=0x32\n\n\
+             # file: odd\\012name\\134\\075x\ntrusted.k=0x76\n\n\
+             # file: ping\nsecurity.capability=0x636170\n\n"
+        );
+        // Nothing on disk: under fakeroot a file's faked xattrs would hide its real ones.
+        let mut v = [0u8; 8];
+        let c = CString::new(dir.join("link").to_str().unwrap()).unwrap();
+        // SAFETY: getxattr writes at most v.len() bytes.
+        let n = unsafe { libc::getxattr(c.as_ptr(), c"user.h".as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(n < 0, "set on disk");
+        // The real tools read it back, as the disk build runs them.
+        let tools = ["fakeroot", "setfattr", "getfattr"];
+        if let Some(t) = tools.iter().find(|t| !crate::image::kernel_build::which(t)) {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{t} is missing (apt-get install fakeroot attr)"
+            );
+            eprintln!("SKIP the round trip through setfattr: {t} is missing (apt-get install fakeroot attr)");
+            return;
+        }
+        let side = TempDir::new("unpack-xattrs-dump");
+        std::fs::write(side.join("dump"), &dump).unwrap();
+        let out = std::process::Command::new("fakeroot")
+            .args(["--", "sh", "-c", "setfattr -h --restore=\"$0\" && getfattr -h -d -m - -e hex *"])
+            .arg(side.join("dump"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got = String::from_utf8_lossy(&out.stdout);
+        for line in ["user.h=0x32", "trusted.k=0x76", "security.capability=0x636170"] {
+            assert!(got.contains(line), "{line} missing from:\n{got}");
         }
     }
 

@@ -905,6 +905,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         options: vm.options.clone(),
         first_command: None,
         image: None,
+        lease: None,
     };
     let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
     log::info!("host {name}: VM {} running", machine.id());

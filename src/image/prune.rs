@@ -45,8 +45,10 @@ pub fn reachable(store: &Store) -> Result<HashSet<Digest>> {
 }
 
 /// Removes the blobs no reference reaches, and the unpacked roots (under `cache/roots`)
-/// of manifests no longer kept.
+/// of manifests no longer kept. Waits for the pulls, imports and boots in progress (in
+/// any process) to finish, and holds new ones off until done.
 pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
+    let _lock = store.lock_for_prune()?;
     let keep = reachable(store)?;
     let mut out = Pruned::default();
     for d in store.blobs()? {
@@ -82,4 +84,55 @@ pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_dir::TempDir;
+
+    #[test]
+    fn prune_keeps_what_references_reach_and_waits_for_leases() {
+        let dir = TempDir::new("prune");
+        let store = Store::open(dir.join("images")).unwrap();
+        let config = store.put(b"{}").unwrap();
+        let layer = store.put(b"layer").unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config.to_string(), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer.to_string(), "size": 5}],
+        });
+        let manifest = store.put(manifest.to_string().as_bytes()).unwrap();
+        store.set_ref("r.example/kept:1", &manifest).unwrap();
+        let garbage = store.put(b"nobody's").unwrap();
+
+        // A pull in progress (its blobs not yet referenced) holds a lease: the prune
+        // waits for it, and removes nothing meanwhile.
+        let lease = store.lease().unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let (s, cache) = (store.clone(), dir.path().to_path_buf());
+        let pruning = std::thread::spawn(move || {
+            let r = prune(&s, &cache);
+            done_tx.send(()).unwrap();
+            r
+        });
+        assert!(
+            done_rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(),
+            "the prune ran during a lease"
+        );
+        assert!(store.has(&garbage));
+        drop(lease);
+        let pruned = pruning.join().unwrap().unwrap();
+        assert_eq!(pruned.blobs, 1);
+        assert_eq!(pruned.bytes, 8);
+        assert!(!store.has(&garbage));
+        for d in [&config, &layer, &manifest] {
+            assert!(store.has(d), "{d} is reachable");
+        }
+        // Leases share: two at once, and a lease after the prune.
+        let (_a, _b) = (store.lease().unwrap(), store.lease().unwrap());
+    }
 }

@@ -156,6 +156,8 @@ pub fn pull(_store: &Store, r: &Reference, _opts: &PullOptions) -> Result<Stored
 /// Pulls `r` from its registry into `store`: what the tag names now, for the platform.
 #[cfg(feature = "registry")]
 pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<StoredImage> {
+    // Until the reference is recorded, a prune would see the new blobs as garbage.
+    let _lease = store.lease()?;
     let mut registry = Registry::for_reference(r, &opts.insecure)?;
     if let Some(c) = &opts.credentials {
         registry = registry.with_credentials(Some(c.clone()));

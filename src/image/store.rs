@@ -7,12 +7,16 @@
 //! STORE/ingest/sha256-HEX     a blob being written (a download resumes from its length)
 //! STORE/locks/sha256-HEX      flock(2)ed by the one writer of that blob
 //! STORE/refs/NAME             what a reference (registry/repo:tag) was last resolved to
+//! STORE/locks/store           shared by pulls, imports and boots, exclusive for a prune
 //! ```
 //!
 //! A blob appears under `blobs/` only by rename, after its size and digest were checked
 //! and its bytes synced: a pull killed at any point leaves nothing there that a later run
 //! would trust. Two processes pulling the same image at once take turns per blob (the
-//! second finds it present when it gets the lock).
+//! second finds it present when it gets the lock). A pull, an import or a boot holds a
+//! [`Lease`] while the blobs and roots it uses are not yet kept by a reference (or by the
+//! open file of a running VM); a prune waits for every lease to end, and holds the
+//! others off while it runs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -231,6 +235,17 @@ impl Store {
         }
     }
 
+    /// A shared hold on the whole store (see the module's documentation): a prune waits
+    /// until it is dropped.
+    pub fn lease(&self) -> Result<Lease> {
+        Ok(Lease { _lock: flock(&self.root.join("locks").join("store"), nix::libc::LOCK_SH)? })
+    }
+
+    /// The exclusive hold a prune takes: waits for every [`Lease`] to end.
+    pub fn lock_for_prune(&self) -> Result<Lease> {
+        Ok(Lease { _lock: flock(&self.root.join("locks").join("store"), nix::libc::LOCK_EX)? })
+    }
+
     /// Records that `name` (a normalised reference) resolved to the manifest `digest`.
     pub fn set_ref(&self, name: &str, digest: &Digest) -> Result<()> {
         let p = self.ref_path(name);
@@ -322,8 +337,20 @@ fn unescape(file: &str) -> Option<String> {
     Some(s)
 }
 
+/// A hold on the store from [`Store::lease`] or [`Store::lock_for_prune`], released when
+/// dropped.
+#[derive(Debug)]
+pub struct Lease {
+    _lock: File,
+}
+
 /// An exclusive flock(2) on `path` (made if missing), held until the file is dropped.
 pub fn lock_exclusive(path: &Path) -> Result<File> {
+    flock(path, nix::libc::LOCK_EX)
+}
+
+/// A flock(2) of kind `how` on `path` (made if missing), held until the file is dropped.
+fn flock(path: &Path, how: nix::libc::c_int) -> Result<File> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -332,7 +359,7 @@ pub fn lock_exclusive(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("open lock", path, e))?;
     loop {
         // SAFETY: flock on a descriptor we own.
-        if unsafe { nix::libc::flock(f.as_raw_fd(), nix::libc::LOCK_EX) } == 0 {
+        if unsafe { nix::libc::flock(f.as_raw_fd(), how) } == 0 {
             return Ok(f);
         }
         let e = std::io::Error::last_os_error();

@@ -15,6 +15,7 @@ use std::time::Duration;
 pub use crate::status::{end, state, VmEnd, VmState};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::image::rootfs::Source;
@@ -294,7 +295,7 @@ pub fn registry_image(
     reference: &str,
     cache: &Path,
     progress: &Progress,
-) -> Result<(Source, crate::image::oci::RunConfig)> {
+) -> Result<(Source, crate::image::oci::RunConfig, Lease)> {
     use crate::image::{pull, reference::Reference, store::Store};
     let bad = |m: String| Error::InvalidArgument { op: "image".into(), message: m };
     let r: Reference =
@@ -304,9 +305,18 @@ pub fn registry_image(
         _ => pull::PullPolicy::Missing,
     };
     let store = Store::open(cache.join("images"))?;
+    let lease = store.lease()?;
     let opts = pull::PullOptions { progress: progress.clone(), ..pull::PullOptions::default() };
     let img = pull::get(&store, &r, policy, &opts)?;
-    Ok((image_root(&store, &img, cache, progress)?, img.config.config.clone().unwrap_or_default()))
+    let root = image_root(&store, &img, cache, progress)?;
+    Ok((root, img.config.config.clone().unwrap_or_default(), Lease { _held: Arc::new(lease) }))
+}
+
+/// A hold on the image store (see [`crate::image::store::Lease`]) that an instance's
+/// spec keeps until its boot has read the image: a prune meanwhile waits.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    _held: Arc<crate::image::store::Lease>,
 }
 
 /// How a stored container image boots: from an erofs disk built once (the image is
@@ -346,7 +356,7 @@ pub fn local_image(
     path: &Path,
     cache: &Path,
     progress: &Progress,
-) -> Result<Option<(Source, crate::image::oci::RunConfig)>> {
+) -> Result<Option<(Source, crate::image::oci::RunConfig, Lease)>> {
     use crate::image::archive::{self, Local};
     use crate::image::{oci::Platform, store::Store};
     let kind = archive::recognise(path)?;
@@ -355,8 +365,11 @@ pub fn local_image(
     }
     progress.step(&format!("importing the image {}", path.display()));
     let store = Store::open(cache.join("images"))?;
+    // No reference keeps an imported image: only this lease, until the boot is done.
+    let lease = store.lease()?;
     let img = archive::import(&store, path, kind, &Platform::host())?;
-    Ok(Some((image_root(&store, &img, cache, progress)?, img.config.config.clone().unwrap_or_default())))
+    let root = image_root(&store, &img, cache, progress)?;
+    Ok(Some((root, img.config.config.clone().unwrap_or_default(), Lease { _held: Arc::new(lease) })))
 }
 
 /// The size of a container image's writable disk, `VMHOST_DISK_MB` (`run --disk`):
@@ -390,6 +403,9 @@ pub struct InstanceSpec {
     /// How a container image says to run it (its configuration's `config`), for an
     /// instance of one.
     pub image: Option<crate::image::oci::RunConfig>,
+    /// For a container image: the hold on the image store that keeps a prune from
+    /// removing what the boot reads (dropped with the spec).
+    pub lease: Option<Lease>,
 }
 
 impl InstanceSpec {
@@ -401,13 +417,15 @@ impl InstanceSpec {
         let cache_dir =
             if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
         let mut image = None;
+        let mut lease = None;
         let source = match req.source_type {
             _ if req.source_path.is_empty() && req.image_ref.is_empty() => Source::Default,
             // An OCI layout or an image archive in a path source is a container image.
             SourceType::Tar | SourceType::Dir if path.exists() => {
                 match local_image(&path, &cache_dir, progress)? {
-                    Some((root, config)) => {
+                    Some((root, config, held)) => {
                         image = Some(config);
+                        lease = Some(held);
                         root
                     }
                     None if req.source_type == SourceType::Tar => Source::Tar(path),
@@ -417,12 +435,20 @@ impl InstanceSpec {
             SourceType::Tar => Source::Tar(path),
             SourceType::Dir => Source::Dir(path),
             SourceType::Registry => {
-                let (root, config) = registry_image(&req.image_ref, &cache_dir, progress)?;
+                let (root, config, held) = registry_image(&req.image_ref, &cache_dir, progress)?;
                 image = Some(config);
+                lease = Some(held);
                 root
             }
         };
-        Ok(InstanceSpec { source, cache_dir, options: req.options.clone(), first_command: None, image })
+        Ok(InstanceSpec {
+            source,
+            cache_dir,
+            options: req.options.clone(),
+            first_command: None,
+            image,
+            lease,
+        })
     }
 
     /// Checks the spec, prepares kernel and initramfs, and boots the VM on the backend

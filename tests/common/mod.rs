@@ -239,6 +239,7 @@ pub fn boot_qemu_machine() -> vmhost::vm::Machine {
         options: vmhost::wire::InstanceOptions { backend: vmhost::wire::Backend::Qemu, ..Default::default() },
         first_command: None,
         image: None,
+        lease: None,
     };
     spec.boot(&vmhost::progress::Progress::quiet()).unwrap()
 }

@@ -39,6 +39,8 @@ command -v fakeroot >/dev/null 2>&1 || ineed+=(fakeroot)
 command -v setfattr >/dev/null 2>&1 || ineed+=(attr)
 command -v skopeo >/dev/null 2>&1 || ineed+=(skopeo)
 command -v umoci >/dev/null 2>&1 || ineed+=(umoci)
+# A registry that serves HTTPS, with a certificate from a CA the tests make.
+command -v openssl >/dev/null 2>&1 || ineed+=(openssl)
 if [ "${#ineed[@]}" -gt 0 ]; then
   say "installing ${ineed[*]}"
   apt-get install -y --no-install-recommends "${ineed[@]}"

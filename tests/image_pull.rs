@@ -255,6 +255,44 @@ fn the_image_commands_pull_list_inspect_remove_and_prune() {
 }
 
 #[test]
+fn a_registry_on_https_is_pulled_over_tls_with_the_trusted_roots() {
+    let test = "a_registry_on_https_is_pulled_over_tls_with_the_trusted_roots";
+    if !tools_ready(test) {
+        return;
+    }
+    let dir = TempDir::new("imgtls");
+    let reg = TestRegistry::start_tls("imgtls-reg");
+    small_image(&dir, "t").push(&reg, "test/tls:1", &[]);
+    let r = format!("{}/test/tls:1", reg.host());
+    let pull = |ca: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(common::vmhost_bin());
+        c.args(["image", "pull", &r]).env("XDG_CACHE_HOME", dir.path());
+        // The system's roots, as OpenSSL's variable replaces them (rustls-native-certs).
+        c.env_remove("SSL_CERT_DIR").env("SSL_CERT_FILE", ca.unwrap_or(std::path::Path::new("/dev/null")));
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A CA nobody trusts: refused, and the error says what HTTPS said and what to do.
+    let (code, _, err) = pull(None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("after HTTPS failed") && err.contains("SSL_CERT_FILE"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // Its CA among the roots: pulled, over TLS (the registry speaks nothing else).
+    let (code, out, err) = pull(Some(&reg.ca_file()));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with(&format!("{r}@sha256:")), "{out}");
+    // In the library too: a loopback registry that speaks HTTPS is spoken to in HTTPS.
+    let plain = TestRegistry::start("imgtls-plain");
+    let reference: Reference = format!("{}/x:1", plain.host()).parse().unwrap();
+    let client = vmhost::image::registry::Registry::for_reference(&reference, &[]).unwrap();
+    assert!(!client.is_https(), "a plain loopback registry is spoken to in plain HTTP");
+}
+
+#[test]
 fn a_registry_that_wants_a_login_gets_the_users_credentials() {
     if !tools_ready("a_registry_that_wants_a_login_gets_the_users_credentials") {
         return;

@@ -1,9 +1,11 @@
 //! [`Registry`]: a synchronous client of the OCI distribution API (v2), enough to pull:
 //! manifests by tag or digest, blobs streamed into the [`Store`](super::store::Store).
 //!
-//! - **Transport**: HTTPS with the system's roots; plain HTTP only for a loopback
-//!   registry or one named in `VMHOST_INSECURE_REGISTRIES` (comma-separated, as
-//!   `--insecure-registry`).
+//! - **Transport**: HTTPS with the system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR`
+//!   replace them, as in OpenSSL); plain HTTP only for a loopback registry or one named
+//!   in `VMHOST_INSECURE_REGISTRIES` (comma-separated, as `--insecure-registry`), and
+//!   for those only when HTTPS fails, as docker does: such a registry is asked over
+//!   HTTPS first, with a verified certificate.
 //! - **Auth**: a request goes out without credentials first; a 401's
 //!   `WWW-Authenticate` says how: `Bearer realm=..,service=..,scope=..` gets a token from
 //!   the realm (with the user's credentials as Basic auth when there are some, anonymous
@@ -59,6 +61,8 @@ pub struct Registry {
     tokens: Mutex<HashMap<String, String>>,
     /// The registry asked for Basic auth.
     basic: std::sync::atomic::AtomicBool,
+    /// Why HTTPS failed, for a registry spoken to in plain HTTP after it did.
+    https_failed: Option<String>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -76,25 +80,37 @@ enum Failure {
 }
 
 impl Registry {
-    /// A client for the registry of `r`: plain HTTP when it is on loopback or in
-    /// `insecure`, credentials from the usual files.
+    /// A client for the registry of `r`, credentials from the usual files. Over HTTPS;
+    /// a registry on loopback or in `insecure` is asked over HTTPS first and spoken to
+    /// in plain HTTP when that fails (no TLS there, or a certificate not trusted).
     pub fn for_reference(r: &Reference, insecure: &[String]) -> Result<Registry> {
-        let plain = r.is_loopback() || insecure.iter().any(|i| i == r.registry());
-        let scheme = if plain { "http" } else { "https" };
+        let may_be_plain = r.is_loopback() || insecure.iter().any(|i| i == r.registry());
         let agent = ureq::AgentBuilder::new()
             .redirects(0)
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(120))
             .user_agent(concat!("vmhost/", env!("CARGO_PKG_VERSION")))
             .build();
+        let host = r.api_host();
+        let https_failed = if may_be_plain { https_fails(&agent, host) } else { None };
+        if let Some(why) = &https_failed {
+            log::debug!("{host}: plain HTTP, since HTTPS failed: {why}");
+        }
+        let scheme = if https_failed.is_some() { "http" } else { "https" };
         Ok(Registry {
             name: r.registry().to_string(),
-            base: format!("{scheme}://{}", r.api_host()),
+            base: format!("{scheme}://{host}"),
             agent,
             credentials: auth::lookup(r.registry()),
             tokens: Mutex::new(HashMap::new()),
             basic: std::sync::atomic::AtomicBool::new(false),
+            https_failed,
         })
+    }
+
+    /// Whether this client speaks HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.base.starts_with("https://")
     }
 
     /// Uses `credentials` instead of those the files give.
@@ -104,7 +120,16 @@ impl Registry {
     }
 
     fn err(&self, op: &str, status: Option<u16>, message: impl Into<String>) -> Error {
-        Error::Registry { registry: self.name.clone(), op: op.to_string(), status, message: message.into() }
+        let mut message = message.into();
+        // A transport failure or a 400 in plain HTTP may be a TLS registry whose
+        // certificate was not trusted: say what HTTPS said.
+        if let (Some(why), None | Some(400)) = (&self.https_failed, status) {
+            message.push_str(&format!(
+                " (in plain HTTP, after HTTPS failed: {why}; for a registry whose certificate a \
+                 private CA signed, add the CA to the system's roots or name its file in SSL_CERT_FILE)"
+            ));
+        }
+        Error::Registry { registry: self.name.clone(), op: op.to_string(), status, message }
     }
 
     /// Fetches the manifest (or index) `reference` (a tag or a digest) of `repo`.
@@ -503,6 +528,15 @@ fn url_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Why `https://host/v2/` cannot be asked (TLS or the connection failed), or `None` when
+/// it answers (with any status: it speaks HTTPS).
+fn https_fails(agent: &ureq::Agent, host: &str) -> Option<String> {
+    match agent.get(&format!("https://{host}/v2/")).timeout(Duration::from_secs(10)).call() {
+        Ok(_) | Err(ureq::Error::Status(..)) => None,
+        Err(ureq::Error::Transport(t)) => Some(t.to_string()),
+    }
 }
 
 /// `scheme://host[:port]` of a URL.

@@ -11,13 +11,13 @@ use super::{under_ci, wait_until, TempDir};
 
 /// Whether the image tools are here; under CI a missing one fails the test.
 pub fn tools_ready(test: &str) -> bool {
-    for tool in ["docker-registry", "skopeo", "umoci", "htpasswd"] {
+    for tool in ["docker-registry", "skopeo", "umoci", "htpasswd", "openssl"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
             let msg = format!(
                 "{tool} not found; install it with apt-get install -y --no-install-recommends \
-                 docker-registry skopeo umoci apache2-utils (scripts/test.sh does)"
+                 docker-registry skopeo umoci apache2-utils openssl (scripts/test.sh does)"
             );
             if under_ci() {
                 panic!("{test}: {msg}");
@@ -36,20 +36,34 @@ pub struct TestRegistry {
     pub dir: TempDir,
     /// The user and password it wants (htpasswd Basic auth), if any.
     pub login: Option<(String, String)>,
+    /// Serves HTTPS only, with a certificate for 127.0.0.1 that [`TestRegistry::ca_file`]
+    /// signed.
+    pub tls: bool,
 }
 
 impl TestRegistry {
     /// Starts one (anonymous).
     pub fn start(tag: &str) -> TestRegistry {
-        TestRegistry::start_as(tag, None)
+        TestRegistry::start_as(tag, None, false)
+    }
+
+    /// Starts one that serves HTTPS only, its certificate signed by a CA made here with
+    /// openssl ([`TestRegistry::ca_file`]), which no system trusts.
+    pub fn start_tls(tag: &str) -> TestRegistry {
+        TestRegistry::start_as(tag, None, true)
+    }
+
+    /// The PEM file of the CA that signed an HTTPS registry's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// Starts one that wants `user` and `password` (Basic auth from an htpasswd file).
     pub fn start_with_login(tag: &str, user: &str, password: &str) -> TestRegistry {
-        TestRegistry::start_as(tag, Some((user.to_string(), password.to_string())))
+        TestRegistry::start_as(tag, Some((user.to_string(), password.to_string())), false)
     }
 
-    fn start_as(tag: &str, login: Option<(String, String)>) -> TestRegistry {
+    fn start_as(tag: &str, login: Option<(String, String)>, tls: bool) -> TestRegistry {
         let dir = TempDir::new(tag);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         if let Some((u, p)) = &login {
@@ -57,7 +71,10 @@ impl TestRegistry {
             assert!(out.status.success());
             std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
         }
-        let mut reg = TestRegistry { child: None, port, dir, login };
+        if tls {
+            make_certificates(dir.path());
+        }
+        let mut reg = TestRegistry { child: None, port, dir, login, tls };
         reg.spawn();
         reg
     }
@@ -76,6 +93,13 @@ impl TestRegistry {
                 self.dir.join("htpasswd").display()
             ));
         }
+        if self.tls {
+            yml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                self.dir.join("server.pem").display(),
+                self.dir.join("server.key").display()
+            ));
+        }
         std::fs::write(&config, yml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
@@ -85,9 +109,13 @@ impl TestRegistry {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
-        let port = self.port;
+        let (port, tls) = (self.port, self.tls);
         let up = wait_until(Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                if tls {
+                    // Listening is all there is to see without speaking TLS.
+                    return true;
+                }
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: x\r\n\r\n");
                 let mut b = [0u8; 12];
@@ -127,6 +155,31 @@ impl Drop for TestRegistry {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`server.pem`,
+/// `server.key`) in `dir`, made with openssl: P-256 keys, valid two days.
+fn make_certificates(dir: &Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-days", "2", "-subj", "/CN=vmhost test CA"])
+        .args(ec)
+        .args(["-keyout", "ca.key", "-out", "ca.pem"])
+        .current_dir(dir));
+    run(Command::new("openssl")
+        .args(["req", "-subj", "/CN=127.0.0.1"])
+        .args(ec)
+        .args(["-keyout", "server.key", "-out", "server.csr"])
+        .current_dir(dir));
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key"])
+        .args(["-CAcreateserial", "-extfile", "server.ext", "-out", "server.pem"])
+        .current_dir(dir));
 }
 
 fn run(cmd: &mut Command) {

@@ -24,12 +24,17 @@ impl Host {
     }
 
     fn start_with(tag: &str, env: &[(&str, &str)]) -> Host {
+        Host::start_full(tag, env, &[])
+    }
+
+    fn start_full(tag: &str, env: &[(&str, &str)], extra: &[&str]) -> Host {
         let dir = TempDir::new(tag);
         let log = std::fs::File::create(dir.join("host.log")).unwrap();
         let child = Command::new(vmhost_bin())
             // These tests are about the QEMU process and its ACPI step.
             .args(["host", "--backend", "qemu", "--name", tag, "--dir"])
             .arg(dir.join("vm"))
+            .args(extra)
             .env("VMHOST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -116,6 +121,39 @@ fn host_serves_control_and_helper_and_stops_through_the_agent() {
     assert_eq!(h.ctl(&["stop", "--timeout", "20"]), (0, "{\"ok\":true,\"state\":\"stopping\"}\n".into()));
     h.expect_exit();
     assert!(h.log().contains("stop step Agent: Exited"), "{}", h.log());
+}
+
+#[test]
+fn a_published_ssh_port_is_reported_and_reaches_the_guest() {
+    if !vm_ready("a_published_ssh_port_is_reported_and_reaches_the_guest") {
+        return;
+    }
+    let h = Host::start_full("host-publish", &[], &["-p", "127.0.0.1::22"]);
+    let (code, info) = h.ctl(&["info"]);
+    assert_eq!(code, 0, "{info}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let port = v["ssh_port"].as_u64().unwrap_or(0) as u16;
+    assert_ne!(port, 0, "info names the published SSH port: {info}");
+    // A guest program on port 22 answers a host client of that port.
+    let vm = h.attach();
+    std::thread::scope(|s| {
+        let server =
+            s.spawn(|| vm.command("sh").args(["-c", "echo SSH-2.0-guest | nc -l -p 22"]).output().unwrap());
+        let deadline = std::time::Instant::now() + GUARD;
+        let got = loop {
+            use std::io::Read;
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut got = String::new();
+            let _ = c.read_to_string(&mut got);
+            // Closed at once until the guest listens.
+            if !got.is_empty() || std::time::Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(got, "SSH-2.0-guest\n");
+        assert!(server.join().unwrap().status.success());
+    });
 }
 
 #[test]

@@ -38,6 +38,7 @@ pub fn run() -> ! {
         trace(format_args!("init: the root is the image's disk ({fstype}) under an overlay"));
     }
     let _ = nix::unistd::sethostname("vmhost");
+    super::tunnel::name_the_host();
     super::user::take_root_groups();
     // eth0 is configured only when the host first connects the network
     // (proto::NETWORK_UP).

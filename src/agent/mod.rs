@@ -38,6 +38,7 @@ pub mod power;
 mod process;
 pub mod serve;
 pub mod spawn;
+mod tunnel;
 pub mod user;
 mod writer;
 

@@ -87,6 +87,7 @@ pub fn run(first: Option<std::ffi::OsString>) -> i32 {
     writer.send(proto::HELLO, 0, hello.as_bytes());
     let first = first.map(|p| First::start(&p));
     let server = Arc::new(Server {
+        tunnel: Arc::new(super::tunnel::Tunnel::new(writer.clone())),
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
@@ -124,6 +125,7 @@ pub fn serve_over(port: File, root: std::path::PathBuf) -> i32 {
     hello.u32(proto::VERSION).string("vmhost-agent (in-process)").u8(0);
     writer.send(proto::HELLO, 0, hello.as_bytes());
     let server = Arc::new(Server {
+        tunnel: Arc::new(super::tunnel::Tunnel::new(writer.clone())),
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::with_root(root),
@@ -163,6 +165,8 @@ fn find_port(timeout: Duration) -> Option<String> {
 
 struct Server {
     writer: Writer,
+    /// Connections between host and guest programs (see [`proto::LISTEN`]).
+    tunnel: Arc<super::tunnel::Tunnel>,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     files: super::fs::Files,
     /// Serves filesystem requests (a FileRead of a FIFO may block for long).
@@ -223,10 +227,38 @@ impl Server {
                 }
             }
             proto::PING => w.ok(f.id, &[]),
-            proto::NETWORK_UP => match super::network::configure_network() {
-                Ok(()) => w.ok(f.id, &[]),
-                Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
+            proto::NETWORK_UP => {
+                // The listeners' address goes on lo before eth0 routes anything: a packet
+                // for it must never leave the guest.
+                match self
+                    .tunnel
+                    .address()
+                    .map_err(|e| e.message)
+                    .and_then(|()| super::network::configure_network())
+                {
+                    Ok(()) => w.ok(f.id, &[]),
+                    Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
+                }
+            }
+            proto::LISTEN => match d.u16() {
+                Ok(port) => self.tunnel.listen(f.id, port),
+                Err(_) => w.error(f.id, ErrorCode::InvalidArgument, "bad Listen payload"),
             },
+            proto::LISTEN_CLOSE => match d.u32() {
+                Ok(listener) => self.tunnel.close_listener(f.id, listener),
+                Err(_) => w.error(f.id, ErrorCode::InvalidArgument, "bad ListenClose payload"),
+            },
+            proto::CONNECT => match d.string() {
+                Ok(address) => self.tunnel.connect(f.id, address),
+                Err(_) => w.error(f.id, ErrorCode::InvalidArgument, "bad Connect payload"),
+            },
+            proto::CONN_DATA => self.tunnel.data(f.id, &f.payload),
+            proto::CONN_CREDIT => {
+                if let Ok(n) = d.u32() {
+                    self.tunnel.credit(f.id, n);
+                }
+            }
+            proto::CONN_CLOSE => self.tunnel.close(f.id),
             proto::EXEC => match ExecRequest::decode(&f.payload) {
                 Ok(req) => {
                     let started = self.clone().spawn(f.id, &req);

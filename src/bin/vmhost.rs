@@ -96,6 +96,12 @@ VM OPTIONS:
     --mount DIR:TAG[:ro]
                       share host directory DIR with the guest at /mnt/TAG (over virtio-9p;
                       :ro makes it read-only); repeatable
+    -p, --publish [HOST_IP:]HOST_PORT:GUEST_PORT
+                      publish a guest port on the host, as docker run -p: connections to
+                      HOST_IP:HOST_PORT go to GUEST_PORT on the guest's loopback (over
+                      vmhost's own channel: no guest network needed). HOST_IP is
+                      127.0.0.1 unless given (0.0.0.0 for every address); an empty
+                      HOST_PORT takes a free one; repeatable
     --dmesg           show the guest's kernel console on stderr
 
 ENVIRONMENT:
@@ -354,6 +360,8 @@ fn cmd_qmp(args: &[String]) -> Result<ExitCode, String> {
 struct VmFlags {
     image: Option<PathBuf>,
     options: vmhost::InstanceOptions,
+    /// `-p`: host addresses and the guest ports published on them.
+    publish: Vec<(std::net::SocketAddr, u16)>,
 }
 
 impl VmFlags {
@@ -367,6 +375,11 @@ impl VmFlags {
         };
         if let Some(v) = flag_value(args, i, "--image")? {
             self.image = Some(PathBuf::from(v));
+        } else if let Some(v) = match flag_value(args, i, "--publish")? {
+            Some(v) => Some(v),
+            None => flag_value(args, i, "-p")?,
+        } {
+            self.publish.push(vmhost::vm::publish::parse_publish(&v)?);
         } else if let Some(v) = flag_value(args, i, "--memory")? {
             // Passed on as given: the library refuses what a guest cannot have, saying why.
             self.options.memory_mb =
@@ -566,6 +579,19 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
         if let Err(e) = inst.set_network(true) {
             let _ = inst.kill();
             return fail(e);
+        }
+    }
+    for (host, guest_port) in &vm.publish {
+        match inst.publish(*host, *guest_port) {
+            // A port vmhost picked is worth saying; one asked for is known.
+            Ok(bound) if host.port() == 0 => {
+                eprintln!("vmhost: guest port {guest_port} published on {bound}")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = inst.kill();
+                return fail(e);
+            }
         }
     }
     log::debug!("instance {} ready; running {program}", inst.id());
@@ -909,17 +935,31 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     };
     let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
     log::info!("host {name}: VM {} running", machine.id());
-    let control = match ControlServer::start(
-        dir.join("vmhost.sock"),
-        dir.join("vmhost.pid"),
-        Arc::new(machine.clone()),
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = machine.force_stop();
-            return Err(e.to_string());
+    let mut published = Vec::new();
+    for (host, guest_port) in &vm.publish {
+        let p = machine
+            .agent()
+            .and_then(|agent| vmhost::vm::publish::Published::start(agent, *host, *guest_port))
+            .map_err(|e| {
+                let _ = machine.force_stop();
+                e.to_string()
+            })?;
+        if host.port() == 0 {
+            eprintln!("vmhost host {name}: guest port {guest_port} published on {}", p.host_addr());
         }
-    };
+        published.push(p);
+    }
+    // `info` reports the host port of the guest's SSH port (22) when it is published.
+    let ssh_port = published.iter().find(|p| p.guest_port() == 22).map_or(0, |p| p.host_addr().port());
+    let controlled = vmhost::server::control::Hosted { machine: machine.clone(), ssh_port };
+    let control =
+        match ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), Arc::new(controlled)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = machine.force_stop();
+                return Err(e.to_string());
+            }
+        };
     let helper = Helper::with_vm(machine.clone(), vm.options.user.clone());
     let server = match Server::bind(dir.join("helper.sock"), helper) {
         Ok(s) => s,
@@ -944,6 +984,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     }
     server.close();
     drop(control);
+    drop(published);
     match machine.end() {
         None | Some(vmhost::vm::VmEnd::Stopped) => Ok(ExitCode::SUCCESS),
         Some(end) => {

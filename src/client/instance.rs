@@ -211,6 +211,55 @@ impl Instance {
         super::fs::Fs::new(&self.t)
     }
 
+    /// Listens in the guest on `address` (`:PORT`, or `HOST:PORT` whose host part is
+    /// ignored; port 0 picks one): guest programs connect to `host.internal:PORT`
+    /// (`10.42.0.1:PORT`), whether or not the guest has a network. Nothing listens on
+    /// the host's own network. See [`Listener`](super::net::Listener).
+    pub fn listen(&self, address: &str) -> Result<super::net::Listener<'_>> {
+        super::net::Listener::bind(&self.t, address)
+    }
+
+    /// Connects to `port` on the guest's loopback, where a guest program listens, like
+    /// [`std::net::TcpStream::connect`]. No network device is needed.
+    ///
+    /// ```no_run
+    /// use std::io::Read;
+    /// use vmhost::{Image, Instance, InstanceOptions};
+    ///
+    /// let vm = Instance::new(Image::Default, InstanceOptions::default())?;
+    /// let _server = vm.command("sh").arg("-c").arg("echo hi | nc -l -p 7000").spawn()?;
+    /// # std::thread::sleep(std::time::Duration::from_millis(500));
+    /// let mut conn = vm.connect(7000)?;
+    /// let mut got = String::new();
+    /// conn.read_to_string(&mut got)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn connect(&self, port: u16) -> Result<super::net::Conn<'_>> {
+        super::net::Conn::connect(&self.t, port)
+    }
+
+    /// Publishes the guest's `guest_port` on the host address `host` (port 0: any free
+    /// one), as `docker run -p` does: connections to it go to a guest program listening
+    /// on that port of the guest's loopback. Returns the address bound. It lasts until
+    /// the instance closes; no network device is needed.
+    ///
+    /// ```no_run
+    /// use vmhost::{Image, Instance, InstanceOptions};
+    ///
+    /// let vm = Instance::new(Image::Default, InstanceOptions::default())?;
+    /// let addr = vm.publish("127.0.0.1:0".parse().unwrap(), 80)?;
+    /// println!("the guest's port 80 is at {addr}");
+    /// # Ok::<(), vmhost::Error>(())
+    /// ```
+    pub fn publish(&self, host: std::net::SocketAddr, guest_port: u16) -> Result<std::net::SocketAddr> {
+        let req = Request::InstancePublish { address: host.to_string(), guest_port: guest_port as u32 };
+        let address = answer!(self.t, req, InstancePublish { address });
+        address.parse().map_err(|_| Error::InvalidArgument {
+            op: "publish".into(),
+            message: format!("the helper answered {address:?}, not an address"),
+        })
+    }
+
     /// Sends one request (any message of the catalogue) and returns its typed answer,
     /// the [`wire::Response`] variant of the same name; an Error frame is
     /// [`Error::Remote`]. The std-like API is built on this; it is here for what that API

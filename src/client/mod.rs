@@ -8,6 +8,7 @@
 
 pub mod fs;
 pub mod instance;
+pub mod net;
 pub mod process;
 mod transport;
 

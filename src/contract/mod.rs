@@ -56,3 +56,11 @@ pub const GUEST_ADDR: [u8; 4] = [10, 0, 2, 15];
 pub const GATEWAY: [u8; 4] = [10, 0, 2, 2];
 /// The DNS server slirp answers on.
 pub const DNS: &str = "10.0.2.3";
+
+/// Where guest programs reach the host's listeners (NetListen): an address of the
+/// guest's own loopback interface that the agent listens on and tunnels to the host
+/// (see [`proto::LISTEN`]), with or without a network device. The original's gateway
+/// address, kept for its users.
+pub const HOST_ADDR: [u8; 4] = [10, 42, 0, 1];
+/// The name of [`HOST_ADDR`] in the guest's `/etc/hosts`.
+pub const HOST_NAME: &str = "host.internal";

@@ -39,7 +39,18 @@
 //! start the command with an Exec of its own. Since version 4.
 //!
 //! Version 5 added [`ExecRequest::main`], a trailing byte of the Exec payload; version 6
-//! the errno of [`AgentError`].
+//! the errno of [`AgentError`]; version 7 the tunnel (below).
+//!
+//! The tunnel carries TCP connections between host programs and guest programs over
+//! this channel, so that they need no network device. [`LISTEN`] has the agent listen
+//! on [`crate::contract::HOST_ADDR`] in the guest (the address guest programs reach the
+//! host's listeners at) and report each guest connection with [`ACCEPTED`]; [`CONNECT`]
+//! has it connect to a port of the guest. A connection's bytes go as [`CONN_DATA`]
+//! frames either way (an empty one: the sender will send no more), each side sending at
+//! most what the other has granted: [`CONN_WINDOW`] at the start, more with
+//! [`CONN_CREDIT`] as the receiver passes the bytes on. [`CONN_CLOSE`] either way ends
+//! it. Connection ids the host picks (a Connect's request id) are below
+//! [`GUEST_CONN_BIT`]; those the agent picks (an accepted connection) have it set.
 //!
 //! Flow control: a process may send at most as many output bytes as the host has
 //! granted. Each process starts with [`INITIAL_CREDIT`]; the host grants more with
@@ -53,7 +64,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder, ErrorCode};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -94,6 +105,26 @@ pub const PING: u16 = 0x0202;
 /// connects the link: a guest without network does not spend
 /// boot time on an interface nobody uses. Since version 3.
 pub const NETWORK_UP: u16 = 0x0203;
+/// Listen in the guest on [`crate::contract::HOST_ADDR`]: `u16 port` (0: any). OK
+/// carries `u16 port`, the port bound. The request's id names the listener from then on:
+/// each connection a guest program makes to it comes as an [`ACCEPTED`] with that id.
+/// Since version 7.
+pub const LISTEN: u16 = 0x0501;
+/// Stop listening: `u32 listener id`. OK when closed; no [`ACCEPTED`] follows.
+pub const LISTEN_CLOSE: u16 = 0x0502;
+/// Connect to a port of the guest: `string address` (`IP:PORT` as the guest sees it,
+/// e.g. `127.0.0.1:8080`). OK carries `string local address, string peer address`; the
+/// request's id names the connection from then on.
+pub const CONNECT: u16 = 0x0503;
+/// A connection's bytes, either way, the frame's id being the connection: the payload
+/// is the bytes themselves (at most [`OUTPUT_CHUNK`]; none: the sender shut its writing
+/// side). Never more than the receiver granted. Not answered.
+pub const CONN_DATA: u16 = 0x0504;
+/// Grants the other side `u32 bytes` more of a connection (the frame's id). Not answered.
+pub const CONN_CREDIT: u16 = 0x0505;
+/// Ends a connection (the frame's id), either way: the sender closed it and sends nothing
+/// more; the receiver closes its end and forgets the id. No payload; not answered.
+pub const CONN_CLOSE: u16 = 0x0506;
 /// Success: request-specific payload.
 pub const OK: u16 = 0xFF00;
 /// Failure: [`AgentError`]: `u8 code (helper protocol error codes), string message,
@@ -103,6 +134,17 @@ pub const ERROR: u16 = 0xFF01;
 pub const OUTPUT: u16 = 0xFF02;
 /// Process end, after all its output: `i32 exit code, i32 signal (0 if none)`.
 pub const EXIT: u16 = 0xFF03;
+/// A guest program connected to a listener (the frame's id): `u32 connection id, string
+/// peer address, string local address`. The connection's data follows as [`CONN_DATA`].
+pub const ACCEPTED: u16 = 0xFF04;
+
+/// The bytes of a connection either side may send before the other grants more.
+pub const CONN_WINDOW: u32 = 1 << 20;
+/// What an accepted connection may send the host before the host's program accepts it
+/// (the host grants up to [`CONN_WINDOW`] then): unaccepted connections hold little.
+pub const ACCEPT_WINDOW: u32 = 64 << 10;
+/// Set in the ids of connections the agent picks (accepted ones), clear in the host's.
+pub const GUEST_CONN_BIT: u32 = 1 << 31;
 
 /// The id of the process the agent starts at boot (see the module's doc).
 pub const FIRST_EXEC_ID: u32 = 1;
@@ -142,6 +184,13 @@ pub fn name(ty: u16) -> &'static str {
         SHUTDOWN => "Shutdown",
         PING => "Ping",
         NETWORK_UP => "NetworkUp",
+        LISTEN => "Listen",
+        LISTEN_CLOSE => "ListenClose",
+        CONNECT => "Connect",
+        CONN_DATA => "ConnData",
+        CONN_CREDIT => "ConnCredit",
+        CONN_CLOSE => "ConnClose",
+        ACCEPTED => "Accepted",
         OK => "Ok",
         ERROR => "Error",
         OUTPUT => "Output",

@@ -88,6 +88,37 @@ impl VmController for crate::vm::Machine {
     }
 }
 
+/// A VM as `vmhost host` serves it: the machine, and the host port its SSH port (22) is
+/// published on (`-p`), 0 for none.
+#[derive(Debug, Clone)]
+pub struct Hosted {
+    /// The VM.
+    pub machine: crate::vm::Machine,
+    /// The host port of the guest's port 22, 0 for none.
+    pub ssh_port: u16,
+}
+
+impl VmController for Hosted {
+    fn state(&self) -> VmState {
+        self.machine.state()
+    }
+    fn stop(&self, timeout: Duration) -> Result<()> {
+        self.machine.stop(timeout)
+    }
+    fn force_stop(&self) -> Result<()> {
+        self.machine.force_stop()
+    }
+    fn ssh_port(&self) -> u16 {
+        self.ssh_port
+    }
+    fn backend(&self) -> &str {
+        self.machine.backend().as_str()
+    }
+    fn wait(&self) -> Result<()> {
+        self.machine.wait()
+    }
+}
+
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {

@@ -235,8 +235,12 @@ fn serve_instance(
 ) -> HandlerResult {
     let vm = &inst.vm;
     match req {
+        req if super::net::is_net(&inst.session, &req) => {
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            super::net::serve(agent, &inst.session, &|| st.handle(), &call.canceller(), req)
+        }
         // A pipe handle is served as a connection too, as the original's helper serves
-        // it; other connections are the network family's (not built yet).
+        // it; other connections are the network family's (above).
         Request::ConnRead { handle, .. }
         | Request::ConnWrite { handle, .. }
         | Request::ConnClose { handle }

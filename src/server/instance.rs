@@ -58,6 +58,8 @@ pub(super) fn serve(
     let vm = &inst.vm;
     match req {
         Request::InstanceClose {} => {
+            // Every listener and connection ends (their waiters wake), handles freed.
+            super::net::close_all(&inst.session);
             let r = vm.stop(Duration::from_secs(10));
             let mut slot = slot.lock();
             // Only this instance: another connection may have made a new one meanwhile.
@@ -85,6 +87,20 @@ pub(super) fn serve(
                 None => (0, 0, String::new()),
             };
             Ok(Response::InstanceEnd { kind, number, detail }.into())
+        }
+        Request::InstancePublish { address, guest_port } => {
+            let bad = |m: String| ErrorFrame::new(ErrorCode::InvalidArgument, "", m);
+            let host: std::net::SocketAddr =
+                address.parse().map_err(|_| bad(format!("{address:?} is not IP:PORT")))?;
+            let port = u16::try_from(guest_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("guest port {guest_port} is not 1-65535")))?;
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            let p = crate::vm::publish::Published::start(agent, host, port).map_err(|e| frame(&e, ""))?;
+            let address = p.host_addr().to_string();
+            inst.session.published.lock().push(p);
+            Ok(Response::InstancePublish { address }.into())
         }
         Request::InstanceSetConsole { cols, rows } => {
             if !(1..=10_000).contains(&cols) || !(1..=10_000).contains(&rows) {

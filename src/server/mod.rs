@@ -29,6 +29,7 @@ mod guestless;
 mod hangup;
 pub mod helper;
 mod instance;
+mod net;
 mod pipes;
 mod session;
 mod table;

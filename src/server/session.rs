@@ -19,6 +19,10 @@ pub(super) struct Session {
     pub(super) image: Option<RunConfig>,
     pub(super) cmds: Mutex<Table<Arc<Cmd>>>,
     pub(super) files: super::fs::Files,
+    pub(super) listeners: Mutex<Table<Arc<super::net::NetListener>>>,
+    pub(super) conns: Mutex<Table<Arc<super::net::NetConn>>>,
+    /// Guest ports published on the host (InstancePublish), until InstanceClose.
+    pub(super) published: Mutex<Vec<crate::vm::publish::Published>>,
     pub(super) console: Console,
 }
 
@@ -29,6 +33,9 @@ impl Session {
             image,
             cmds: Mutex::new(Table::new()),
             files: Mutex::new(Table::new()),
+            listeners: Mutex::new(Table::new()),
+            conns: Mutex::new(Table::new()),
+            published: Mutex::new(Vec::new()),
             console: Console::default(),
         }
     }

@@ -34,6 +34,22 @@ impl<T: Clone> Table<T> {
         }
     }
 
+    /// Whether `h` was given out by this table (and is live or taken back).
+    pub(crate) fn knows(&self, h: u64) -> bool {
+        self.live.contains_key(&h) || self.freed.contains(&h)
+    }
+
+    /// Every live handle's value, taken out.
+    pub(crate) fn drain(&mut self) -> Vec<T> {
+        let all: Vec<(u64, T)> = self.live.drain().collect();
+        all.into_iter()
+            .map(|(h, v)| {
+                self.freed.insert(h);
+                v
+            })
+            .collect()
+    }
+
     /// Whether `h` was given out by this table and taken back.
     pub(crate) fn was_freed(&self, h: u64) -> bool {
         self.freed.contains(&h)

@@ -60,6 +60,11 @@ struct Inner {
     end_reason: Mutex<Option<String>>,
     /// The guest's first command, until an exec claims it.
     first: Mutex<Option<First>>,
+    /// The tunnel's listeners and connections (see [`super::tunnel`]).
+    routes: super::tunnel::Routes,
+    /// Connections the reader refuses, for the thread that tells the guest: the reader
+    /// itself never writes, or a writer blocked on a full channel could wait for it.
+    refusals: Sender<u32>,
 }
 
 /// The guest's first command, until an exec claims it: its request, and the process
@@ -91,6 +96,7 @@ impl Inner {
         let _ = self.closer.shutdown(std::net::Shutdown::Both);
         self.pending.lock().clear();
         self.procs.lock().clear();
+        self.routes.end_all();
     }
 
     fn send(&self, ty: u16, id: u32, payload: &[u8]) -> Result<()> {
@@ -159,6 +165,9 @@ impl AgentLink {
             });
         }
         reader.set_read_timeout(None).map_err(|e| Error::io("agent channel", "agent", e))?;
+        // Bounded: past it a refusal is dropped (the guest keeps a connection nobody
+        // reads, its own loss), never a reader that waits.
+        let (refusals, refused) = crossbeam_channel::bounded::<u32>(1024);
         let closer = stream.try_clone().map_err(|e| Error::io("clone agent channel", "agent", e))?;
         let inner = Arc::new(Inner {
             writer: Mutex::new(stream),
@@ -169,6 +178,8 @@ impl AgentLink {
             broken: Mutex::new(None),
             end_reason: Mutex::new(None),
             first: Mutex::new(None),
+            routes: super::tunnel::Routes::default(),
+            refusals,
         });
         if let Some(req) = first {
             // Registered before the reader starts: the agent answers it, and the process
@@ -187,6 +198,16 @@ impl AgentLink {
         let mut ack = Encoder::new();
         ack.u32(proto::VERSION);
         inner.send(proto::HELLO_ACK, 0, ack.as_bytes())?;
+        let weak = Arc::downgrade(&inner);
+        thread::Builder::new()
+            .name("vmhost-agent-refuser".into())
+            .spawn(move || {
+                for id in refused {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let _ = inner.send(proto::CONN_CLOSE, id, &[]);
+                }
+            })
+            .map_err(|e| Error::io("start agent refuser", "agent", e))?;
         let r = inner.clone();
         thread::Builder::new()
             .name("vmhost-agent-link".into())
@@ -197,12 +218,40 @@ impl AgentLink {
 
     fn id(&self) -> u32 {
         loop {
-            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            // Below the bit that marks the agent's connection ids.
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) & !proto::GUEST_CONN_BIT;
             // 0 is for frames that answer nothing; the first process's id is its own.
             if id != 0 && id != proto::FIRST_EXEC_ID {
                 return id;
             }
         }
+    }
+
+    /// A fresh request id, for a request whose id names something after it (a
+    /// listener, a connection; none in use): see [`AgentLink::request_with_id`].
+    pub(crate) fn new_id(&self) -> u32 {
+        loop {
+            let id = self.id();
+            if !self.inner.routes.in_use(id) {
+                return id;
+            }
+        }
+    }
+
+    /// The error of a call that found the channel ended.
+    pub(crate) fn ended_error(&self, op: &str) -> Error {
+        self.inner.error(op).unwrap_or(Error::Closed)
+    }
+
+    /// Sends a frame that is not answered; a failure ends the channel, which every
+    /// waiter then hears of.
+    pub(crate) fn send_frame(&self, ty: u16, id: u32, payload: &[u8]) {
+        let _ = self.inner.send(ty, id, payload);
+    }
+
+    /// The tunnel's routes.
+    pub(crate) fn routes(&self) -> &super::tunnel::Routes {
+        &self.inner.routes
     }
 
     /// Whether the channel is up.
@@ -281,7 +330,9 @@ impl AgentLink {
         Ok(Process { id, pid, events, link: self.clone() })
     }
 
-    fn request_with_id(
+    /// Sends request `ty` under `id` (an exec's, or one from [`AgentLink::new_id`]) and
+    /// waits for its answer.
+    pub(crate) fn request_with_id(
         &self,
         id: u32,
         ty: u16,
@@ -432,6 +483,15 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 let signal = d.i32().unwrap_or(0);
                 if let Some(slot) = inner.procs.lock().remove(&f.id) {
                     let _ = slot.tx.send(ProcEvent::Exit { code, signal });
+                }
+            }
+            proto::ACCEPTED | proto::CONN_DATA | proto::CONN_CREDIT | proto::CONN_CLOSE => {
+                match inner.routes.route(&f) {
+                    super::tunnel::Routed::Done => {}
+                    super::tunnel::Routed::Refuse(id) => {
+                        let _ = inner.refusals.try_send(id);
+                    }
+                    super::tunnel::Routed::Broken(why) => break why,
                 }
             }
             other => log::warn!("agent sent unexpected message {other:#06x}"),

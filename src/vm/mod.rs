@@ -6,9 +6,11 @@ pub(crate) mod agent_link;
 pub(crate) mod console;
 pub mod kvm;
 pub(crate) mod lifecycle;
+pub mod publish;
 pub mod qemu;
 pub mod run_dir;
 pub mod stop;
+pub mod tunnel;
 
 use std::time::Duration;
 

@@ -43,6 +43,8 @@ pub mod msg {
         INSTANCE_EXEC = 0x0107 => "InstanceExec",
         /// How the instance ended (vmhost's addition).
         INSTANCE_END = 0x0108 => "InstanceEnd",
+        /// Publish a guest port on the host (vmhost's addition).
+        INSTANCE_PUBLISH = 0x0109 => "InstancePublish",
         /// Open a guest file for reading.
         FS_OPEN = 0x0200 => "FsOpen",
         /// Create or truncate a guest file.
@@ -153,6 +155,10 @@ pub mod msg {
         CONN_LOCAL_ADDR = 0x0507 => "ConnLocalAddr",
         /// A connection's remote address.
         CONN_REMOTE_ADDR = 0x0508 => "ConnRemoteAddr",
+        /// Connect to a port a guest program listens on (vmhost's addition).
+        NET_CONNECT = 0x0509 => "NetConnect",
+        /// Shut a connection's writing side (vmhost's addition).
+        CONN_CLOSE_WRITE = 0x050A => "ConnCloseWrite",
         /// A snapshot's cache key.
         SNAPSHOT_CACHE_KEY = 0x0600 => "SnapshotCacheKey",
         /// A snapshot's parent (0 = none).

@@ -276,6 +276,9 @@ requests! {
     InstanceExec = INSTANCE_EXEC { name: String, args: Vec<String> } => {},
     /// How it ended.
     InstanceEnd = INSTANCE_END {} => { kind: u8, number: u64, detail: String },
+    /// Publish guest port `guest_port` on the host address `address` (`IP:PORT`; port 0:
+    /// any): answers the address bound (vmhost's addition).
+    InstancePublish = INSTANCE_PUBLISH { address: String, guest_port: u32 } => { address: String },
     /// Open for reading.
     FsOpen = FS_OPEN { path: String } => { handle: u64 },
     /// Create or truncate.
@@ -386,6 +389,11 @@ requests! {
     ConnLocalAddr = CONN_LOCAL_ADDR { handle: u64 } => { address: String },
     /// Remote address.
     ConnRemoteAddr = CONN_REMOTE_ADDR { handle: u64 } => { address: String },
+    /// Connect to a guest port: `address` is `[IP]:PORT` as the guest sees it (vmhost's
+    /// addition).
+    NetConnect = NET_CONNECT { network: String, address: String } => { handle: u64 },
+    /// Shut the writing side: the peer reads the end of the stream (vmhost's addition).
+    ConnCloseWrite = CONN_CLOSE_WRITE { handle: u64 } => {},
     /// A snapshot's cache key.
     SnapshotCacheKey = SNAPSHOT_CACHE_KEY { handle: u64 } => { key: String },
     /// A snapshot's parent.

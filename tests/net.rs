@@ -287,3 +287,72 @@ fn vmhost_run_publishes_with_dash_p() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_default_images_wget_fetches_from_a_host_listener_by_name() {
+    let Some(vm) = vm("the_default_images_wget_fetches_from_a_host_listener_by_name") else { return };
+    let listener = vm.listen(":7500").unwrap();
+    // Without -T: Debian's busybox-static 1.35 has no wget timeout and crashes on it.
+    let g = guest(vm, "wget -q -O - http://host.internal:7500/page");
+    let (conn, _) = listener.accept().unwrap();
+    let mut request = Vec::new();
+    let mut b = [0u8; 1024];
+    while !request.ends_with(b"\r\n\r\n") {
+        let n = (&conn).read(&mut b).unwrap();
+        assert!(n > 0, "the request ended early: {}", String::from_utf8_lossy(&request));
+        request.extend_from_slice(&b[..n]);
+    }
+    let request = String::from_utf8_lossy(&request).into_owned();
+    assert!(request.starts_with("GET /page HTTP/1.1\r\n"), "{request}");
+    assert!(request.contains("Host: host.internal:7500"), "{request}");
+    (&conn).write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello, wget\n").unwrap();
+    drop(conn);
+    let (code, out, err) = g.join().unwrap();
+    assert_eq!((code, out.as_str()), (0, "hello, wget\n"), "{err}");
+}
+
+#[test]
+fn the_network_messages_work_through_the_helper_process() {
+    let test = "the_network_messages_work_through_the_helper_process";
+    if !common::vm_ready(test) {
+        return;
+    }
+    // The real helper binary, spoken to over its socket (every message encoded and
+    // decoded as the protocol says), not the in-process transport.
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let vm = Instance::new_with_helper(Image::Default, InstanceOptions::default()).unwrap();
+    let listener = vm.listen(":7600").unwrap();
+    assert_eq!(listener.local_addr().unwrap().to_string(), "10.42.0.1:7600");
+    std::thread::scope(|s| {
+        let g =
+            s.spawn(|| vm.command("sh").arg("-c").arg("echo ping | nc host.internal 7600").output().unwrap());
+        let (conn, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip().to_string(), "10.42.0.1");
+        let mut got = String::new();
+        (&conn).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "ping\n");
+        (&conn).write_all(b"pong\n").unwrap();
+        drop(conn);
+        assert!(g.join().unwrap().status.success());
+        // The other way, and a close from another thread ending an accept.
+        let server = s.spawn(|| vm.command("sh").arg("-c").arg("echo hi | nc -l -p 7601").output().unwrap());
+        let conn = loop {
+            match vm.connect(7601) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut got = String::new();
+        (&conn).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hi\n");
+        drop(conn);
+        assert!(server.join().unwrap().status.success());
+        let waiting = s.spawn(|| listener.accept().map(|_| ()));
+        std::thread::sleep(Duration::from_millis(300));
+        listener.close().unwrap();
+        assert!(waiting.join().unwrap().is_err());
+    });
+    drop(listener);
+    vm.close().unwrap();
+}

@@ -240,6 +240,10 @@ impl Server {
                     Err(e) => w.error(f.id, ErrorCode::Network, &format!("configure the guest network: {e}")),
                 }
             }
+            proto::NETWORK_DOWN => match super::network::unconfigure_network() {
+                Ok(()) => w.ok(f.id, &[]),
+                Err(e) => w.error(f.id, ErrorCode::Network, &format!("take the guest network down: {e}")),
+            },
             proto::LISTEN => match d.u16() {
                 Ok(port) => self.tunnel.listen(f.id, port),
                 Err(_) => w.error(f.id, ErrorCode::InvalidArgument, "bad Listen payload"),

@@ -105,6 +105,10 @@ pub const PING: u16 = 0x0202;
 /// connects the link: a guest without network does not spend
 /// boot time on an interface nobody uses. Since version 3.
 pub const NETWORK_UP: u16 = 0x0203;
+/// Take the guest's network interface down (its routes go with it): the host has
+/// disconnected the network, and guest programs' connections must fail at once rather
+/// than wait on a dead link. No payload; OK when done. Since version 7.
+pub const NETWORK_DOWN: u16 = 0x0204;
 /// Listen in the guest on [`crate::contract::HOST_ADDR`]: `u16 port` (0: any). OK
 /// carries `u16 port`, the port bound. The request's id names the listener from then on:
 /// each connection a guest program makes to it comes as an [`ACCEPTED`] with that id.
@@ -184,6 +188,7 @@ pub fn name(ty: u16) -> &'static str {
         SHUTDOWN => "Shutdown",
         PING => "Ping",
         NETWORK_UP => "NetworkUp",
+        NETWORK_DOWN => "NetworkDown",
         LISTEN => "Listen",
         LISTEN_CLOSE => "ListenClose",
         CONNECT => "Connect",

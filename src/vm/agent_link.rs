@@ -393,6 +393,11 @@ impl AgentLink {
         self.request(proto::NETWORK_UP, &[], Some(timeout)).map(drop)
     }
 
+    /// Has the guest take its network interface down (see [`proto::NETWORK_DOWN`]).
+    pub fn network_down(&self, timeout: Duration) -> Result<()> {
+        self.request(proto::NETWORK_DOWN, &[], Some(timeout)).map(drop)
+    }
+
     /// Asks the guest to sync and power off; returns once the agent acknowledged.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
         self.request(proto::SHUTDOWN, &[], Some(timeout)).map(drop)

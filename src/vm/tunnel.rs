@@ -281,7 +281,8 @@ impl TunnelListener {
         let (tx, accepted) = crossbeam_channel::bounded(ACCEPT_QUEUE);
         // Registered before the request: a guest may connect the moment it listens.
         link.routes().listeners.lock().insert(id, tx);
-        let answer = link.request_with_id(id, proto::LISTEN, &port.to_be_bytes(), Some(Duration::from_secs(30)));
+        let answer =
+            link.request_with_id(id, proto::LISTEN, &port.to_be_bytes(), Some(Duration::from_secs(30)));
         let port = match answer.and_then(|p| Decoder::new(&p).u16().map_err(decode("Listen"))) {
             Ok(p) => p,
             Err(e) => {

@@ -349,7 +349,14 @@ impl QemuVm {
             Duration::from_secs(10),
         )
         .map(drop)
-        .map_err(Error::Qmp)
+        .map_err(Error::Qmp)?;
+        if !up && self.shared.net_filter.lock().is_some() {
+            // The link carries nothing now; with eth0 down too a guest program's
+            // connection fails at once (network unreachable) instead of hanging. The
+            // link went first: nothing leaves the guest meanwhile.
+            self.agent()?.network_down(Duration::from_secs(20))?;
+        }
+        Ok(())
     }
 
     /// The QMP connection.

@@ -356,3 +356,36 @@ fn the_network_messages_work_through_the_helper_process() {
     drop(listener);
     vm.close().unwrap();
 }
+
+#[test]
+fn read_and_write_timeouts_give_up_without_losing_bytes() {
+    let Some(vm) = vm("read_and_write_timeouts_give_up_without_losing_bytes") else { return };
+    let listener = vm.listen(":7700").unwrap();
+    // The guest says nothing for a while, then a line; it never reads what it is sent
+    // (its nc writes into a pipe nobody reads), so writes fill the window and wait.
+    let g = guest(vm, "(sleep 2; echo late) | nc host.internal 7700 | sleep 8");
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert_eq!(conn.read_timeout().unwrap(), Some(Duration::from_millis(300)));
+    let e = (&conn).read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    // The line that comes later is all there: a timed-out read took nothing.
+    conn.set_read_timeout(None).unwrap();
+    let mut line = [0u8; 5];
+    (&conn).read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"late\n");
+    assert!(conn.set_read_timeout(Some(Duration::ZERO)).is_err(), "zero is refused, as std does");
+    conn.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    let e = loop {
+        match (&conn).write(&chunk) {
+            Ok(n) => assert!(n > 0),
+            Err(e) => break e,
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "writes never waited");
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    drop(conn);
+    g.join().unwrap();
+}

@@ -11,6 +11,9 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::transport::{answer, Transport};
 use crate::error::Result;
@@ -127,13 +130,22 @@ pub struct Conn<'a> {
     local: SocketAddr,
     peer: SocketAddr,
     closed: AtomicBool,
+    /// Read and write timeouts, as last set.
+    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
 }
 
 impl<'a> Conn<'a> {
     pub(super) fn from_handle(t: &'a Transport, handle: u64) -> Result<Conn<'a>> {
         let local = answer!(t, Request::ConnLocalAddr { handle }, ConnLocalAddr { address });
         let peer = answer!(t, Request::ConnRemoteAddr { handle }, ConnRemoteAddr { address });
-        Ok(Conn { t, handle, local: addr(&local), peer: addr(&peer), closed: AtomicBool::new(false) })
+        Ok(Conn {
+            t,
+            handle,
+            local: addr(&local),
+            peer: addr(&peer),
+            closed: AtomicBool::new(false),
+            timeouts: Mutex::new((None, None)),
+        })
     }
 
     pub(super) fn connect(t: &'a Transport, port: u16) -> Result<Conn<'a>> {
@@ -171,6 +183,49 @@ impl<'a> Conn<'a> {
                 "a guest connection's reading side cannot be shut",
             )),
         }
+    }
+
+    /// How long a read waits for bytes before failing with [`io::ErrorKind::TimedOut`]
+    /// (`None`: without end), like [`std::net::TcpStream::set_read_timeout`]; a zero
+    /// duration is refused. A read that times out loses nothing.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut t = self.timeouts.lock();
+        self.set_timeouts(timeout, t.1)?;
+        t.0 = timeout;
+        Ok(())
+    }
+
+    /// How long a write waits for the guest to take bytes before failing with
+    /// [`io::ErrorKind::TimedOut`] (or returning how many it took).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut t = self.timeouts.lock();
+        self.set_timeouts(t.0, timeout)?;
+        t.1 = timeout;
+        Ok(())
+    }
+
+    /// The read timeout.
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.timeouts.lock().0)
+    }
+
+    /// The write timeout.
+    pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.timeouts.lock().1)
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        let ms = |d: Option<Duration>| -> io::Result<u32> {
+            match d {
+                None => Ok(0),
+                Some(d) if d.is_zero() => {
+                    Err(io::Error::new(io::ErrorKind::InvalidInput, "a zero timeout (use None for none)"))
+                }
+                Some(d) => Ok(d.as_millis().clamp(1, u32::MAX as u128) as u32),
+            }
+        };
+        let req = Request::ConnSetTimeouts { handle: self.handle, read_ms: ms(read)?, write_ms: ms(write)? };
+        Ok(self.t.call(&req)?)
     }
 
     fn close_now(&self) -> Result<()> {

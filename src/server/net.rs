@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::session::Session;
 use super::HandlerResult;
@@ -29,11 +30,19 @@ pub(super) struct NetListener {
     closed: AtomicBool,
 }
 
-/// A connection of the session, with its addresses as the host program is told them.
+/// A connection of the session, with its addresses as the host program is told them
+/// and its timeouts (ConnSetTimeouts; none at first).
 pub(super) struct NetConn {
     tunnel: TunnelConn,
     local: String,
     remote: String,
+    timeouts: parking_lot::Mutex<(Option<Duration>, Option<Duration>)>,
+}
+
+impl NetConn {
+    fn new(tunnel: TunnelConn, local: String, remote: String) -> Arc<NetConn> {
+        Arc::new(NetConn { tunnel, local, remote, timeouts: parking_lot::Mutex::new((None, None)) })
+    }
 }
 
 /// Whether `req` is this family's: its messages, and the Conn* ones on any handle but
@@ -45,7 +54,8 @@ pub(super) fn is_net(session: &Session, req: &Request) -> bool {
         | Request::ListenerClose { .. }
         | Request::ListenerAddr { .. }
         | Request::NetConnect { .. }
-        | Request::ConnCloseWrite { .. } => true,
+        | Request::ConnCloseWrite { .. }
+        | Request::ConnSetTimeouts { .. } => true,
         Request::ConnRead { handle, .. }
         | Request::ConnWrite { handle, .. }
         | Request::ConnClose { handle }
@@ -109,7 +119,7 @@ pub(super) fn serve(
             match got {
                 Ok(Some((tunnel, peer, local))) => {
                     let h = handle();
-                    session.conns.lock().insert(h, Arc::new(NetConn { tunnel, local, remote: peer }));
+                    session.conns.lock().insert(h, NetConn::new(tunnel, local, peer));
                     Ok(Response::ListenerAccept { handle: h }.into())
                 }
                 Ok(None) => Err(closed()),
@@ -137,18 +147,26 @@ pub(super) fn serve(
             };
             let (tunnel, local, remote) = TunnelConn::connect(agent, &target).map_err(frame(op))?;
             let h = handle();
-            session.conns.lock().insert(h, Arc::new(NetConn { tunnel, local, remote }));
+            session.conns.lock().insert(h, NetConn::new(tunnel, local, remote));
             Ok(Response::NetConnect { handle: h }.into())
         }
         Request::ConnRead { handle: ch, max } => {
             let c = conn(session, ch, op)?;
-            let data = c.tunnel.read(max.min(MAX_READ) as usize, wait).map_err(frame(op))?;
+            let deadline = c.timeouts.lock().0.map(|t| Instant::now() + t);
+            let data =
+                c.tunnel.read(max.min(MAX_READ) as usize, Wait { deadline, ..wait }).map_err(frame(op))?;
             Ok(Response::ConnRead { data }.into())
         }
         Request::ConnWrite { handle: ch, data } => {
             let c = conn(session, ch, op)?;
-            c.tunnel.write(&data, wait).map_err(frame(op))?;
-            Ok(Response::ConnWrite { written: data.len() as u32 }.into())
+            let deadline = c.timeouts.lock().1.map(|t| Instant::now() + t);
+            let written = c.tunnel.write(&data, Wait { deadline, ..wait }).map_err(frame(op))?;
+            Ok(Response::ConnWrite { written: written as u32 }.into())
+        }
+        Request::ConnSetTimeouts { handle: ch, read_ms, write_ms } => {
+            let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v as u64));
+            *conn(session, ch, op)?.timeouts.lock() = (ms(read_ms), ms(write_ms));
+            Ok(Response::ConnSetTimeouts {}.into())
         }
         Request::ConnCloseWrite { handle: ch } => {
             conn(session, ch, op)?.tunnel.shutdown_write();

@@ -452,10 +452,11 @@ impl TunnelConn {
         Ok(out)
     }
 
-    /// Writes all of `data`, as the guest takes it (blocks while its window is full).
-    pub fn write(&self, data: &[u8], wait: Wait<'_>) -> Result<()> {
-        let mut rest = data;
-        while !rest.is_empty() {
+    /// Writes `data` as the guest takes it (blocks while its window is full): all of it,
+    /// or, when `wait` gives up after some was sent, how much was.
+    pub fn write(&self, data: &[u8], wait: Wait<'_>) -> Result<usize> {
+        let mut sent = 0;
+        while sent < data.len() {
             let n = {
                 let mut credit = self.send.credit.lock();
                 loop {
@@ -469,22 +470,28 @@ impl TunnelConn {
                     if *credit > 0 {
                         break;
                     }
-                    if (wait.cancelled)() {
-                        return Err(Error::Closed);
-                    }
-                    if wait.deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(Error::Timeout { op: "write".into(), after: Duration::ZERO });
+                    let gave_up = if (wait.cancelled)() {
+                        Some(Error::Closed)
+                    } else if wait.deadline.is_some_and(|d| Instant::now() >= d) {
+                        Some(Error::Timeout { op: "write".into(), after: Duration::ZERO })
+                    } else {
+                        None
+                    };
+                    match gave_up {
+                        Some(_) if sent > 0 => return Ok(sent),
+                        Some(e) => return Err(e),
+                        None => {}
                     }
                     self.send.cv.wait_for(&mut credit, Duration::from_millis(200));
                 }
-                let n = rest.len().min(*credit as usize).min(proto::OUTPUT_CHUNK);
+                let n = (data.len() - sent).min(*credit as usize).min(proto::OUTPUT_CHUNK);
                 *credit -= n as u64;
                 n
             };
-            self.link.send_frame(proto::CONN_DATA, self.id, &rest[..n]);
-            rest = &rest[n..];
+            self.link.send_frame(proto::CONN_DATA, self.id, &data[sent..sent + n]);
+            sent += n;
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// Shuts the writing side: the guest program reads the end of the stream.

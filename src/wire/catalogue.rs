@@ -159,6 +159,8 @@ pub mod msg {
         NET_CONNECT = 0x0509 => "NetConnect",
         /// Shut a connection's writing side (vmhost's addition).
         CONN_CLOSE_WRITE = 0x050A => "ConnCloseWrite",
+        /// Set a connection's read and write timeouts (vmhost's addition).
+        CONN_SET_TIMEOUTS = 0x050B => "ConnSetTimeouts",
         /// A snapshot's cache key.
         SNAPSHOT_CACHE_KEY = 0x0600 => "SnapshotCacheKey",
         /// A snapshot's parent (0 = none).

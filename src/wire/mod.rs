@@ -114,7 +114,7 @@ mod tests {
         for pair in msg::ALL.windows(2) {
             assert!(pair[0].0 < pair[1].0, "{:?} before {:?}", pair[0], pair[1]);
         }
-        assert_eq!(msg::ALL.len(), 76);
+        assert_eq!(msg::ALL.len(), 77);
         assert_eq!(type_name(0x0999), "0x0999");
         assert_eq!(type_name(msg::FS_READ_DIR), "FsReadDir");
     }

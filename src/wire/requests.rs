@@ -394,6 +394,10 @@ requests! {
     NetConnect = NET_CONNECT { network: String, address: String } => { handle: u64 },
     /// Shut the writing side: the peer reads the end of the stream (vmhost's addition).
     ConnCloseWrite = CONN_CLOSE_WRITE { handle: u64 } => {},
+    /// How long a ConnRead waits for bytes and a ConnWrite for room before answering
+    /// Timeout, in milliseconds (0: without end); for this handle, from any connection
+    /// (vmhost's addition).
+    ConnSetTimeouts = CONN_SET_TIMEOUTS { handle: u64, read_ms: u32, write_ms: u32 } => {},
     /// A snapshot's cache key.
     SnapshotCacheKey = SNAPSHOT_CACHE_KEY { handle: u64 } => { key: String },
     /// A snapshot's parent.

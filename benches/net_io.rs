@@ -5,7 +5,8 @@
 //!   busybox `nc` to `host.internal:PORT`);
 //! - the same over a published port (`Instance::publish`, a host `TcpStream` to it, the
 //!   guest's `nc -l`);
-//! - guest connections per second to a host listener (each a new `nc` in the guest).
+//! - guest connections per second to a host listener (each a new `nc` in the guest);
+//! - for scale, the guest's own `nc` to `nc` over its loopback, the same bytes.
 //!
 //! Each transfer is timed from the connection's start (accepted, or connected) to the
 //! end of its data (read to the end, or the guest's `nc` exited).
@@ -46,6 +47,7 @@ fn main() {
     let published = vm.publish("127.0.0.1:0".parse().unwrap(), 9001).unwrap();
     let (mut fw, mut fr, mut g2h, mut h2g, mut pg2h, mut ph2g) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut inside = vec![];
     fs.write("/tmp/src", &data).unwrap();
     for _ in 0..rounds {
         // The reference: the agent channel's file transfers.
@@ -55,6 +57,24 @@ fn main() {
         let t = Instant::now();
         assert_eq!(fs.read("/tmp/big").unwrap().len(), size);
         fr.push(t.elapsed().as_secs_f64());
+
+        // The guest's own cost of moving the bytes with nc over TCP: nc to nc on its
+        // loopback, the same file (process starts included, a few ms).
+        let t = Instant::now();
+        let out = vm
+            .command("sh")
+            .arg("-c")
+            // The listening nc's input stays open (a FIFO held by this shell): at the end
+            // of its input it would shut its side, and the sending nc would stop there.
+            .arg(
+                "rm -f /tmp/hold; mkfifo /tmp/hold; (nc -l -p 9100 < /tmp/hold | wc -c > /tmp/n) & \
+                 exec 3>/tmp/hold; sleep 0.2; nc 127.0.0.1 9100 < /tmp/src; exec 3>&-; wait; cat /tmp/n",
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), size.to_string(), "guest nc to nc: {out:?}");
+        inside.push(t.elapsed().as_secs_f64() - 0.2);
 
         std::thread::scope(|s| {
             // Guest to host over the listener.
@@ -137,6 +157,11 @@ fn main() {
         let m = median(v);
         println!("  {what}  {:7.1} MB/s  ({:.2}x the file transfer)", mbs(size, m), reference / m);
     }
+    let inside = median(inside);
+    println!(
+        "  guest nc to guest nc on its loopback          {:7.1} MB/s  (the guest's own TCP and nc, for scale)",
+        mbs(size, inside)
+    );
     println!("connections per second, guest nc to a host listener: {conns:.1}/s");
     println!("  reference: guest nc to a closed guest port (its own start and exit): {local_conns:.1}/s");
     drop(listener);

@@ -365,10 +365,45 @@ pub struct TunnelConn {
 
 #[derive(Default)]
 struct ReadState {
-    pending: VecDeque<u8>,
+    /// Chunks received and not read yet; `taken` bytes of the first are read.
+    pending: VecDeque<Vec<u8>>,
+    taken: usize,
     owed: u64,
     eof: bool,
     reset: bool,
+}
+
+impl ReadState {
+    fn take_event(&mut self, ev: Event) -> std::result::Result<(), ()> {
+        match ev {
+            Event::Data(d) => self.pending.push_back(d),
+            Event::Eof => self.eof = true,
+            Event::Closed => self.reset = true,
+            Event::Ended => return Err(()),
+        }
+        Ok(())
+    }
+
+    /// Up to `max` of the bytes received, in one piece (a whole chunk without a copy
+    /// when it is all that is asked for).
+    fn take(&mut self, max: usize) -> Vec<u8> {
+        let first = self.pending.front().map_or(0, |c| c.len() - self.taken);
+        if self.taken == 0 && first <= max && self.pending.len() == 1 {
+            return self.pending.pop_front().unwrap_or_default();
+        }
+        let mut out = Vec::with_capacity(max.min(self.pending.iter().map(Vec::len).sum::<usize>()));
+        while out.len() < max {
+            let Some(front) = self.pending.front() else { break };
+            let n = (max - out.len()).min(front.len() - self.taken);
+            out.extend_from_slice(&front[self.taken..self.taken + n]);
+            self.taken += n;
+            if self.taken == front.len() {
+                self.pending.pop_front();
+                self.taken = 0;
+            }
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for TunnelConn {
@@ -420,11 +455,15 @@ impl TunnelConn {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
-            match wait.recv(&self.events, "read")? {
-                Some(Event::Data(d)) => st.pending.extend(d),
-                Some(Event::Eof) => st.eof = true,
-                Some(Event::Closed) => st.reset = true,
-                Some(Event::Ended) | None => return Err(self.link.ended_error("read")),
+            let ev = wait.recv(&self.events, "read")?;
+            if ev.map_or(Err(()), |ev| st.take_event(ev)).is_err() {
+                return Err(self.link.ended_error("read"));
+            }
+        }
+        // What else has come meanwhile goes out in the same answer.
+        while let Ok(ev) = self.events.try_recv() {
+            if st.take_event(ev).is_err() {
+                return Err(self.link.ended_error("read"));
             }
         }
         if st.pending.is_empty() {
@@ -437,9 +476,8 @@ impl TunnelConn {
             }
             return Ok(Vec::new());
         }
-        let n = max.min(st.pending.len());
-        let out: Vec<u8> = st.pending.drain(..n).collect();
-        st.owed += n as u64;
+        let out = st.take(max);
+        st.owed += out.len() as u64;
         if st.owed >= GRANT_BATCH || st.pending.is_empty() {
             let owed = std::mem::take(&mut st.owed);
             drop(st);

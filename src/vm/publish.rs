@@ -79,7 +79,14 @@ impl Drop for Published {
 fn accept_loop(listener: &TcpListener, stopped: &AtomicBool, link: &AgentLink, guest_port: u16) {
     loop {
         let accepted = listener.accept();
-        if stopped.load(Ordering::SeqCst) || !link.is_alive() {
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if !link.is_alive() {
+            // The VM is gone: refuse the clients still coming, rather than leave them
+            // waiting in the backlog until the publication is dropped.
+            // SAFETY: shutdown on a descriptor the listener owns.
+            unsafe { nix::libc::shutdown(listener.as_raw_fd(), nix::libc::SHUT_RDWR) };
             return;
         }
         let (client, from) = match accepted {
@@ -116,19 +123,21 @@ fn forward(link: &AgentLink, client: TcpStream, from: SocketAddr, guest_port: u1
     let Ok(mut to_host) = client.try_clone() else { return };
     let guest = conn.clone();
     let back = thread::spawn(move || {
-        // Guest to host, until the guest's end of stream.
-        loop {
+        // Guest to host, until the guest's end of stream: then the client's too. A reset
+        // or the VM's end closes the client's connection whole, which also ends the
+        // other direction's read.
+        let how = loop {
             match guest.read(CHUNK, Wait::FOREVER) {
-                Ok(d) if d.is_empty() => break,
+                Ok(d) if d.is_empty() => break Shutdown::Write,
                 Ok(d) => {
                     if to_host.write_all(&d).is_err() {
-                        break;
+                        break Shutdown::Both;
                     }
                 }
-                Err(_) => break,
+                Err(_) => break Shutdown::Both,
             }
-        }
-        let _ = to_host.shutdown(Shutdown::Write);
+        };
+        let _ = to_host.shutdown(how);
     });
     // Host to guest, until the client's end of stream.
     let mut buf = vec![0u8; CHUNK];
@@ -145,7 +154,12 @@ fn forward(link: &AgentLink, client: TcpStream, from: SocketAddr, guest_port: u1
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(_) => {
+                // The client reset: the guest hears of it, which also wakes the other
+                // direction's read.
+                conn.close();
+                break;
+            }
         }
     }
     let _ = back.join();
@@ -159,14 +173,17 @@ fn forward(link: &AgentLink, client: TcpStream, from: SocketAddr, guest_port: u1
 pub fn parse_publish(spec: &str) -> std::result::Result<(SocketAddr, u16), String> {
     let bad = |why: &str| format!("-p {spec:?}: {why}; give [HOST_IP:]HOST_PORT:GUEST_PORT");
     let body = match spec.rsplit_once('/') {
-        Some((b, "tcp")) => b,
+        Some((b, proto)) if proto.eq_ignore_ascii_case("tcp") => b,
         Some((_, proto)) => return Err(bad(&format!("only tcp is published, not {proto}"))),
         None => spec,
     };
     let (rest, guest) = body.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
     let guest: u16 = guest.parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("bad guest port"))?;
     let (ip, host_port) = match rest.rsplit_once(':') {
-        Some((ip, port)) => (ip.trim_start_matches('[').trim_end_matches(']'), port),
+        Some((ip, port)) => match ip.strip_prefix('[') {
+            Some(inner) => (inner.strip_suffix(']').ok_or_else(|| bad("an unclosed ["))?, port),
+            None => (ip, port),
+        },
         None => ("127.0.0.1", rest),
     };
     let ip: std::net::IpAddr = ip.parse().map_err(|_| bad(&format!("{ip:?} is not an IP address")))?;
@@ -186,7 +203,8 @@ mod tests {
         assert_eq!(ok("0.0.0.0:8080:80"), ("0.0.0.0:8080".into(), 80));
         assert_eq!(ok("127.0.0.1::80/tcp"), ("127.0.0.1:0".into(), 80));
         assert_eq!(ok("[::1]:2222:22"), ("[::1]:2222".into(), 22));
-        for bad in ["80", "8080:80/udp", "x:1:2", "8080:0", "99999:80", "a:b"] {
+        assert_eq!(ok("8080:80/TCP"), ("127.0.0.1:8080".into(), 80));
+        for bad in ["80", "8080:80/udp", "x:1:2", "8080:0", "99999:80", "a:b", "[::1:8080:80"] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }
     }

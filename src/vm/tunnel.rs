@@ -371,17 +371,18 @@ struct ReadState {
     owed: u64,
     eof: bool,
     reset: bool,
+    /// The channel ended: once what came before is read, reads fail.
+    ended: bool,
 }
 
 impl ReadState {
-    fn take_event(&mut self, ev: Event) -> std::result::Result<(), ()> {
+    fn take_event(&mut self, ev: Event) {
         match ev {
             Event::Data(d) => self.pending.push_back(d),
             Event::Eof => self.eof = true,
             Event::Closed => self.reset = true,
-            Event::Ended => return Err(()),
+            Event::Ended => self.ended = true,
         }
-        Ok(())
     }
 
     /// Up to `max` of the bytes received, in one piece (a whole chunk without a copy
@@ -451,20 +452,25 @@ impl TunnelConn {
     /// the connection or the VM ended.
     pub fn read(&self, max: usize, wait: Wait<'_>) -> Result<Vec<u8>> {
         let mut st = self.read.lock();
-        while st.pending.is_empty() && !st.eof && !st.reset {
+        while st.pending.is_empty() && !st.eof && !st.reset && !st.ended {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
-            let ev = wait.recv(&self.events, "read")?;
-            if ev.map_or(Err(()), |ev| st.take_event(ev)).is_err() {
-                return Err(self.link.ended_error("read"));
+            match wait.recv(&self.events, "read")? {
+                Some(ev) => st.take_event(ev),
+                None => st.ended = true,
             }
         }
-        // What else has come meanwhile goes out in the same answer.
-        while let Ok(ev) = self.events.try_recv() {
-            if st.take_event(ev).is_err() {
-                return Err(self.link.ended_error("read"));
+        // What else has come meanwhile goes out in the same answer (what came before the
+        // channel's end is read first; the end after).
+        while !st.ended {
+            match self.events.try_recv() {
+                Ok(ev) => st.take_event(ev),
+                Err(_) => break,
             }
+        }
+        if st.pending.is_empty() && st.ended && !st.eof {
+            return Err(self.link.ended_error("read"));
         }
         if st.pending.is_empty() {
             if st.reset && !st.eof {
@@ -520,7 +526,10 @@ impl TunnelConn {
                         Some(e) => return Err(e),
                         None => {}
                     }
-                    self.send.cv.wait_for(&mut credit, Duration::from_millis(200));
+                    let step = wait.deadline.map_or(Duration::from_millis(200), |d| {
+                        d.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))
+                    });
+                    self.send.cv.wait_for(&mut credit, step);
                 }
                 let n = (data.len() - sent).min(*credit as usize).min(proto::OUTPUT_CHUNK);
                 *credit -= n as u64;

@@ -70,6 +70,9 @@ pub(super) struct Shared {
     /// The filter between the guest's network device and slirp, once the guest's
     /// network was first enabled; ended with the VM.
     net_filter: parking_lot::Mutex<Option<net_filter::NetFilter>>,
+    /// Held through a network change (calls from several threads take turns); whether
+    /// the guest has configured eth0 (NetworkUp answered), which a disconnect undoes.
+    net_state: parking_lot::Mutex<bool>,
     host_loopback: bool,
     /// The reason of QEMU's SHUTDOWN event (guest-shutdown, guest-reset, host-signal...).
     shutdown_reason: parking_lot::Mutex<Option<String>>,
@@ -169,6 +172,7 @@ impl QemuVm {
             shutdown_reason: parking_lot::Mutex::new(None),
             qemu_said: parking_lot::Mutex::new(String::new()),
             net_filter: parking_lot::Mutex::new(None),
+            net_state: parking_lot::Mutex::new(false),
             host_loopback: cfg.host_loopback,
         });
         let weak = Arc::downgrade(&shared);
@@ -333,9 +337,11 @@ impl QemuVm {
             .qmp
             .get()
             .ok_or_else(|| Error::Vm { op: "set network".into(), message: "no QMP connection".into() })?;
+        let mut configured = self.shared.net_state.lock();
         if up {
             // The guest configures eth0 only when asked: boots without network skip it.
             self.agent()?.network_up(Duration::from_secs(20))?;
+            *configured = true;
             let mut filter = self.shared.net_filter.lock();
             if filter.is_none() {
                 let (guest, net) =
@@ -350,11 +356,14 @@ impl QemuVm {
         )
         .map(drop)
         .map_err(Error::Qmp)?;
-        if !up && self.shared.net_filter.lock().is_some() {
+        if !up && *configured {
             // The link carries nothing now; with eth0 down too a guest program's
             // connection fails at once (network unreachable) instead of hanging. The
-            // link went first: nothing leaves the guest meanwhile.
-            self.agent()?.network_down(Duration::from_secs(20))?;
+            // link went first: nothing leaves the guest meanwhile, whatever happens here.
+            match self.agent().and_then(|a| a.network_down(Duration::from_secs(20))) {
+                Ok(()) => *configured = false,
+                Err(e) => log::warn!("the network is off, but eth0 stays up in the guest: {e}"),
+            }
         }
         Ok(())
     }

@@ -451,7 +451,19 @@ impl TunnelConn {
     /// Up to `max` bytes; empty at the end of the stream. An error when the guest reset
     /// the connection or the VM ended.
     pub fn read(&self, max: usize, wait: Wait<'_>) -> Result<Vec<u8>> {
-        let mut st = self.read.lock();
+        // Another read of the same connection may hold it: wait for it as for bytes,
+        // within the same deadline and cancellation.
+        let mut st = loop {
+            if let Some(st) = self.read.try_lock_for(Duration::from_millis(200)) {
+                break st;
+            }
+            if (wait.cancelled)() {
+                return Err(Error::Closed);
+            }
+            if wait.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout { op: "read".into(), after: Duration::ZERO });
+            }
+        };
         while st.pending.is_empty() && !st.eof && !st.reset && !st.ended {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(Error::Closed);

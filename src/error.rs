@@ -11,6 +11,11 @@ use std::path::PathBuf;
 use crate::wire::{self, DecodeError, ErrorCode, ErrorFrame, FrameError};
 
 impl Error {
+    /// The error for a payload that does not decode as message `msg`, for `map_err`.
+    pub(crate) fn decoding(msg: &'static str) -> impl Fn(DecodeError) -> Error {
+        move |source| Error::Decode { msg: msg.into(), source }
+    }
+
     /// The crate error an [`io::Error`] made by `From<Error>` carries, or else the I/O
     /// error itself, as done by `op`.
     pub(crate) fn from_io(op: &'static str, e: io::Error) -> Error {

@@ -15,7 +15,6 @@ use std::net::Shutdown;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
 use vmhost::{Image, Instance, InstanceOptions};
 
 /// The guest the tests share (the tests use distinct ports).
@@ -45,20 +44,7 @@ fn guest(vm: &'static Instance, script: &str) -> std::thread::JoinHandle<(i32, S
 }
 
 fn hex_sha256(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// 16 MiB that no simple pattern hides an error in.
-fn payload() -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    vmhost::image::digest::Digest::sha256_of(data).hex().to_string()
 }
 
 #[test]
@@ -82,7 +68,8 @@ fn a_guest_program_reaches_a_host_listener_by_name() {
 #[test]
 fn sixteen_mib_each_way_arrive_intact() {
     let Some(vm) = vm("sixteen_mib_each_way_arrive_intact") else { return };
-    let data = payload();
+    // 16 MiB that no simple pattern hides an error in.
+    let data = common::noise(16 << 20, 0x9E37_79B9_7F4A_7C15);
     let want = hex_sha256(&data);
     // Guest to host.
     let listener = vm.listen(":7002").unwrap();
@@ -157,11 +144,9 @@ fn either_side_closing_is_seen_by_the_other() {
     let (conn, _) = listener.accept().unwrap();
     let mut b = [0u8; 4096];
     (&conn).read_exact(&mut b).unwrap();
-    let started = Instant::now();
     conn.close().unwrap();
     let (code, out, err) = g.join().unwrap();
     assert_eq!((code, out.as_str()), (0, "nc ended\n"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60));
 }
 
 #[test]
@@ -241,6 +226,7 @@ fn a_published_port_takes_host_clients_to_the_guest_program() {
     let addr = vm.publish("127.0.0.1:0".parse().unwrap(), 7300).unwrap();
     assert_eq!(addr.ip().to_string(), "127.0.0.1", "loopback unless asked");
     let g = guest(vm, "echo from the guest | nc -l -p 7300 > /tmp/got7300; cat /tmp/got7300");
+    let deadline = Instant::now() + Duration::from_secs(60);
     let got = loop {
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         c.write_all(b"from a host client\n").unwrap();
@@ -248,7 +234,7 @@ fn a_published_port_takes_host_clients_to_the_guest_program() {
         let mut got = String::new();
         let _ = c.read_to_string(&mut got);
         // Closed at once until the guest listens.
-        if !got.is_empty() {
+        if !got.is_empty() || Instant::now() > deadline {
             break got;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -196,6 +196,8 @@ impl Server {
             };
             match proto::read_frame_into(&mut port, buffer) {
                 Ok(Some(f)) if f.ty == proto::FS => me.dispatch_fs(f),
+                // A connection's bytes go to its writing thread as they were read.
+                Ok(Some(f)) if f.ty == proto::CONN_DATA => me.tunnel.data(f.id, f.payload),
                 Ok(Some(f)) => {
                     me.handle(&f);
                     // A large one (stdin data) came from the kept buffers.
@@ -256,7 +258,6 @@ impl Server {
                 Ok(address) => self.tunnel.connect(f.id, address),
                 Err(_) => w.error(f.id, ErrorCode::InvalidArgument, "bad Connect payload"),
             },
-            proto::CONN_DATA => self.tunnel.data(f.id, &f.payload),
             proto::CONN_CREDIT => {
                 if let Ok(n) = d.u32() {
                     self.tunnel.credit(f.id, n);

@@ -281,13 +281,15 @@ impl Tunnel {
                         let _ = c.stream.shutdown(Shutdown::Both);
                         return;
                     }
-                    *c.unwritten.lock() -= data.len() as u64;
+                    let n = data.len();
+                    super::buffers::give(data);
+                    *c.unwritten.lock() -= n as u64;
                     if c.closed.load(Ordering::SeqCst) {
                         // Written after the host closed it: nobody to grant.
                         continue;
                     }
                     let mut e = Encoder::new();
-                    e.u32(data.len() as u32);
+                    e.u32(n as u32);
                     self.writer.send(proto::CONN_CREDIT, id, e.as_bytes());
                 }
                 ToSocket::Shut => {
@@ -306,7 +308,9 @@ impl Tunnel {
     }
 
     /// [`proto::CONN_DATA`] from the host for connection `id`.
-    pub(super) fn data(&self, id: u32, data: &[u8]) {
+    /// (The payload is taken as it was read: the writing thread gives it back to
+    /// [`super::buffers`] once written, with no copy between.)
+    pub(super) fn data(&self, id: u32, data: Vec<u8>) {
         let Some(c) = self.conns.lock().get(&id).cloned() else { return };
         if data.is_empty() {
             if !c.shut.swap(true, Ordering::SeqCst) {
@@ -329,7 +333,7 @@ impl Tunnel {
             self.writer.send(proto::CONN_CLOSE, id, &[]);
             return;
         }
-        let _ = c.to_socket.send(ToSocket::Data(data.to_vec()));
+        let _ = c.to_socket.send(ToSocket::Data(data));
     }
 
     /// [`proto::CONN_CREDIT`] from the host for connection `id`.

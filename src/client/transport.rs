@@ -53,7 +53,7 @@ impl Transport {
             Transport::Remote(c) => {
                 let r = c.call(req.ty(), &req.to_payload())?;
                 wire::Response::from_fields(req.ty(), r.fields())
-                    .map_err(decode(req.name()))?
+                    .map_err(Error::decoding(req.name()))?
                     .ok_or_else(|| Error::UnexpectedFrame { request: req.name().into(), got: req.ty() })
             }
             Transport::Local(h) => {
@@ -88,12 +88,12 @@ impl Transport {
                     if ty != msg::STREAM_CHUNK {
                         return Err(Error::UnexpectedFrame { request: req.name().into(), got: ty });
                     }
-                    let chunk = StreamChunk::from_payload(payload).map_err(decode("StreamChunk"))?;
+                    let chunk = StreamChunk::from_payload(payload).map_err(Error::decoding("StreamChunk"))?;
                     on_chunk(chunk.stream, &chunk.data)
                 })?;
                 let mut dec = r.decoder();
-                let code = dec.i32().map_err(decode("StreamEnd"))?;
-                dec.finish().map_err(decode("StreamEnd"))?;
+                let code = dec.i32().map_err(Error::decoding("StreamEnd"))?;
+                dec.finish().map_err(Error::decoding("StreamEnd"))?;
                 Ok(code)
             }
             Transport::Local(h) => match Transport::local(h, req, on_chunk)? {
@@ -126,9 +126,4 @@ impl Transport {
             Error::Remote(ef)
         })
     }
-}
-
-/// The error for a payload that does not decode as `msg`.
-pub(super) fn decode(msg: &'static str) -> impl Fn(wire::DecodeError) -> Error {
-    move |source| Error::Decode { msg: msg.into(), source }
 }

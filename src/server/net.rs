@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::session::Session;
-use super::HandlerResult;
+use super::{frame, HandlerResult};
 use crate::contract::HOST_ADDR;
 use crate::vm::agent_link::AgentLink;
 use crate::vm::tunnel::{TunnelConn, TunnelListener, Wait};
@@ -84,10 +84,6 @@ fn parse(op: &str, network: &str, address: &str) -> Result<(String, u16), ErrorF
     Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
-fn frame(op: &str) -> impl Fn(crate::error::Error) -> ErrorFrame + '_ {
-    move |e| e.to_frame(op)
-}
-
 /// Serves one request of the family.
 pub(super) fn serve(
     agent: &AgentLink,
@@ -102,7 +98,7 @@ pub(super) fn serve(
         Request::NetListen { network, address } => {
             // The host part is ignored, as in the original: guests dial HOST_ADDR.
             let (_, port) = parse(op, &network, &address)?;
-            let tunnel = TunnelListener::listen(agent, port).map_err(frame(op))?;
+            let tunnel = TunnelListener::listen(agent, port).map_err(|e| frame(&e, ""))?;
             let h = handle();
             session
                 .listeners
@@ -111,7 +107,7 @@ pub(super) fn serve(
             Ok(Response::NetListen { handle: h }.into())
         }
         Request::ListenerAccept { handle: lh } => {
-            let l = session.listeners.lock().get(lh, "listener").map_err(|e| named(e, op))?;
+            let l = session.listeners.lock().get(lh, "listener")?;
             let gone = || cancelled() || l.closed.load(Ordering::SeqCst);
             let got = l.tunnel.accept(Wait { cancelled: &gone, deadline: None });
             let closed =
@@ -128,13 +124,13 @@ pub(super) fn serve(
             }
         }
         Request::ListenerClose { handle: lh } => {
-            let l = session.listeners.lock().remove(lh, "listener").map_err(|e| named(e, op))?;
+            let l = session.listeners.lock().remove(lh, "listener")?;
             l.closed.store(true, Ordering::SeqCst);
-            l.tunnel.close().map_err(frame(op))?;
+            l.tunnel.close().map_err(|e| frame(&e, ""))?;
             Ok(Response::ListenerClose {}.into())
         }
         Request::ListenerAddr { handle: lh } => {
-            let l = session.listeners.lock().get(lh, "listener").map_err(|e| named(e, op))?;
+            let l = session.listeners.lock().get(lh, "listener")?;
             let ip = std::net::Ipv4Addr::from(HOST_ADDR);
             Ok(Response::ListenerAddr { address: format!("{ip}:{}", l.tunnel.port()) }.into())
         }
@@ -145,55 +141,52 @@ pub(super) fn serve(
                 h if h.contains(':') => format!("[{h}]:{port}"),
                 h => format!("{h}:{port}"),
             };
-            let (tunnel, local, remote) = TunnelConn::connect(agent, &target).map_err(frame(op))?;
+            let (tunnel, local, remote) = TunnelConn::connect(agent, &target).map_err(|e| frame(&e, ""))?;
             let h = handle();
             session.conns.lock().insert(h, NetConn::new(tunnel, local, remote));
             Ok(Response::NetConnect { handle: h }.into())
         }
         Request::ConnRead { handle: ch, max } => {
-            let c = conn(session, ch, op)?;
+            let c = conn(session, ch)?;
             let deadline = c.timeouts.lock().0.map(|t| Instant::now() + t);
-            let data =
-                c.tunnel.read(max.min(MAX_READ) as usize, Wait { deadline, ..wait }).map_err(frame(op))?;
+            let data = c
+                .tunnel
+                .read(max.min(MAX_READ) as usize, Wait { deadline, ..wait })
+                .map_err(|e| frame(&e, ""))?;
             Ok(Response::ConnRead { data }.into())
         }
         Request::ConnWrite { handle: ch, data } => {
-            let c = conn(session, ch, op)?;
+            let c = conn(session, ch)?;
             let deadline = c.timeouts.lock().1.map(|t| Instant::now() + t);
-            let written = c.tunnel.write(&data, Wait { deadline, ..wait }).map_err(frame(op))?;
+            let written = c.tunnel.write(&data, Wait { deadline, ..wait }).map_err(|e| frame(&e, ""))?;
             Ok(Response::ConnWrite { written: written as u32 }.into())
         }
         Request::ConnSetTimeouts { handle: ch, read_ms, write_ms } => {
             let ms = |v: u32| (v > 0).then(|| Duration::from_millis(v as u64));
-            *conn(session, ch, op)?.timeouts.lock() = (ms(read_ms), ms(write_ms));
+            *conn(session, ch)?.timeouts.lock() = (ms(read_ms), ms(write_ms));
             Ok(Response::ConnSetTimeouts {}.into())
         }
         Request::ConnCloseWrite { handle: ch } => {
-            conn(session, ch, op)?.tunnel.shutdown_write();
+            conn(session, ch)?.tunnel.shutdown_write();
             Ok(Response::ConnCloseWrite {}.into())
         }
         Request::ConnClose { handle: ch } => {
-            let c = session.conns.lock().remove(ch, "connection").map_err(|e| named(e, op))?;
+            let c = session.conns.lock().remove(ch, "connection")?;
             c.tunnel.close();
             Ok(Response::ConnClose {}.into())
         }
         Request::ConnLocalAddr { handle: ch } => {
-            Ok(Response::ConnLocalAddr { address: conn(session, ch, op)?.local.clone() }.into())
+            Ok(Response::ConnLocalAddr { address: conn(session, ch)?.local.clone() }.into())
         }
         Request::ConnRemoteAddr { handle: ch } => {
-            Ok(Response::ConnRemoteAddr { address: conn(session, ch, op)?.remote.clone() }.into())
+            Ok(Response::ConnRemoteAddr { address: conn(session, ch)?.remote.clone() }.into())
         }
         other => Err(invalid(op, format!("{} is not a network message", other.name()))),
     }
 }
 
-fn conn(session: &Session, h: u64, op: &str) -> Result<Arc<NetConn>, ErrorFrame> {
-    session.conns.lock().get(h, "connection").map_err(|e| named(e, op))
-}
-
-fn named(mut e: ErrorFrame, op: &str) -> ErrorFrame {
-    e.op = op.into();
-    e
+fn conn(session: &Session, h: u64) -> Result<Arc<NetConn>, ErrorFrame> {
+    session.conns.lock().get(h, "connection")
 }
 
 /// Ends every listener and connection of a session (InstanceClose) on this side: their

@@ -491,7 +491,7 @@ fn reader_loop(inner: Arc<Inner>, mut reader: UnixStream) {
                 }
             }
             proto::ACCEPTED | proto::CONN_DATA | proto::CONN_CREDIT | proto::CONN_CLOSE => {
-                match inner.routes.route(&f) {
+                match inner.routes.route(f) {
                     super::tunnel::Routed::Done => {}
                     super::tunnel::Routed::Refuse(id) => {
                         let _ = inner.refusals.try_send(id);

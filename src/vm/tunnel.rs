@@ -91,7 +91,7 @@ pub(crate) enum Routed {
 
 impl Routes {
     /// Takes a tunnel frame from the guest.
-    pub(crate) fn route(&self, f: &proto::Frame) -> Routed {
+    pub(crate) fn route(&self, f: proto::Frame) -> Routed {
         match f.ty {
             proto::ACCEPTED => {
                 let mut d = Decoder::new(&f.payload);
@@ -140,7 +140,7 @@ impl Routes {
                     return Routed::Broken(format!("the guest overran connection {}'s window", f.id));
                 }
                 slot.guest_may_send -= f.payload.len() as u64;
-                let _ = slot.events.send(Event::Data(f.payload.clone()));
+                let _ = slot.events.send(Event::Data(f.payload));
                 Routed::Done
             }
             proto::CONN_CREDIT => {
@@ -213,8 +213,13 @@ impl Routes {
     }
 }
 
-fn decode(msg: &'static str) -> impl Fn(crate::wire::DecodeError) -> Error {
-    move |source| Error::Decode { msg: msg.into(), source }
+/// Lets the guest send `n` more bytes of connection `id`: counted here before the guest
+/// hears of it, since it may send at once.
+fn grant(link: &AgentLink, id: u32, n: u32) {
+    link.routes().grant(id, n as u64);
+    let mut e = Encoder::new();
+    e.u32(n);
+    link.send_frame(proto::CONN_CREDIT, id, e.as_bytes());
 }
 
 /// Where a blocking call stops early: when `cancelled()` turns true (checked every
@@ -237,21 +242,31 @@ impl Wait<'_> {
     /// Waits without end.
     pub const FOREVER: Wait<'static> = Wait { cancelled: &|| false, deadline: None };
 
+    /// Why to stop waiting now, if it is time: cancelled ([`Error::Closed`]) or past the
+    /// deadline ([`Error::Timeout`]).
+    fn gave_up(&self, op: &str) -> Option<Error> {
+        if (self.cancelled)() {
+            Some(Error::Closed)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(Error::Timeout { op: op.into(), after: Duration::ZERO })
+        } else {
+            None
+        }
+    }
+
+    /// How long to block before looking again: 200 ms, less when the deadline is nearer.
+    fn step(&self) -> Duration {
+        let step = Duration::from_millis(200);
+        self.deadline.map_or(step, |d| d.saturating_duration_since(Instant::now()).min(step))
+    }
+
     /// The next item of `rx`; `Ok(None)` when its senders are gone.
     fn recv<T>(&self, rx: &Receiver<T>, op: &str) -> Result<Option<T>> {
         loop {
-            if (self.cancelled)() {
-                return Err(Error::Closed);
+            if let Some(e) = self.gave_up(op) {
+                return Err(e);
             }
-            let mut step = Duration::from_millis(200);
-            if let Some(d) = self.deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout { op: op.into(), after: Duration::ZERO });
-                }
-                step = step.min(left);
-            }
-            match rx.recv_timeout(step) {
+            match rx.recv_timeout(self.step()) {
                 Ok(v) => return Ok(Some(v)),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Ok(None),
@@ -283,7 +298,7 @@ impl TunnelListener {
         link.routes().listeners.lock().insert(id, tx);
         let answer =
             link.request_with_id(id, proto::LISTEN, &port.to_be_bytes(), Some(Duration::from_secs(30)));
-        let port = match answer.and_then(|p| Decoder::new(&p).u16().map_err(decode("Listen"))) {
+        let port = match answer.and_then(|p| Decoder::new(&p).u16().map_err(Error::decoding("Listen"))) {
             Ok(p) => p,
             Err(e) => {
                 link.routes().listeners.lock().remove(&id);
@@ -310,11 +325,7 @@ impl TunnelListener {
         match wait.recv(&self.accepted, "accept")? {
             Some(a) => {
                 // Its program takes it now: the rest of the window.
-                let more = proto::CONN_WINDOW - proto::ACCEPT_WINDOW;
-                self.link.routes().grant(a.id, more as u64);
-                let mut e = Encoder::new();
-                e.u32(more);
-                self.link.send_frame(proto::CONN_CREDIT, a.id, e.as_bytes());
+                grant(&self.link, a.id, proto::CONN_WINDOW - proto::ACCEPT_WINDOW);
                 Ok(Some((TunnelConn::new(&self.link, a.id, a.events, a.send), a.peer, a.local)))
             }
             None if !self.link.is_alive() => Err(self.link.ended_error("accept")),
@@ -435,7 +446,7 @@ impl TunnelConn {
         let answer = link.request_with_id(id, proto::CONNECT, e.as_bytes(), Some(Duration::from_secs(60)));
         let (local, peer) = match answer.and_then(|p| {
             let mut d = Decoder::new(&p);
-            d.string().and_then(|l| Ok((l, d.string()?))).map_err(decode("Connect"))
+            d.string().and_then(|l| Ok((l, d.string()?))).map_err(Error::decoding("Connect"))
         }) {
             Ok(a) => a,
             Err(e) => {
@@ -454,14 +465,11 @@ impl TunnelConn {
         // Another read of the same connection may hold it: wait for it as for bytes,
         // within the same deadline and cancellation.
         let mut st = loop {
-            if let Some(st) = self.read.try_lock_for(Duration::from_millis(200)) {
+            if let Some(st) = self.read.try_lock_for(wait.step()) {
                 break st;
             }
-            if (wait.cancelled)() {
-                return Err(Error::Closed);
-            }
-            if wait.deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(Error::Timeout { op: "read".into(), after: Duration::ZERO });
+            if let Some(e) = wait.gave_up("read") {
+                return Err(e);
             }
         };
         while st.pending.is_empty() && !st.eof && !st.reset && !st.ended {
@@ -499,11 +507,7 @@ impl TunnelConn {
         if st.owed >= GRANT_BATCH || st.pending.is_empty() {
             let owed = std::mem::take(&mut st.owed);
             drop(st);
-            // Counted before the guest hears of it: it may send at once.
-            self.link.routes().grant(self.id, owed);
-            let mut e = Encoder::new();
-            e.u32(owed as u32);
-            self.link.send_frame(proto::CONN_CREDIT, self.id, e.as_bytes());
+            grant(&self.link, self.id, owed as u32);
         }
         Ok(out)
     }
@@ -526,22 +530,12 @@ impl TunnelConn {
                     if *credit > 0 {
                         break;
                     }
-                    let gave_up = if (wait.cancelled)() {
-                        Some(Error::Closed)
-                    } else if wait.deadline.is_some_and(|d| Instant::now() >= d) {
-                        Some(Error::Timeout { op: "write".into(), after: Duration::ZERO })
-                    } else {
-                        None
-                    };
-                    match gave_up {
+                    match wait.gave_up("write") {
                         Some(_) if sent > 0 => return Ok(sent),
                         Some(e) => return Err(e),
                         None => {}
                     }
-                    let step = wait.deadline.map_or(Duration::from_millis(200), |d| {
-                        d.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))
-                    });
-                    self.send.cv.wait_for(&mut credit, step);
+                    self.send.cv.wait_for(&mut credit, wait.step());
                 }
                 let n = (data.len() - sent).min(*credit as usize).min(proto::OUTPUT_CHUNK);
                 *credit -= n as u64;
@@ -602,34 +596,34 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(2);
         routes.listeners.lock().insert(7, tx);
         let conn = proto::GUEST_CONN_BIT | 1;
-        assert!(matches!(routes.route(&frame(proto::ACCEPTED, 7, accepted(conn))), Routed::Done));
+        assert!(matches!(routes.route(frame(proto::ACCEPTED, 7, accepted(conn))), Routed::Done));
         // An id of the host's range, or one in use: broken.
-        assert!(matches!(routes.route(&frame(proto::ACCEPTED, 7, accepted(5))), Routed::Broken(_)));
-        assert!(matches!(routes.route(&frame(proto::ACCEPTED, 7, accepted(conn))), Routed::Broken(_)));
+        assert!(matches!(routes.route(frame(proto::ACCEPTED, 7, accepted(5))), Routed::Broken(_)));
+        assert!(matches!(routes.route(frame(proto::ACCEPTED, 7, accepted(conn))), Routed::Broken(_)));
         // To a listener that is not there: refused.
         let other = proto::GUEST_CONN_BIT | 2;
         assert!(
-            matches!(routes.route(&frame(proto::ACCEPTED, 9, accepted(other)), ), Routed::Refuse(id) if id == other)
+            matches!(routes.route(frame(proto::ACCEPTED, 9, accepted(other)), ), Routed::Refuse(id) if id == other)
         );
         // Past the queue: refused, and forgotten.
-        assert!(matches!(routes.route(&frame(proto::ACCEPTED, 7, accepted(other))), Routed::Done));
+        assert!(matches!(routes.route(frame(proto::ACCEPTED, 7, accepted(other))), Routed::Done));
         let third = proto::GUEST_CONN_BIT | 3;
         assert!(
-            matches!(routes.route(&frame(proto::ACCEPTED, 7, accepted(third))), Routed::Refuse(id) if id == third)
+            matches!(routes.route(frame(proto::ACCEPTED, 7, accepted(third))), Routed::Refuse(id) if id == third)
         );
         assert!(!routes.in_use(third));
         // Before its program accepts it, a connection may send ACCEPT_WINDOW, no more.
         let a = rx.recv().unwrap();
         let chunk = vec![0u8; proto::ACCEPT_WINDOW as usize];
-        assert!(matches!(routes.route(&frame(proto::CONN_DATA, conn, chunk)), Routed::Done));
-        assert!(matches!(routes.route(&frame(proto::CONN_DATA, conn, vec![1])), Routed::Broken(_)));
+        assert!(matches!(routes.route(frame(proto::CONN_DATA, conn, chunk)), Routed::Done));
+        assert!(matches!(routes.route(frame(proto::CONN_DATA, conn, vec![1])), Routed::Broken(_)));
         // Its end once: repeated ends are not queued; data after the end is broken.
         let b = rx.recv().unwrap();
         for _ in 0..1000 {
-            assert!(matches!(routes.route(&frame(proto::CONN_DATA, other, vec![])), Routed::Done));
+            assert!(matches!(routes.route(frame(proto::CONN_DATA, other, vec![])), Routed::Done));
         }
         assert_eq!(b.events.len(), 1, "one end queued");
-        assert!(matches!(routes.route(&frame(proto::CONN_DATA, other, vec![1])), Routed::Broken(_)));
+        assert!(matches!(routes.route(frame(proto::CONN_DATA, other, vec![1])), Routed::Broken(_)));
         // The channel's end wakes every connection with Ended.
         routes.end_all();
         assert!(matches!(a.events.try_iter().last(), Some(Event::Ended)));

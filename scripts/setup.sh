@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vmhost needs on a Debian machine and builds it:
-#   - qemu-system-x86, erofs-utils, fakeroot and attr (Debian packages, no recommends)
+#   - qemu-system-x86, erofs-utils, fakeroot and attr (Debian packages, no recommends),
+#     and the tools that build the default image's busybox
 #   - the vmhost binary (release) and the static guest agent
 # The guest kernel is provisioned by vmhost itself on first use (`vmhost kernel fetch`);
 # `vmhost kernel build` builds the faster minimal one.
@@ -19,6 +20,12 @@ command -v mkfs.erofs >/dev/null 2>&1 || need+=(erofs-utils)
 # and its xattrs through setfattr (attr) run under the same fakeroot.
 command -v fakeroot >/dev/null 2>&1 || need+=(fakeroot)
 command -v setfattr >/dev/null 2>&1 || need+=(attr)
+# The default image's busybox is built once from Debian's source (busybox/vmhost.config).
+for tool in gcc make patch bzip2; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing ${need[*]}" >&2
   apt-get update -qq

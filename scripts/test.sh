@@ -49,6 +49,9 @@ say "guest kernels (stock, and the minimal one: minutes the first time, cached a
 ./target/debug/vmhost kernel fetch
 ./target/debug/vmhost kernel build
 
+say "the default image (its busybox is built from Debian's source the first time)"
+./target/debug/vmhost run -- busybox true
+
 say "cargo fmt --check"
 cargo fmt --check
 say "cargo clippy --all-targets -- -D warnings"

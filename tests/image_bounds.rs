@@ -49,14 +49,22 @@ fn archives_and_directories_that_expand_past_the_guests_memory_are_refused_while
     // One member that claims 512 MiB (of zeros: 500 KB compressed), refused at its header.
     sh("truncate -s 512M zeros && tar -czf one.tar.gz zeros && rm zeros", &work);
     // 200 members of 1 MiB beside the default root: refused once the sum passes the bound.
+    let default_root = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    let default_root = default_root.display();
     sh(
-        "cp -a ../cache/vmhost/rootfs/busybox-2 base && mkdir base/many \
-         && for i in $(seq 200); do truncate -s 1M base/many/f$i; done && tar -czf many.tar.gz -C base .",
+        &format!(
+            "cp -a {default_root} base && mkdir base/many \
+             && for i in $(seq 200); do truncate -s 1M base/many/f$i; done && tar -czf many.tar.gz -C base ."
+        ),
         &work,
     );
     // A directory image with a 1 GiB sparse file (4 KiB on disk).
     let dir_image = work.join("root");
-    sh("cp -a ../cache/vmhost/rootfs/busybox-2 root && truncate -s 1G root/huge", &work);
+    sh(&format!("cp -a {default_root} root && truncate -s 1G root/huge"), &work);
     for (image, names) in [("one.tar.gz", "zeros"), ("many.tar.gz", "many/f"), ("root", "huge")] {
         let (code, err) = run(home.path(), &["--image", &work.join(image).display().to_string()], &[]);
         assert_eq!(code, Some(125), "{image}: {err}");

@@ -130,6 +130,12 @@ fn source_tarball(progress: &Progress) -> Result<PathBuf> {
 }
 
 fn run(cmd: &mut Command, what: &str, progress: &Progress) -> Result<()> {
+    run_step("kernel build", cmd, what, progress)
+}
+
+/// Runs one step of a build from source (`op` names the build in the error), its output
+/// shown when progress is, the tail of its errors kept for the message.
+pub(crate) fn run_step(op: &str, cmd: &mut Command, what: &str, progress: &Progress) -> Result<()> {
     log::debug!("{what}: {cmd:?}");
     let out = cmd
         .stdout(if progress.enabled() { Stdio::inherit() } else { Stdio::null() })
@@ -139,11 +145,14 @@ fn run(cmd: &mut Command, what: &str, progress: &Progress) -> Result<()> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(15).collect();
-        return Err(bad(format!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )));
+        return Err(Error::InvalidArgument {
+            op: op.into(),
+            message: format!(
+                "{what} failed ({}):\n{}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        });
     }
     Ok(())
 }

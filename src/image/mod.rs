@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod busybox_build;
 pub mod cpio;
 pub mod digest;
 pub mod elf;

@@ -232,59 +232,94 @@ fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()>
     })
 }
 
-/// The default root: busybox from Debian's `busybox-static`, with its applets as hard
-/// links and a minimal /etc. Provisioned once into `<cache>/rootfs/busybox-2`.
+/// The default root: busybox with its applets as hard links and a minimal /etc,
+/// provisioned once into `<cache>/rootfs/`.
+///
+/// Its busybox is, in order: the static binary `VMHOST_BUSYBOX` names; the one vmhost
+/// builds from Debian's source with wget's timeout on (see `busybox_build`); when that
+/// build cannot run here (no compiler, no network), Debian's `busybox-static`, with a
+/// warning that its `wget -T` crashes.
 ///
 /// Hard links, not the usual symbolic links: the kernel makes them while it unpacks the
 /// initramfs, beside the rest of boot when the guest has two vCPUs (see `cpio`), where
 /// a symbolic link would cost it an inode and a page too, for each of busybox's ~270
 /// applets.
 pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
-    let root = cache.join("rootfs/busybox-2");
-    if root.join("bin/busybox").is_file() {
+    if let Some(b) = std::env::var_os("VMHOST_BUSYBOX").filter(|v| !v.is_empty()) {
+        let bin = PathBuf::from(b);
+        let data = std::fs::read(&bin).map_err(|e| Error::io("read VMHOST_BUSYBOX", &bin, e))?;
+        let sum = <sha2::Sha256 as sha2::Digest>::digest(&data);
+        let hex: String = sum.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        return provision(cache, &format!("busybox-given-{hex}"), |_| Ok(bin.clone()));
+    }
+    let built = format!("busybox-3-{}", super::busybox_build::key());
+    if ready(&cache.join("rootfs").join(&built)) {
+        return Ok(cache.join("rootfs").join(&built));
+    }
+    match super::busybox_build::build(cache, progress) {
+        Ok(bin) => provision(cache, &built, |_| Ok(bin.clone())),
+        Err(e) => {
+            log::warn!(
+                "the default image uses Debian's busybox-static, whose `wget -T` crashes: \
+                 building busybox failed: {e}"
+            );
+            provision(cache, "busybox-2", |work| debian_busybox(work, progress))
+        }
+    }
+}
+
+fn ready(root: &Path) -> bool {
+    root.join("bin/busybox").is_file()
+}
+
+/// Debian's `busybox-static`, downloaded with apt-get into `work`.
+fn debian_busybox(work: &Path, progress: &Progress) -> Result<PathBuf> {
+    progress.step("downloading busybox-static for the default image");
+    let ok = Command::new("apt-get")
+        .args(["download", "busybox-static"])
+        .current_dir(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let deb = std::fs::read_dir(work)
+        .ok()
+        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb")));
+    let (true, Some(deb)) = (ok, deb) else {
+        return Err(Error::InvalidArgument {
+            op: "default image".into(),
+            message: "cannot download busybox-static with apt-get; pass --image DIR|TAR, \
+                      or set VMHOST_BUSYBOX to a static busybox binary"
+                .into(),
+        });
+    };
+    let x = work.join("x");
+    let st = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x).status();
+    if !st.is_ok_and(|s| s.success()) {
+        return Err(Error::InvalidArgument {
+            op: "default image".into(),
+            message: "dpkg-deb -x busybox-static failed".into(),
+        });
+    }
+    Ok(x.join("bin/busybox"))
+}
+
+/// Makes `<cache>/rootfs/<name>` from the busybox `get` gives (it may use its scratch
+/// directory), once: a root already there is used as it is.
+fn provision(cache: &Path, name: &str, get: impl FnOnce(&Path) -> Result<PathBuf>) -> Result<PathBuf> {
+    let root = cache.join("rootfs").join(name);
+    if ready(&root) {
         return Ok(root);
     }
     let _built_once = super::BUILD_LOCK.lock();
-    if root.join("bin/busybox").is_file() {
+    if ready(&root) {
         return Ok(root);
     }
     let work = cache.join(format!("rootfs/.busybox-{}", super::unique_suffix()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
     let result = (|| {
-        let bin = match std::env::var_os("VMHOST_BUSYBOX").filter(|v| !v.is_empty()) {
-            Some(b) => PathBuf::from(b),
-            None => {
-                progress.step("downloading busybox-static for the default image");
-                let ok = Command::new("apt-get")
-                    .args(["download", "busybox-static"])
-                    .current_dir(&work)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                let deb = std::fs::read_dir(&work).ok().and_then(|d| {
-                    d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb"))
-                });
-                let (true, Some(deb)) = (ok, deb) else {
-                    return Err(Error::InvalidArgument {
-                        op: "default image".into(),
-                        message: "cannot download busybox-static with apt-get; pass --image DIR|TAR, \
-                                  or set VMHOST_BUSYBOX to a static busybox binary"
-                            .into(),
-                    });
-                };
-                let x = work.join("x");
-                let st = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x).status();
-                if !st.is_ok_and(|s| s.success()) {
-                    return Err(Error::InvalidArgument {
-                        op: "default image".into(),
-                        message: "dpkg-deb -x busybox-static failed".into(),
-                    });
-                }
-                x.join("bin/busybox")
-            }
-        };
+        let bin = get(&work)?;
         let staged = work.join("root");
         for d in [
             "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev", "run",
@@ -326,7 +361,7 @@ pub fn busybox_root(cache: &Path, progress: &Progress) -> Result<PathBuf> {
             .map_err(|e| Error::io("chmod", staged.join("tmp"), e))?;
         if let Err(e) = std::fs::rename(&staged, &root) {
             // Another process installed it first: use theirs.
-            if !root.join("bin/busybox").is_file() {
+            if !ready(&root) {
                 return Err(Error::io("install default image", &root, e));
             }
         }

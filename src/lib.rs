@@ -44,5 +44,6 @@ pub use client::fs::{File, Fs, Metadata, OpenOptions};
 pub use client::instance::{FirstCommand, Image, Instance};
 pub use client::net::{Conn, Incoming, Listener};
 pub use client::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio};
+pub use client::snapshot::{Snapshot, SnapshotOptions};
 pub use error::{Error, Result};
 pub use wire::InstanceOptions;

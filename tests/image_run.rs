@@ -30,21 +30,8 @@ fn run(xdg: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// A private cache for `home`, and an image layout whose first layer is its busybox root.
 fn busybox_image(home: &TempDir) -> (std::path::PathBuf, Layout) {
-    // Provisioned here, not left to the VM tests that happen to run first.
-    let ours = vmhost::image::rootfs::busybox_root(
-        &vmhost::image::cache_dir(),
-        &vmhost::progress::Progress::quiet(),
-    )
-    .unwrap();
     let xdg = private_cache(home.path());
-    let busybox = xdg.join("vmhost/rootfs").join(ours.file_name().unwrap());
-    let l = Layout::new(&home.join("layout"), "1");
-    l.layer(|root| {
-        let st =
-            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
-        assert!(st.success());
-    });
-    (xdg, l)
+    (xdg, common::registry::busybox_layout(home))
 }
 
 #[test]

@@ -394,7 +394,10 @@ fn instance_new() {
         },
         &bytes,
     );
+    // 3 is a snapshot (vmhost's addition); 4 is nothing.
     bytes[0] = 3;
+    assert_eq!(InstanceNew::from_payload(&bytes).unwrap().source_type, SourceType::Snapshot);
+    bytes[0] = 4;
     assert!(matches!(InstanceNew::from_payload(&bytes), Err(DecodeError::OutOfRange { .. })));
 }
 

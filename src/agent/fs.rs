@@ -157,6 +157,12 @@ impl Files {
             .ok_or_else(|| AgentError::new(ErrorCode::InvalidHandle, format!("no open file {h}")))
     }
 
+    /// Takes `file` (a pipe's read end, say) as an open file the host reads and closes
+    /// with the File messages, under `name`.
+    pub fn adopt(&self, file: File, name: String) -> Result<u64, FsError> {
+        self.insert(file, name)
+    }
+
     fn insert(&self, file: File, name: String) -> Result<u64, FsError> {
         let mut open = self.open.lock();
         if open.len() >= MAX_OPEN {

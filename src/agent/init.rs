@@ -240,6 +240,11 @@ fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
         Some("lowerdir=/vmhost/lower,upperdir=/vmhost/rw/upper,workdir=/vmhost/rw/work"),
     )
     .map_err(|e| err("mount the overlay", e))?;
+    // Its upper directory is where snapshots find the changes; no path leads there once
+    // the root has moved.
+    if let Err(e) = super::snapshot::keep_rw_dir(std::path::Path::new("/vmhost/rw")) {
+        say(format_args!("keep the overlay's upper directory for snapshots: {e}"));
+    }
     // The kernel's filesystems go along (the image has the mount points, or gets them
     // in the overlay).
     for m in ["/dev", "/proc", "/sys", "/tmp", "/run"] {

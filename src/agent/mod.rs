@@ -37,6 +37,7 @@ mod pool;
 pub mod power;
 mod process;
 pub mod serve;
+pub mod snapshot;
 pub mod spawn;
 mod tunnel;
 pub mod user;

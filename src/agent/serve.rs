@@ -91,6 +91,7 @@ pub fn run(first: Option<std::ffi::OsString>) -> i32 {
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::new(),
+        snapshots: Mutex::new(HashMap::new()),
         fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
         proc_pool: Arc::new(Pool::new(usize::MAX)),
         ends_at_eof: false,
@@ -129,6 +130,7 @@ pub fn serve_over(port: File, root: std::path::PathBuf) -> i32 {
         writer,
         procs: Mutex::new(HashMap::new()),
         files: super::fs::Files::with_root(root),
+        snapshots: Mutex::new(HashMap::new()),
         fs_pool: Arc::new(Pool::new(MAX_FS_WORKERS)),
         proc_pool: Arc::new(Pool::new(usize::MAX)),
         ends_at_eof: true,
@@ -169,6 +171,8 @@ struct Server {
     tunnel: Arc<super::tunnel::Tunnel>,
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
     files: super::fs::Files,
+    /// Snapshots started and not yet ended, by the archive's file handle.
+    snapshots: Mutex<HashMap<u64, std::thread::JoinHandle<Result<super::snapshot::Summary, String>>>>,
     /// Serves filesystem requests (a FileRead of a FIFO may block for long).
     fs_pool: Arc<Pool>,
     /// Carries each process's output and end: one worker per running process.
@@ -196,6 +200,12 @@ impl Server {
             };
             match proto::read_frame_into(&mut port, buffer) {
                 Ok(Some(f)) if f.ty == proto::FS => me.dispatch_fs(f),
+                // Off the read loop: a snapshot's end waits for its walk, which waits
+                // for the host to read the archive.
+                Ok(Some(f)) if f.ty == proto::SNAPSHOT || f.ty == proto::SNAPSHOT_END => {
+                    let me2 = me.clone();
+                    me.fs_pool.run(move || me2.serve_snapshot(f));
+                }
                 // A connection's bytes go to its writing thread as they were read.
                 Ok(Some(f)) if f.ty == proto::CONN_DATA => me.tunnel.data(f.id, f.payload),
                 Ok(Some(f)) => {
@@ -368,6 +378,47 @@ impl Server {
             Err(e) => self.writer.fail(f.id, &e),
         }
         super::buffers::give(f.payload);
+    }
+
+    /// Starts a snapshot ([`proto::SNAPSHOT`]) or answers for its end
+    /// ([`proto::SNAPSHOT_END`]).
+    fn serve_snapshot(&self, f: proto::Frame) {
+        let w = &self.writer;
+        let mut d = Decoder::new(&f.payload);
+        if f.ty == proto::SNAPSHOT {
+            let (Ok(excludes), Ok(pause)) = (d.string_list(), d.bool()) else {
+                return w.error(f.id, ErrorCode::InvalidArgument, "bad Snapshot payload");
+            };
+            let started = match super::snapshot::start(excludes, pause) {
+                Ok(s) => s,
+                Err(e) => return w.fail(f.id, &e),
+            };
+            match self.files.adopt(started.reader, "snapshot".into()) {
+                Ok(h) => {
+                    self.snapshots.lock().insert(h, started.walk);
+                    w.ok(f.id, &h.to_be_bytes());
+                }
+                // The walk ends on the closed pipe.
+                Err(e) => w.fail(f.id, &e),
+            }
+            return;
+        }
+        let Ok(h) = d.u64() else {
+            return w.error(f.id, ErrorCode::InvalidArgument, "bad SnapshotEnd payload");
+        };
+        let Some(walk) = self.snapshots.lock().remove(&h) else {
+            return w.error(f.id, ErrorCode::InvalidHandle, &format!("no snapshot {h}"));
+        };
+        match walk.join() {
+            Ok(Ok(s)) => {
+                let mut out = Vec::with_capacity(16);
+                out.extend_from_slice(&s.entries.to_be_bytes());
+                out.extend_from_slice(&s.bytes.to_be_bytes());
+                w.ok(f.id, &out);
+            }
+            Ok(Err(e)) => w.error(f.id, ErrorCode::Io, &e),
+            Err(_) => w.error(f.id, ErrorCode::Io, "the snapshot's walk failed"),
+        }
     }
 
     /// Answers an Exec (or the first process, started at boot): OK with the pid, or the

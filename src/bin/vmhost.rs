@@ -420,6 +420,13 @@ impl VmFlags {
         match &self.image {
             None => vmhost::Image::Default,
             Some(p) if p.exists() => vmhost::Image::from_path(p),
+            // A snapshot's key, as `docker run` takes an image id.
+            Some(p) if p.to_str().is_some_and(vmhost::image::snapshot::is_key) => {
+                let key = p.to_str().unwrap_or_default();
+                vmhost::Image::Snapshot(
+                    vmhost::image::snapshot::records_dir(&vmhost::image::cache_dir()).join(key),
+                )
+            }
             Some(p) => match p.to_str().map(|s| (s, s.parse::<vmhost::image::reference::Reference>())) {
                 Some((s, Ok(_))) => vmhost::Image::Ref(s.to_string()),
                 // Neither: a path, whose open fails with what is missing.
@@ -516,7 +523,7 @@ fn cmd_run(args: &[String]) -> Result<ExitCode, String> {
     // command), as `docker run IMAGE CMD` does; --entrypoint PROG runs PROG instead.
     let image = vm.image();
     let container = match &image {
-        vmhost::Image::Ref(_) => true,
+        vmhost::Image::Ref(_) | vmhost::Image::Snapshot(_) => true,
         vmhost::Image::Dir(p) | vmhost::Image::Tar(p) => {
             use vmhost::image::archive::{recognise, Local};
             matches!(recognise(p), Ok(Local::OciLayout | Local::OciArchive | Local::DockerArchive))
@@ -932,6 +939,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         first_command: None,
         image: None,
         lease: None,
+        snapshot_base: None,
     };
     let machine = spec.boot(&vmhost::progress::Progress::auto()).map_err(|e| e.to_string())?;
     log::info!("host {name}: VM {} running", machine.id());

@@ -32,6 +32,9 @@ pub enum Image {
     /// missing (`VMHOST_PULL`), its entrypoint, command, environment, working directory
     /// and user honoured ([`Instance::entrypoint`]).
     Ref(String),
+    /// A snapshot ([`Snapshot::image`](super::snapshot::Snapshot::image)): the path of its
+    /// record, `CACHE/snapshots/KEY`.
+    Snapshot(PathBuf),
 }
 
 impl Image {
@@ -139,6 +142,7 @@ impl Instance {
             Image::Dir(p) => (SourceType::Dir, p.display().to_string()),
             Image::Tar(p) => (SourceType::Tar, p.display().to_string()),
             Image::Ref(_) => (SourceType::Registry, String::new()),
+            Image::Snapshot(p) => (SourceType::Snapshot, p.display().to_string()),
         };
         let image_ref = match &image {
             Image::Ref(r) => r.clone(),
@@ -209,6 +213,26 @@ impl Instance {
     /// The guest's filesystem, like [`std::fs`].
     pub fn fs(&self) -> super::fs::Fs<'_> {
         super::fs::Fs::new(&self.t)
+    }
+
+    /// Snapshots the guest root's changes since boot as a layer on top of the image this
+    /// instance booted (a container image or a snapshot), as `docker commit` does: the
+    /// guest's processes pause meanwhile. See [`Snapshot`](super::snapshot::Snapshot).
+    ///
+    /// ```no_run
+    /// use vmhost::{Image, Instance, InstanceOptions, SnapshotOptions};
+    ///
+    /// let vm = Instance::new(Image::Ref("alpine:3.20".into()), InstanceOptions::default())?;
+    /// vm.command("sh").arg("-c").arg("echo configured > /etc/app.conf").status()?;
+    /// let snap = vm.snapshot(&SnapshotOptions::default())?;
+    /// vm.close()?;
+    /// let again = Instance::new(snap.image(), InstanceOptions::default())?;
+    /// assert_eq!(again.fs().read("/etc/app.conf")?, b"configured\n");
+    /// snap.commit("app:configured")?; // `vmhost run --image app:configured` boots it
+    /// # Ok::<(), vmhost::Error>(())
+    /// ```
+    pub fn snapshot(&self, opts: &super::snapshot::SnapshotOptions) -> Result<super::snapshot::Snapshot> {
+        super::snapshot::Snapshot::take(&self.t, opts)
     }
 
     /// Listens in the guest on `address` (`:PORT`, or `HOST:PORT` whose host part is

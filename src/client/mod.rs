@@ -10,6 +10,7 @@ pub mod fs;
 pub mod instance;
 pub mod net;
 pub mod process;
+pub mod snapshot;
 mod transport;
 
 use std::ffi::OsString;

@@ -39,7 +39,8 @@
 //! start the command with an Exec of its own. Since version 4.
 //!
 //! Version 5 added [`ExecRequest::main`], a trailing byte of the Exec payload; version 6
-//! the errno of [`AgentError`]; version 7 the tunnel (below).
+//! the errno of [`AgentError`]; version 7 the tunnel (below); version 8
+//! the snapshot ([`SNAPSHOT`]).
 //!
 //! The tunnel carries TCP connections between host programs and guest programs over
 //! this channel, so that they need no network device. [`LISTEN`] has the agent listen
@@ -64,7 +65,7 @@ use byteorder::{BigEndian, ByteOrder};
 use crate::wire::{DecodeError, Decoder, Encoder, ErrorCode};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 /// Largest payload of an agent frame.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Header size: type, id, length.
@@ -96,6 +97,13 @@ pub const CREDIT: u16 = 0x0104;
 /// that message's request payload, file handles being the agent's own. OK carries the
 /// helper protocol's response fields. See [`crate::agent::fs`].
 pub const FS: u16 = 0x0301;
+/// Snapshot the root's changes: `string list excludes, bool pause` -> OK `u64 file
+/// handle` of the archive (an OCI layer, see [`crate::agent::snapshot`]), read with
+/// FileRead through [`FS`] to its end and closed with FileClose. Since version 8.
+pub const SNAPSHOT: u16 = 0x0302;
+/// The end of a snapshot: `u64 file handle` -> OK `u64 entries, u64 bytes` once its
+/// walk is done, or the walk's error. Since version 8.
+pub const SNAPSHOT_END: u16 = 0x0303;
 /// Sync the guest's filesystems and power it off. OK first, then the VM ends.
 pub const SHUTDOWN: u16 = 0x0201;
 /// Liveness check. OK with no payload.
@@ -185,6 +193,8 @@ pub fn name(ty: u16) -> &'static str {
         CREDIT => "Credit",
         RESIZE => "Resize",
         FS => "Fs",
+        SNAPSHOT => "Snapshot",
+        SNAPSHOT_END => "SnapshotEnd",
         SHUTDOWN => "Shutdown",
         PING => "Ping",
         NETWORK_UP => "NetworkUp",

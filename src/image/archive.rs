@@ -251,26 +251,9 @@ fn import_docker(store: &Store, path: &Path, name: String) -> Result<StoredImage
             [0x28, 0xb5, 0x2f, 0xfd] => media::OCI_LAYER_ZSTD,
             _ => media::OCI_LAYER,
         };
-        layers.push(Descriptor {
-            media_type: media_type.into(),
-            digest,
-            size,
-            platform: None,
-            annotations: Default::default(),
-        });
+        layers.push(Descriptor::of(media_type, digest, size));
     }
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(media::OCI_MANIFEST.into()),
-        config: Descriptor {
-            media_type: media::OCI_CONFIG.into(),
-            digest: config_digest,
-            size: config_bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-        },
-        layers,
-    };
+    let manifest = Manifest::oci(config_digest, config_bytes.len() as u64, layers);
     let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(path, e.to_string()))?;
     let digest = store.put(&bytes)?;
     finish(store, name, (digest, manifest))

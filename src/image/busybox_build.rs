@@ -12,7 +12,6 @@
 //! The binary is cached as `<cache>/busybox/<DIGEST>/busybox`, the digest covering the
 //! source and the fragment; a build takes about 40 s on two cores, once.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -206,6 +205,7 @@ fn check(body: &[u8], url: &str, t: &Tarball, to: &Path) -> Result<()> {
 
 #[cfg(feature = "registry")]
 fn fetch(url: &str, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(std::time::Duration::from_secs(30))
         .timeout_read(std::time::Duration::from_secs(120))

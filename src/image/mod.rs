@@ -20,8 +20,10 @@ pub mod reference;
 #[cfg(feature = "registry")]
 pub mod registry;
 pub mod rootfs;
+pub mod snapshot;
 pub mod store;
 pub mod tar;
+pub mod tar_writer;
 pub mod unpack;
 
 use std::path::{Path, PathBuf};

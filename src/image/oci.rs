@@ -64,6 +64,19 @@ pub struct Descriptor {
     pub annotations: std::collections::BTreeMap<String, String>,
 }
 
+impl Descriptor {
+    /// A descriptor of a blob: no platform, no annotations.
+    pub fn of(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            platform: None,
+            annotations: Default::default(),
+        }
+    }
+}
+
 /// An operating system and CPU architecture.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Platform {
@@ -139,6 +152,19 @@ pub struct Manifest {
     pub config: Descriptor,
     /// The layers, the bottom one first.
     pub layers: Vec<Descriptor>,
+}
+
+impl Manifest {
+    /// An OCI image manifest of `config` (an OCI configuration of that digest and
+    /// size) and `layers`.
+    pub fn oci(config: Digest, config_size: u64, layers: Vec<Descriptor>) -> Manifest {
+        Manifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            config: Descriptor::of(media::OCI_CONFIG, config, config_size),
+            layers,
+        }
+    }
 }
 
 /// An index (a Docker manifest list): manifests by platform.

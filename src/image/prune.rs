@@ -20,6 +20,8 @@ pub struct Pruned {
     pub bytes: u64,
     /// Unpacked roots removed.
     pub roots: usize,
+    /// Snapshot records removed (those no name keeps).
+    pub snapshots: usize,
 }
 
 /// The blobs the store's references reach.
@@ -50,7 +52,7 @@ pub fn reachable(store: &Store) -> Result<HashSet<Digest>> {
 pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
     let _lock = store.lock_for_prune()?;
     let keep = reachable(store)?;
-    let mut out = Pruned::default();
+    let mut out = Pruned { snapshots: super::snapshot::forget_unkept(cache, &keep), ..Pruned::default() };
     for d in store.blobs()? {
         if !keep.contains(&d) {
             out.bytes += store.size(&d).unwrap_or(0);

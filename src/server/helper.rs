@@ -55,6 +55,8 @@ struct State {
     progress: Progress,
     /// The command the next InstanceNew's guest starts at boot.
     first_command: Mutex<Option<FirstCommand>>,
+    /// Snapshot handles: the helper's, not an instance's (see `super::snapshot`).
+    snapshots: Mutex<super::table::Table<Arc<super::snapshot::Snap>>>,
 }
 
 impl State {
@@ -104,11 +106,12 @@ impl Helper {
 
     fn build(vm: Option<(Machine, String)>, progress: Progress) -> Arc<Helper> {
         let state = Arc::new(State {
-            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(BootedInstance::new(vm, user, None)))),
+            instance: Mutex::new(vm.map(|(vm, user)| Arc::new(BootedInstance::new(vm, user, None, None)))),
             booting: std::sync::atomic::AtomicBool::new(false),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             progress,
             first_command: Mutex::new(None),
+            snapshots: Mutex::new(super::table::Table::new()),
         });
         Arc::new(Helper { state })
     }
@@ -196,16 +199,23 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
             let first = st.first_command.lock().take().map(|f| f.request(&new.options.user));
             let booted = InstanceSpec::from_request(&new, &st.progress).and_then(|spec| {
                 let image = spec.image.clone();
-                InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image))
+                let origin = spec
+                    .snapshot_base
+                    .clone()
+                    .map(|record| super::snapshot::Origin { cache: spec.cache_dir.clone(), record });
+                InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image, origin))
             });
             st.booting.store(false, Ordering::SeqCst);
             let what = if new.image_ref.is_empty() { &new.source_path } else { &new.image_ref };
-            let (vm, image) = booted.map_err(|e| frame(&e, what))?;
-            let inst = BootedInstance::new(vm, new.options.user.clone(), image);
+            let (vm, image, origin) = booted.map_err(|e| frame(&e, what))?;
+            let inst = BootedInstance::new(vm, new.options.user.clone(), image, origin);
             *st.instance.lock() = Some(Arc::new(inst));
             Ok(Response::InstanceNew {}.into())
         }
         Request::BuildDockerfile { .. } => Err(not_yet("BuildDockerfile")),
+        req if super::snapshot::is_handle_message(&req) => {
+            super::snapshot::serve_handle(&st.snapshots, &|| st.handle(), req)
+        }
         req => {
             let inst = st.instance()?;
             // Once the VM has ended, only what asks about the end (or closes) is served;
@@ -259,6 +269,14 @@ fn serve_instance(
             };
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
             super::fs::serve(agent, &inst.session.files, &|| st.handle(), &call.canceller(), as_file)
+        }
+        Request::FsSnapshot { opts } => {
+            let agent = vm.agent().map_err(|e| frame(&e, ""))?;
+            let snap = super::snapshot::take(agent, inst.origin.as_ref(), &opts.excludes, &opts.cache_dir)
+                .map_err(|e| inst.after_end(crate::wire::msg::FS_SNAPSHOT, frame(&e, "")))?;
+            let h = st.handle();
+            st.snapshots.lock().insert(h, Arc::new(snap));
+            Ok(Response::FsSnapshot { handle: h }.into())
         }
         req if super::fs::is_fs(&req) => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;

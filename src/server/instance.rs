@@ -19,6 +19,8 @@ pub(super) struct BootedInstance {
     pub(super) session: Session,
     /// Set once InstanceExec started the main process (there is one).
     pub(super) main_started: std::sync::atomic::AtomicBool,
+    /// What its snapshots start from (an instance of an image or a snapshot).
+    pub(super) origin: Option<super::snapshot::Origin>,
 }
 
 impl BootedInstance {
@@ -39,11 +41,13 @@ impl BootedInstance {
         vm: Machine,
         user: String,
         image: Option<crate::image::oci::RunConfig>,
+        origin: Option<super::snapshot::Origin>,
     ) -> BootedInstance {
         BootedInstance {
             vm,
             session: Session::new(user, image),
             main_started: std::sync::atomic::AtomicBool::new(false),
+            origin,
         }
     }
 }

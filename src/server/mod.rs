@@ -32,6 +32,7 @@ mod instance;
 mod net;
 mod pipes;
 mod session;
+mod snapshot;
 mod table;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ pub(crate) mod lifecycle;
 pub mod publish;
 pub mod qemu;
 pub mod run_dir;
+pub mod snapshot;
 pub mod stop;
 pub mod tunnel;
 
@@ -289,15 +290,24 @@ fn keeps_user_xattrs(dir: &std::path::Path) -> bool {
     r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(nix::libc::EOPNOTSUPP)
 }
 
-/// The root directory and run configuration of the container image `reference`: from
-/// the image store in `cache` (`cache/images`), pulled when missing
-/// (`VMHOST_PULL=always|missing|never`, default missing), unpacked once
-/// (`cache/roots`).
-pub fn registry_image(
-    reference: &str,
-    cache: &Path,
-    progress: &Progress,
-) -> Result<(Source, crate::image::oci::RunConfig, Lease)> {
+/// A container image (or a snapshot) ready to boot: its root, how it runs, the hold on
+/// the store until the boot has read it, and its record as the base of snapshots.
+#[derive(Debug)]
+pub struct ImageBoot {
+    /// The root to boot.
+    pub source: Source,
+    /// Its configuration's `config`.
+    pub config: crate::image::oci::RunConfig,
+    /// The hold on the image store.
+    pub lease: Lease,
+    /// The image as a snapshot's parent (see [`crate::image::snapshot`]).
+    pub record: crate::image::snapshot::Record,
+}
+
+/// The container image `reference`: from the image store in `cache` (`cache/images`),
+/// pulled when missing (`VMHOST_PULL=always|missing|never`, default missing), unpacked
+/// once (`cache/roots`).
+pub fn registry_image(reference: &str, cache: &Path, progress: &Progress) -> Result<ImageBoot> {
     use crate::image::{pull, reference::Reference, store::Store};
     let bad = |m: String| Error::InvalidArgument { op: "image".into(), message: m };
     let r: Reference =
@@ -310,8 +320,44 @@ pub fn registry_image(
     let lease = store.lease()?;
     let opts = pull::PullOptions { progress: progress.clone(), ..pull::PullOptions::default() };
     let img = pull::get(&store, &r, policy, &opts)?;
-    let root = image_root(&store, &img, cache, progress)?;
-    Ok((root, img.config.config.clone().unwrap_or_default(), Lease { _held: Arc::new(lease) }))
+    boot_stored(&store, &img, cache, progress, lease, None)
+}
+
+/// The snapshot `source`: its record's path (`CACHE/snapshots/KEY`), or its key in
+/// `cache`.
+pub fn snapshot_image(source: &str, cache: &Path, progress: &Progress) -> Result<ImageBoot> {
+    use crate::image::{snapshot, store::Store};
+    let path = Path::new(source);
+    let (cache, key) = match (path.parent().and_then(Path::parent), path.file_name()) {
+        (Some(c), Some(k)) if path.is_absolute() => (c.to_path_buf(), k.to_string_lossy().into_owned()),
+        _ => (cache.to_path_buf(), source.to_string()),
+    };
+    let record = snapshot::load(&cache, &key)?;
+    let store = Store::open(cache.join("images"))?;
+    let lease = store.lease()?;
+    let img = snapshot::image(&store, &record)?;
+    boot_stored(&store, &img, &cache, progress, lease, Some(record))
+}
+
+fn boot_stored(
+    store: &crate::image::store::Store,
+    img: &crate::image::pull::StoredImage,
+    cache: &Path,
+    progress: &Progress,
+    lease: crate::image::store::Lease,
+    record: Option<crate::image::snapshot::Record>,
+) -> Result<ImageBoot> {
+    let record = match record {
+        Some(r) => r,
+        None => crate::image::snapshot::base(cache, img)?,
+    };
+    let source = image_root(store, img, cache, progress)?;
+    Ok(ImageBoot {
+        source,
+        config: img.config.config.clone().unwrap_or_default(),
+        lease: Lease { _held: Arc::new(lease) },
+        record,
+    })
 }
 
 /// A hold on the image store (see [`crate::image::store::Lease`]) that an instance's
@@ -351,14 +397,10 @@ fn image_root(
     unpack::unpacked(store, img, cache, progress).map(Source::Dir)
 }
 
-/// The root directory and run configuration of the container image at `path` (an OCI
-/// layout, an OCI archive, a `docker save` archive), imported into the image store and
-/// unpacked once; `None` when `path` is a plain root filesystem.
-pub fn local_image(
-    path: &Path,
-    cache: &Path,
-    progress: &Progress,
-) -> Result<Option<(Source, crate::image::oci::RunConfig, Lease)>> {
+/// The container image at `path` (an OCI layout, an OCI archive, a `docker save`
+/// archive), imported into the image store and unpacked once; `None` when `path` is a
+/// plain root filesystem.
+pub fn local_image(path: &Path, cache: &Path, progress: &Progress) -> Result<Option<ImageBoot>> {
     use crate::image::archive::{self, Local};
     use crate::image::{oci::Platform, store::Store};
     let kind = archive::recognise(path)?;
@@ -370,8 +412,7 @@ pub fn local_image(
     // No reference keeps an imported image: only this lease, until the boot is done.
     let lease = store.lease()?;
     let img = archive::import(&store, path, kind, &Platform::host())?;
-    let root = image_root(&store, &img, cache, progress)?;
-    Ok(Some((root, img.config.config.clone().unwrap_or_default(), Lease { _held: Arc::new(lease) })))
+    boot_stored(&store, &img, cache, progress, lease, None).map(Some)
 }
 
 /// The size of a container image's writable disk, `VMHOST_DISK_MB` (`run --disk`):
@@ -408,6 +449,9 @@ pub struct InstanceSpec {
     /// For a container image: the hold on the image store that keeps a prune from
     /// removing what the boot reads (dropped with the spec).
     pub lease: Option<Lease>,
+    /// For a container image or a snapshot: its record, the parent of the instance's
+    /// snapshots (see [`crate::image::snapshot`]).
+    pub snapshot_base: Option<crate::image::snapshot::Record>,
 }
 
 impl InstanceSpec {
@@ -418,17 +462,22 @@ impl InstanceSpec {
         let path = PathBuf::from(&req.source_path);
         let cache_dir =
             if req.cache_dir.is_empty() { crate::image::cache_dir() } else { PathBuf::from(&req.cache_dir) };
-        let mut image = None;
-        let mut lease = None;
+        let mut booted = None;
         let source = match req.source_type {
+            SourceType::Snapshot => {
+                let b = snapshot_image(&req.source_path, &cache_dir, progress)?;
+                let source = b.source.clone();
+                booted = Some(b);
+                source
+            }
             _ if req.source_path.is_empty() && req.image_ref.is_empty() => Source::Default,
             // An OCI layout or an image archive in a path source is a container image.
             SourceType::Tar | SourceType::Dir if path.exists() => {
                 match local_image(&path, &cache_dir, progress)? {
-                    Some((root, config, held)) => {
-                        image = Some(config);
-                        lease = Some(held);
-                        root
+                    Some(b) => {
+                        let source = b.source.clone();
+                        booted = Some(b);
+                        source
                     }
                     None if req.source_type == SourceType::Tar => Source::Tar(path),
                     None => Source::Dir(path),
@@ -437,11 +486,15 @@ impl InstanceSpec {
             SourceType::Tar => Source::Tar(path),
             SourceType::Dir => Source::Dir(path),
             SourceType::Registry => {
-                let (root, config, held) = registry_image(&req.image_ref, &cache_dir, progress)?;
-                image = Some(config);
-                lease = Some(held);
-                root
+                let b = registry_image(&req.image_ref, &cache_dir, progress)?;
+                let source = b.source.clone();
+                booted = Some(b);
+                source
             }
+        };
+        let (image, lease, snapshot_base) = match booted {
+            Some(b) => (Some(b.config), Some(b.lease), Some(b.record)),
+            None => (None, None, None),
         };
         Ok(InstanceSpec {
             source,
@@ -450,6 +503,7 @@ impl InstanceSpec {
             first_command: None,
             image,
             lease,
+            snapshot_base,
         })
     }
 

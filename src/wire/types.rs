@@ -355,6 +355,10 @@ pub enum SourceType {
     Dir = 1,
     /// A registry image reference.
     Registry = 2,
+    /// A snapshot (vmhost's addition): the source path is its record,
+    /// `CACHE/snapshots/KEY`, as SnapshotAsSource answers; or its key alone, found in
+    /// the request's cache dir.
+    Snapshot = 3,
 }
 
 impl SourceType {
@@ -363,9 +367,10 @@ impl SourceType {
             0 => Ok(SourceType::Tar),
             1 => Ok(SourceType::Dir),
             2 => Ok(SourceType::Registry),
+            3 => Ok(SourceType::Snapshot),
             _ => Err(DecodeError::OutOfRange {
                 field: "source type",
-                reason: format!("{b} is not 0 (tar), 1 (dir) or 2 (registry)"),
+                reason: format!("{b} is not 0 (tar), 1 (dir), 2 (registry) or 3 (snapshot)"),
             }),
         }
     }

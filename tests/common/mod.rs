@@ -240,6 +240,7 @@ pub fn boot_qemu_machine() -> vmhost::vm::Machine {
         first_command: None,
         image: None,
         lease: None,
+        snapshot_base: None,
     };
     spec.boot(&vmhost::progress::Progress::quiet()).unwrap()
 }

@@ -427,3 +427,20 @@ fn serve(
     }
     conn.write_all(&answer)
 }
+
+/// An image layout under `home` whose first layer is the default image's busybox root
+/// (provisioned here, not left to the VM tests that happen to run first).
+pub fn busybox_layout(home: &TempDir) -> Layout {
+    let busybox = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    let l = Layout::new(&home.join("layout"), "1");
+    l.layer(|root| {
+        let st =
+            Command::new("cp").arg("-a").arg(format!("{}/.", busybox.display())).arg(root).status().unwrap();
+        assert!(st.success());
+    });
+    l
+}

@@ -134,3 +134,115 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     assert_eq!(chain.len(), 4, "three snapshots and the image: {chain:?}");
     assert!(Path::new(&three.path()).is_file());
 }
+
+/// The handle messages through the real helper process, encoded by hand as the protocol
+/// document says: FsSnapshot, SnapshotCacheKey, SnapshotParent (to the image, then 0),
+/// SnapshotAsSource, handles valid after InstanceClose, SnapshotClose; and the source
+/// AsSource gave booted by InstanceNew (type 3) in a second helper process.
+#[test]
+fn snapshots_over_the_helper_protocol_boot_in_another_helper() {
+    use vmhost::client::{spawn_helper, Client};
+    use vmhost::wire::{msg, InstanceNew, SourceType, Wire};
+    let test = "snapshots_over_the_helper_protocol_boot_in_another_helper";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let home = TempDir::new("snaphelper");
+    let l = image(&home);
+    let boot = |c: &Client, source_type: SourceType, path: &str| {
+        let new = InstanceNew {
+            source_type,
+            source_path: path.into(),
+            image_ref: String::new(),
+            cache_dir: String::new(),
+            options: InstanceOptions::default(),
+        };
+        c.call_with(msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
+    };
+    let run = |c: &Client, script: &str| -> (Vec<u8>, i32) {
+        let h = c
+            .call_with(msg::CMD_NEW, |e| {
+                e.string("sh").string_list(&["-c", script]);
+            })
+            .unwrap()
+            .decoder()
+            .u64()
+            .unwrap();
+        let r = c.call_with(msg::CMD_OUTPUT, |e| {
+            e.u64(h);
+        });
+        let r = r.unwrap();
+        let mut d = r.decoder();
+        (d.bytes().unwrap(), d.i32().unwrap())
+    };
+    let u64_of = |c: &Client, ty: u16, h: u64| {
+        c.call_with(ty, |e| {
+            e.u64(h);
+        })
+        .unwrap()
+        .decoder()
+        .u64()
+        .unwrap()
+    };
+    let key_of = |c: &Client, h: u64| {
+        c.call_with(msg::SNAPSHOT_CACHE_KEY, |e| {
+            e.u64(h);
+        })
+        .unwrap()
+        .decoder()
+        .string()
+        .unwrap()
+    };
+
+    let a = spawn_helper().unwrap();
+    boot(&a, SourceType::Dir, &l.path.display().to_string());
+    assert_eq!(run(&a, "echo over the wire > /wired && rm /data/gone"), (Vec::new(), 0));
+    let snap = a
+        .call_with(msg::FS_SNAPSHOT, |e| {
+            e.string_list(&["/var/cache"]).string("");
+        })
+        .unwrap()
+        .decoder()
+        .u64()
+        .unwrap();
+    let key = key_of(&a, snap);
+    assert!(vmhost::image::snapshot::is_key(&key), "{key}");
+    let image = u64_of(&a, msg::SNAPSHOT_PARENT, snap);
+    assert_ne!(image, 0);
+    assert_ne!(key_of(&a, image), key);
+    assert_eq!(u64_of(&a, msg::SNAPSHOT_PARENT, image), 0, "past the image: none");
+    let r = a
+        .call_with(msg::SNAPSHOT_AS_SOURCE, |e| {
+            e.u64(snap);
+        })
+        .unwrap();
+    let mut d = r.decoder();
+    let (source_type, path) = (d.u8().unwrap(), d.string().unwrap());
+    assert_eq!(source_type, 3);
+    a.call(msg::INSTANCE_CLOSE, &[]).unwrap();
+    // The helper's handles outlive its instance; a closed one is gone.
+    assert_eq!(key_of(&a, snap), key);
+    a.call_with(msg::SNAPSHOT_CLOSE, |e| {
+        e.u64(image);
+    })
+    .unwrap();
+    let e = a
+        .call_with(msg::SNAPSHOT_CLOSE, |e| {
+            e.u64(image);
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("snapshot"), "{e}");
+    // The same helper boots it, and so does another process.
+    boot(&a, SourceType::Snapshot, &path);
+    assert_eq!(run(&a, "cat /wired"), (b"over the wire\n".to_vec(), 0));
+    a.close().unwrap();
+    let b = spawn_helper().unwrap();
+    boot(&b, SourceType::Snapshot, &path);
+    assert_eq!(
+        run(&b, "cat /wired; test -e /data/gone || echo gone"),
+        (b"over the wire\ngone\n".to_vec(), 0)
+    );
+    b.call(msg::INSTANCE_CLOSE, &[]).unwrap();
+    b.close().unwrap();
+}

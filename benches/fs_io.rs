@@ -15,11 +15,6 @@ use vmhost::{Image, Instance, InstanceOptions};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -78,7 +73,8 @@ fn main() {
         assert!(back == data);
     }
     let _ = std::fs::remove_file(&local);
-    let (cat, w, r, fw, fr) = (median(cat), median(w), median(r), median(fw), median(fr));
+    let (cat, w, r, fw, fr) =
+        (common::median(cat), common::median(w), common::median(r), common::median(fw), common::median(fr));
     println!("64 MiB guest file through the helper ({}), median of {rounds}", vm.id());
     println!("  local cat (host page cache -> pipe) : {:8.1} ms  {:7.0} MB/s", cat * 1e3, mb / cat);
     println!("  Fs::write                           : {:8.1} ms  {:7.0} MB/s", w * 1e3, mb / w);

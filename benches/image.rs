@@ -19,11 +19,6 @@ mod common;
 use common::registry::{Layout, TestRegistry};
 use common::TempDir;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn du(p: &Path) -> u64 {
     let out = Command::new("du").arg("-sb").arg(p).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
@@ -113,7 +108,7 @@ fn main() {
         let _ = std::fs::remove_dir_all(&store_dir);
         let _ = std::fs::remove_dir_all(&dest);
     }
-    let (o, s) = (median(ours.clone()), median(theirs.clone()));
+    let (o, s) = (common::median(ours.clone()), common::median(theirs.clone()));
     println!("pull of the large image, median of {}", ours.len());
     println!("  skopeo copy docker:// -> oci:    {:8.2} s   (all: {theirs:.2?})", s);
     println!("  vmhost pull into the store       {:8.2} s   (all: {ours:.2?})", o);
@@ -146,7 +141,7 @@ fn main() {
         big.push(vmhost_run(&r_large));
         bb.push(vmhost_run(&r_small));
     }
-    let (b, s) = (median(big.clone()), median(bb.clone()));
+    let (b, s) = (common::median(big.clone()), common::median(bb.clone()));
     println!("vmhost run --image REF -- true, median of {}", big.len());
     println!(
         "  busybox image                    {:8.0} ms  (all: {:.0?})",

@@ -22,11 +22,6 @@ use vmhost::{Image, Instance, InstanceOptions};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn mbs(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs
 }
@@ -144,7 +139,7 @@ fn main() {
     vm.command("sh").arg("-c").arg(&script).output().unwrap();
     let local_conns = n as f64 / t.elapsed().as_secs_f64();
 
-    let (fw, fr) = (median(fw), median(fr));
+    let (fw, fr) = (common::median(fw), common::median(fr));
     println!("64 MiB, median of {rounds}; the agent channel's file transfers are the reference");
     println!("  agent channel, file write (host to guest)   {:7.1} MB/s", mbs(size, fw));
     println!("  agent channel, file read  (guest to host)   {:7.1} MB/s", mbs(size, fr));
@@ -154,10 +149,10 @@ fn main() {
         ("published port (-p), guest to host       ", pg2h, fr),
         ("published port (-p), host to guest       ", ph2g, fw),
     ] {
-        let m = median(v);
+        let m = common::median(v);
         println!("  {what}  {:7.1} MB/s  ({:.2}x the file transfer)", mbs(size, m), reference / m);
     }
-    let inside = median(inside);
+    let inside = common::median(inside);
     println!(
         "  guest nc to guest nc on its loopback          {:7.1} MB/s  (the guest's own TCP and nc, for scale)",
         mbs(size, inside)

@@ -67,15 +67,36 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     let l = image(&home);
     let from = || Image::Dir(l.path.clone());
     let vm = boot(from());
+    // A name that would mean a deletion in a layer is refused, and nothing is stored.
+    sh(&vm, "touch /data/.wh.keep");
+    let e = vm.snapshot(&SnapshotOptions::default()).unwrap_err().to_string();
+    assert!(e.contains(".wh.") && e.contains("rename it"), "{e}");
+    sh(&vm, "rm /data/.wh.keep");
     sh(&vm, &change("600"));
     let snap = snapshot(&vm);
+    // A command writing all along: paused for the next snapshot (whole lines only),
+    // going on after it.
+    let writer = vm
+        .command("sh")
+        .arg("-c")
+        .arg("while :; do echo 0123456789abcdef >> /data/log; done")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let busy = snapshot(&vm);
+    assert_eq!(busy.parent().unwrap().unwrap().cache_key(), snap.parent().unwrap().unwrap().cache_key());
+    let size = || sh(&vm, "stat -c %s /data/log").trim().parse::<u64>().unwrap();
+    let before = size();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(size() > before, "the writer goes on after the snapshot");
+    drop(writer);
     vm.close().unwrap();
     assert_eq!(snap.cache_key().len(), 32);
     // Its parent is the image; past the image, none.
     let parent = snap.parent().unwrap().expect("the image");
     assert!(parent.parent().unwrap().is_none());
 
-    let again = boot(snap.image());
+    let again = boot(busy.image());
     let seen = sh(
         &again,
         "cat /data/new /data/keep
@@ -87,12 +108,13 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
          test -p /data/fifo && echo fifo
          test -d /var/cache && echo var-cache-dir
          test ! -e /var/cache/junk && echo excluded
-         test ! -e /tmp/not-captured && echo tmp not captured",
+         test ! -e /tmp/not-captured && echo tmp not captured
+         grep -vc '^0123456789abcdef$' /data/log; test -s /data/log && echo log kept",
     );
     assert_eq!(
         seen,
         "new\nchanged\n/data/keep 600 0:0\n/data/new 644 1000:2000\ngone stays gone\nfresh\n/data/new\n\
-         one file\nfifo\nexcluded\ntmp not captured\n",
+         one file\nfifo\nexcluded\ntmp not captured\n0\nlog kept\n",
         "an opaque directory stays opaque, a deleted file deleted"
     );
 
@@ -110,7 +132,7 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     sh(&again, "echo two > /data/two && rm /data/new");
     let two = snapshot(&again);
     again.close().unwrap();
-    assert_eq!(two.parent().unwrap().unwrap().cache_key(), snap.cache_key());
+    assert_eq!(two.parent().unwrap().unwrap().cache_key(), busy.cache_key());
     let vm = boot(two.image());
     sh(&vm, "echo three > /data/three");
     let three = snapshot(&vm);
@@ -127,7 +149,21 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     vm.close().unwrap();
     let vm = boot(Image::Ref("snapshot-test:three".into()));
     assert_eq!(sh(&vm, "cat /data/three"), "three\n");
+    // Booted by its name it is still that snapshot: the chain goes on from it, into
+    // another cache too (the chain carried over).
+    sh(&vm, "echo four > /data/four");
+    let other_cache = home.join("other-cache");
+    let four =
+        vm.snapshot(&SnapshotOptions { excludes: vec![], cache_dir: Some(other_cache.clone()) }).unwrap();
     vm.close().unwrap();
+    assert_eq!(four.parent().unwrap().unwrap().cache_key(), three.cache_key());
+    assert!(four.path().starts_with(std::fs::canonicalize(&other_cache).unwrap()));
+    let vm = boot(four.image());
+    assert_eq!(sh(&vm, "cat /data/three /data/four"), "three\nfour\n");
+    sh(&vm, "echo five > /data/five");
+    let five = snapshot(&vm);
+    vm.close().unwrap();
+    assert_eq!(five.parent().unwrap().unwrap().cache_key(), four.cache_key());
     let chain: Vec<String> = std::iter::successors(Some(three.clone()), |s| s.parent().unwrap())
         .map(|s| s.cache_key().to_string())
         .collect();

@@ -317,6 +317,12 @@ fn mount_shared() {
             continue;
         }
         let target = format!("{}/{tag}", crate::contract::MOUNT_ROOT);
+        // Made by vmhost, not by the guest's programs: snapshots leave them out.
+        for dir in [crate::contract::MOUNT_ROOT, target.as_str()] {
+            if !std::path::Path::new(dir).exists() {
+                super::snapshot::made_by_vmhost(dir);
+            }
+        }
         let _ = std::fs::create_dir_all(&target);
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if mode == "ro" {

@@ -19,12 +19,19 @@
 //! leaves out the directory and everything under it. In a component `*` matches any run
 //! of characters and `?` any one character (never a `/`).
 //!
+//! Also left out: the directories vmhost made for host shares (`/mnt/TAG`, and `/mnt`
+//! when the image had none), though not what guest programs put beside them. Refused,
+//! failing the snapshot: a name starting with `.wh.` (in a layer it means a deletion) and
+//! a file name or link target that is not UTF-8.
+//!
 //! While the walk runs the guest's processes are stopped (SIGSTOP, then SIGCONT to the
-//! ones this stopped), as `docker commit` pauses a container, so that a command writing
-//! meanwhile cannot leave a file half-written in the layer; without the pause a file
-//! being written is taken as it is when read. The archive goes through a pipe that the
-//! host reads as a file handle ([`super::fs::Files::adopt`]); [`finish`] gives the walk's
-//! result.
+//! ones this stopped, children first), as `docker commit` pauses a container, so that a
+//! command writing meanwhile cannot leave a file half-written in the layer; without the
+//! pause a file being written is taken as it is when read. No process starts while they
+//! are being stopped; one started later runs through the walk. A parent that waits for
+//! its children's stops (a job-control shell) may see one. The archive goes through a
+//! pipe that the host reads as a file handle ([`super::fs::Files::adopt`]); SnapshotEnd
+//! gives the walk's result.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -60,6 +67,15 @@ pub(super) fn keep_rw_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Directories vmhost made in the root (mount points of host shares), as layer paths.
+static MADE_BY_VMHOST: parking_lot::Mutex<Vec<String>> = parking_lot::const_mutex(Vec::new());
+
+/// Notes that vmhost made the directory `path` (absolute): a snapshot leaves the entry
+/// out (what a guest program puts under it is still taken).
+pub(super) fn made_by_vmhost(path: &str) {
+    MADE_BY_VMHOST.lock().push(path.trim_start_matches('/').to_string());
+}
+
 /// Top-level names never captured.
 const NEVER_TOP: &[&str] = &["dev", "proc", "sys", "tmp", "run", "vmhost"];
 /// Files vmhost writes for the guest, never captured.
@@ -93,8 +109,9 @@ pub fn start(excludes: Vec<String>, pause: bool) -> Result<Started, AgentError> 
     let Some(rw) = RW_DIR.get() else {
         return Err(AgentError::new(
             ErrorCode::InvalidArgument,
-            "this guest's root is not an overlay (it was not booted from an image disk): \
-             nothing records its changes",
+            "this guest's root is not an overlay over an image disk, so nothing records its changes: \
+             snapshots need a container image booted from its erofs disk (vmhost's own kernel, \
+             `vmhost kernel build`, and erofs-utils)",
         ));
     };
     let upper = PathBuf::from(format!("/proc/self/fd/{}/upper", rw.as_raw_fd()));
@@ -106,7 +123,9 @@ pub fn start(excludes: Vec<String>, pause: bool) -> Result<Started, AgentError> 
         .spawn(move || {
             let paused = if pause { pause_processes() } else { Vec::new() };
             let result = write_layer(&upper, &excludes, File::from(w));
-            for pid in paused {
+            // Children (later pids) first: a parent that runs again finds them running,
+            // not stopped (a shell would otherwise take a stopped job from its terminal).
+            for pid in paused.into_iter().rev() {
                 // SAFETY: kill with a pid this stopped and a valid signal.
                 unsafe { libc::kill(pid, libc::SIGCONT) };
             }
@@ -122,6 +141,7 @@ fn write_layer(upper: &Path, excludes: &[Pattern], out: File) -> io::Result<Summ
         excludes,
         links: HashMap::new(),
         entries: 0,
+        made: MADE_BY_VMHOST.lock().clone(),
     };
     w.dir(upper, "")?;
     let entries = w.entries;
@@ -136,6 +156,8 @@ struct Walk<'a, W: Write> {
     /// The first name of each file with several links: (device, inode) -> path.
     links: HashMap<(u64, u64), String>,
     entries: u64,
+    /// Directories vmhost made ([`made_by_vmhost`]).
+    made: Vec<String>,
 }
 
 impl<W: Write> Walk<'_, W> {
@@ -188,12 +210,32 @@ impl<W: Write> Walk<'_, W> {
                 self.emit(&e, &mut io::empty())?;
                 continue;
             }
+            if name.starts_with(".wh.") {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{path}: a name starting with .wh. means a deletion in an image layer; rename it"
+                    ),
+                ));
+            }
             e.xattrs = xattrs(&full)?;
             let opaque = take_opaque(&mut e.xattrs);
+            // Renamed directories and metadata-only copies keep their content in the
+            // layers below, which one layer cannot say: refused rather than taken wrong
+            // (vmhost's overlay has neither feature on).
+            if let Some((k, _)) = e
+                .xattrs
+                .iter()
+                .find(|(k, _)| k == "trusted.overlay.redirect" || k == "trusted.overlay.metacopy")
+            {
+                return Err(io::Error::other(format!("{path}: overlayfs {k} cannot go into a layer")));
+            }
             e.xattrs.retain(|(k, _)| !k.starts_with(OVERLAY_XATTR));
             if ft.is_dir() {
                 e.kind = Kind::Dir;
-                self.emit(&e, &mut io::empty())?;
+                if !self.made.contains(&path) || opaque {
+                    self.emit(&e, &mut io::empty())?;
+                }
                 if opaque {
                     let marker = Entry {
                         path: format!("{path}/.wh..wh..opq"),
@@ -354,6 +396,8 @@ fn glob(pat: &[u8], name: &[u8]) -> bool {
 /// stopped; returns the ones it stopped, once they have (or after a bound).
 fn pause_processes() -> Vec<i32> {
     const PF_KTHREAD: u64 = 0x0020_0000;
+    // No process is started meanwhile, so none is stopped between fork and exec.
+    let _no_starts = super::spawn::hold_starts();
     let mut stopped: Vec<i32> = Vec::new();
     // Again until a pass stops nothing: a process may fork while the first pass runs.
     for _ in 0..8 {
@@ -445,9 +489,17 @@ mod tests {
         std::fs::write(up.join("etc/hosts"), b"never").unwrap();
         std::fs::write(up.join("var/log/x"), b"excluded").unwrap();
         std::os::unix::fs::symlink("a", up.join("etc/link")).unwrap();
+        // vmhost made /mnt: left out, what a program put in it kept.
+        std::fs::create_dir_all(up.join("mnt")).unwrap();
+        std::fs::write(up.join("mnt/note"), b"n").unwrap();
         let excludes = vec![Pattern::new("/var/log").unwrap()];
-        let mut w =
-            Walk { tar: Writer::new(Vec::new()), excludes: &excludes, links: HashMap::new(), entries: 0 };
+        let mut w = Walk {
+            tar: Writer::new(Vec::new()),
+            excludes: &excludes,
+            links: HashMap::new(),
+            entries: 0,
+            made: vec!["mnt".into()],
+        };
         w.dir(&up, "").unwrap();
         let archive = w.tar.finish().unwrap();
         let mut seen = Vec::new();
@@ -466,6 +518,7 @@ mod tests {
                 "etc/link Symlink a ",
                 "etc/sub Dir  ",
                 "etc/sub/b Hardlink etc/a ",
+                "mnt/note File  n",
                 "var Dir  ",
             ]
         );

@@ -77,6 +77,13 @@ pub fn spawn(spec: &Spec<'_>) -> io::Result<Spawned> {
     Ok(Spawned { pid, ends, token, pidfd })
 }
 
+/// Holds process starts off (each holds this from before its fork to after its exec)
+/// until the guard drops: while a snapshot stops the guest's processes, none is caught
+/// between fork and exec, where the start that waits for it would wait forever.
+pub(super) fn hold_starts() -> parking_lot::MutexGuard<'static, impl Sized> {
+    CHILDREN.table.lock()
+}
+
 /// The agent's children. The agent is PID 1: every orphan in the guest becomes its
 /// child, beside the processes it starts. [`reap_forever`] waits for all children; it
 /// keeps the status of those [`spawn`] started for [`wait`] and drops the others'.

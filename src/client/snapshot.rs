@@ -55,7 +55,9 @@ impl Snapshot {
             message: format!("{}: not a snapshot record path (CACHE/snapshots/KEY)", path.display()),
         };
         let key = path.file_name().and_then(|k| k.to_str()).ok_or_else(bad)?;
-        let cache = path.parent().and_then(Path::parent).ok_or_else(bad)?;
+        let dir =
+            path.parent().filter(|d| d.file_name().is_some_and(|n| n == "snapshots")).ok_or_else(bad)?;
+        let cache = dir.parent().ok_or_else(bad)?;
         Snapshot::open(cache, key)
     }
 

@@ -152,7 +152,14 @@ pub struct Manifest {
     pub config: Descriptor,
     /// The layers, the bottom one first.
     pub layers: Vec<Descriptor>,
+    /// Annotations (vmhost's snapshots carry their key: [`SNAPSHOT_KEY_ANNOTATION`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
+
+/// The manifest annotation that holds a snapshot's key, so that an image booted by any
+/// name (a committed one) is known as that snapshot.
+pub const SNAPSHOT_KEY_ANNOTATION: &str = "dev.vmhost.snapshot.key";
 
 impl Manifest {
     /// An OCI image manifest of `config` (an OCI configuration of that digest and
@@ -163,6 +170,7 @@ impl Manifest {
             media_type: Some(media::OCI_MANIFEST.into()),
             config: Descriptor::of(media::OCI_CONFIG, config, config_size),
             layers,
+            annotations: Default::default(),
         }
     }
 }

@@ -20,7 +20,10 @@
 //! already recorded keeps the first one's image (the same content, other times).
 //!
 //! Records are kept until a prune: `vmhost image prune` removes the records whose image
-//! no name keeps (a snapshot committed under a name stays), with their blobs.
+//! no name keeps (a snapshot committed under a name stays, with its ancestors' records),
+//! with their blobs. A snapshot's manifest carries its key (the annotation
+//! [`super::oci::SNAPSHOT_KEY_ANNOTATION`]), so that booting it by a committed name
+//! continues its chain.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -106,6 +109,14 @@ fn save(cache: &Path, r: &Record) -> Result<()> {
 
 /// The record of the image `img` as the base of a chain, made when missing.
 pub fn base(cache: &Path, img: &StoredImage) -> Result<Record> {
+    // A snapshot booted by another name (committed) is that snapshot.
+    if let Some(key) = img.manifest.annotations.get(super::oci::SNAPSHOT_KEY_ANNOTATION) {
+        if let Ok(r) = load(cache, key) {
+            if r.manifest == img.manifest_digest {
+                return Ok(r);
+            }
+        }
+    }
     let key = image_key(&img.manifest_digest);
     if let Ok(r) = load(cache, &key) {
         return Ok(r);
@@ -176,7 +187,17 @@ pub fn content_hash(layer: impl Read) -> Result<String> {
         xattrs.sort();
         h.update(e.path.as_bytes());
         h.update([0]);
-        h.update(format!("{:?} {:o} {} {} {} ", e.kind, e.mode, e.uid, e.gid, e.size).as_bytes());
+        // Fixed tags, not the enum's names: keys must not change with the code.
+        let kind = match e.kind {
+            tar::Kind::File => "file",
+            tar::Kind::Hardlink => "hardlink",
+            tar::Kind::Symlink => "symlink",
+            tar::Kind::Char => "char",
+            tar::Kind::Block => "block",
+            tar::Kind::Dir => "dir",
+            tar::Kind::Fifo => "fifo",
+        };
+        h.update(format!("{kind} {:o} {} {} {} ", e.mode, e.uid, e.gid, e.size).as_bytes());
         h.update(e.link.as_bytes());
         h.update([0]);
         h.update(format!("{}:{} {}", e.dev.0, e.dev.1, xattrs.len()).as_bytes());
@@ -201,25 +222,52 @@ fn oci_layer_type(media_type: &str) -> String {
     }
 }
 
-/// Stores `layer` (a guest's changes, an uncompressed tar) as a snapshot on top of
-/// `parent`, which the store holds; returns its record. `what` goes into the image's
-/// history.
-pub fn store_layer(
-    cache: &Path,
-    store: &Store,
-    parent: &Record,
-    layer: &mut dyn Read,
-    what: &str,
-) -> Result<Record> {
-    // A prune waits until the snapshot's blobs are all in and referenced by its record.
-    let _lease = store.lease()?;
-    let (diff, size) = store.put_stream(layer, max_layer()).map_err(|e| {
-        bad(
+/// A guest's layer in the store, not yet a snapshot ([`record`] makes it one).
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    /// Its digest (its diff id: it is stored uncompressed).
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Stores `layer` (an uncompressed tar) in the store, at most [`max_layer`] bytes. The
+/// caller holds a lease on the store until [`record`] has referenced it.
+pub fn ingest(store: &Store, layer: &mut dyn Read) -> Result<Ingested> {
+    let max = max_layer();
+    let mut counted = Counted { inner: layer, n: 0 };
+    match store.put_stream(&mut counted, max) {
+        Ok((digest, size)) => Ok(Ingested { digest, size }),
+        Err(_) if counted.n > max => Err(bad(
             "snapshot",
-            format!("storing the guest's changes: {e} (VMHOST_SNAPSHOT_MAX_MB bounds a snapshot)"),
-        )
-    })?;
-    let content = content_hash(store.open_blob(&diff)?)?;
+            format!(
+                "the guest's changes pass {} MiB; set VMHOST_SNAPSHOT_MAX_MB to allow more, or exclude paths",
+                max >> 20
+            ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+struct Counted<'a> {
+    inner: &'a mut dyn Read,
+    n: u64,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// Makes the ingested layer a snapshot on top of `parent` (which the store holds) and
+/// returns its record; `what` goes into the image's history. A key already recorded
+/// keeps its image (the new blob is left to a prune).
+pub fn record(cache: &Path, store: &Store, parent: &Record, layer: &Ingested, what: &str) -> Result<Record> {
+    let _lease = store.lease()?;
+    let content = content_hash(store.open_blob(&layer.digest)?)?;
     let key = key_of(&[parent.key.as_bytes(), content.as_bytes()]);
     if let Ok(r) = load(cache, &key) {
         if image(store, &r).is_ok() {
@@ -238,8 +286,8 @@ pub fn store_layer(
     obj.insert("created".into(), now.clone().into());
     let rootfs = obj.entry("rootfs").or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
     match rootfs.get_mut("diff_ids").and_then(|d| d.as_array_mut()) {
-        Some(ids) => ids.push(diff.to_string().into()),
-        None => rootfs["diff_ids"] = serde_json::json!([diff.to_string()]),
+        Some(ids) => ids.push(layer.digest.to_string().into()),
+        None => rootfs["diff_ids"] = serde_json::json!([layer.digest.to_string()]),
     }
     let history = obj.entry("history").or_insert_with(|| serde_json::json!([]));
     if let Some(h) = history.as_array_mut() {
@@ -253,8 +301,9 @@ pub fn store_layer(
         .iter()
         .map(|l| Descriptor { media_type: oci_layer_type(&l.media_type), ..l.clone() })
         .collect();
-    layers.push(Descriptor::of(media::OCI_LAYER, diff.clone(), size));
-    let manifest = Manifest::oci(config_digest, config.len() as u64, layers);
+    layers.push(Descriptor::of(media::OCI_LAYER, layer.digest.clone(), layer.size));
+    let mut manifest = Manifest::oci(config_digest, config.len() as u64, layers);
+    manifest.annotations.insert(super::oci::SNAPSHOT_KEY_ANNOTATION.into(), key.clone());
     let manifest = serde_json::to_vec(&manifest).map_err(|e| bad("snapshot", e.to_string()))?;
     let manifest_digest = store.put(&manifest)?;
     let r = Record {
@@ -292,26 +341,47 @@ pub fn commit(store: &Store, r: &Record, name: &str) -> Result<String> {
         return Err(bad("commit", format!("{name}: a name with a tag, not a digest")));
     }
     let name = reference.to_string();
+    // Held until the name references it: a prune cannot take the image meanwhile.
+    let _lease = store.lease()?;
+    image(store, r)?;
     store.set_ref(&name, &r.manifest)?;
     Ok(name)
 }
 
-/// Removes the records whose image `keep` does not hold (for a prune).
+/// Removes the records whose image `keep` does not hold (for a prune), but for the
+/// ancestors of kept ones: a kept snapshot still names its parents (whose images may be
+/// gone).
 pub fn forget_unkept(cache: &Path, keep: &std::collections::HashSet<Digest>) -> usize {
     let Ok(entries) = std::fs::read_dir(records_dir(cache)) else { return 0 };
-    let mut removed = 0;
+    let mut records = std::collections::HashMap::new();
+    let mut unreadable = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !is_key(&name) {
             continue;
         }
         match load(cache, &name) {
-            Ok(r) if keep.contains(&r.manifest) => {}
-            _ => {
-                if std::fs::remove_file(e.path()).is_ok() {
-                    removed += 1;
-                }
+            Ok(r) => {
+                records.insert(name, r);
             }
+            Err(_) => unreadable.push(e.path()),
+        }
+    }
+    let mut kept = std::collections::HashSet::new();
+    for r in records.values().filter(|r| keep.contains(&r.manifest)) {
+        let mut at = Some(r);
+        while let Some(r) = at {
+            if !kept.insert(r.key.clone()) {
+                break;
+            }
+            at = r.parent.as_ref().and_then(|p| records.get(p));
+        }
+    }
+    let mut removed = 0;
+    let gone = records.keys().filter(|k| !kept.contains(*k)).map(|k| records_dir(cache).join(k));
+    for path in gone.chain(unreadable) {
+        if std::fs::remove_file(path).is_ok() {
+            removed += 1;
         }
     }
     removed

@@ -202,7 +202,7 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
                 let origin = spec
                     .snapshot_base
                     .clone()
-                    .map(|record| super::snapshot::Origin { cache: spec.cache_dir.clone(), record });
+                    .map(|(cache, record)| super::snapshot::Origin { cache, record });
                 InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image, origin))
             });
             st.booting.store(false, Ordering::SeqCst);
@@ -272,8 +272,15 @@ fn serve_instance(
         }
         Request::FsSnapshot { opts } => {
             let agent = vm.agent().map_err(|e| frame(&e, ""))?;
-            let snap = super::snapshot::take(agent, inst.origin.as_ref(), &opts.excludes, &opts.cache_dir)
-                .map_err(|e| inst.after_end(crate::wire::msg::FS_SNAPSHOT, frame(&e, "")))?;
+            let cancelled = call.canceller();
+            let snap = super::snapshot::take(
+                agent,
+                inst.origin.as_ref(),
+                &opts.excludes,
+                &opts.cache_dir,
+                &cancelled,
+            )
+            .map_err(|e| inst.after_end(crate::wire::msg::FS_SNAPSHOT, frame(&e, "")))?;
             let h = st.handle();
             st.snapshots.lock().insert(h, Arc::new(snap));
             Ok(Response::FsSnapshot { handle: h }.into())

@@ -87,12 +87,14 @@ pub(super) fn serve_handle(
     }
 }
 
-/// Serves FsSnapshot on a running instance whose snapshots start from `origin`.
+/// Serves FsSnapshot on a running instance whose snapshots start from `origin`; gives
+/// up when `cancelled` says so.
 pub(super) fn take(
     agent: &AgentLink,
     origin: Option<&Origin>,
     excludes: &[String],
     cache_dir: &str,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Snap, Error> {
     let Some(origin) = origin else {
         return Err(Error::InvalidArgument {
@@ -102,19 +104,29 @@ pub(super) fn take(
                 .into(),
         });
     };
-    let cache = if cache_dir.is_empty() { origin.cache.clone() } else { PathBuf::from(cache_dir) };
+    let cache = if cache_dir.is_empty() {
+        origin.cache.clone()
+    } else {
+        // Absolute, so that the record's path (SnapshotAsSource) means the same anywhere.
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::io("create the cache", cache_dir, e))?;
+        std::fs::canonicalize(cache_dir).map_err(|e| Error::io("find the cache", cache_dir, e))?
+    };
     let parent = if cache == origin.cache {
         origin.record.clone()
     } else {
         carry(&origin.cache, &cache, &origin.record)?
     };
     let store = Store::open(cache.join("images"))?;
-    let mut layer = crate::vm::snapshot::GuestLayer::start(agent, excludes, true)?;
-    let stored = snapshot::store_layer(&cache, &store, &parent, &mut layer, "vmhost snapshot");
-    // The walk's own result first: a layer the guest could not finish is no snapshot.
-    let walk = layer.finish();
-    let record = stored?;
-    walk?;
+    // Held from before the guest pauses until the record references the layer: a prune
+    // waits, rather than the guest waiting on a prune. The parent is checked first too.
+    let _lease = store.lease()?;
+    snapshot::image(&store, &parent)?;
+    let mut layer = crate::vm::snapshot::GuestLayer::start(agent, excludes, true, cancelled)?;
+    let ingested = snapshot::ingest(&store, &mut layer);
+    // The walk's own result first: a layer the guest could not finish is no snapshot,
+    // and its error says why better than the archive's.
+    layer.finish()?;
+    let record = snapshot::record(&cache, &store, &parent, &ingested?, "vmhost snapshot")?;
     Ok(Snap { cache, record })
 }
 
@@ -147,10 +159,9 @@ fn carry(from: &Path, to: &Path, record: &Record) -> Result<Record, Error> {
             let data = std::fs::read(&src).map_err(|e| Error::io("read snapshot record", &src, e))?;
             crate::image::write_atomic(&dst, &data)?;
         }
-        r = match &rec.parent {
-            Some(p) => Some(snapshot::load(from, p)?),
-            None => None,
-        };
+        // An ancestor a prune took is not needed to boot this one (its image lists
+        // every layer): the chain stops there.
+        r = rec.parent.as_ref().and_then(|p| snapshot::load(from, p).ok());
     }
     Ok(record.clone())
 }

@@ -302,6 +302,8 @@ pub struct ImageBoot {
     pub lease: Lease,
     /// The image as a snapshot's parent (see [`crate::image::snapshot`]).
     pub record: crate::image::snapshot::Record,
+    /// The cache that holds the record and the image.
+    pub cache: PathBuf,
 }
 
 /// The container image `reference`: from the image store in `cache` (`cache/images`),
@@ -320,29 +322,48 @@ pub fn registry_image(reference: &str, cache: &Path, progress: &Progress) -> Res
     let lease = store.lease()?;
     let opts = pull::PullOptions { progress: progress.clone(), ..pull::PullOptions::default() };
     let img = pull::get(&store, &r, policy, &opts)?;
-    boot_stored(&store, &img, cache, progress, lease, None)
+    boot_stored(&store, &img, (cache, cache), progress, lease, None)
 }
 
 /// The snapshot `source`: its record's path (`CACHE/snapshots/KEY`), or its key in
 /// `cache`.
 pub fn snapshot_image(source: &str, cache: &Path, progress: &Progress) -> Result<ImageBoot> {
     use crate::image::{snapshot, store::Store};
+    let kernels = cache;
     let path = Path::new(source);
-    let (cache, key) = match (path.parent().and_then(Path::parent), path.file_name()) {
-        (Some(c), Some(k)) if path.is_absolute() => (c.to_path_buf(), k.to_string_lossy().into_owned()),
-        _ => (cache.to_path_buf(), source.to_string()),
+    let (cache, key) = if snapshot::is_key(source) {
+        (cache.to_path_buf(), source.to_string())
+    } else {
+        // CACHE/snapshots/KEY, nothing else.
+        match (path.parent(), path.file_name().and_then(|k| k.to_str())) {
+            (Some(dir), Some(k)) if dir.file_name().is_some_and(|n| n == "snapshots") => {
+                (dir.parent().unwrap_or(Path::new("/")).to_path_buf(), k.to_string())
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: "snapshot".into(),
+                    message: format!(
+                        "{source:?} is neither a snapshot key nor a record path CACHE/snapshots/KEY"
+                    ),
+                })
+            }
+        }
     };
     let record = snapshot::load(&cache, &key)?;
     let store = Store::open(cache.join("images"))?;
     let lease = store.lease()?;
     let img = snapshot::image(&store, &record)?;
-    boot_stored(&store, &img, &cache, progress, lease, Some(record))
+    // The kernel is the instance cache's (`kernels`), not the snapshot's cache's, which
+    // may hold none.
+    boot_stored(&store, &img, (&cache, kernels), progress, lease, Some(record))
 }
 
+/// `caches`: the one that holds the image (its store, records and unpacked roots), and
+/// the instance's (its kernels).
 fn boot_stored(
     store: &crate::image::store::Store,
     img: &crate::image::pull::StoredImage,
-    cache: &Path,
+    (cache, kernels): (&Path, &Path),
     progress: &Progress,
     lease: crate::image::store::Lease,
     record: Option<crate::image::snapshot::Record>,
@@ -351,12 +372,13 @@ fn boot_stored(
         Some(r) => r,
         None => crate::image::snapshot::base(cache, img)?,
     };
-    let source = image_root(store, img, cache, progress)?;
+    let source = image_root(store, img, (cache, kernels), progress)?;
     Ok(ImageBoot {
         source,
         config: img.config.config.clone().unwrap_or_default(),
         lease: Lease { _held: Arc::new(lease) },
         record,
+        cache: cache.to_path_buf(),
     })
 }
 
@@ -374,12 +396,12 @@ pub struct Lease {
 fn image_root(
     store: &crate::image::store::Store,
     img: &crate::image::pull::StoredImage,
-    cache: &Path,
+    (cache, kernels): (&Path, &Path),
     progress: &Progress,
 ) -> Result<Source> {
     use crate::image::{erofs, unpack};
     // The kernel the boot will take (resolved again there: a lookup in the cache).
-    let minimal = crate::image::kernel::resolve(cache, progress)?.is_minimal();
+    let minimal = crate::image::kernel::resolve(kernels, progress)?.is_minimal();
     if erofs::available() && minimal {
         return erofs::image_disk(store, img, cache, progress).map(Source::Disk);
     }
@@ -412,7 +434,7 @@ pub fn local_image(path: &Path, cache: &Path, progress: &Progress) -> Result<Opt
     // No reference keeps an imported image: only this lease, until the boot is done.
     let lease = store.lease()?;
     let img = archive::import(&store, path, kind, &Platform::host())?;
-    boot_stored(&store, &img, cache, progress, lease, None).map(Some)
+    boot_stored(&store, &img, (cache, cache), progress, lease, None).map(Some)
 }
 
 /// The size of a container image's writable disk, `VMHOST_DISK_MB` (`run --disk`):
@@ -450,8 +472,8 @@ pub struct InstanceSpec {
     /// removing what the boot reads (dropped with the spec).
     pub lease: Option<Lease>,
     /// For a container image or a snapshot: its record, the parent of the instance's
-    /// snapshots (see [`crate::image::snapshot`]).
-    pub snapshot_base: Option<crate::image::snapshot::Record>,
+    /// snapshots (see [`crate::image::snapshot`]), and the cache that holds it.
+    pub snapshot_base: Option<(PathBuf, crate::image::snapshot::Record)>,
 }
 
 impl InstanceSpec {
@@ -493,7 +515,7 @@ impl InstanceSpec {
             }
         };
         let (image, lease, snapshot_base) = match booted {
-            Some(b) => (Some(b.config), Some(b.lease), Some(b.record)),
+            Some(b) => (Some(b.config), Some(b.lease), Some((b.cache, b.record))),
             None => (None, None, None),
         };
         Ok(InstanceSpec {

@@ -2,12 +2,17 @@
 //! ([`crate::agent::snapshot`]), read as a stream over the agent channel.
 
 use std::io::{self, Read};
+use std::time::Duration;
 
 use super::agent_link::AgentLink;
 use crate::contract::proto;
 use crate::contract::MAX_CHUNK;
 use crate::error::{Error, Result};
 use crate::wire::{Decoder, Encoder, Request};
+
+/// The longest the guest may take over one step (its start, a chunk, its end): a guest
+/// that stops answering fails the snapshot instead of holding the call.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the guest's walk wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,9 +26,9 @@ pub struct Summary {
 /// The guest's changes since boot as an uncompressed tar stream (an OCI layer), read
 /// in frames of the agent channel. [`GuestLayer::finish`] says whether the walk
 /// succeeded; dropped before that, it ends the walk (and the guest's pause) too.
-#[derive(Debug)]
 pub struct GuestLayer<'a> {
     link: &'a AgentLink,
+    cancelled: &'a dyn Fn() -> bool,
     handle: u64,
     buf: Vec<u8>,
     pos: usize,
@@ -31,15 +36,30 @@ pub struct GuestLayer<'a> {
     ended: bool,
 }
 
+impl std::fmt::Debug for GuestLayer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestLayer")
+            .field("handle", &self.handle)
+            .field("eof", &self.eof)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> GuestLayer<'a> {
     /// Starts the guest's walk: `excludes` left out (see the agent's rule), the guest's
-    /// processes stopped meanwhile when `pause`.
-    pub fn start(link: &'a AgentLink, excludes: &[String], pause: bool) -> Result<GuestLayer<'a>> {
+    /// processes stopped meanwhile when `pause`. Reading gives up once `cancelled` says
+    /// so (the caller went away), or when the guest takes longer than [`STEP_TIMEOUT`].
+    pub fn start(
+        link: &'a AgentLink,
+        excludes: &[String],
+        pause: bool,
+        cancelled: &'a dyn Fn() -> bool,
+    ) -> Result<GuestLayer<'a>> {
         let mut e = Encoder::new();
         e.string_list(excludes).bool(pause);
-        let answer = link.request(proto::SNAPSHOT, e.as_bytes(), None)?;
+        let answer = link.request(proto::SNAPSHOT, e.as_bytes(), Some(STEP_TIMEOUT))?;
         let handle = Decoder::new(&answer).u64().map_err(Error::decoding("Snapshot"))?;
-        Ok(GuestLayer { link, handle, buf: Vec::new(), pos: 0, eof: false, ended: false })
+        Ok(GuestLayer { link, cancelled, handle, buf: Vec::new(), pos: 0, eof: false, ended: false })
     }
 
     /// Closes the archive and returns the walk's result: an error if the guest could not
@@ -50,13 +70,22 @@ impl<'a> GuestLayer<'a> {
 
     fn end(&mut self) -> Result<Summary> {
         self.ended = true;
-        let _ = self.link.fs(&Request::FileClose { handle: self.handle });
-        let answer = self.link.request(proto::SNAPSHOT_END, &self.handle.to_be_bytes(), None)?;
+        let _ = self.fs(&Request::FileClose { handle: self.handle });
+        let answer =
+            self.link.request(proto::SNAPSHOT_END, &self.handle.to_be_bytes(), Some(STEP_TIMEOUT))?;
         let mut d = Decoder::new(&answer);
         let summary =
             (|| Ok::<_, crate::wire::DecodeError>(Summary { entries: d.u64()?, bytes: d.u64()? }))()
                 .map_err(Error::decoding("SnapshotEnd"))?;
         Ok(summary)
+    }
+
+    /// A file request of the walk's handle, bounded by [`STEP_TIMEOUT`].
+    fn fs(&self, req: &Request) -> Result<Vec<u8>> {
+        let mut e = Encoder::new();
+        e.u16(req.ty());
+        req.encode(&mut e);
+        self.link.request(proto::FS, e.as_bytes(), Some(STEP_TIMEOUT))
     }
 }
 
@@ -66,8 +95,10 @@ impl Read for GuestLayer<'_> {
             if self.eof {
                 return Ok(0);
             }
+            if (self.cancelled)() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "the snapshot was cancelled"));
+            }
             let answer = self
-                .link
                 .fs(&Request::FileRead { handle: self.handle, max: MAX_CHUNK as u32 })
                 .map_err(io::Error::other)?;
             let data = Decoder::new(&answer).bytes().map_err(|e| {

@@ -244,3 +244,9 @@ pub fn boot_qemu_machine() -> vmhost::vm::Machine {
     };
     spec.boot(&vmhost::progress::Progress::quiet()).unwrap()
 }
+
+/// The median of timings (the upper middle one of an even count), for the benches.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}

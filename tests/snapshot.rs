@@ -282,3 +282,174 @@ fn snapshots_over_the_helper_protocol_boot_in_another_helper() {
     b.call(msg::INSTANCE_CLOSE, &[]).unwrap();
     b.close().unwrap();
 }
+
+/// The default image (an initramfs root, not an image disk): its root is an overlay too,
+/// recorded as a one-layer image at the first snapshot; the snapshot boots with the
+/// change and the deletion, busybox's applets (hard links) whole.
+#[test]
+fn the_default_image_snapshots_and_boots_from_its_snapshot() {
+    let test = "the_default_image_snapshots_and_boots_from_its_snapshot";
+    if !vm_ready(test) {
+        return;
+    }
+    let vm = boot(Image::Default);
+    sh(
+        &vm,
+        "echo hello > /root/hello && rm /etc/hostname && mkdir -p /srv/app && echo v1 > /srv/app/version",
+    );
+    let snap = vm.snapshot(&SnapshotOptions::default()).unwrap();
+    // Again with the same changes: the same key (the root is recorded once).
+    assert_eq!(vm.snapshot(&SnapshotOptions::default()).unwrap().cache_key(), snap.cache_key());
+    vm.close().unwrap();
+    let root = snap.parent().unwrap().expect("the default root, as an image");
+    assert!(root.parent().unwrap().is_none());
+    let vm = boot(snap.image());
+    let seen = sh(
+        &vm,
+        "cat /root/hello /srv/app/version; test ! -e /etc/hostname && echo no hostname
+         [ \"$(stat -c %i /bin/busybox)\" = \"$(stat -c %i /bin/sh)\" ] && echo applets are links
+         wget --help 2>&1 | grep -q -- '-T SEC' && echo wget has -T",
+    );
+    assert_eq!(seen, "hello\nv1\nno hostname\napplets are links\nwget has -T\n");
+    vm.close().unwrap();
+}
+
+/// Every record in the default cache names an image the store holds whole: nothing
+/// half-stored is ever trusted.
+fn every_record_is_whole() {
+    let cache = vmhost::image::cache_dir();
+    let store = vmhost::image::store::Store::open(cache.join("images")).unwrap();
+    let dir = vmhost::image::snapshot::records_dir(&cache);
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let key = e.file_name().to_string_lossy().into_owned();
+        if !vmhost::image::snapshot::is_key(&key) {
+            continue;
+        }
+        let r = vmhost::image::snapshot::load(&cache, &key).unwrap();
+        // A prune (another test's) may have taken an image: then the record says so.
+        if let Err(e) = vmhost::image::snapshot::image(&store, &r) {
+            assert!(e.to_string().contains("pruned"), "{key}: {e}");
+        }
+    }
+}
+
+/// The helper killed (SIGKILL) while it stores a large snapshot: no record of it, the
+/// guest's QEMU gone with the helper, and the next snapshot of the same image works.
+#[test]
+fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
+    use vmhost::client::spawn_helper;
+    use vmhost::wire::{msg, InstanceNew, SourceType, Wire};
+    let test = "a_helper_killed_during_a_snapshot_leaves_nothing_trusted";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
+    let home = TempDir::new("snapkill");
+    let l = image(&home);
+    let c = spawn_helper().unwrap();
+    let helper = c.helper_pid().unwrap();
+    let new = InstanceNew {
+        source_type: SourceType::Dir,
+        source_path: l.path.display().to_string(),
+        image_ref: String::new(),
+        cache_dir: String::new(),
+        options: InstanceOptions { memory_mb: 512, ..Default::default() },
+    };
+    c.call_with(msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
+    let cmd = c
+        .call_with(msg::CMD_NEW, |e| {
+            e.string("sh").string_list(&["-c", "dd if=/dev/zero of=/big bs=1M count=120 2>/dev/null"]);
+        })
+        .unwrap()
+        .decoder()
+        .u64()
+        .unwrap();
+    c.call_with(msg::CMD_RUN, |e| {
+        e.u64(cmd);
+    })
+    .unwrap();
+    let records = vmhost::image::snapshot::records_dir(&vmhost::image::cache_dir());
+    let before: std::collections::BTreeSet<_> =
+        std::fs::read_dir(&records).unwrap().flatten().map(|e| e.file_name()).collect();
+    let ingest = vmhost::image::cache_dir().join("images/ingest");
+    let started = std::time::SystemTime::now();
+    let growing = || {
+        std::fs::read_dir(&ingest).unwrap().flatten().any(|e| {
+            let m = e.metadata().unwrap();
+            e.file_name().to_string_lossy().starts_with("stream-")
+                && m.modified().unwrap() >= started
+                && m.len() > 0
+        })
+    };
+    let qemu = common::children_of(helper)
+        .into_iter()
+        .find(|(_, name)| name.contains("qemu"))
+        .map(|(pid, _)| pid)
+        .expect("the helper's QEMU");
+    std::thread::scope(|s| {
+        let snapshot = s.spawn(|| {
+            c.call_with(msg::FS_SNAPSHOT, |e| {
+                e.string_list::<&str>(&[]).string("");
+            })
+        });
+        assert!(common::wait_until(std::time::Duration::from_secs(60), growing), "the layer never started");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(helper as i32), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+        assert!(snapshot.join().unwrap().is_err(), "the call fails with its helper");
+    });
+    let after: std::collections::BTreeSet<_> =
+        std::fs::read_dir(&records).unwrap().flatten().map(|e| e.file_name()).collect();
+    let new_records: Vec<_> =
+        after.difference(&before).filter(|n| !n.to_string_lossy().starts_with('.')).collect();
+    // The image's own record may be new (made at boot); a snapshot's may not.
+    for n in &new_records {
+        let r = vmhost::image::snapshot::load(&vmhost::image::cache_dir(), &n.to_string_lossy()).unwrap();
+        assert!(r.parent.is_none(), "a snapshot was recorded by a killed helper: {r:?}");
+    }
+    every_record_is_whole();
+    // The guest went with its helper.
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || !common::alive(qemu)),
+        "QEMU (pid {qemu}) outlived its helper"
+    );
+    // And the next snapshot of that image works.
+    let vm = boot(Image::Dir(l.path.clone()));
+    sh(&vm, "echo after > /after");
+    let snap = vm.snapshot(&SnapshotOptions::default()).unwrap();
+    vm.close().unwrap();
+    let vm = boot(snap.image());
+    assert_eq!(sh(&vm, "cat /after"), "after\n");
+    vm.close().unwrap();
+}
+
+/// A guest whose writable layer is full (tmpfs, half its memory): the snapshot needs no
+/// room in the guest, and the full file comes back whole.
+#[test]
+fn a_full_guest_disk_still_snapshots() {
+    let test = "a_full_guest_disk_still_snapshots";
+    if !vm_ready(test) || !tools_ready(test) {
+        return;
+    }
+    let home = TempDir::new("snapfull");
+    let l = image(&home);
+    let vm =
+        Instance::new(Image::Dir(l.path.clone()), InstanceOptions { memory_mb: 160, ..Default::default() })
+            .unwrap();
+    let out = vm
+        .command("sh")
+        .arg("-c")
+        .arg("dd if=/dev/zero of=/fill bs=1M 2>&1; stat -c %s /fill")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("No space left on device"), "{text}");
+    let size: u64 = text.lines().last().unwrap().trim().parse().unwrap();
+    assert!(size > 16 << 20, "{text}");
+    let e = vm.command("sh").arg("-c").arg("echo x > /one-more").output().unwrap();
+    assert!(!e.status.success(), "the disk is full");
+    let snap = vm.snapshot(&SnapshotOptions::default()).unwrap();
+    vm.close().unwrap();
+    let vm = boot(snap.image());
+    assert_eq!(sh(&vm, "stat -c %s /fill").trim(), size.to_string());
+    vm.close().unwrap();
+}

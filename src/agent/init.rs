@@ -31,11 +31,19 @@ pub fn run() -> ! {
     let modules = module_list();
     load_modules(&modules);
     if let Some(fstype) = root_disk() {
-        if let Err(e) = switch_to_disk_root(&fstype) {
+        if let Err(e) = switch_to_overlay_root(Lower::Disk(&fstype)) {
             say(format_args!("cannot make the image's disk the root: {e}; powering off"));
             power_off();
         }
         trace(format_args!("init: the root is the image's disk ({fstype}) under an overlay"));
+    } else {
+        // The initramfs itself under an overlay, so that snapshots find the changes.
+        // Without overlayfs (a stock kernel has it as a module) the root stays as it
+        // is, and only snapshots are refused.
+        match switch_to_overlay_root(Lower::Initramfs) {
+            Ok(()) => trace(format_args!("init: the root is the initramfs under an overlay")),
+            Err(e) => trace(format_args!("init: the root stays the initramfs ({e}): no snapshots")),
+        }
     }
     let _ = nix::unistd::sethostname("vmhost");
     super::tunnel::name_the_host();
@@ -205,18 +213,54 @@ fn kernel_param(prefix: &str) -> Option<String> {
     cmdline.split_whitespace().find_map(|w| w.strip_prefix(prefix)).map(str::to_string)
 }
 
-/// Makes the image's disk the root: the read-only disk as the lower layer of an overlay
-/// whose upper layer is on tmpfs (what the guest writes lives in its memory, the image
-/// is never copied there) or on the writable disk the host gave it, the mounts made so far moved into it, then the overlay moved
-/// onto `/` and entered, as switch_root does.
-fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
+/// What the root's overlay lies on.
+enum Lower<'a> {
+    /// The image's read-only disk, of this filesystem type.
+    Disk(&'a str),
+    /// The initramfs, as unpacked (a bind mount of `/`, without what is mounted on it).
+    Initramfs,
+}
+
+/// Makes an overlay the root: the image's read-only disk or the initramfs as its lower
+/// layer, its upper layer on tmpfs (what the guest writes lives in its memory, the image
+/// is never copied there) or on the writable disk the host gave it; the mounts made so
+/// far moved into it, then the overlay moved onto `/` and entered, as switch_root does.
+/// Over the initramfs, a failure before the overlay is up leaves the root as it was.
+fn switch_to_overlay_root(lower: Lower<'_>) -> std::io::Result<()> {
     use crate::contract::ROOT_DISK_DEVICE;
     let err = |what: &str, e: nix::errno::Errno| std::io::Error::other(format!("{what}: {e}"));
     for d in ["/vmhost/lower", "/vmhost/rw"] {
         std::fs::create_dir_all(d)?;
     }
-    mount(Some(ROOT_DISK_DEVICE), "/vmhost/lower", Some(fstype), MsFlags::MS_RDONLY, None::<&str>)
-        .map_err(|e| err(&format!("mount {ROOT_DISK_DEVICE}"), e))?;
+    match lower {
+        Lower::Disk(fstype) => {
+            mount(Some(ROOT_DISK_DEVICE), "/vmhost/lower", Some(fstype), MsFlags::MS_RDONLY, None::<&str>)
+                .map_err(|e| err(&format!("mount {ROOT_DISK_DEVICE}"), e))?
+        }
+        Lower::Initramfs => {
+            if let Err(e) = overlay_initramfs(&err) {
+                for m in ["/vmhost/rw/root", "/vmhost/rw", "/vmhost/lower"] {
+                    let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+                }
+                return Err(e);
+            }
+            return enter_overlay(&err);
+        }
+    }
+    mount_rw_and_overlay(&err)?;
+    enter_overlay(&err)
+}
+
+/// The initramfs as the lower layer, and the overlay over it.
+fn overlay_initramfs(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
+    mount(Some("/"), "/vmhost/lower", None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| err("bind the initramfs", e))?;
+    mount_rw_and_overlay(err)
+}
+
+/// The writable layer (tmpfs, or the writable disk) and the overlay on
+/// `/vmhost/rw/root`.
+fn mount_rw_and_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
     match rw_disk() {
         Some(fs) => mount(
             Some(crate::contract::RW_DISK_DEVICE),
@@ -240,6 +284,11 @@ fn switch_to_disk_root(fstype: &str) -> std::io::Result<()> {
         Some("lowerdir=/vmhost/lower,upperdir=/vmhost/rw/upper,workdir=/vmhost/rw/work"),
     )
     .map_err(|e| err("mount the overlay", e))?;
+    Ok(())
+}
+
+/// Moves the kernel's filesystems into the overlay and makes it the root.
+fn enter_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
     // Its upper directory is where snapshots find the changes; no path leads there once
     // the root has moved.
     if let Err(e) = super::snapshot::keep_rw_dir(std::path::Path::new("/vmhost/rw")) {

@@ -1,7 +1,7 @@
 //! FsSnapshot's guest side: what changed in the root since boot, as an OCI layer.
 //!
-//! The root is an overlay (see [`super::init`]) whose upper directory holds every
-//! change: a new or changed file whole (overlayfs copies a file up before its first
+//! The root is an overlay (see [`super::init`]: over the image's disk, or over the
+//! initramfs as unpacked) whose upper directory holds every change: a new or changed file whole (overlayfs copies a file up before its first
 //! change), a deletion as a whiteout (a character device 0:0), a directory removed and
 //! made again as an opaque one (the xattr `trusted.overlay.opaque`). The walk turns them
 //! into an OCI image layer (the image-spec's "changesets"): a whiteout becomes an empty
@@ -109,9 +109,9 @@ pub fn start(excludes: Vec<String>, pause: bool) -> Result<Started, AgentError> 
     let Some(rw) = RW_DIR.get() else {
         return Err(AgentError::new(
             ErrorCode::InvalidArgument,
-            "this guest's root is not an overlay over an image disk, so nothing records its changes: \
-             snapshots need a container image booted from its erofs disk (vmhost's own kernel, \
-             `vmhost kernel build`, and erofs-utils)",
+            "this guest's root is not an overlay, so nothing records its changes: its kernel lacks \
+             overlayfs (a stock kernel has it as a module); snapshots need vmhost's own kernel \
+             (`vmhost kernel build`)",
         ));
     };
     let upper = PathBuf::from(format!("/proc/self/fd/{}/upper", rw.as_raw_fd()));

@@ -69,19 +69,73 @@ impl Source {
         Ok(())
     }
 
-    /// Writes the image's entries into an initramfs.
-    pub fn write_to<W: io::Write>(
-        &self,
-        out: &mut cpio::Writer<W>,
-        cache: &Path,
-        progress: &Progress,
-    ) -> Result<()> {
+    /// Writes the image's entries into an initramfs, or into another [`RootSink`] (a
+    /// layer: [`crate::image::tar_writer::LayerSink`]).
+    pub fn write_to(&self, out: &mut dyn RootSink, cache: &Path, progress: &Progress) -> Result<()> {
         match self {
             Source::Default => Source::Dir(busybox_root(cache, progress)?).write_to(out, cache, progress),
             Source::Dir(root) => write_dir(root, out),
             Source::Tar(path) => write_tar(path, out),
             Source::Disk(_) => Ok(()),
         }
+    }
+}
+
+/// Where a root's entries go: an initramfs ([`cpio::Writer`]) or an image layer. The
+/// methods are the cpio writer's (see there).
+pub trait RootSink {
+    /// A directory.
+    fn dir(&mut self, name: &str, meta: Meta) -> io::Result<()>;
+    /// A regular file of `size` bytes from `data`.
+    fn file_from(&mut self, name: &str, meta: Meta, size: u64, data: &mut dyn Read) -> io::Result<()>;
+    /// Another name for a file written with [`RootSink::linked_file_from`] under `key`;
+    /// false when `key` was not seen yet.
+    fn hard_link(&mut self, name: &str, key: (u64, u64)) -> io::Result<bool>;
+    /// `name` as another name of the entry `target`.
+    fn hard_link_to(&mut self, name: &str, target: &str) -> io::Result<()>;
+    /// The first name of a file with several, identified by `key`.
+    fn linked_file_from(
+        &mut self,
+        name: &str,
+        meta: Meta,
+        key: (u64, u64),
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()>;
+    /// A symbolic link.
+    fn symlink(&mut self, name: &str, meta: Meta, target: &str) -> io::Result<()>;
+    /// A device node or FIFO (`meta.mode` has its type).
+    fn special(&mut self, name: &str, meta: Meta) -> io::Result<()>;
+}
+
+impl<W: io::Write> RootSink for cpio::Writer<W> {
+    fn dir(&mut self, name: &str, meta: Meta) -> io::Result<()> {
+        cpio::Writer::dir(self, name, meta)
+    }
+    fn file_from(&mut self, name: &str, meta: Meta, size: u64, data: &mut dyn Read) -> io::Result<()> {
+        cpio::Writer::file_from(self, name, meta, size, data)
+    }
+    fn hard_link(&mut self, name: &str, key: (u64, u64)) -> io::Result<bool> {
+        cpio::Writer::hard_link(self, name, key)
+    }
+    fn hard_link_to(&mut self, name: &str, target: &str) -> io::Result<()> {
+        cpio::Writer::hard_link_to(self, name, target)
+    }
+    fn linked_file_from(
+        &mut self,
+        name: &str,
+        meta: Meta,
+        key: (u64, u64),
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
+        cpio::Writer::linked_file_from(self, name, meta, key, size, data)
+    }
+    fn symlink(&mut self, name: &str, meta: Meta, target: &str) -> io::Result<()> {
+        cpio::Writer::symlink(self, name, meta, target)
+    }
+    fn special(&mut self, name: &str, meta: Meta) -> io::Result<()> {
+        cpio::Writer::special(self, name, meta)
     }
 }
 
@@ -110,7 +164,7 @@ fn walk(root: &Path, f: &mut dyn FnMut(&str, &Path, &std::fs::Metadata) -> Resul
     Ok(())
 }
 
-fn write_dir<W: io::Write>(root: &Path, out: &mut cpio::Writer<W>) -> Result<()> {
+fn write_dir(root: &Path, out: &mut dyn RootSink) -> Result<()> {
     let as_root = nix::unistd::geteuid().is_root();
     walk(root, &mut |rel, path, m| {
         let meta = Meta {
@@ -205,7 +259,7 @@ impl Drop for ChildReader {
     }
 }
 
-fn write_tar<W: io::Write>(path: &Path, out: &mut cpio::Writer<W>) -> Result<()> {
+fn write_tar(path: &Path, out: &mut dyn RootSink) -> Result<()> {
     let reader = open_tar(path)?;
     tar::read(reader, |e, data| {
         let meta = Meta {

@@ -129,7 +129,7 @@ pub fn base(cache: &Path, img: &StoredImage) -> Result<Record> {
 /// The image of a record, as the store has it; an error that says so when a prune has
 /// removed part of it.
 pub fn image(store: &Store, r: &Record) -> Result<StoredImage> {
-    let gone = || {
+    stored(store, &r.manifest, &r.source)?.ok_or_else(|| {
         bad(
             "snapshot",
             format!(
@@ -137,29 +137,97 @@ pub fn image(store: &Store, r: &Record) -> Result<StoredImage> {
                 r.key
             ),
         )
-    };
-    if !store.has(&r.manifest) {
-        return Err(gone());
-    }
-    let data = store.read(&r.manifest, MAX_MANIFEST)?;
-    let manifest = match Document::parse(&data, None).map_err(|e| bad("snapshot", e))? {
-        Document::Manifest(m) => m,
-        Document::Index(_) => {
-            return Err(bad("snapshot", format!("{}: an index, not a manifest", r.manifest)))
-        }
-    };
-    if !store.has(&manifest.config.digest) || manifest.layers.iter().any(|l| !store.has(&l.digest)) {
-        return Err(gone());
-    }
-    let config = ImageConfig::parse(&store.read(&manifest.config.digest, MAX_CONFIG)?)
-        .map_err(|e| bad("snapshot", e))?;
-    Ok(StoredImage {
-        name: r.source.clone(),
-        resolved: r.manifest.clone(),
-        manifest_digest: r.manifest.clone(),
-        manifest,
-        config,
     })
+}
+
+/// The image of `manifest` in the store, named `name`; `None` when a part is missing.
+fn stored(store: &Store, manifest: &Digest, name: &str) -> Result<Option<StoredImage>> {
+    if !store.has(manifest) {
+        return Ok(None);
+    }
+    let data = store.read(manifest, MAX_MANIFEST)?;
+    let m = match Document::parse(&data, None).map_err(|e| bad("snapshot", e))? {
+        Document::Manifest(m) => m,
+        Document::Index(_) => return Err(bad("snapshot", format!("{manifest}: an index, not a manifest"))),
+    };
+    if !store.has(&m.config.digest) || m.layers.iter().any(|l| !store.has(&l.digest)) {
+        return Ok(None);
+    }
+    let config =
+        ImageConfig::parse(&store.read(&m.config.digest, MAX_CONFIG)?).map_err(|e| bad("snapshot", e))?;
+    Ok(Some(StoredImage {
+        name: name.to_string(),
+        resolved: manifest.clone(),
+        manifest_digest: manifest.clone(),
+        manifest: m,
+        config,
+    }))
+}
+
+/// A root filesystem (the default image, a directory, a tar archive) as a one-layer image
+/// in the store: the base of the snapshots of its instances, made once per content (the
+/// source's identity: a directory's entries, a tar's size and time, the default image's
+/// build) and again if a prune took it. Its configuration says nothing about how to run
+/// (a root has no entrypoint); its layer holds the entries as the guest's initramfs had
+/// them.
+pub fn root_image(
+    cache: &Path,
+    store: &Store,
+    source: &super::rootfs::Source,
+    progress: &crate::progress::Progress,
+) -> Result<StoredImage> {
+    use super::rootfs::Source;
+    let source = match source {
+        Source::Default => Source::Dir(super::rootfs::busybox_root(cache, progress)?),
+        Source::Disk(_) => return Err(bad("snapshot", "an image disk is not a root filesystem")),
+        other => other.clone(),
+    };
+    let mut id = super::CacheKey::new();
+    source.identity(&mut id)?;
+    let name = match &source {
+        Source::Dir(p) | Source::Tar(p) => p.display().to_string(),
+        _ => String::new(),
+    };
+    let map = records_dir(cache).join("roots").join(id.hex());
+    if let Some(d) = std::fs::read_to_string(&map).ok().and_then(|t| t.trim().parse::<Digest>().ok()) {
+        if let Some(img) = stored(store, &d, &name)? {
+            return Ok(img);
+        }
+    }
+    progress.step(&format!("recording the root {name} as an image, for snapshots"));
+    let tmp = records_dir(cache).join(format!(".layer-{}", super::unique_suffix()));
+    std::fs::create_dir_all(records_dir(cache)).map_err(|e| Error::io("create", records_dir(cache), e))?;
+    let made = (|| {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut sink =
+            super::tar_writer::LayerSink::new(super::tar_writer::Writer::new(std::io::BufWriter::new(file)));
+        source.write_to(&mut sink, cache, progress)?;
+        sink.tar
+            .finish()
+            .and_then(|mut w| std::io::Write::flush(&mut w))
+            .map_err(|e| Error::io("write", &tmp, e))?;
+        let mut f = std::fs::File::open(&tmp).map_err(|e| Error::io("open", &tmp, e))?;
+        store.put_stream(&mut f, u64::MAX)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let (diff, size) = made?;
+    let platform = super::oci::Platform::host();
+    let config = serde_json::json!({
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff.to_string()]},
+        "history": [{"created_by": format!("vmhost root {name}"), "comment": "vmhost snapshot base"}],
+    });
+    let config = serde_json::to_vec(&config).map_err(|e| bad("snapshot", e.to_string()))?;
+    let config_digest = store.put(&config)?;
+    let manifest =
+        Manifest::oci(config_digest, config.len() as u64, vec![Descriptor::of(media::OCI_LAYER, diff, size)]);
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| bad("snapshot", e.to_string()))?;
+    let digest = store.put(&manifest)?;
+    super::write_atomic(&map, digest.to_string().as_bytes())?;
+    stored(store, &digest, &name)?
+        .ok_or_else(|| bad("snapshot", format!("{digest}: stored and gone at once")))
 }
 
 /// The bound on one layer: `VMHOST_SNAPSHOT_MAX_MB`, else [`DEFAULT_MAX_LAYER`].

@@ -198,6 +198,92 @@ impl<W: Write> Write for CountingWrite<'_, W> {
     }
 }
 
+/// A tar writer as the sink of a root's entries ([`crate::image::rootfs::RootSink`]):
+/// a root filesystem (a directory, a tar, the default image) as an image layer.
+#[derive(Debug)]
+pub struct LayerSink<W: Write> {
+    /// The writer.
+    pub tar: Writer<W>,
+    first_names: std::collections::HashMap<(u64, u64), String>,
+}
+
+impl<W: Write> LayerSink<W> {
+    /// A sink writing to `tar`.
+    pub fn new(tar: Writer<W>) -> LayerSink<W> {
+        LayerSink { tar, first_names: Default::default() }
+    }
+
+    fn entry(name: &str, kind: Kind, meta: &super::cpio::Meta) -> Entry {
+        Entry {
+            path: name.trim_start_matches('/').to_string(),
+            kind,
+            mode: meta.mode & 0o7777,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: meta.mtime as u64,
+            size: 0,
+            link: String::new(),
+            dev: meta.rdev,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn link(&mut self, name: &str, target: &str) -> io::Result<()> {
+        let mut e = Self::entry(name, Kind::Hardlink, &super::cpio::Meta::root(0));
+        e.link = target.trim_start_matches("./").trim_start_matches('/').to_string();
+        self.tar.entry(&e, &mut io::empty())
+    }
+}
+
+impl<W: Write> super::rootfs::RootSink for LayerSink<W> {
+    fn dir(&mut self, name: &str, meta: super::cpio::Meta) -> io::Result<()> {
+        self.tar.entry(&Self::entry(name, Kind::Dir, &meta), &mut io::empty())
+    }
+    fn file_from(
+        &mut self,
+        name: &str,
+        meta: super::cpio::Meta,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
+        let e = Entry { size, ..Self::entry(name, Kind::File, &meta) };
+        self.tar.entry(&e, data)
+    }
+    fn hard_link(&mut self, name: &str, key: (u64, u64)) -> io::Result<bool> {
+        let Some(first) = self.first_names.get(&key).cloned() else { return Ok(false) };
+        self.link(name, &first)?;
+        Ok(true)
+    }
+    fn hard_link_to(&mut self, name: &str, target: &str) -> io::Result<()> {
+        self.link(name, target)
+    }
+    fn linked_file_from(
+        &mut self,
+        name: &str,
+        meta: super::cpio::Meta,
+        key: (u64, u64),
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
+        self.first_names.insert(key, name.trim_start_matches('/').to_string());
+        self.file_from(name, meta, size, data)
+    }
+    fn symlink(&mut self, name: &str, meta: super::cpio::Meta, target: &str) -> io::Result<()> {
+        let e = Entry { link: target.to_string(), ..Self::entry(name, Kind::Symlink, &meta) };
+        self.tar.entry(&e, &mut io::empty())
+    }
+    fn special(&mut self, name: &str, meta: super::cpio::Meta) -> io::Result<()> {
+        use super::cpio::{S_IFBLK, S_IFCHR, S_IFIFO};
+        let kind = match meta.mode & 0o170000 {
+            m if m == S_IFCHR => Kind::Char,
+            m if m == S_IFBLK => Kind::Block,
+            m if m == S_IFIFO => Kind::Fifo,
+            _ => return Ok(()), // sockets and the like are not kept
+        };
+        self.tar.entry(&Self::entry(name, kind, &meta), &mut io::empty())
+    }
+}
+
 /// The largest index at most `max` that is a char boundary of `s`.
 fn floor_char_boundary(s: &str, max: usize) -> usize {
     let mut i = max.min(s.len());

@@ -199,10 +199,16 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
             let first = st.first_command.lock().take().map(|f| f.request(&new.options.user));
             let booted = InstanceSpec::from_request(&new, &st.progress).and_then(|spec| {
                 let image = spec.image.clone();
-                let origin = spec
-                    .snapshot_base
-                    .clone()
-                    .map(|(cache, record)| super::snapshot::Origin { cache, record });
+                use super::snapshot::{Base, Origin};
+                let origin = match (&spec.snapshot_base, &spec.source) {
+                    (Some((cache, record)), _) => {
+                        Some(Origin { cache: cache.clone(), base: Base::Image(record.clone()) })
+                    }
+                    (None, crate::image::rootfs::Source::Disk(_)) => None,
+                    (None, source) => {
+                        Some(Origin { cache: spec.cache_dir.clone(), base: Base::Root(source.clone()) })
+                    }
+                };
                 InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image, origin))
             });
             st.booting.store(false, Ordering::SeqCst);

@@ -26,11 +26,21 @@ pub(super) struct Snap {
     pub(super) record: Record,
 }
 
-/// What an instance's snapshots start from: its image's record, in its cache.
+/// What an instance's snapshots start from, in its cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Origin {
     pub(crate) cache: PathBuf,
-    pub(crate) record: Record,
+    pub(crate) base: Base,
+}
+
+/// The base of an instance's snapshots.
+#[derive(Debug, Clone)]
+pub(crate) enum Base {
+    /// A container image or a snapshot, recorded.
+    Image(Record),
+    /// A root filesystem (the default image, a directory, a tar), recorded as an image at
+    /// its first snapshot ([`snapshot::root_image`]).
+    Root(crate::image::rootfs::Source),
 }
 
 /// Whether `req` is one of the handle messages (served with or without an instance).
@@ -99,10 +109,18 @@ pub(super) fn take(
     let Some(origin) = origin else {
         return Err(Error::InvalidArgument {
             op: "FsSnapshot".into(),
-            message: "this instance was not booted from a container image or a snapshot: only those \
-                      record their changes (boot with an image reference, an image archive, or a snapshot)"
-                .into(),
+            message: "this instance's root has no recorded source to snapshot on top of".into(),
         });
+    };
+    let base = match &origin.base {
+        Base::Image(r) => r.clone(),
+        Base::Root(source) => {
+            let store = Store::open(origin.cache.join("images"))?;
+            let _lease = store.lease()?;
+            let img =
+                snapshot::root_image(&origin.cache, &store, source, &crate::progress::Progress::quiet())?;
+            snapshot::base(&origin.cache, &img)?
+        }
     };
     let cache = if cache_dir.is_empty() {
         origin.cache.clone()
@@ -111,11 +129,7 @@ pub(super) fn take(
         std::fs::create_dir_all(cache_dir).map_err(|e| Error::io("create the cache", cache_dir, e))?;
         std::fs::canonicalize(cache_dir).map_err(|e| Error::io("find the cache", cache_dir, e))?
     };
-    let parent = if cache == origin.cache {
-        origin.record.clone()
-    } else {
-        carry(&origin.cache, &cache, &origin.record)?
-    };
+    let parent = if cache == origin.cache { base } else { carry(&origin.cache, &cache, &base)? };
     let store = Store::open(cache.join("images"))?;
     // Held from before the guest pauses until the record references the layer: a prune
     // waits, rather than the guest waiting on a prune. The parent is checked first too.

@@ -94,8 +94,16 @@ fn a_halted_guest_is_stopped_on_the_control_socket_and_its_host_exits_non_zero()
     let control =
         ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), Arc::new(machine.clone()))
             .unwrap();
-    let server =
-        Server::bind(dir.join("helper.sock"), Helper::with_vm(machine.clone(), String::new())).unwrap();
+    let server = Server::bind(
+        dir.join("helper.sock"),
+        Helper::with_vm(
+            machine.clone(),
+            String::new(),
+            vmhost::image::rootfs::Source::Default,
+            vmhost::image::cache_dir(),
+        ),
+    )
+    .unwrap();
     let s = server.clone();
     thread::spawn(move || s.serve());
     let vm = Instance::attach(client::connect_to(dir.join("helper.sock"), GUARD).unwrap()).unwrap();

@@ -321,3 +321,54 @@ fn a_flood_of_idle_connections_is_capped_and_never_starves_the_control_socket() 
     let vm = h.attach();
     assert_eq!(vm.command("echo").arg("ok").output().unwrap().stdout, b"ok\n");
 }
+
+/// `vmhost commit DIR NAME` keeps the root of the VM that `vmhost host` serves as an
+/// image, as `docker commit` does; `vmhost run --image NAME` boots it with the change.
+#[test]
+fn vmhost_commit_keeps_a_host_vms_root_as_an_image() {
+    if !vm_ready("vmhost_commit_keeps_a_host_vms_root_as_an_image") {
+        return;
+    }
+    let h = Host::start("host-commit");
+    let vm = h.attach();
+    let out =
+        vm.command("sh").args(["-c", "echo committed > /root/state && rm /etc/hostname"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let commit = |args: &[&str]| {
+        let out = Command::new(vmhost_bin()).arg("commit").args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = h.dir.join("vm");
+    let (code, stdout, stderr) = commit(&["--exclude", "/etc", dir.to_str().unwrap(), "host-commit-test:1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (name, key) = stdout.trim().split_once(' ').unwrap();
+    assert_eq!(name, "docker.io/library/host-commit-test:1");
+    assert!(vmhost::image::snapshot::is_key(key), "{stdout}");
+    // The VM goes on; a name is required.
+    assert!(vm.command("true").status().unwrap().success());
+    let (code, _, stderr) = commit(&[dir.to_str().unwrap()]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("usage"), "{stderr}");
+    let out = Command::new(vmhost_bin())
+        .args([
+            "run",
+            "--image",
+            "host-commit-test:1",
+            "--",
+            "sh",
+            "-c",
+            "cat /root/state; test -e /etc/hostname && echo excluded",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "committed\nexcluded\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

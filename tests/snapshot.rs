@@ -12,7 +12,8 @@ use common::registry::{busybox_layout, tools_ready, Layout};
 use common::{vm_ready, TempDir};
 use vmhost::{Image, Instance, InstanceOptions, Snapshot, SnapshotOptions};
 
-/// The busybox image with a layer to change: /data/keep, /data/gone, /opaque/old.
+/// The busybox image with a layer to change: /data/keep, /data/gone, /opaque/old; an
+/// environment, a working directory and an entrypoint that snapshots keep.
 fn image(home: &TempDir) -> Layout {
     let l = busybox_layout(home);
     l.layer(|root| {
@@ -22,6 +23,13 @@ fn image(home: &TempDir) -> Layout {
         std::fs::create_dir_all(root.join("opaque/sub")).unwrap();
         std::fs::write(root.join("opaque/old"), b"old\n").unwrap();
     });
+    l.config(&[
+        "--config.env=SNAP_ENV=from-the-image",
+        "--config.workingdir=/data",
+        "--config.entrypoint=/bin/sh",
+        "--config.entrypoint=-c",
+        "--config.cmd=echo \"$SNAP_ENV in $(pwd)\"",
+    ]);
     l
 }
 
@@ -149,6 +157,10 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     vm.close().unwrap();
     let vm = boot(Image::Ref("snapshot-test:three".into()));
     assert_eq!(sh(&vm, "cat /data/three"), "three\n");
+    // The image's configuration came along the chain: its entrypoint, command,
+    // environment and working directory.
+    let out = vm.entrypoint().output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-the-image in /data\n");
     // Booted by its name it is still that snapshot: the chain goes on from it, into
     // another cache too (the chain carried over).
     sh(&vm, "echo four > /data/four");

@@ -63,9 +63,15 @@ USAGE:
         `-socket PATH`, and run through a link named cc-helper (`cc-helper -socket
         PATH`), as the original's clients start their helper.
 
-    vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop)
+    vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop | commit NAME)
         Send one control request to a per-VM host process (its vmhost.sock) and print
         the reply JSON on one line. Exits 0 when the reply says ok, 1 otherwise.
+
+    vmhost commit [--exclude PATH]... VM_DIR|SOCKET NAME
+        Keep the guest root of the VM `vmhost host --dir VM_DIR` serves as the image NAME,
+        as `docker commit` does: its changes since boot become a layer (the guest is
+        paused meanwhile), PATH and what lies under it left out. Prints the name as
+        stored and the snapshot's key; `vmhost run --image NAME` boots it.
 
     vmhost qmp SOCKET [--timeout SECS] COMMAND [ARGS_JSON]
         Run one QMP command on the QEMU whose QMP socket is SOCKET and print its return
@@ -161,6 +167,7 @@ fn main() -> ExitCode {
         }
         Some("helper") => cmd_helper(&args[1..]),
         Some("ctl") => cmd_ctl(&args[1..]),
+        Some("commit") => cmd_commit(&args[1..]),
         Some("qmp") => cmd_qmp(&args[1..]),
         Some("run") => cmd_run(&args[1..]),
         Some("host") => cmd_host(&args[1..]),
@@ -232,8 +239,59 @@ fn cmd_helper(args: &[String]) -> Result<ExitCode, String> {
     outcome.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string())
 }
 
+/// `[--exclude PATH]... NAME` of a commit.
+fn commit_args(args: &[String], usage: &str) -> Result<(String, Vec<String>), String> {
+    let (mut name, mut excludes) = (None, Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        if let Some(v) = flag_value(args, &mut i, "--exclude")? {
+            excludes.push(v);
+        } else if name.is_none() && !args[i].starts_with('-') {
+            name = Some(args[i].clone());
+        } else {
+            return Err(usage.into());
+        }
+        i += 1;
+    }
+    Ok((name.ok_or(usage)?, excludes))
+}
+
+/// `vmhost commit [--exclude PATH]... VM NAME`: the root of the VM that `vmhost host`
+/// serves (VM: its --dir, or its control socket) as the image NAME, as `docker commit`.
+fn cmd_commit(args: &[String]) -> Result<ExitCode, String> {
+    let usage = "usage: vmhost commit [--exclude PATH]... VM_DIR|SOCKET NAME";
+    let Some(pos) = args.iter().position(|a| !a.starts_with('-') && !args_is_flag_value(args, a)) else {
+        return Err(usage.into());
+    };
+    let target = PathBuf::from(&args[pos]);
+    let rest: Vec<String> =
+        args.iter().enumerate().filter(|(i, _)| *i != pos).map(|(_, a)| a.clone()).collect();
+    let (name, excludes) = commit_args(&rest, usage)?;
+    let socket = if target.is_dir() { target.join("vmhost.sock") } else { target };
+    match ControlClient::new(&socket).commit(&name, &excludes) {
+        Ok(r) if r.ok => {
+            println!("{} {}", r.image, r.key);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => {
+            eprintln!("vmhost commit: {}", r.error);
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("vmhost commit: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Whether `a` is the value of a `--exclude` before it.
+fn args_is_flag_value(args: &[String], a: &String) -> bool {
+    args.windows(2).any(|w| w[0] == "--exclude" && std::ptr::eq(&w[1], a))
+}
+
 fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
-    let usage = "usage: vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop)";
+    let usage =
+        "usage: vmhost ctl SOCKET (status | info | stop [--timeout SECS] | force-stop | commit [--exclude P]... NAME)";
     let (socket, method) = match args {
         [s, m, ..] => (s, m.as_str()),
         _ => return Err(usage.into()),
@@ -245,6 +303,10 @@ fn cmd_ctl(args: &[String]) -> Result<ExitCode, String> {
         "status" => client.status(),
         "info" => client.info(),
         "force-stop" | "force_stop" => client.force_stop(),
+        "commit" => {
+            let (name, excludes) = commit_args(rest, usage)?;
+            client.commit(&name, &excludes)
+        }
         "stop" => {
             let mut timeout = 0i64;
             let mut i = 0;
@@ -932,6 +994,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         Some(p) => vmhost::image::rootfs::Source::from_path(p).map_err(|e| e.to_string())?,
         None => vmhost::image::rootfs::Source::Default,
     };
+    let spec_source = source.clone();
     let spec = vmhost::vm::InstanceSpec {
         source,
         cache_dir: vmhost::image::cache_dir(),
@@ -959,7 +1022,13 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
     }
     // `info` reports the host port of the guest's SSH port (22) when it is published.
     let ssh_port = published.iter().find(|p| p.guest_port() == 22).map_or(0, |p| p.host_addr().port());
-    let controlled = vmhost::server::control::Hosted { machine: machine.clone(), ssh_port };
+    let hosted_source = spec_source.clone();
+    let controlled = vmhost::server::control::Hosted {
+        machine: machine.clone(),
+        ssh_port,
+        source: spec_source,
+        cache: vmhost::image::cache_dir(),
+    };
     let control =
         match ControlServer::start(dir.join("vmhost.sock"), dir.join("vmhost.pid"), Arc::new(controlled)) {
             Ok(c) => c,
@@ -968,7 +1037,8 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
                 return Err(e.to_string());
             }
         };
-    let helper = Helper::with_vm(machine.clone(), vm.options.user.clone());
+    let helper =
+        Helper::with_vm(machine.clone(), vm.options.user.clone(), hosted_source, vmhost::image::cache_dir());
     let server = match Server::bind(dir.join("helper.sock"), helper) {
         Ok(s) => s,
         Err(e) => {

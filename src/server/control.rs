@@ -6,15 +6,19 @@
 //!
 //! ```text
 //! -> {"method":"status"|"stop"|"force_stop"|"info","timeout_seconds":N}
+//! -> {"method":"commit","name":"app:2","excludes":["/var/cache"]}
 //! <- {"ok":true,"state":"running"}\n                       (status)
 //! <- {"ok":true,"state":"running","ssh_port":2222,"backend":"qemu"}\n   (info)
 //! <- {"ok":true,"state":"stopping"}\n                      (stop, force_stop)
+//! <- {"ok":true,"state":"running","key":"5f0c…","image":"docker.io/library/app:2"}\n (commit)
 //! <- {"ok":false,"error":"invalid request: ..."}\n         (bad JSON)
 //! <- {"ok":false,"error":"unknown method: ..."}\n          (anything else)
 //! ```
 //!
 //! `stop` (a timeout <= 0 means 30 s) and `force_stop` answer at once and do the work in
-//! the background; repeating them while one runs is harmless. The server exits when the
+//! the background; repeating them while one runs is harmless. `commit` (vmhost's
+//! addition, `vmhost commit`) snapshots the guest's root and keeps it in the image store
+//! under `name` (as `docker commit`), answering when done with the snapshot's key. The server exits when the
 //! VM exits or [`ControlServer::shutdown`] is called, and removes its socket and pid file.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -61,6 +65,15 @@ pub trait VmController: Send + Sync + 'static {
     fn ssh_port(&self) -> u16;
     /// The backend name: "qemu" or "kvm".
     fn backend(&self) -> &str;
+    /// Snapshots the guest's root (without `excludes`) and keeps it as the image `name`;
+    /// returns the snapshot's key and the name as stored. Not every VM can.
+    fn commit(&self, name: &str, excludes: &[String]) -> Result<(String, String)> {
+        let _ = (name, excludes);
+        Err(Error::InvalidArgument {
+            op: "commit".into(),
+            message: "this VM's root has no recorded source".into(),
+        })
+    }
     /// Blocks until the VM exits: `Ok` for a clean exit, an error if it crashed.
     fn wait(&self) -> Result<()>;
 }
@@ -88,14 +101,18 @@ impl VmController for crate::vm::Machine {
     }
 }
 
-/// A VM as `vmhost host` serves it: the machine, and the host port its SSH port (22) is
-/// published on (`-p`), 0 for none.
+/// A VM as `vmhost host` serves it: the machine, the host port its SSH port (22) is
+/// published on (`-p`), 0 for none, and what it booted (for `commit`).
 #[derive(Debug, Clone)]
 pub struct Hosted {
     /// The VM.
     pub machine: crate::vm::Machine,
     /// The host port of the guest's port 22, 0 for none.
     pub ssh_port: u16,
+    /// Its root's source.
+    pub source: crate::image::rootfs::Source,
+    /// The cache it booted from (the image store's home).
+    pub cache: PathBuf,
 }
 
 impl VmController for Hosted {
@@ -117,6 +134,14 @@ impl VmController for Hosted {
     fn wait(&self) -> Result<()> {
         self.machine.wait()
     }
+    fn commit(&self, name: &str, excludes: &[String]) -> Result<(String, String)> {
+        use super::snapshot::{take, Base, Origin};
+        let origin = Origin { cache: self.cache.clone(), base: Base::Root(self.source.clone()) };
+        let snap = take(self.machine.agent()?, Some(&origin), excludes, "", &|| false)?;
+        let store = crate::image::store::Store::open(snap.cache.join("images"))?;
+        let stored = crate::image::snapshot::commit(&store, &snap.record, name)?;
+        Ok((snap.record.key.clone(), stored))
+    }
 }
 
 /// A control request.
@@ -127,6 +152,12 @@ pub struct Request {
     /// Stop timeout in seconds (stop only; <= 0 means 30).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub timeout_seconds: i64,
+    /// The image name (commit only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Guest paths left out (commit only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excludes: Vec<String>,
 }
 
 /// A JSON object's members in the order they came (duplicates kept).
@@ -173,7 +204,17 @@ impl Request {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| format!("timeout_seconds: expected an integer, got {v}"))?,
         };
-        Ok(Request { method, timeout_seconds })
+        let name = match field("name") {
+            None => String::new(),
+            Some(serde_json::Value::String(n)) => n.clone(),
+            Some(other) => return Err(format!("name: expected a string, got {other}")),
+        };
+        let excludes = match field("excludes") {
+            None => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|_| format!("excludes: expected a list of strings, got {v}"))?,
+        };
+        Ok(Request { method, timeout_seconds, name, excludes })
     }
 }
 
@@ -194,6 +235,12 @@ pub struct Response {
     /// The backend (info).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub backend: String,
+    /// The snapshot's key (commit).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// The image name as stored (commit).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -246,6 +293,11 @@ impl Shared {
                 self.background(&self.forcing, "force_stop", |c| c.force_stop());
                 Response::state(VmState::Stopping)
             }
+            "commit" if req.name.is_empty() => Response::error("commit: give the image a name".into()),
+            "commit" => match c.commit(&req.name, &req.excludes) {
+                Ok((key, image)) => Response { key, image, ..Response::state(c.state()) },
+                Err(e) => Response::error(format!("commit: {e}")),
+            },
             other => Response::error(format!("unknown method: {other}")),
         }
     }
@@ -580,7 +632,23 @@ impl ControlClient {
     }
 
     fn method(&self, method: &str, timeout_seconds: i64) -> Result<Response> {
-        self.request(&Request { method: method.into(), timeout_seconds })
+        self.request(&Request {
+            method: method.into(),
+            timeout_seconds,
+            name: String::new(),
+            excludes: Vec::new(),
+        })
+    }
+
+    /// `commit`: snapshot the guest's root, leaving out `excludes`, and keep it as the
+    /// image `name`.
+    pub fn commit(&self, name: &str, excludes: &[String]) -> Result<Response> {
+        self.request(&Request {
+            method: "commit".into(),
+            timeout_seconds: 0,
+            name: name.into(),
+            excludes: excludes.to_vec(),
+        })
     }
 
     /// `status`: the VM state.

@@ -93,9 +93,18 @@ impl Helper {
         Helper::build(None, Progress::quiet())
     }
 
-    /// A helper serving an instance that is already running (the per-VM host process).
-    pub fn with_vm(vm: Machine, user: String) -> Arc<Helper> {
-        Helper::build(Some((vm, user)), Progress::quiet())
+    /// A helper serving an instance that is already running (the per-VM host process),
+    /// booted from `source` in `cache` (the base of its snapshots).
+    pub fn with_vm(
+        vm: Machine,
+        user: String,
+        source: crate::image::rootfs::Source,
+        cache: std::path::PathBuf,
+    ) -> Arc<Helper> {
+        let origin = super::snapshot::Origin { cache, base: super::snapshot::Base::Root(source) };
+        let h = Helper::build(None, Progress::quiet());
+        *h.state.instance.lock() = Some(Arc::new(BootedInstance::new(vm, user, None, Some(origin))));
+        h
     }
 
     /// A helper with no instance yet that reports boot progress (the library's

@@ -154,6 +154,32 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     // Committed under a name, it boots by that name.
     let name = three.commit("snapshot-test:three").unwrap();
     assert_eq!(name, "docker.io/library/snapshot-test:three");
+    // Exported as an OCI layout, a real tool reads it: umoci applies the layers, the
+    // whiteouts and the opaque directory as vmhost did.
+    let layout = home.join("exported");
+    let out = std::process::Command::new(common::vmhost_bin())
+        .args(["image", "export", "snapshot-test:three"])
+        .arg(&layout)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bundle = home.join("bundle");
+    let rootless: &[&str] = if nix::unistd::geteuid().is_root() { &[] } else { &["--rootless"] };
+    let st = std::process::Command::new("umoci")
+        .arg("unpack")
+        .args(rootless)
+        .arg("--image")
+        .arg(format!("{}:three", layout.display()))
+        .arg(&bundle)
+        .status()
+        .unwrap();
+    assert!(st.success(), "umoci unpack of the exported snapshot");
+    let root = bundle.join("rootfs");
+    assert_eq!(std::fs::read_to_string(root.join("data/three")).unwrap(), "three\n");
+    assert!(!root.join("data/new").exists() && !root.join("data/gone").exists(), "whiteouts applied");
+    let opaque: Vec<_> =
+        std::fs::read_dir(root.join("opaque")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(opaque, ["fresh"], "the opaque directory");
     vm.close().unwrap();
     let vm = boot(Image::Ref("snapshot-test:three".into()));
     assert_eq!(sh(&vm, "cat /data/three"), "three\n");

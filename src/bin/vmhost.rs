@@ -1,7 +1,7 @@
 //! The `vmhost` command line.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -52,10 +52,15 @@ USAGE:
     vmhost image inspect REF
         Print the stored image's manifest digest, platform, layers and configuration
         as JSON.
+    vmhost image export NAME|KEY DIR
+        Write a stored image (a committed snapshot too), or a snapshot by its key, as
+        an OCI image layout in DIR (new, or a layout that gains it), as skopeo, umoci
+        and buildah read one.
     vmhost image rm REF...
         Forget references (their blobs go at the next prune).
     vmhost image prune
-        Remove the blobs and unpacked roots no stored reference reaches.
+        Remove the blobs and unpacked roots no stored reference reaches, and the
+        snapshot records no name keeps.
 
     vmhost helper --socket PATH [--max-frame BYTES]
         Serve the helper protocol for one VM on the Unix socket PATH. Exits when its
@@ -882,6 +887,28 @@ fn cmd_image(args: &[String]) -> Result<ExitCode, String> {
                 Err(e) => fail(e),
             }
         }
+        Some("export") if args.len() == 3 => {
+            // A stored image by name, or a snapshot by key, into an OCI layout.
+            let (img, tag) = if vmhost::image::snapshot::is_key(&args[1]) {
+                let r = vmhost::image::snapshot::load(&cache, &args[1]).map_err(|e| e.to_string())?;
+                (vmhost::image::snapshot::image(&store, &r).map_err(|e| e.to_string())?, args[1].clone())
+            } else {
+                let r = parse(&args[1])?;
+                let tag = r.tag().unwrap_or("latest").to_string();
+                match pull::local(&store, &r, &Platform::host()) {
+                    Ok(Some(img)) => (img, tag),
+                    Ok(None) => return Err(format!("image export: {r} is not in the image store")),
+                    Err(e) => return fail(e),
+                }
+            };
+            match vmhost::image::export::export(&store, &img, Path::new(&args[2]), &tag) {
+                Ok(()) => {
+                    println!("{}:{tag}", args[2]);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => fail(e),
+            }
+        }
         Some("ls") => {
             let refs = store.refs().map_err(|e| e.to_string())?;
             println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
@@ -946,7 +973,7 @@ fn cmd_image(args: &[String]) -> Result<ExitCode, String> {
             Err(e) => fail(e),
         },
         _ => {
-            Err("usage: vmhost image (pull [--platform P] REF | ls | inspect REF | rm REF... | prune)".into())
+            Err("usage: vmhost image (pull [--platform P] REF | ls | inspect REF | export NAME|KEY DIR | rm REF... | prune)".into())
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod cpio;
 pub mod digest;
 pub mod elf;
 pub mod erofs;
+pub mod export;
 pub mod initramfs;
 pub mod kernel;
 pub mod kernel_build;

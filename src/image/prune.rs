@@ -14,7 +14,7 @@ use crate::error::Result;
 /// What [`prune`] removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pruned {
-    /// Blobs removed.
+    /// Blobs removed (half-written streams among them).
     pub blobs: usize,
     /// Their bytes.
     pub bytes: u64,
@@ -46,8 +46,9 @@ pub fn reachable(store: &Store) -> Result<HashSet<Digest>> {
     Ok(keep)
 }
 
-/// Removes the blobs no reference reaches, and the unpacked roots (under `cache/roots`)
-/// of manifests no longer kept. Waits for the pulls, imports and boots in progress (in
+/// Removes the blobs no reference reaches, streams a killed process left half-written,
+/// the unpacked roots (under `cache/roots`) of manifests no longer kept, and the snapshot
+/// records no name keeps. Waits for the pulls, imports and boots in progress (in
 /// any process) to finish, and holds new ones off until done.
 pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
     let _lock = store.lock_for_prune()?;
@@ -58,6 +59,19 @@ pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
             out.bytes += store.size(&d).unwrap_or(0);
             store.remove_blob(&d)?;
             out.blobs += 1;
+        }
+    }
+    // Streams left by a process killed while it stored one (a snapshot's layer, a
+    // `docker save` layer): never resumed, and nobody writes one during a prune.
+    if let Ok(entries) = std::fs::read_dir(store.root().join("ingest")) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("stream-") {
+                let len = e.metadata().map_or(0, |m| m.len());
+                if std::fs::remove_file(e.path()).is_ok() {
+                    out.bytes += len;
+                    out.blobs += 1;
+                }
+            }
         }
     }
     let roots = cache.join("roots");
@@ -110,6 +124,8 @@ mod tests {
         let manifest = store.put(manifest.to_string().as_bytes()).unwrap();
         store.set_ref("r.example/kept:1", &manifest).unwrap();
         let garbage = store.put(b"nobody's").unwrap();
+        // What a killed process left while it streamed a blob in.
+        std::fs::write(store.root().join("ingest/stream-killed"), b"half").unwrap();
 
         // A pull in progress (its blobs not yet referenced) holds a lease: the prune
         // waits for it, and removes nothing meanwhile.
@@ -128,9 +144,10 @@ mod tests {
         assert!(store.has(&garbage));
         drop(lease);
         let pruned = pruning.join().unwrap().unwrap();
-        assert_eq!(pruned.blobs, 1);
-        assert_eq!(pruned.bytes, 8);
+        assert_eq!(pruned.blobs, 2);
+        assert_eq!(pruned.bytes, 8 + 4);
         assert!(!store.has(&garbage));
+        assert!(!store.root().join("ingest/stream-killed").exists());
         for d in [&config, &layer, &manifest] {
             assert!(store.has(d), "{d} is reachable");
         }

@@ -100,6 +100,7 @@ fn a_halted_guest_is_stopped_on_the_control_socket_and_its_host_exits_non_zero()
             machine.clone(),
             String::new(),
             vmhost::image::rootfs::Source::Default,
+            None,
             vmhost::image::cache_dir(),
         ),
     )

@@ -87,10 +87,18 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     let writer = vm
         .command("sh")
         .arg("-c")
-        .arg("while :; do echo 0123456789abcdef >> /data/log; done")
+        // Two files in lockstep: a snapshot of a paused guest has them at most one
+        // step apart (z written after a); a walk that ran beside the writer would read
+        // z after the 24 MB between them in the walk's order, many steps on.
+        .arg(
+            "dd if=/dev/zero of=/data/m-bulk bs=1M count=24 2>/dev/null; i=0; \
+             while :; do i=$((i+1)); echo $i > /data/a; echo $i > /data/z; echo 0123456789abcdef >> /data/log; done",
+        )
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(common::wait_until(std::time::Duration::from_secs(60), || {
+        sh(&vm, "cat /data/z 2>/dev/null || echo 0").trim().parse::<u64>().unwrap_or(0) > 20
+    }));
     let busy = snapshot(&vm);
     assert_eq!(busy.parent().unwrap().unwrap().cache_key(), snap.parent().unwrap().unwrap().cache_key());
     let size = || sh(&vm, "stat -c %s /data/log").trim().parse::<u64>().unwrap();
@@ -117,12 +125,17 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
          test -d /var/cache && echo var-cache-dir
          test ! -e /var/cache/junk && echo excluded
          test ! -e /tmp/not-captured && echo tmp not captured
-         grep -vc '^0123456789abcdef$' /data/log; test -s /data/log && echo log kept",
+         grep -vc '^0123456789abcdef$' /data/log; test -s /data/log && echo log kept
+         a=$(cat /data/a); b=$(cat /data/z)
+         # One instant: a write may be cut between its truncation and its data (empty),
+         # else b is a or the step before it.
+         if [ -z \"$a\" ] || [ -z \"$b\" ]; then [ -n \"$a$b\" ] && echo in step
+         elif [ \"$b\" = \"$a\" ] || [ $((b + 1)) = \"$a\" ]; then echo in step; else echo \"a=$a b=$b\"; fi",
     );
     assert_eq!(
         seen,
         "new\nchanged\n/data/keep 600 0:0\n/data/new 644 1000:2000\ngone stays gone\nfresh\n/data/new\n\
-         one file\nfifo\nexcluded\ntmp not captured\n0\nlog kept\n",
+         one file\nfifo\nexcluded\ntmp not captured\n0\nlog kept\nin step\n",
         "an opaque directory stays opaque, a deleted file deleted"
     );
 
@@ -350,20 +363,36 @@ fn the_default_image_snapshots_and_boots_from_its_snapshot() {
     );
     assert_eq!(seen, "hello\nv1\nno hostname\napplets are links\nwget has -T\n");
     vm.close().unwrap();
+
+    // A directory root changed on the host after the guest booted from it is no base.
+    let home = TempDir::new("snapdir");
+    let root = home.join("root");
+    let busybox = vmhost::image::rootfs::busybox_root(
+        &vmhost::image::cache_dir(),
+        &vmhost::progress::Progress::quiet(),
+    )
+    .unwrap();
+    let st = std::process::Command::new("cp").arg("-a").arg(&busybox).arg(&root).status().unwrap();
+    assert!(st.success());
+    let vm = boot(Image::Dir(root.clone()));
+    sh(&vm, "echo in-guest > /root/note");
+    std::fs::write(root.join("host-edit"), b"changed on the host").unwrap();
+    let e = vm.snapshot(&SnapshotOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("changed since the guest booted"), "{e}");
+    vm.close().unwrap();
 }
 
-/// Every record in the default cache names an image the store holds whole: nothing
-/// half-stored is ever trusted.
-fn every_record_is_whole() {
-    let cache = vmhost::image::cache_dir();
+/// Every record in `cache` names an image the store holds whole: nothing half-stored is
+/// ever trusted.
+fn every_record_is_whole(cache: &Path) {
     let store = vmhost::image::store::Store::open(cache.join("images")).unwrap();
-    let dir = vmhost::image::snapshot::records_dir(&cache);
+    let dir = vmhost::image::snapshot::records_dir(cache);
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let key = e.file_name().to_string_lossy().into_owned();
         if !vmhost::image::snapshot::is_key(&key) {
             continue;
         }
-        let r = vmhost::image::snapshot::load(&cache, &key).unwrap();
+        let r = vmhost::image::snapshot::load(cache, &key).unwrap();
         // A prune (another test's) may have taken an image: then the record says so.
         if let Err(e) = vmhost::image::snapshot::image(&store, &r) {
             assert!(e.to_string().contains("pruned"), "{key}: {e}");
@@ -384,13 +413,15 @@ fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
     std::env::set_var("VMHOST_HELPER_PATH", common::vmhost_bin());
     let home = TempDir::new("snapkill");
     let l = image(&home);
+    // A cache of its own: no other test's records or streams in the way.
+    let cache = common::private_cache(home.path()).join("vmhost");
     let c = spawn_helper().unwrap();
     let helper = c.helper_pid().unwrap();
     let new = InstanceNew {
         source_type: SourceType::Dir,
         source_path: l.path.display().to_string(),
         image_ref: String::new(),
-        cache_dir: String::new(),
+        cache_dir: cache.display().to_string(),
         options: InstanceOptions { memory_mb: 512, ..Default::default() },
     };
     c.call_with(msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
@@ -406,10 +437,10 @@ fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
         e.u64(cmd);
     })
     .unwrap();
-    let records = vmhost::image::snapshot::records_dir(&vmhost::image::cache_dir());
+    let records = vmhost::image::snapshot::records_dir(&cache);
     let before: std::collections::BTreeSet<_> =
         std::fs::read_dir(&records).unwrap().flatten().map(|e| e.file_name()).collect();
-    let ingest = vmhost::image::cache_dir().join("images/ingest");
+    let ingest = cache.join("images/ingest");
     let started = std::time::SystemTime::now();
     let growing = || {
         std::fs::read_dir(&ingest).unwrap().flatten().any(|e| {
@@ -441,10 +472,20 @@ fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
         after.difference(&before).filter(|n| !n.to_string_lossy().starts_with('.')).collect();
     // The image's own record may be new (made at boot); a snapshot's may not.
     for n in &new_records {
-        let r = vmhost::image::snapshot::load(&vmhost::image::cache_dir(), &n.to_string_lossy()).unwrap();
+        let r = vmhost::image::snapshot::load(&cache, &n.to_string_lossy()).unwrap();
         assert!(r.parent.is_none(), "a snapshot was recorded by a killed helper: {r:?}");
     }
-    every_record_is_whole();
+    every_record_is_whole(&cache);
+    // What the killed helper left half-written goes at the next prune.
+    let store = vmhost::image::store::Store::open(cache.join("images")).unwrap();
+    vmhost::image::prune::prune(&store, &cache).unwrap();
+    assert!(!growing(), "a stream outlived the prune");
+    let left = std::fs::read_dir(&ingest)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+        .count();
+    assert_eq!(left, 0);
     // The guest went with its helper.
     assert!(
         common::wait_until(std::time::Duration::from_secs(30), || !common::alive(qemu)),

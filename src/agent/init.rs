@@ -247,7 +247,7 @@ fn switch_to_overlay_root(lower: Lower<'_>) -> std::io::Result<()> {
             return enter_overlay(&err);
         }
     }
-    mount_rw_and_overlay(&err)?;
+    mount_rw_and_overlay(&err, None)?;
     enter_overlay(&err)
 }
 
@@ -255,12 +255,31 @@ fn switch_to_overlay_root(lower: Lower<'_>) -> std::io::Result<()> {
 fn overlay_initramfs(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
     mount(Some("/"), "/vmhost/lower", None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .map_err(|e| err("bind the initramfs", e))?;
-    mount_rw_and_overlay(err)
+    // The image and the writes shared the initramfs's bound (half the memory, tmpfs's
+    // default); they still do: the writable layer gets what the image leaves of it.
+    let (total, used) = unsafe {
+        // SAFETY: both calls fill the zeroed structures they are given.
+        let mut si: nix::libc::sysinfo = std::mem::zeroed();
+        let mut fs: nix::libc::statfs = std::mem::zeroed();
+        let ok = nix::libc::sysinfo(&mut si) == 0 && nix::libc::statfs(c"/".as_ptr(), &mut fs) == 0;
+        let total = if ok { si.totalram as u64 * si.mem_unit as u64 } else { 0 };
+        let used = if ok { (fs.f_blocks - fs.f_bfree) as u64 * fs.f_bsize as u64 } else { 0 };
+        (total, used)
+    };
+    let size = (total / 2).saturating_sub(used).max(16 << 20);
+    mount_rw_and_overlay(err, (total > 0).then_some(size))
 }
 
 /// The writable layer (tmpfs, or the writable disk) and the overlay on
 /// `/vmhost/rw/root`.
-fn mount_rw_and_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
+fn mount_rw_and_overlay(
+    err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error,
+    tmpfs_size: Option<u64>,
+) -> std::io::Result<()> {
+    let tmpfs_options = match tmpfs_size {
+        Some(bytes) => format!("mode=0755,size={bytes}"),
+        None => "mode=0755".to_string(),
+    };
     match rw_disk() {
         Some(fs) => mount(
             Some(crate::contract::RW_DISK_DEVICE),
@@ -270,8 +289,10 @@ fn mount_rw_and_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error)
             None::<&str>,
         )
         .map_err(|e| err(&format!("mount the writable disk {}", crate::contract::RW_DISK_DEVICE), e))?,
-        None => mount(Some("tmpfs"), "/vmhost/rw", Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-            .map_err(|e| err("mount the writable layer", e))?,
+        None => {
+            mount(Some("tmpfs"), "/vmhost/rw", Some("tmpfs"), MsFlags::empty(), Some(tmpfs_options.as_str()))
+                .map_err(|e| err("mount the writable layer", e))?
+        }
     }
     for d in ["/vmhost/rw/upper", "/vmhost/rw/work", "/vmhost/rw/root"] {
         std::fs::create_dir_all(d)?;
@@ -287,26 +308,58 @@ fn mount_rw_and_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error)
     Ok(())
 }
 
-/// Moves the kernel's filesystems into the overlay and makes it the root.
+/// Moves the kernel's filesystems into the overlay and makes it the root. Everything a
+/// move needs is checked before the first one, and a failure moves back what moved: the
+/// root is switched whole or not at all (but for a failing chroot after the move).
 fn enter_overlay(err: &dyn Fn(&str, nix::errno::Errno) -> std::io::Error) -> std::io::Result<()> {
-    // Its upper directory is where snapshots find the changes; no path leads there once
-    // the root has moved.
-    if let Err(e) = super::snapshot::keep_rw_dir(std::path::Path::new("/vmhost/rw")) {
-        say(format_args!("keep the overlay's upper directory for snapshots: {e}"));
-    }
-    // The kernel's filesystems go along (the image has the mount points, or gets them
-    // in the overlay).
+    use std::os::unix::fs::MetadataExt;
+    // Opened now, while a path leads to it; kept for snapshots once the root has moved.
+    let rw = super::snapshot::open_rw_dir(std::path::Path::new("/vmhost/rw"));
+    let root_dev = std::fs::metadata("/")?.dev();
+    let mut moves = Vec::new();
     for m in ["/dev", "/proc", "/sys", "/tmp", "/run"] {
+        // Only what is mounted there (a mount that failed left nothing to move).
+        match std::fs::symlink_metadata(m) {
+            Ok(md) if md.is_dir() && md.dev() != root_dev => {}
+            _ => continue,
+        }
         let target = format!("/vmhost/rw/root{m}");
-        std::fs::create_dir_all(&target)?;
-        mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .map_err(|e| err(&format!("move {m}"), e))?;
+        match std::fs::symlink_metadata(&target) {
+            Ok(t) if t.is_dir() => {}
+            Ok(_) => {
+                return Err(std::io::Error::other(format!("{m} in the image is not a directory")));
+            }
+            Err(_) => std::fs::create_dir(&target)?,
+        }
+        moves.push((m, target));
+    }
+    let mut moved: Vec<&(&str, String)> = Vec::new();
+    let undo = |moved: &[&(&str, String)]| {
+        for (m, target) in moved.iter().rev() {
+            let _ = mount(Some(target.as_str()), *m, None::<&str>, MsFlags::MS_MOVE, None::<&str>);
+        }
+    };
+    for mv in &moves {
+        let (m, target) = mv;
+        if let Err(e) = mount(Some(*m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>) {
+            undo(&moved);
+            return Err(err(&format!("move {m}"), e));
+        }
+        moved.push(mv);
     }
     std::env::set_current_dir("/vmhost/rw/root")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| err("move the root", e))?;
+    if let Err(e) = mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>) {
+        let _ = std::env::set_current_dir("/");
+        undo(&moved);
+        return Err(err("move the root", e));
+    }
     nix::unistd::chroot(".").map_err(|e| err("chroot", e))?;
     std::env::set_current_dir("/")?;
+    // Its upper directory is where snapshots find the changes; no path leads there now.
+    match rw {
+        Ok(fd) => super::snapshot::keep_rw_dir(fd),
+        Err(e) => say(format_args!("keep the overlay's upper directory for snapshots: {e}")),
+    }
     Ok(())
 }
 

@@ -25,9 +25,10 @@
 //! a file name or link target that is not UTF-8.
 //!
 //! While the walk runs the guest's processes are stopped (SIGSTOP, then SIGCONT to the
-//! ones this stopped, children first), as `docker commit` pauses a container, so that a
-//! command writing meanwhile cannot leave a file half-written in the layer; without the
-//! pause a file being written is taken as it is when read. No process starts while they
+//! ones this stopped, children first), as `docker commit` pauses a container: the layer
+//! is the root at one instant, as a crash would leave it (a file a program was rewriting
+//! may be cut between its truncation and its data), not a mix of moments; without the
+//! pause each file is taken as it is when read. No process starts while they
 //! are being stopped; one started later runs through the walk. A parent that waits for
 //! its children's stops (a job-control shell) may see one. The archive goes through a
 //! pipe that the host reads as a file handle ([`super::fs::Files::adopt`]); SnapshotEnd
@@ -54,8 +55,9 @@ use crate::wire::ErrorCode;
 /// root moved onto the overlay: no path in the guest's root leads to it.
 static RW_DIR: OnceLock<OwnedFd> = OnceLock::new();
 
-/// Keeps `dir` (the overlay's writable directory, which holds `upper/`) for snapshots.
-pub(super) fn keep_rw_dir(dir: &Path) -> io::Result<()> {
+/// Opens `dir` (the overlay's writable directory, which holds `upper/`) for
+/// [`keep_rw_dir`].
+pub(super) fn open_rw_dir(dir: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: open on a NUL-terminated path; the descriptor is owned right after.
     let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
@@ -63,8 +65,12 @@ pub(super) fn keep_rw_dir(dir: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nobody else owns.
-    let _ = RW_DIR.set(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    Ok(())
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Keeps the overlay's writable directory for snapshots, once the root is the overlay.
+pub(super) fn keep_rw_dir(fd: OwnedFd) {
+    let _ = RW_DIR.set(fd);
 }
 
 /// Directories vmhost made in the root (mount points of host shares), as layer paths.

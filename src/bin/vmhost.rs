@@ -1022,6 +1022,8 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         None => vmhost::image::rootfs::Source::Default,
     };
     let spec_source = source.clone();
+    // What the root is as the guest boots from it: its snapshots refuse a changed one.
+    let identity = vmhost::image::snapshot::root_identity(&vmhost::image::cache_dir(), &source);
     let spec = vmhost::vm::InstanceSpec {
         source,
         cache_dir: vmhost::image::cache_dir(),
@@ -1054,6 +1056,7 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
         machine: machine.clone(),
         ssh_port,
         source: spec_source,
+        identity: identity.clone(),
         cache: vmhost::image::cache_dir(),
     };
     let control =
@@ -1064,8 +1067,13 @@ fn cmd_host(args: &[String]) -> Result<ExitCode, String> {
                 return Err(e.to_string());
             }
         };
-    let helper =
-        Helper::with_vm(machine.clone(), vm.options.user.clone(), hosted_source, vmhost::image::cache_dir());
+    let helper = Helper::with_vm(
+        machine.clone(),
+        vm.options.user.clone(),
+        hosted_source,
+        identity,
+        vmhost::image::cache_dir(),
+    );
     let server = match Server::bind(dir.join("helper.sock"), helper) {
         Ok(s) => s,
         Err(e) => {

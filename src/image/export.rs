@@ -3,8 +3,8 @@
 //! `skopeo copy ... oci:DIR:TAG` and `podman save --format oci-dir` write one: what
 //! skopeo, umoci, buildah and containerd take, and what `vmhost run --image DIR` boots.
 //!
-//! Blobs are hard-linked from the store where the directory shares its filesystem,
-//! copied otherwise, and checked against their digests either way. An existing layout
+//! Blobs are copied out of the store (an edit of the layout must not reach it) and
+//! checked against their digests, under a lease (a prune waits). An existing layout
 //! gains the image (its index keeps the others, one per tag); any other non-empty
 //! directory is refused.
 
@@ -23,6 +23,8 @@ fn bad(dir: &Path, message: impl Into<String>) -> Error {
 /// Writes `img` into the OCI layout `dir` under the tag `tag`
 /// (`org.opencontainers.image.ref.name`).
 pub fn export(store: &Store, img: &StoredImage, dir: &Path, tag: &str) -> Result<()> {
+    // A prune waits until every blob is out.
+    let _lease = store.lease()?;
     let existing_layout = dir.join("oci-layout").is_file();
     if !existing_layout && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(bad(dir, "the directory is neither empty nor an OCI layout"));
@@ -39,7 +41,8 @@ pub fn export(store: &Store, img: &StoredImage, dir: &Path, tag: &str) -> Result
             std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
         let from = store.blob_path(d);
-        if std::fs::hard_link(&from, &to).is_err() {
+        // Copied, not linked: an edit of the layout must not reach the store.
+        {
             let tmp = to.with_extension(super::unique_suffix());
             let copied =
                 std::fs::copy(&from, &tmp).map_err(|e| Error::io("copy blob", &from, e)).and_then(|_| {

@@ -74,6 +74,18 @@ pub fn prune(store: &Store, cache: &Path) -> Result<Pruned> {
             }
         }
     }
+    // Root layers a killed process left while it wrote them (see snapshot::root_image,
+    // which holds a lease meanwhile).
+    if let Ok(entries) = std::fs::read_dir(super::snapshot::records_dir(cache)) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".layer-") {
+                let len = e.metadata().map_or(0, |m| m.len());
+                if std::fs::remove_file(e.path()).is_ok() {
+                    out.bytes += len;
+                }
+            }
+        }
+    }
     let roots = cache.join("roots");
     if let Ok(entries) = std::fs::read_dir(&roots) {
         for e in entries.flatten() {

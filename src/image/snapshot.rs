@@ -174,20 +174,25 @@ pub fn root_image(
     cache: &Path,
     store: &Store,
     source: &super::rootfs::Source,
+    booted: Option<&str>,
     progress: &crate::progress::Progress,
 ) -> Result<StoredImage> {
     use super::rootfs::Source;
-    let source = match source {
-        Source::Default => Source::Dir(super::rootfs::busybox_root(cache, progress)?),
-        Source::Disk(_) => return Err(bad("snapshot", "an image disk is not a root filesystem")),
-        other => other.clone(),
-    };
-    let mut id = super::CacheKey::new();
-    source.identity(&mut id)?;
+    let (source, id) = resolved_root(cache, source, progress)?;
     let name = match &source {
         Source::Dir(p) | Source::Tar(p) => p.display().to_string(),
         _ => String::new(),
     };
+    // The layer is made from the source as it is now: only the source the guest booted.
+    if booted != Some(id.hex().as_str()) {
+        return Err(bad(
+            "snapshot",
+            format!(
+                "the root {name} changed since the guest booted from it (or its state then is not known): \
+                 a snapshot on top of it would mix two roots; boot it again to snapshot it"
+            ),
+        ));
+    }
     let map = records_dir(cache).join("roots").join(id.hex());
     if let Some(d) = std::fs::read_to_string(&map).ok().and_then(|t| t.trim().parse::<Digest>().ok()) {
         if let Some(img) = stored(store, &d, &name)? {
@@ -228,6 +233,30 @@ pub fn root_image(
     super::write_atomic(&map, digest.to_string().as_bytes())?;
     stored(store, &digest, &name)?
         .ok_or_else(|| bad("snapshot", format!("{digest}: stored and gone at once")))
+}
+
+/// The root `source` stands for (the default image: its busybox root) and its identity.
+fn resolved_root(
+    cache: &Path,
+    source: &super::rootfs::Source,
+    progress: &crate::progress::Progress,
+) -> Result<(super::rootfs::Source, super::CacheKey)> {
+    use super::rootfs::Source;
+    let source = match source {
+        Source::Default => Source::Dir(super::rootfs::busybox_root(cache, progress)?),
+        Source::Disk(_) => return Err(bad("snapshot", "an image disk is not a root filesystem")),
+        other => other.clone(),
+    };
+    let mut id = super::CacheKey::new();
+    source.identity(&mut id)?;
+    Ok((source, id))
+}
+
+/// The identity of the root `source` now (a directory's entries, a tar's size and time,
+/// the default image's build): taken when a guest boots from it, so that its snapshots
+/// are refused once the source has changed.
+pub fn root_identity(cache: &Path, source: &super::rootfs::Source) -> Option<String> {
+    resolved_root(cache, source, &crate::progress::Progress::quiet()).ok().map(|(_, id)| id.hex())
 }
 
 /// The bound on one layer: `VMHOST_SNAPSHOT_MAX_MB`, else [`DEFAULT_MAX_LAYER`].

@@ -44,6 +44,8 @@ pub const MAX_REPLY: u64 = 1 << 20;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The client's deadline for a whole exchange.
 pub const EXCHANGE_DEADLINE: Duration = Duration::from_secs(30);
+/// The client's deadline for a `commit` exchange.
+pub const COMMIT_DEADLINE: Duration = Duration::from_secs(3600);
 /// The stop timeout when the request gives none (or <= 0).
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the server waits for a connected client's request.
@@ -111,6 +113,8 @@ pub struct Hosted {
     pub ssh_port: u16,
     /// Its root's source.
     pub source: crate::image::rootfs::Source,
+    /// The source's identity when the VM booted (`image::snapshot::root_identity`).
+    pub identity: Option<String>,
     /// The cache it booted from (the image store's home).
     pub cache: PathBuf,
 }
@@ -136,7 +140,10 @@ impl VmController for Hosted {
     }
     fn commit(&self, name: &str, excludes: &[String]) -> Result<(String, String)> {
         use super::snapshot::{take, Base, Origin};
-        let origin = Origin { cache: self.cache.clone(), base: Base::Root(self.source.clone()) };
+        let origin = Origin {
+            cache: self.cache.clone(),
+            base: Base::Root(self.source.clone(), self.identity.clone()),
+        };
         let snap = take(self.machine.agent()?, Some(&origin), excludes, "", &|| false)?;
         let store = crate::image::store::Store::open(snap.cache.join("images"))?;
         let stored = crate::image::snapshot::commit(&store, &snap.record, name)?;
@@ -204,12 +211,14 @@ impl Request {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| format!("timeout_seconds: expected an integer, got {v}"))?,
         };
-        let name = match field("name") {
+        // Read for commit only: to the other methods they are other keys, ignored.
+        let commit = method == "commit";
+        let name = match field("name").filter(|_| commit) {
             None => String::new(),
             Some(serde_json::Value::String(n)) => n.clone(),
             Some(other) => return Err(format!("name: expected a string, got {other}")),
         };
-        let excludes = match field("excludes") {
+        let excludes = match field("excludes").filter(|_| commit) {
             None => Vec::new(),
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|_| format!("excludes: expected a list of strings, got {v}"))?,
@@ -603,10 +612,12 @@ impl ControlClient {
     pub fn request(&self, req: &Request) -> Result<Response> {
         let start = Instant::now();
         let stream = unix::dial(&self.socket, DIAL_TIMEOUT)?;
-        let left = EXCHANGE_DEADLINE.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+        // A commit moves the guest's changes: minutes for gigabytes, not seconds.
+        let deadline = if req.method == "commit" { COMMIT_DEADLINE } else { EXCHANGE_DEADLINE };
+        let left = deadline.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
         let io = |e: std::io::Error| {
             if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
-                Error::Timeout { op: format!("control {}", req.method), after: EXCHANGE_DEADLINE }
+                Error::Timeout { op: format!("control {}", req.method), after: deadline }
             } else {
                 Error::io("control exchange", &self.socket, e)
             }

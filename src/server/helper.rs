@@ -94,14 +94,16 @@ impl Helper {
     }
 
     /// A helper serving an instance that is already running (the per-VM host process),
-    /// booted from `source` in `cache` (the base of its snapshots).
+    /// booted from `source` in `cache` (the base of its snapshots; `identity`: the
+    /// source's when it booted, see `image::snapshot::root_identity`).
     pub fn with_vm(
         vm: Machine,
         user: String,
         source: crate::image::rootfs::Source,
+        identity: Option<String>,
         cache: std::path::PathBuf,
     ) -> Arc<Helper> {
-        let origin = super::snapshot::Origin { cache, base: super::snapshot::Base::Root(source) };
+        let origin = super::snapshot::Origin { cache, base: super::snapshot::Base::Root(source, identity) };
         let h = Helper::build(None, Progress::quiet());
         *h.state.instance.lock() = Some(Arc::new(BootedInstance::new(vm, user, None, Some(origin))));
         h
@@ -215,7 +217,12 @@ fn dispatch(st: &State, call: &mut Call<'_>, req: Request) -> HandlerResult {
                     }
                     (None, crate::image::rootfs::Source::Disk(_)) => None,
                     (None, source) => {
-                        Some(Origin { cache: spec.cache_dir.clone(), base: Base::Root(source.clone()) })
+                        // The root as the guest boots it: its snapshots refuse a changed one.
+                        let identity = crate::image::snapshot::root_identity(&spec.cache_dir, source);
+                        Some(Origin {
+                            cache: spec.cache_dir.clone(),
+                            base: Base::Root(source.clone(), identity),
+                        })
                     }
                 };
                 InstanceSpec { first_command: first, ..spec }.boot(&st.progress).map(|vm| (vm, image, origin))

@@ -39,8 +39,9 @@ pub(crate) enum Base {
     /// A container image or a snapshot, recorded.
     Image(Record),
     /// A root filesystem (the default image, a directory, a tar), recorded as an image at
-    /// its first snapshot ([`snapshot::root_image`]).
-    Root(crate::image::rootfs::Source),
+    /// its first snapshot ([`snapshot::root_image`]), with its identity when the guest
+    /// booted ([`snapshot::root_identity`]).
+    Root(crate::image::rootfs::Source, Option<String>),
 }
 
 /// Whether `req` is one of the handle messages (served with or without an instance).
@@ -114,11 +115,11 @@ pub(super) fn take(
     };
     let base = match &origin.base {
         Base::Image(r) => r.clone(),
-        Base::Root(source) => {
+        Base::Root(source, booted) => {
             let store = Store::open(origin.cache.join("images"))?;
             let _lease = store.lease()?;
-            let img =
-                snapshot::root_image(&origin.cache, &store, source, &crate::progress::Progress::quiet())?;
+            let quiet = crate::progress::Progress::quiet();
+            let img = snapshot::root_image(&origin.cache, &store, source, booted.as_deref(), &quiet)?;
             snapshot::base(&origin.cache, &img)?
         }
     };
@@ -137,10 +138,13 @@ pub(super) fn take(
     snapshot::image(&store, &parent)?;
     let mut layer = crate::vm::snapshot::GuestLayer::start(agent, excludes, true, cancelled)?;
     let ingested = snapshot::ingest(&store, &mut layer);
-    // The walk's own result first: a layer the guest could not finish is no snapshot,
-    // and its error says why better than the archive's.
-    layer.finish()?;
-    let record = snapshot::record(&cache, &store, &parent, &ingested?, "vmhost snapshot")?;
+    let walk = layer.finish();
+    // A host that stopped reading (the size bound, a full disk, a cancel) ended the walk
+    // with a broken pipe: its own error says why. Else the walk's: a layer the guest
+    // could not finish is no snapshot, whatever the archive looks like.
+    let ingested = ingested?;
+    walk?;
+    let record = snapshot::record(&cache, &store, &parent, &ingested, "vmhost snapshot")?;
     Ok(Snap { cache, record })
 }
 

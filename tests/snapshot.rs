@@ -222,6 +222,25 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
     assert!(Path::new(&three.path()).is_file());
 }
 
+/// InstanceNew through the helper client `c`, encoded as the protocol says.
+fn instance_new(
+    c: &vmhost::client::Client,
+    source_type: vmhost::wire::SourceType,
+    path: &str,
+    cache_dir: &str,
+    options: InstanceOptions,
+) {
+    use vmhost::wire::Wire;
+    let new = vmhost::wire::InstanceNew {
+        source_type,
+        source_path: path.into(),
+        image_ref: String::new(),
+        cache_dir: cache_dir.into(),
+        options,
+    };
+    c.call_with(vmhost::wire::msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
+}
+
 /// The handle messages through the real helper process, encoded by hand as the protocol
 /// document says: FsSnapshot, SnapshotCacheKey, SnapshotParent (to the image, then 0),
 /// SnapshotAsSource, handles valid after InstanceClose, SnapshotClose; and the source
@@ -229,7 +248,7 @@ fn every_kind_of_change_survives_a_snapshot_and_keys_are_reproducible() {
 #[test]
 fn snapshots_over_the_helper_protocol_boot_in_another_helper() {
     use vmhost::client::{spawn_helper, Client};
-    use vmhost::wire::{msg, InstanceNew, SourceType, Wire};
+    use vmhost::wire::{msg, SourceType};
     let test = "snapshots_over_the_helper_protocol_boot_in_another_helper";
     if !vm_ready(test) || !tools_ready(test) {
         return;
@@ -238,14 +257,7 @@ fn snapshots_over_the_helper_protocol_boot_in_another_helper() {
     let home = TempDir::new("snaphelper");
     let l = image(&home);
     let boot = |c: &Client, source_type: SourceType, path: &str| {
-        let new = InstanceNew {
-            source_type,
-            source_path: path.into(),
-            image_ref: String::new(),
-            cache_dir: String::new(),
-            options: InstanceOptions::default(),
-        };
-        c.call_with(msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
+        instance_new(c, source_type, path, "", InstanceOptions::default());
     };
     let run = |c: &Client, script: &str| -> (Vec<u8>, i32) {
         let h = c
@@ -405,7 +417,7 @@ fn every_record_is_whole(cache: &Path) {
 #[test]
 fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
     use vmhost::client::spawn_helper;
-    use vmhost::wire::{msg, InstanceNew, SourceType, Wire};
+    use vmhost::wire::{msg, SourceType};
     let test = "a_helper_killed_during_a_snapshot_leaves_nothing_trusted";
     if !vm_ready(test) || !tools_ready(test) {
         return;
@@ -417,14 +429,8 @@ fn a_helper_killed_during_a_snapshot_leaves_nothing_trusted() {
     let cache = common::private_cache(home.path()).join("vmhost");
     let c = spawn_helper().unwrap();
     let helper = c.helper_pid().unwrap();
-    let new = InstanceNew {
-        source_type: SourceType::Dir,
-        source_path: l.path.display().to_string(),
-        image_ref: String::new(),
-        cache_dir: cache.display().to_string(),
-        options: InstanceOptions { memory_mb: 512, ..Default::default() },
-    };
-    c.call_with(msg::INSTANCE_NEW, |e| new.encode(e)).unwrap();
+    let options = InstanceOptions { memory_mb: 512, ..Default::default() };
+    instance_new(&c, SourceType::Dir, &l.path.display().to_string(), &cache.display().to_string(), options);
     let cmd = c
         .call_with(msg::CMD_NEW, |e| {
             e.string("sh").string_list(&["-c", "dd if=/dev/zero of=/big bs=1M count=120 2>/dev/null"]);

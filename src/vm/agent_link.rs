@@ -382,10 +382,15 @@ impl AgentLink {
     /// A filesystem request (an Fs* or File* helper-protocol request, file handles being
     /// the agent's): the answer is the helper protocol's response fields.
     pub fn fs(&self, req: &crate::wire::Request) -> Result<Vec<u8>> {
+        self.fs_within(req, None)
+    }
+
+    /// [`AgentLink::fs`], giving up after `timeout` (a guest that stops answering).
+    pub fn fs_within(&self, req: &crate::wire::Request, timeout: Option<Duration>) -> Result<Vec<u8>> {
         let mut e = Encoder::new();
         e.u16(req.ty());
         req.encode(&mut e);
-        self.request(proto::FS, e.as_bytes(), None)
+        self.request(proto::FS, e.as_bytes(), timeout)
     }
 
     /// Has the guest configure its network interface (see [`proto::NETWORK_UP`]).

@@ -82,10 +82,7 @@ impl<'a> GuestLayer<'a> {
 
     /// A file request of the walk's handle, bounded by [`STEP_TIMEOUT`].
     fn fs(&self, req: &Request) -> Result<Vec<u8>> {
-        let mut e = Encoder::new();
-        e.u16(req.ty());
-        req.encode(&mut e);
-        self.link.request(proto::FS, e.as_bytes(), Some(STEP_TIMEOUT))
+        self.link.fs_within(req, Some(STEP_TIMEOUT))
     }
 }
 
